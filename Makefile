@@ -1,0 +1,48 @@
+# qkv: `make test` and `make bench` each set everything up from nothing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+export MAX_JOBS ?= 2
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+STAMP_DEPS := $(VENV)/.deps-installed
+EXT_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py
+
+.PHONY: all venv build test test-python test-cpp bench bench-quick clean
+
+all: build
+
+$(STAMP_DEPS): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# torch pinned: this machine stores the CPU wheel; an unpinned torch pulls gigabytes of CUDA packages.
+	$(PY) -m pip install -q "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install -q setuptools wheel ninja numpy pytest hypothesis expecttest matplotlib tqdm
+	touch $@
+
+venv: $(STAMP_DEPS)
+
+# In-place build of qkv._C; --no-build-isolation semantics: uses the venv's torch.
+python/qkv/.built: $(STAMP_DEPS) $(EXT_SOURCES)
+	cd $(CURDIR) && $(PY) setup.py -q build_ext --inplace
+	touch $@
+
+build: python/qkv/.built
+
+test: test-python test-cpp
+
+test-python: build
+	PYTHONPATH=$(CURDIR)/python $(PY) -m pytest -q tests
+
+test-cpp: build
+	$(MAKE) -C tests/cpp PY=$(CURDIR)/$(PY)
+
+bench: build
+	PYTHONPATH=$(CURDIR)/python $(PY) -m qkv.bench $(BENCH_ARGS)
+
+bench-quick: build
+	PYTHONPATH=$(CURDIR)/python $(PY) -m qkv.bench --quick $(BENCH_ARGS)
+
+clean:
+	rm -rf build python/qkv/_C*.so python/qkv/.built tests/cpp/build

@@ -1,0 +1,122 @@
+// Autograd for the core ops, registered under the Autograd key so LibTorch C++ users get
+// gradients too. Forward and backward each call a registered op through the dispatcher,
+// so torch.compile traces both and every device kernel is reached the same way.
+#include "attention_common.h"
+#include "qkv/qkv.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+namespace qkv {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using OptTensor = std::optional<at::Tensor>;
+
+OptTensor saved_optional(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
+
+// With dropout, the forward and the backward must see the same mask: fix the seed here.
+OptTensor ensure_seed(double dropout_p, const OptTensor& seed) {
+  if (dropout_p > 0.0 && !(seed.has_value() && seed->defined())) return draw_dropout_seed();
+  return seed;
+}
+
+class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& query, const at::Tensor& key,
+                               const at::Tensor& value, const OptTensor& bias, double dropout_p, bool is_causal,
+                               bool bottom_right, std::optional<double> scale, const OptTensor& dropout_seed) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, lse] = qkv::attention(query, key, value, bias, dropout_p, is_causal, bottom_right, scale,
+                                     dropout_seed);
+    ctx->mark_non_differentiable({lse});
+    ctx->save_for_backward({query, key, value, bias.value_or(at::Tensor()), out, lse,
+                            dropout_seed.value_or(at::Tensor())});
+    ctx->saved_data["dropout_p"] = dropout_p;
+    ctx->saved_data["is_causal"] = is_causal;
+    ctx->saved_data["bottom_right"] = bottom_right;
+    ctx->saved_data["scale"] = scale.has_value() ? c10::IValue(*scale) : c10::IValue();
+    return {out, lse};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& grad_out = grads[0];
+    if (!grad_out.defined()) return variable_list(9);
+    static const auto backward_op =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("qkv::attention_backward", "")
+            .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+                const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
+                const at::Tensor&, const at::Tensor&, double, bool, bool, std::optional<double>,
+                const OptTensor&, bool)>();
+    const auto scale = ctx->saved_data["scale"].toOptional<double>();
+    const bool bias_grad = ctx->needs_input_grad(3) && saved[3].defined();
+    auto [dq, dk, dv, dbias] = backward_op.call(
+        grad_out, saved[0], saved[1], saved[2], saved_optional(saved[3]), saved[4], saved[5],
+        ctx->saved_data["dropout_p"].toDouble(), ctx->saved_data["is_causal"].toBool(),
+        ctx->saved_data["bottom_right"].toBool(), scale, saved_optional(saved[6]), bias_grad);
+    return {dq, dk, dv, bias_grad ? dbias : at::Tensor(), {}, {}, {}, {}, {}};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> attention_autograd(const at::Tensor& query, const at::Tensor& key,
+                                                      const at::Tensor& value, const OptTensor& bias,
+                                                      double dropout_p, bool is_causal, bool bottom_right,
+                                                      std::optional<double> scale, const OptTensor& dropout_seed) {
+  auto outs = AttentionFunction::apply(query, key, value, bias, dropout_p, is_causal, bottom_right, scale,
+                                       ensure_seed(dropout_p, dropout_seed));
+  return {outs[0], outs[1]};
+}
+
+class AttentionWeightsFunction : public torch::autograd::Function<AttentionWeightsFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& query, const at::Tensor& key,
+                            const OptTensor& bias, const at::Tensor& logsumexp, double dropout_p, bool is_causal,
+                            bool bottom_right, std::optional<double> scale, const OptTensor& dropout_seed) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    at::Tensor weights = qkv::attention_weights(query, key, bias, logsumexp, dropout_p, is_causal, bottom_right,
+                                                scale, dropout_seed);
+    ctx->save_for_backward({query, key, bias.value_or(at::Tensor()), logsumexp, dropout_seed.value_or(at::Tensor())});
+    ctx->saved_data["dropout_p"] = dropout_p;
+    ctx->saved_data["is_causal"] = is_causal;
+    ctx->saved_data["bottom_right"] = bottom_right;
+    ctx->saved_data["scale"] = scale.has_value() ? c10::IValue(*scale) : c10::IValue();
+    return weights;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    if (!grads[0].defined()) return variable_list(9);
+    static const auto backward_op =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("qkv::attention_weights_backward", "")
+            .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, const at::Tensor&,
+                double, bool, bool, std::optional<double>, const OptTensor&, bool)>();
+    const bool bias_grad = ctx->needs_input_grad(2) && saved[2].defined();
+    auto [dq, dk, dbias] = backward_op.call(
+        grads[0], saved[0], saved[1], saved_optional(saved[2]), saved[3], ctx->saved_data["dropout_p"].toDouble(),
+        ctx->saved_data["is_causal"].toBool(), ctx->saved_data["bottom_right"].toBool(),
+        ctx->saved_data["scale"].toOptional<double>(), saved_optional(saved[4]), bias_grad);
+    return {dq, dk, bias_grad ? dbias : at::Tensor(), {}, {}, {}, {}, {}, {}};
+  }
+};
+
+at::Tensor attention_weights_autograd(const at::Tensor& query, const at::Tensor& key, const OptTensor& bias,
+                                      const at::Tensor& logsumexp, double dropout_p, bool is_causal,
+                                      bool bottom_right, std::optional<double> scale, const OptTensor& dropout_seed) {
+  return AttentionWeightsFunction::apply(query, key, bias, logsumexp, dropout_p, is_causal, bottom_right, scale,
+                                         ensure_seed(dropout_p, dropout_seed));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qkv, Autograd, m) {
+  m.impl("attention", &attention_autograd);
+  m.impl("attention_weights", &attention_weights_autograd);
+}
+
+}  // namespace qkv

@@ -1,0 +1,140 @@
+#pragma once
+// Dense tile arithmetic for the CPU attention kernels: row-major GEMMs on packed tiles
+// (through the BLAS inside libtorch_cpu) and the softmax row operations,
+// vectorised for float32 with ATen's Vectorized (AVX2 baseline of this build).
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+namespace qkv {
+
+namespace detail {
+
+// Column-major BLAS through the Fortran interface that libtorch_cpu exports (MKL or
+// OpenBLAS, LP64). Weak, so a torch built without BLAS falls back to the plain loop below.
+extern "C" {
+void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+}
+
+template <typename acc_t>
+void reference_colmajor_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const acc_t* a, int64_t lda,
+                             const acc_t* b, int64_t ldb, acc_t beta, acc_t* c, int64_t ldc) {
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t i = 0; i < m; ++i) {
+      acc_t sum = 0;
+      for (int64_t l = 0; l < k; ++l) sum += (ta ? a[i * lda + l] : a[l * lda + i]) * (tb ? b[l * ldb + j] : b[j * ldb + l]);
+      c[j * ldc + i] = (beta == acc_t(0) ? acc_t(0) : beta * c[j * ldc + i]) + sum;
+    }
+  }
+}
+
+// C (m x n, column-major) = op(A) op(B) + beta C. Tiles are small, so int dims are safe.
+template <typename acc_t>
+void colmajor_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const acc_t* a, int64_t lda,
+                   const acc_t* b, int64_t ldb, acc_t beta, acc_t* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  auto blas = [&](auto* fn) {
+    const char cta = ta ? 'T' : 'N', ctb = tb ? 'T' : 'N';
+    const int im = int(m), in = int(n), ik = int(k), ilda = int(lda), ildb = int(ldb), ildc = int(ldc);
+    const acc_t one = 1;
+    fn(&cta, &ctb, &im, &in, &ik, &one, a, &ilda, b, &ildb, &beta, c, &ildc);
+  };
+  // BLAS rejects zero leading dimensions, which an empty head_dim gives.
+  const bool blas_ok = k > 0 && lda > 0 && ldb > 0;
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (blas_ok && sgemm_ != nullptr) return blas(sgemm_);
+  } else {
+    if (blas_ok && dgemm_ != nullptr) return blas(dgemm_);
+  }
+  reference_colmajor_gemm(ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc);
+}
+}  // namespace detail
+
+// C (m x n) = A (m x k) . B (k x n) + beta C, all row-major.
+template <typename acc_t>
+void gemm_nn(int64_t m, int64_t n, int64_t k, const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb,
+             acc_t* c, int64_t ldc, acc_t beta) {
+  detail::colmajor_gemm<acc_t>(false, false, n, m, k, b, ldb, a,
+                               lda, beta, c, ldc);
+}
+
+// C (m x n) = A (m x k) . B (n x k)^T + beta C, all row-major.
+template <typename acc_t>
+void gemm_nt(int64_t m, int64_t n, int64_t k, const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb,
+             acc_t* c, int64_t ldc, acc_t beta) {
+  detail::colmajor_gemm<acc_t>(true, false, n, m, k, b, ldb, a,
+                               lda, beta, c, ldc);
+}
+
+// C (m x n) = A (k x m)^T . B (k x n) + beta C, all row-major.
+template <typename acc_t>
+void gemm_tn(int64_t m, int64_t n, int64_t k, const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb,
+             acc_t* c, int64_t ldc, acc_t beta) {
+  detail::colmajor_gemm<acc_t>(false, true, n, m, k, b, ldb, a,
+                               lda, beta, c, ldc);
+}
+
+template <typename acc_t>
+acc_t row_max_of(const acc_t* x, int64_t n) {
+  acc_t m = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t i = 0; i < n; ++i) m = std::max(m, x[i]);
+  return m;
+}
+
+// x = exp(x - shift) in place; returns the sum. exp(-inf) = 0 covers masked entries.
+template <typename acc_t>
+acc_t exp_and_sum(acc_t* x, int64_t n, acc_t shift) {
+  acc_t sum = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    x[i] = std::exp(x[i] - shift);
+    sum += x[i];
+  }
+  return sum;
+}
+
+template <>
+inline float row_max_of<float>(const float* x, int64_t n) {
+  using Vec = at::vec::Vectorized<float>;
+  if (n < Vec::size()) {
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t i = 0; i < n; ++i) m = std::max(m, x[i]);
+    return m;
+  }
+  return at::vec::reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, x, n);
+}
+
+template <>
+inline float exp_and_sum<float>(float* x, int64_t n, float shift) {
+  using Vec = at::vec::Vectorized<float>;
+  const Vec vshift(shift);
+  Vec vsum(0.f);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    const Vec e = (Vec::loadu(x + i) - vshift).exp_u20();
+    e.store(x + i);
+    vsum = vsum + e;
+  }
+  float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsum);
+  for (; i < n; ++i) {
+    x[i] = std::exp(x[i] - shift);
+    sum += x[i];
+  }
+  return sum;
+}
+
+template <typename acc_t>
+void scale_row(acc_t* x, int64_t n, acc_t factor) {
+  for (int64_t i = 0; i < n; ++i) x[i] *= factor;
+}
+
+}  // namespace qkv

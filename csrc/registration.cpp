@@ -1,0 +1,49 @@
+// Every qkv operator schema, in one place. Kernels are registered per dispatch key in the
+// files that implement them: cpu/, cuda/, attention_common.cpp (Meta), autograd.cpp
+// (Autograd) and mission_ops.cpp (the composite mission ops).
+#include <torch/library.h>
+
+TORCH_LIBRARY(qkv, m) {
+  // Core attention, layout (batch, heads, seq, head_dim), any strides. Returns the output
+  // and the per-row logsumexp of the scaled, biased scores (-inf for rows that attend to
+  // nothing, whose output is 0). `bias` is additive and broadcasts to (B, H, L, S).
+  // Causal hides key j from query i when j > i (top-left) or j > i + S - L (bottom_right).
+  // Dropout keeps each probability by a counter-based hash of (dropout_seed, b, h, i, j).
+  m.def(
+      "attention(Tensor query, Tensor key, Tensor value, Tensor? bias=None, float dropout_p=0.0, "
+      "bool is_causal=False, bool bottom_right=False, float? scale=None, Tensor? dropout_seed=None) "
+      "-> (Tensor out, Tensor logsumexp)");
+  // Recomputes probabilities from the logsumexp; grad_bias is empty unless bias_requires_grad.
+  m.def(
+      "attention_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor? bias, "
+      "Tensor out, Tensor logsumexp, float dropout_p, bool is_causal, bool bottom_right, "
+      "float? scale, Tensor? dropout_seed, bool bias_requires_grad) "
+      "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value, Tensor grad_bias)");
+  // The (B, H, L, S) attention probabilities (after dropout) rebuilt from a logsumexp
+  // returned by `attention`: only materialised when a caller asks for weights.
+  m.def(
+      "attention_weights(Tensor query, Tensor key, Tensor? bias, Tensor logsumexp, "
+      "float dropout_p=0.0, bool is_causal=False, bool bottom_right=False, float? scale=None, "
+      "Tensor? dropout_seed=None) -> Tensor");
+  m.def(
+      "attention_weights_backward(Tensor grad_weights, Tensor query, Tensor key, Tensor? bias, "
+      "Tensor logsumexp, float dropout_p, bool is_causal, bool bottom_right, float? scale, "
+      "Tensor? dropout_seed, bool bias_requires_grad) "
+      "-> (Tensor grad_query, Tensor grad_key, Tensor grad_bias)");
+
+  // The mission ops, batch-first (N, L, E): project, attend, project back.
+  m.def(
+      "multi_head_attention(Tensor query, Tensor key, Tensor value, int num_heads, "
+      "Tensor in_proj_weight, Tensor? in_proj_bias, Tensor out_proj_weight, Tensor? out_proj_bias, "
+      "Tensor? attn_bias=None, bool is_causal=False, float dropout_p=0.0, "
+      "Tensor? dropout_seed=None) -> Tensor");
+  m.def(
+      "masked_self_attention(Tensor x, int num_heads, Tensor in_proj_weight, Tensor? in_proj_bias, "
+      "Tensor out_proj_weight, Tensor? out_proj_bias, Tensor? attn_bias=None, float dropout_p=0.0, "
+      "Tensor? dropout_seed=None) -> Tensor");
+  m.def(
+      "cross_attention(Tensor query, Tensor memory, int num_heads, Tensor q_proj_weight, "
+      "Tensor k_proj_weight, Tensor v_proj_weight, Tensor? in_proj_bias, Tensor out_proj_weight, "
+      "Tensor? out_proj_bias, Tensor? attn_bias=None, float dropout_p=0.0, "
+      "Tensor? dropout_seed=None) -> Tensor");
+}
