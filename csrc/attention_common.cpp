@@ -119,11 +119,12 @@ at::Tensor empty_attention_output(const at::Tensor& query, const AttentionParams
   return empty_token_major(query, p.v_head_dim);
 }
 
-at::Tensor empty_grad_bias(const std::optional<at::Tensor>& bias, bool bias_requires_grad) {
+at::Tensor empty_grad_bias(const std::optional<at::Tensor>& bias, bool bias_requires_grad,
+                           const at::Tensor& query) {
   if (bias_requires_grad && bias.has_value() && bias->defined()) {
     return at::empty(bias->sizes(), bias->options());
   }
-  return at::empty({0}, bias.has_value() && bias->defined() ? bias->options() : at::TensorOptions());
+  return at::empty({0}, query.options());
 }
 
 void check_backward_args(const char* op, const at::Tensor& query, const at::Tensor& grad_out,
@@ -182,7 +183,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_me
                                       is_causal, bottom_right, scale, dropout_seed);
   check_backward_args("qkv.attention_backward", query, grad_out, out, logsumexp, p);
   return {empty_token_major(query, p.head_dim), empty_token_major(key, p.head_dim),
-          empty_token_major(value, p.v_head_dim), empty_grad_bias(bias, bias_requires_grad)};
+          empty_token_major(value, p.v_head_dim), empty_grad_bias(bias, bias_requires_grad, query)};
 }
 
 at::Tensor attention_weights_meta(const at::Tensor& query, const at::Tensor& key,

@@ -43,7 +43,8 @@ void check_logsumexp_for_weights(const char* op, const at::Tensor& query, const 
 at::Tensor empty_token_major(const at::Tensor& like, int64_t last_dim);
 at::Tensor empty_attention_output(const at::Tensor& query, const AttentionParams& p);
 // The bias gradient (bias's shape), or an empty tensor when it is not wanted.
-at::Tensor empty_grad_bias(const std::optional<at::Tensor>& bias, bool bias_requires_grad);
+at::Tensor empty_grad_bias(const std::optional<at::Tensor>& bias, bool bias_requires_grad,
+                           const at::Tensor& query);
 // Logsumexp (B, H, L) in the accumulation type: float32 for reduced precision, else query's dtype.
 at::Tensor empty_logsumexp(const at::Tensor& query, const AttentionParams& p);
 

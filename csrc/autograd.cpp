@@ -53,7 +53,8 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
                 const at::Tensor&, const at::Tensor&, double, bool, bool, std::optional<double>,
                 const OptTensor&, bool)>();
     const auto scale = ctx->saved_data["scale"].toOptional<double>();
-    const bool bias_grad = ctx->needs_input_grad(3) && saved[3].defined();
+    // Edges exist only for defined tensor inputs: bias is edge 3 when present.
+    const bool bias_grad = saved[3].defined() && ctx->needs_input_grad(3);
     auto [dq, dk, dv, dbias] = backward_op.call(
         grad_out, saved[0], saved[1], saved[2], saved_optional(saved[3]), saved[4], saved[5],
         ctx->saved_data["dropout_p"].toDouble(), ctx->saved_data["is_causal"].toBool(),
@@ -96,7 +97,7 @@ class AttentionWeightsFunction : public torch::autograd::Function<AttentionWeigh
             .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
                 const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, const at::Tensor&,
                 double, bool, bool, std::optional<double>, const OptTensor&, bool)>();
-    const bool bias_grad = ctx->needs_input_grad(2) && saved[2].defined();
+    const bool bias_grad = saved[2].defined() && ctx->needs_input_grad(2);  // bias is edge 2 when present
     auto [dq, dk, dbias] = backward_op.call(
         grads[0], saved[0], saved[1], saved_optional(saved[2]), saved[3], ctx->saved_data["dropout_p"].toDouble(),
         ctx->saved_data["is_causal"].toBool(), ctx->saved_data["bottom_right"].toBool(),

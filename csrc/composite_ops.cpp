@@ -161,7 +161,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_weights_backward_compos
   at::Tensor grad_q = at::matmul(grad_scores, key) * p.scale;
   at::Tensor grad_k = at::matmul(grad_scores.transpose(-2, -1), query) * p.scale;
   at::Tensor grad_bias = bias_requires_grad && p.has_bias ? grad_scores.sum_to_size(bias->sizes()).clone()
-                                                          : empty_grad_bias(bias, false);
+                                                          : empty_grad_bias(bias, false, query);
   return {grad_q, grad_k, grad_bias};
 }
 

@@ -359,7 +359,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
   at::Tensor grad_q = empty_token_major(query, p.head_dim);
   at::Tensor grad_k = empty_token_major(key, p.head_dim);
   at::Tensor grad_v = empty_token_major(value, p.v_head_dim);
-  at::Tensor grad_bias = empty_grad_bias(bias, bias_requires_grad);
+  at::Tensor grad_bias = empty_grad_bias(bias, bias_requires_grad, query);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "qkv_attention_backward_cpu", [&] {
     BiasGradAccumulator<at::opmath_type<scalar_t>> bias_acc(p, bias, bias_requires_grad);
     attention_backward_cpu_impl<scalar_t>(p, grad_out, query, key, value, bias, out, logsumexp, grad_q,
