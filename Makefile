@@ -35,8 +35,17 @@ test: test-python test-cpp
 test-python: build
 	PYTHONPATH=$(CURDIR)/python $(PY) -m pytest -q tests
 
-test-cpp: build
-	$(MAKE) -C tests/cpp PY=$(CURDIR)/$(PY)
+# LibTorch build through CMake (the path C++ users take) and the GoogleTest suite via ctest.
+CMAKE_BUILD := build/cmake
+test-cpp: $(STAMP_DEPS)
+	@command -v cmake >/dev/null || { echo "cmake is required for the C++ tests"; exit 1; }
+	@test -f /usr/include/gtest/gtest.h || { echo "Installing GoogleTest (libgtest-dev)"; \
+	  (apt-get update -qq && apt-get install -y -qq libgtest-dev) >/dev/null || \
+	  { echo "could not install libgtest-dev; install GoogleTest and rerun"; exit 1; }; }
+	cmake -S . -B $(CMAKE_BUILD) -DQKV_BUILD_TESTS=ON -DCMAKE_BUILD_TYPE=Release \
+	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" >/dev/null
+	cmake --build $(CMAKE_BUILD) -j $(MAX_JOBS)
+	cd $(CMAKE_BUILD) && ctest --output-on-failure
 
 bench: build
 	PYTHONPATH=$(CURDIR)/python $(PY) -m qkv.bench $(BENCH_ARGS)
