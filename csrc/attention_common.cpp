@@ -132,11 +132,11 @@ void check_backward_args(const char* op, const at::Tensor& query, const at::Tens
   const std::vector<int64_t> out_shape{p.batch, p.heads, p.q_len, p.v_head_dim};
   TORCH_CHECK(grad_out.sizes() == out_shape && grad_out.scalar_type() == query.scalar_type() &&
                   grad_out.device() == query.device(),
-              op, ": grad_out must be a ", query.scalar_type(), " tensor of shape ", out_shape, " on ",
+              op, ": grad_out must be a ", query.scalar_type(), " tensor of shape ", c10::IntArrayRef(out_shape), " on ",
               query.device(), "; got ", describe(grad_out));
   TORCH_CHECK(out.sizes() == out_shape && out.scalar_type() == query.scalar_type() &&
                   out.device() == query.device(),
-              op, ": out must be a ", query.scalar_type(), " tensor of shape ", out_shape, " on ",
+              op, ": out must be a ", query.scalar_type(), " tensor of shape ", c10::IntArrayRef(out_shape), " on ",
               query.device(), "; got ", describe(out));
   check_logsumexp_for_weights(op, query, logsumexp, p);
 }
@@ -147,7 +147,7 @@ void check_logsumexp_for_weights(const char* op, const at::Tensor& query, const 
   const std::vector<int64_t> lse_shape{p.batch, p.heads, p.q_len};
   TORCH_CHECK(logsumexp.defined() && logsumexp.sizes() == lse_shape &&
                   logsumexp.scalar_type() == lse_dtype && logsumexp.device() == query.device(),
-              op, ": logsumexp must be a ", lse_dtype, " tensor of shape ", lse_shape, " on ",
+              op, ": logsumexp must be a ", lse_dtype, " tensor of shape ", c10::IntArrayRef(lse_shape), " on ",
               query.device(), "; got ", describe(logsumexp));
 }
 

@@ -8,6 +8,9 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <functional>
+#include <string>
+
 namespace qkv {
 namespace {
 
@@ -113,11 +116,67 @@ at::Tensor attention_weights_autograd(const at::Tensor& query, const at::Tensor&
                                          ensure_seed(dropout_p, dropout_seed));
 }
 
+// The backward ops are differentiable once: asking for a second derivative through them
+// raises a clear error instead of silently producing zeros.
+class OnceDifferentiable : public torch::autograd::Function<OnceDifferentiable> {
+ public:
+  // The tensor arguments are passed only so autograd records them as inputs.
+  static variable_list forward(AutogradContext* ctx, const std::string& op, const std::function<variable_list()>& run,
+                               const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, const at::Tensor& d,
+                               const OptTensor& e) {
+    ctx->saved_data["op"] = op;
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return run();
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list) {
+    TORCH_CHECK(false, ctx->saved_data["op"].toStringRef(),
+                ": double backward (a gradient of a gradient) is not supported by qkv attention");
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_autograd(
+    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const OptTensor& bias, const at::Tensor& out, const at::Tensor& logsumexp, double dropout_p, bool is_causal,
+    bool bottom_right, std::optional<double> scale, const OptTensor& dropout_seed, bool bias_requires_grad) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("qkv::attention_backward", "")
+                             .typed<decltype(attention_backward_autograd)>();
+  auto outs = OnceDifferentiable::apply(
+      std::string("qkv.attention_backward"),
+      std::function<variable_list()>([&] {
+        auto [dq, dk, dv, db] = op.call(grad_out, query, key, value, bias, out, logsumexp, dropout_p, is_causal,
+                                        bottom_right, scale, dropout_seed, bias_requires_grad);
+        return variable_list{dq, dk, dv, db};
+      }),
+      grad_out, query, key, value, bias);
+  return {outs[0], outs[1], outs[2], outs[3]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_weights_backward_autograd(
+    const at::Tensor& grad_weights, const at::Tensor& query, const at::Tensor& key, const OptTensor& bias,
+    const at::Tensor& logsumexp, double dropout_p, bool is_causal, bool bottom_right, std::optional<double> scale,
+    const OptTensor& dropout_seed, bool bias_requires_grad) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("qkv::attention_weights_backward", "")
+                             .typed<decltype(attention_weights_backward_autograd)>();
+  auto outs = OnceDifferentiable::apply(
+      std::string("qkv.attention_weights_backward"),
+      std::function<variable_list()>([&] {
+        auto [dq, dk, db] = op.call(grad_weights, query, key, bias, logsumexp, dropout_p, is_causal, bottom_right,
+                                    scale, dropout_seed, bias_requires_grad);
+        return variable_list{dq, dk, db};
+      }),
+      grad_weights, query, key, logsumexp, bias);
+  return {outs[0], outs[1], outs[2]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(qkv, Autograd, m) {
   m.impl("attention", &attention_autograd);
   m.impl("attention_weights", &attention_weights_autograd);
+  m.impl("attention_backward", &attention_backward_autograd);
+  m.impl("attention_weights_backward", &attention_weights_backward_autograd);
 }
 
 }  // namespace qkv

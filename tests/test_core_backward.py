@@ -1,0 +1,100 @@
+"""Core op backward: float64 gradcheck and gradients against the reference, incl. bias and dropout."""
+import pytest
+import torch
+
+from reference import reference_attention, reference_probs, tolerance
+
+attention = torch.ops.qkv.attention
+attention_weights = torch.ops.qkv.attention_weights
+
+
+def leaf(*shape, dtype=torch.float64):
+    return torch.randn(*shape, dtype=dtype, requires_grad=True)
+
+
+@pytest.mark.parametrize("L,S,D", [(1, 1, 3), (5, 7, 4), (9, 4, 5), (70, 130, 3)])
+@pytest.mark.parametrize("is_causal,bottom_right", [(False, False), (True, False), (True, True)])
+def test_gradcheck(L, S, D, is_causal, bottom_right):
+    q, k, v = leaf(1, 2, L, D), leaf(1, 2, S, D), leaf(1, 2, S, D + 1)
+    bias = leaf(2, L, S)
+    fn = lambda q, k, v, b: attention(q, k, v, b, 0.0, is_causal, bottom_right)[0]
+    assert torch.autograd.gradcheck(fn, (q, k, v, bias))
+
+
+@pytest.mark.parametrize("bias_shape", [(1, 1, 1, 6), (2, 1, 1, 6), (5, 6), (2, 3, 5, 6)])
+def test_bias_gradient_reduces_over_broadcast_dims(bias_shape):
+    q, k, v = leaf(2, 3, 5, 4), leaf(2, 3, 6, 4), leaf(2, 3, 6, 4)
+    bias = leaf(*bias_shape)
+    assert torch.autograd.gradcheck(lambda b: attention(q, k, v, b)[0], (bias,))
+
+
+def test_gradcheck_with_dropout_under_fixed_seed():
+    q, k, v, bias = leaf(2, 2, 6, 4), leaf(2, 2, 9, 4), leaf(2, 2, 9, 4), leaf(6, 9)
+    seed = torch.tensor([1234])
+    fn = lambda q, k, v, b: attention(q, k, v, b, 0.35, True, False, None, seed)[0]
+    assert torch.autograd.gradcheck(fn, (q, k, v, bias))
+
+
+def test_gradcheck_weights_op():
+    q, k, bias = leaf(1, 2, 4, 3), leaf(1, 2, 5, 3), leaf(4, 5)
+    v = torch.randn(1, 2, 5, 3, dtype=torch.float64)
+    seed = torch.tensor([7])
+
+    def weights(q, k, b):
+        _, lse = attention(q, k, v, b, 0.25, True, True, None, seed)
+        return attention_weights(q, k, b, lse.detach(), 0.25, True, True, None, seed)
+
+    assert torch.autograd.gradcheck(weights, (q, k, bias))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gradients_match_reference(dtype):
+    q, k, v = leaf(2, 3, 67, 24, dtype=dtype), leaf(2, 3, 131, 24, dtype=dtype), leaf(2, 3, 131, 16, dtype=dtype)
+    bias = leaf(2, 1, 1, 131, dtype=dtype)
+    grad_out = torch.randn(2, 3, 67, 16, dtype=dtype)
+    out, _ = attention(q, k, v, bias, 0.0, True, True)
+    got = torch.autograd.grad(out, (q, k, v, bias), grad_out)
+    ref_inputs = [t.detach().double().requires_grad_() for t in (q, k, v, bias)]
+    want = torch.autograd.grad(reference_attention(*ref_inputs, is_causal=True, bottom_right=True),
+                               ref_inputs, grad_out.double())
+    # Gradients sum over rows/keys, so allow a few ulps of the dtype per term.
+    tol = {torch.float32: 1e-4, torch.bfloat16: 6e-2, torch.float16: 1e-2}[dtype]
+    for name, g, w in zip("q k v bias".split(), got, want):
+        assert g.dtype == dtype and g.shape == w.shape
+        torch.testing.assert_close(g.double(), w, atol=tol, rtol=tol, msg=f"grad {name}")
+
+
+def test_fully_masked_rows_have_zero_gradient():
+    q, k, v = leaf(1, 2, 4, 8), leaf(1, 2, 5, 8), leaf(1, 2, 5, 8)
+    bias = torch.zeros(4, 5, dtype=torch.float64)
+    bias[1] = float("-inf")
+    out, _ = attention(q, k, v, bias)
+    out.sum().backward()
+    for t in (q, k, v):
+        assert not t.grad.isnan().any()
+    assert (q.grad[:, :, 1] == 0).all()
+
+
+def test_non_contiguous_grad_out():
+    q, k, v = leaf(1, 2, 6, 4), leaf(1, 2, 7, 4), leaf(1, 2, 7, 4)
+    out, _ = attention(q, k, v)
+    grad_out = torch.randn(1, 2, 4, 6, dtype=torch.float64).transpose(-2, -1)  # non-contiguous
+    got = torch.autograd.grad(out, (q, k, v), grad_out)
+    want = torch.autograd.grad(reference_attention(q, k, v), (q, k, v), grad_out)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **tolerance(torch.float64))
+
+
+def test_expanded_grad_out_from_sum():
+    q, k, v = leaf(1, 1, 3, 4), leaf(1, 1, 5, 4), leaf(1, 1, 5, 4)
+    attention(q, k, v)[0].sum().backward()  # grad_out is an expanded (stride 0) tensor
+    want = torch.autograd.grad(reference_attention(q, k, v).sum(), q)[0]
+    torch.testing.assert_close(q.grad, want, **tolerance(torch.float64))
+
+
+def test_double_backward_raises_a_clear_error():
+    q, k, v = leaf(1, 1, 3, 4), leaf(1, 1, 5, 4), leaf(1, 1, 5, 4)
+    out, _ = attention(q, k, v)
+    (grad_q,) = torch.autograd.grad(out.sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward .* is not supported"):
+        grad_q.sum().backward()

@@ -1,0 +1,149 @@
+"""Core op forward against the float64 reference: shapes, strides, masks, dtypes."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from reference import reference_attention, reference_probs, tolerance
+
+attention = torch.ops.qkv.attention
+
+
+def make_qkv(B, H, L, S, D, Dv=None, dtype=torch.float32):
+    Dv = D if Dv is None else Dv
+    return (torch.randn(B, H, L, D, dtype=dtype), torch.randn(B, H, S, D, dtype=dtype),
+            torch.randn(B, H, S, Dv, dtype=dtype))
+
+
+SHAPES = [  # B, H, L, S, D, Dv
+    (2, 3, 1, 1, 8, 8),        # single query, single key
+    (2, 2, 1, 300, 16, 16),    # decode-like: L=1
+    (1, 2, 37, 53, 1, 1),      # D=1
+    (2, 1, 65, 31, 33, 33),    # D not a multiple of 8, L > S
+    (1, 2, 50, 70, 12, 5),     # Dv != D
+    (1, 1, 63, 127, 64, 64),   # block size - 1
+    (1, 1, 64, 128, 64, 64),   # block size
+    (1, 1, 65, 129, 64, 64),   # block size + 1
+    (1, 1, 130, 257, 128, 128),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("is_causal,bottom_right", [(False, False), (True, False), (True, True)])
+def test_matches_reference(shape, is_causal, bottom_right):
+    B, H, L, S, D, Dv = shape
+    q, k, v = make_qkv(B, H, L, S, D, Dv)
+    out, lse = attention(q, k, v, None, 0.0, is_causal, bottom_right)
+    want = reference_attention(q, k, v, is_causal=is_causal, bottom_right=bottom_right)
+    torch.testing.assert_close(out.double(), want, **tolerance(torch.float32))
+    assert out.shape == (B, H, L, Dv) and lse.shape == (B, H, L)
+
+
+@pytest.mark.parametrize("bias_shape", [(7, 9), (1, 9), (2, 1, 1, 9), (3, 7, 9), (2, 3, 7, 9), (2, 3, 1, 1)])
+def test_bias_broadcasts(bias_shape):
+    q, k, v = make_qkv(2, 3, 7, 9, 16)
+    bias = torch.randn(bias_shape)
+    out, _ = attention(q, k, v, bias)
+    torch.testing.assert_close(out.double(), reference_attention(q, k, v, bias), **tolerance(torch.float32))
+
+
+def test_logsumexp_is_that_of_the_scaled_biased_scores():
+    q, k, v = make_qkv(2, 2, 11, 13, 8)
+    bias = torch.randn(11, 13)
+    _, lse = attention(q, k, v, bias, scale=0.3)
+    want = torch.logsumexp(q.double() @ k.double().transpose(-2, -1) * 0.3 + bias.double(), -1)
+    torch.testing.assert_close(lse.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_custom_scale():
+    q, k, v = make_qkv(1, 2, 9, 10, 8)
+    out, _ = attention(q, k, v, scale=1.7)
+    torch.testing.assert_close(out.double(), reference_attention(q, k, v, scale=1.7), **tolerance(torch.float32))
+
+
+def test_strided_inputs_are_read_in_place():
+    # Transposed, sliced and expanded (stride 0) inputs, as projection outputs produce.
+    packed = torch.randn(2, 10, 3, 4, 8)  # (N, L, q/k/v, H, D)
+    q, k, v = (packed[:, :, i].transpose(1, 2) for i in range(3))
+    assert not q.is_contiguous()
+    out, _ = attention(q, k, v)
+    torch.testing.assert_close(out.double(), reference_attention(q, k, v), **tolerance(torch.float32))
+
+    k_shared = torch.randn(2, 1, 12, 8).expand(2, 4, 12, 8)  # one key head shared by all heads
+    v_shared = torch.randn(2, 1, 12, 8).expand(2, 4, 12, 8)
+    q2 = torch.randn(2, 4, 8, 16)[..., ::2]  # inner stride 2
+    out2, _ = attention(q2, k_shared, v_shared)
+    torch.testing.assert_close(out2.double(), reference_attention(q2, k_shared, v_shared), **tolerance(torch.float32))
+
+
+def test_output_layout_is_token_major():
+    q, k, v = make_qkv(2, 3, 5, 6, 4)
+    out, _ = attention(q, k, v)
+    assert out.transpose(1, 2).is_contiguous()  # merging heads afterwards is a free view
+
+
+def test_fully_masked_rows_give_zeros():
+    q, k, v = make_qkv(2, 2, 6, 5, 8)
+    bias = torch.zeros(2, 1, 6, 5)
+    bias[0, :, 3] = float("-inf")  # one row hidden from everything
+    bias[1] = float("-inf")        # a whole batch element
+    out, lse = attention(q, k, v, bias)
+    assert not out.isnan().any()
+    assert (out[0, :, 3] == 0).all() and (out[1] == 0).all()
+    assert torch.isneginf(lse[0, :, 3]).all()
+    torch.testing.assert_close(out.double(), reference_attention(q, k, v, bias), **tolerance(torch.float32))
+
+
+def test_bottom_right_with_more_queries_than_keys_hides_leading_rows():
+    q, k, v = make_qkv(1, 2, 8, 3, 4)
+    out, _ = attention(q, k, v, None, 0.0, True, True)
+    assert (out[:, :, :5] == 0).all()
+    torch.testing.assert_close(out.double(), reference_attention(q, k, v, is_causal=True, bottom_right=True),
+                               **tolerance(torch.float32))
+
+
+def test_empty_sizes():
+    q, k, v = make_qkv(2, 2, 0, 5, 8)
+    assert attention(q, k, v)[0].shape == (2, 2, 0, 8)
+    q, k, v = make_qkv(2, 2, 4, 0, 8)
+    out, lse = attention(q, k, v)
+    assert (out == 0).all() and torch.isneginf(lse).all()
+
+
+def test_long_sequence():
+    q, k, v = make_qkv(1, 1, 33, 4097, 16)
+    out, _ = attention(q, k, v, None, 0.0, True, True)
+    torch.testing.assert_close(out.double(), reference_attention(q, k, v, is_causal=True, bottom_right=True),
+                               **tolerance(torch.float32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_dtypes(dtype):
+    q, k, v = make_qkv(2, 2, 70, 90, 24, dtype=dtype)
+    bias = torch.randn(70, 90, dtype=dtype)
+    out, lse = attention(q, k, v, bias, 0.0, True)
+    assert out.dtype == dtype
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    want = reference_attention(q, k, v, bias, is_causal=True)
+    torch.testing.assert_close(out.double(), want, **tolerance(dtype))
+
+
+def test_weights_op_matches_reference_probs():
+    q, k, v = make_qkv(2, 3, 9, 14, 8, dtype=torch.float64)
+    bias = torch.randn(2, 1, 1, 14, dtype=torch.float64)
+    out, lse = attention(q, k, v, bias, 0.0, True, True)
+    weights = torch.ops.qkv.attention_weights(q, k, bias, lse, 0.0, True, True)
+    torch.testing.assert_close(weights, reference_probs(q, k, bias, True, True), **tolerance(torch.float64))
+    torch.testing.assert_close(weights @ v, out, **tolerance(torch.float64))
+
+
+@settings(max_examples=25, deadline=None)
+@given(B=st.integers(1, 2), H=st.integers(1, 3), L=st.integers(1, 80), S=st.integers(1, 150),
+       D=st.integers(1, 40), causal=st.booleans(), bottom_right=st.booleans(), with_bias=st.booleans())
+def test_random_shapes_property(B, H, L, S, D, causal, bottom_right, with_bias):
+    q, k, v = make_qkv(B, H, L, S, D, dtype=torch.float64)
+    bias = torch.randn(H, L, S, dtype=torch.float64) if with_bias else None
+    out, _ = attention(q, k, v, bias, 0.0, causal, bottom_right)
+    want = reference_attention(q, k, v, bias, causal, bottom_right)
+    torch.testing.assert_close(out, want, **tolerance(torch.float64))

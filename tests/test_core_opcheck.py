@@ -1,0 +1,95 @@
+"""torch.library.opcheck on every op (schema, autograd registration, fake tensors, AOT dispatch)
+and torch.compile(fullgraph=True) through each op."""
+import pytest
+import torch
+
+
+def core_args(requires_grad, bias=True, dropout=0.0):
+    q = torch.randn(2, 3, 10, 8, requires_grad=requires_grad)
+    k = torch.randn(2, 3, 12, 8, requires_grad=requires_grad)
+    v = torch.randn(2, 3, 12, 6, requires_grad=requires_grad)
+    b = torch.randn(3, 10, 12, requires_grad=requires_grad) if bias else None
+    return q, k, v, b
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("bias,is_causal,bottom_right,scale,dropout", [
+    (True, False, False, None, 0.0), (False, True, True, 0.5, 0.0), (True, True, False, None, 0.2)])
+def test_opcheck_attention(requires_grad, bias, is_causal, bottom_right, scale, dropout):
+    q, k, v, b = core_args(requires_grad, bias)
+    seed = torch.tensor([17])
+    torch.library.opcheck(torch.ops.qkv.attention.default, (q, k, v, b, dropout, is_causal, bottom_right, scale, seed))
+
+
+# The backward ops are deliberately once-differentiable (a second derivative raises, see
+# test_core_backward), so with requires_grad the AOT test that backprops through them is left out.
+ONCE_DIFFERENTIABLE_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor")
+
+
+def backward_utils(requires_grad):
+    return ONCE_DIFFERENTIABLE_UTILS if requires_grad else torch.library._OPCHECK_DEFAULT_UTILS
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck_attention_backward(requires_grad):
+    q, k, v, b = core_args(False)
+    out, lse = torch.ops.qkv.attention(q, k, v, b, 0.1, True, False, None, torch.tensor([3]))
+    grad = torch.randn_like(out).requires_grad_(requires_grad)
+    torch.library.opcheck(torch.ops.qkv.attention_backward.default,
+                          (grad, q, k, v, b, out, lse, 0.1, True, False, None, torch.tensor([3]), True),
+                          test_utils=backward_utils(requires_grad))
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck_attention_weights(requires_grad):
+    q, k, v, b = core_args(requires_grad)
+    seed = torch.tensor([8])
+    _, lse = torch.ops.qkv.attention(q, k, v, b, 0.2, False, False, None, seed)
+    torch.library.opcheck(torch.ops.qkv.attention_weights.default, (q, k, b, lse.detach(), 0.2, False, False, None, seed))
+    grad = torch.randn(2, 3, 10, 12, requires_grad=requires_grad)
+    torch.library.opcheck(torch.ops.qkv.attention_weights_backward.default,
+                          (grad, q.detach(), k.detach(), b.detach(), lse.detach(), 0.2, False, False, None, seed, True),
+                          test_utils=backward_utils(requires_grad))
+
+
+def mission_args(requires_grad):
+    x = torch.randn(2, 7, 16, requires_grad=requires_grad)
+    mem = torch.randn(2, 9, 12, requires_grad=requires_grad)
+    w = lambda *s: (torch.randn(*s) * 0.2).requires_grad_(requires_grad)
+    return x, mem, w
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck_mission_ops(requires_grad):
+    x, mem, w = mission_args(requires_grad)
+    kpm = torch.zeros(2, 1, 1, 7)
+    kpm[1, ..., -2:] = float("-inf")
+    torch.library.opcheck(torch.ops.qkv.multi_head_attention.default,
+                          (x, x, x, 4, w(48, 16), w(48), w(16, 16), w(16), kpm))
+    torch.library.opcheck(torch.ops.qkv.masked_self_attention.default, (x, 2, w(48, 16), None, w(16, 16), None))
+    torch.library.opcheck(torch.ops.qkv.cross_attention.default,
+                          (x, mem, 4, w(16, 16), w(16, 12), w(16, 12), w(48), w(16, 16), w(16)))
+
+
+def test_compile_fullgraph_through_each_op():
+    q, k, v, b = core_args(True)
+    x, mem, w = mission_args(True)
+    w_in, w_out, wq, wk, wv = w(48, 16), w(16, 16), w(16, 16), w(16, 12), w(16, 12)
+
+    def model(q, k, v, b, x, mem):
+        out, lse = torch.ops.qkv.attention(q, k, v, b, 0.0, True)
+        weights = torch.ops.qkv.attention_weights(q, k, b, lse)
+        y = torch.ops.qkv.multi_head_attention(x, x, x, 4, w_in, None, w_out, None)
+        y = y + torch.ops.qkv.masked_self_attention(x, 4, w_in, None, w_out, None)
+        y = y + torch.ops.qkv.cross_attention(x, mem, 4, wq, wk, wv, None, w_out, None)
+        return out.sum() + weights.sum() + y.sum()
+
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    args = (q, k, v, b, x, mem)
+    eager_loss = model(*args)
+    eager_grads = torch.autograd.grad(eager_loss, args)
+    compiled_loss = compiled(*args)
+    compiled_grads = torch.autograd.grad(compiled_loss, args)
+    torch.testing.assert_close(compiled_loss, eager_loss)
+    for g, e in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(g, e)
