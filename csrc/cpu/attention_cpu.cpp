@@ -88,11 +88,17 @@ void store_row(scalar_t* dst, int64_t stride, const acc_t* src, int64_t n, acc_t
 // Round-robin interleaving balances uneven tasks (causal) while keeping which worker did
 // what fixed, so per-worker partial sums reduce in the same order on every run.
 // `make_worker(w)` runs once per worker and returns the callable that processes a task.
-inline int64_t worker_count(int64_t n) { return std::min<int64_t>(n, at::get_num_threads()); }
+// `flops` estimates the whole job: below ~64 kFLOP per worker, waking threads costs more
+// than it saves, so small problems run on fewer workers (one, for the tiniest).
+inline int64_t worker_count(int64_t n, double flops) {
+  constexpr double kMinFlopsPerWorker = 65536.0;
+  const int64_t by_work = std::max<int64_t>(1, static_cast<int64_t>(flops / kMinFlopsPerWorker));
+  return std::min<int64_t>({n, static_cast<int64_t>(at::get_num_threads()), by_work});
+}
 
 template <typename MakeWorker>
-void for_each_task(int64_t n, const MakeWorker& make_worker) {
-  const int64_t workers = worker_count(n);
+void for_each_task(int64_t n, double flops, const MakeWorker& make_worker) {
+  const int64_t workers = worker_count(n, flops);
   if (workers <= 0) return;
   at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
     for (int64_t w = begin; w < end; ++w) {
@@ -182,7 +188,8 @@ void attention_forward_cpu_impl(const AttentionParams& p, const at::Tensor& quer
   const int64_t BK = std::min(kForwardKeyBlock, std::max<int64_t>(p.kv_len, 1));
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
 
-  for_each_task(BH * q_blocks, [&](int64_t) {
+  const double flops = 2.0 * BH * p.q_len * p.kv_len * (D + Dv);
+  for_each_task(BH * q_blocks, flops, [&](int64_t) {
     auto scratch = std::make_shared<std::vector<acc_t>>(kQueryBlock * D + BK * (D + Dv) + kQueryBlock * BK +
                                                         kQueryBlock * Dv + 3 * kQueryBlock);
     return [&, scratch](int64_t task) {
@@ -340,9 +347,10 @@ void attention_backward_cpu_impl(const AttentionParams& p, const at::Tensor& gra
     }
   });
 
-  BiasGradAccumulator<acc_t> bias_grad(p, bias, bias_requires_grad, shared_dq, worker_count(BH * chunks));
+  const double flops = 2.0 * BH * L * p.kv_len * (3 * D + 2 * Dv);
+  BiasGradAccumulator<acc_t> bias_grad(p, bias, bias_requires_grad, shared_dq, worker_count(BH * chunks, flops));
 
-  for_each_task(BH * chunks, [&](int64_t worker) {
+  for_each_task(BH * chunks, flops, [&](int64_t worker) {
     auto scratch = std::make_shared<std::vector<acc_t>>(
         kQueryBlock * (D + Dv) + BK * (D + Dv) + 2 * kQueryBlock * BK + BK * (D + Dv) + (shared_dq ? 0 : L * D) +
         kQueryBlock);
@@ -458,7 +466,7 @@ void attention_weights_cpu_impl(const AttentionParams& p, const at::Tensor& quer
   const int64_t D = p.head_dim, BH = p.batch * p.heads, q_blocks = (p.q_len + kQueryBlock - 1) / kQueryBlock;
   constexpr int64_t BK = kBackwardKeyBlock;
 
-  for_each_task(BH * q_blocks, [&](int64_t) {
+  for_each_task(BH * q_blocks, 2.0 * BH * p.q_len * p.kv_len * D, [&](int64_t) {
     auto scratch = std::make_shared<std::vector<acc_t>>(kQueryBlock * D + BK * D + kQueryBlock * BK + kQueryBlock);
     return [&, scratch](int64_t task) {
       acc_t* qs = scratch->data();
