@@ -3,7 +3,6 @@ dropout semantics, gradcheck under a fixed seed, the scaled_dot_product_attentio
 check that torch's softmax / SDPA / native MHA never run inside qkv."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -430,6 +429,7 @@ def test_recorder_sees_torch_softmax() -> None:
     assert any("scaled_dot_product" in op for op in ops)
 
 
+@pytest.mark.filterwarnings("ignore:Support for mismatched:UserWarning")
 def test_no_torch_attention_kernels_run() -> None:
     torch.manual_seed(10)
     _, ours = mha_pair(embed_dim=E, num_heads=H, dropout=0.2, add_bias_kv=True, add_zero_attn=True)

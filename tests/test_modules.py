@@ -15,6 +15,13 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 import qkv
 from dropin_utils import F64, TOL, mha_pair
 
+# Expected torch warnings: mixed bool/float masks, and TransformerEncoder's nested-tensor notes.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Support for mismatched:UserWarning",
+    "ignore:enable_nested_tensor is True:UserWarning",
+    "ignore:The PyTorch API of nested tensors:UserWarning",
+)
+
 CONFIGS = {
     "default": dict(embed_dim=8, num_heads=2),
     "no_bias": dict(embed_dim=8, num_heads=4, bias=False),

@@ -70,7 +70,12 @@ def _init_attention_parameters(
         module.bias_v = Parameter(torch.empty((1, 1, embed_dim), **factory_kwargs))
     else:
         module.bias_k = module.bias_v = None
+    _reset_attention_parameters(module)
 
+
+def _reset_attention_parameters(module: nn.Module) -> None:
+    """torch's MultiheadAttention._reset_parameters: the same draws in the same order
+    (out_proj.weight keeps the Linear's own init)."""
     if module.in_proj_weight is not None:
         xavier_uniform_(module.in_proj_weight)
     else:
@@ -162,19 +167,7 @@ class MultiheadAttention(nn.Module):
     def _reset_parameters(self) -> None:
         """Re-draws the parameters the way torch's ``_reset_parameters`` does (out_proj.weight is
         left alone, as in torch)."""
-        if self._qkv_same_embed_dim:
-            xavier_uniform_(self.in_proj_weight)
-        else:
-            xavier_uniform_(self.q_proj_weight)
-            xavier_uniform_(self.k_proj_weight)
-            xavier_uniform_(self.v_proj_weight)
-        if self.in_proj_bias is not None:
-            constant_(self.in_proj_bias, 0.0)
-            constant_(self.out_proj.bias, 0.0)
-        if self.bias_k is not None:
-            xavier_normal_(self.bias_k)
-        if self.bias_v is not None:
-            xavier_normal_(self.bias_v)
+        _reset_attention_parameters(self)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Old MultiheadAttention checkpoints (torch v1.1.0) lack _qkv_same_embed_dim.
