@@ -332,7 +332,6 @@ void attention_backward_cpu_impl(const AttentionParams& p, const at::Tensor& gra
   // too so every thread has work; then each chunk accumulates its own dQ partial, summed in
   // chunk order at the end (deterministic, whatever the thread count).
   const int64_t chunks = BH >= 4 * threads ? 1 : std::min<int64_t>(kv_blocks, (4 * threads + BH - 1) / BH);
-  const int64_t blocks_per_chunk = chunks > 0 ? (kv_blocks + chunks - 1) / chunks : 0;
   const bool shared_dq = chunks > 1;
   at::Tensor dq_partials = at::zeros({shared_dq ? chunks : 1, shared_dq ? BH * L * D : 0},
                                      at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
@@ -377,8 +376,9 @@ void attention_backward_cpu_impl(const AttentionParams& p, const at::Tensor& gra
       if (!shared_dq) std::fill(dq_acc, dq_acc + L * D, acc_t(0));
       int64_t ldq, ldo, ldk, ldv;
 
-      const int64_t block_end = std::min(kv_blocks, (chunk + 1) * blocks_per_chunk);
-      for (int64_t kb = chunk * blocks_per_chunk; kb < block_end; ++kb) {
+      // Chunks take interleaved key blocks: under a causal mask early keys see more queries,
+      // so contiguous ranges would leave one worker with most of the work.
+      for (int64_t kb = chunk; kb < kv_blocks; kb += chunks) {
         const int64_t j0 = kb * BK, cols = std::min(BK, p.kv_len - j0);
         const acc_t* kt = tile_rows<acc_t>(ctx.k, b, h, j0, cols, D, ks, ldk);
         const acc_t* vt = tile_rows<acc_t>(ctx.v, b, h, j0, cols, Dv, vs, ldv);
