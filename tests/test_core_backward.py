@@ -100,3 +100,15 @@ def test_double_backward_raises_a_clear_error():
     (grad_q,) = torch.autograd.grad(out.sum(), q, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward .* is not supported"):
         grad_q.sum().backward()
+
+
+def test_gradcheck_head_averaged_weights():
+    q, k, bias = leaf(2, 3, 4, 3), leaf(2, 3, 5, 3), leaf(1, 3, 4, 5)
+    v = torch.randn(2, 3, 5, 3, dtype=torch.float64)
+    seed = torch.tensor([9])
+
+    def averaged(q, k, b):
+        _, lse = attention(q, k, v, b, 0.2, False, False, None, seed)
+        return attention_weights(q, k, b, lse.detach(), 0.2, False, False, None, seed, True)
+
+    assert torch.autograd.gradcheck(averaged, (q, k, bias))

@@ -458,38 +458,58 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
 
 // ---- explicit attention weights -----------------------------------------------------------
 
+// Per task: one query block of one (b, h), or, with average_heads, of every head of one b,
+// summed in a float row buffer so the (B, H, L, S) tensor never exists.
 template <typename scalar_t>
 void attention_weights_cpu_impl(const AttentionParams& p, const at::Tensor& query, const at::Tensor& key,
-                                const std::optional<at::Tensor>& bias, const at::Tensor& lse,
+                                const std::optional<at::Tensor>& bias, const at::Tensor& lse, bool average_heads,
                                 at::Tensor& weights) {
   using acc_t = at::opmath_type<scalar_t>;
   const TileContext<scalar_t> ctx(p, query, key, key, bias);
   const at::Tensor lse_c = lse.contiguous();
   const acc_t* lse_data = lse_c.const_data_ptr<acc_t>();
-  scalar_t* w = weights.data_ptr<scalar_t>();  // contiguous (B, H, L, S)
-  const int64_t D = p.head_dim, BH = p.batch * p.heads, q_blocks = (p.q_len + kQueryBlock - 1) / kQueryBlock;
-  constexpr int64_t BK = kBackwardKeyBlock;
+  scalar_t* w = weights.data_ptr<scalar_t>();  // contiguous (B, H, L, S) or (B, L, S)
+  const int64_t D = p.head_dim, S = p.kv_len, q_blocks = (p.q_len + kQueryBlock - 1) / kQueryBlock;
+  const int64_t heads_per_task = average_heads ? p.heads : 1;
+  const int64_t groups = p.batch * p.heads / heads_per_task;
+  const int64_t BK = std::min(kForwardKeyBlock, std::max<int64_t>(S, 1));
 
-  for_each_task(BH * q_blocks, 2.0 * BH * p.q_len * p.kv_len * D, [&](int64_t) {
-    auto scratch = std::make_shared<std::vector<acc_t>>(kQueryBlock * D + BK * D + kQueryBlock * BK + kQueryBlock);
+  for_each_task(groups * q_blocks, 2.0 * p.batch * p.heads * p.q_len * S * D, [&](int64_t) {
+    auto scratch = std::make_shared<std::vector<acc_t>>(kQueryBlock * D + BK * D + kQueryBlock * BK + kQueryBlock +
+                                                        (average_heads ? kQueryBlock * S : 0));
     return [&, scratch](int64_t task) {
       acc_t* qs = scratch->data();
       acc_t* ks = qs + kQueryBlock * D;
       acc_t* st = ks + BK * D;
       acc_t* unused_max = st + kQueryBlock * BK;
-      const int64_t qb = task % q_blocks, bh = task / q_blocks, b = bh / p.heads, h = bh % p.heads;
+      acc_t* head_sum = unused_max + kQueryBlock;
+      const int64_t qb = task % q_blocks, group = task / q_blocks;
       const int64_t i0 = qb * kQueryBlock, rows = std::min(kQueryBlock, p.q_len - i0);
-      int64_t ldq, ldk;
-      const acc_t* qt = tile_rows<acc_t>(ctx.q, b, h, i0, rows, D, qs, ldq);
-      for (int64_t j0 = 0; j0 < p.kv_len; j0 += BK) {
-        const int64_t cols = std::min(BK, p.kv_len - j0);
-        const acc_t* kt = tile_rows<acc_t>(ctx.k, b, h, j0, cols, D, ks, ldk);
-        ctx.scores(st, BK, qt, ldq, kt, ldk, b, h, i0, rows, j0, cols, unused_max);
+      if (average_heads) std::fill(head_sum, head_sum + rows * S, acc_t(0));
+      for (int64_t bh = group * heads_per_task; bh < (group + 1) * heads_per_task; ++bh) {
+        const int64_t b = bh / p.heads, h = bh % p.heads;
+        int64_t ldq, ldk;
+        const acc_t* qt = tile_rows<acc_t>(ctx.q, b, h, i0, rows, D, qs, ldq);
+        for (int64_t j0 = 0; j0 < S; j0 += BK) {
+          const int64_t cols = std::min(BK, S - j0);
+          const acc_t* kt = tile_rows<acc_t>(ctx.k, b, h, j0, cols, D, ks, ldk);
+          ctx.scores(st, BK, qt, ldq, kt, ldk, b, h, i0, rows, j0, cols, unused_max);
+          for (int64_t r = 0; r < rows; ++r) {
+            acc_t* prob = st + r * BK;
+            ctx.probabilities_row(prob, cols, lse_data[bh * p.q_len + i0 + r]);
+            if (p.dropout_p > 0) ctx.dropout_row(prob, b, h, i0 + r, j0, cols);
+            if (average_heads) {
+              acc_t* sum = head_sum + r * S + j0;
+              for (int64_t c = 0; c < cols; ++c) sum[c] += prob[c];
+            } else {
+              store_row(w + (bh * p.q_len + i0 + r) * S + j0, 1, prob, cols, acc_t(1));
+            }
+          }
+        }
+      }
+      if (average_heads) {
         for (int64_t r = 0; r < rows; ++r) {
-          acc_t* s = st + r * BK;
-          ctx.probabilities_row(s, cols, lse_data[bh * p.q_len + i0 + r]);
-          if (p.dropout_p > 0) ctx.dropout_row(s, b, h, i0 + r, j0, cols);
-          store_row(w + (bh * p.q_len + i0 + r) * p.kv_len + j0, 1, s, cols, acc_t(1));
+          store_row(w + (group * p.q_len + i0 + r) * S, 1, head_sum + r * S, S, acc_t(1) / acc_t(p.heads));
         }
       }
     };
@@ -499,13 +519,15 @@ void attention_weights_cpu_impl(const AttentionParams& p, const at::Tensor& quer
 at::Tensor attention_weights_cpu(const at::Tensor& query, const at::Tensor& key,
                                  const std::optional<at::Tensor>& bias, const at::Tensor& logsumexp,
                                  double dropout_p, bool is_causal, bool bottom_right,
-                                 std::optional<double> scale, const std::optional<at::Tensor>& dropout_seed) {
+                                 std::optional<double> scale, const std::optional<at::Tensor>& dropout_seed,
+                                 bool average_heads) {
   const auto p = check_attention_args("qkv.attention_weights", query, key, key, bias, dropout_p, is_causal,
                                       bottom_right, scale, dropout_seed);
   check_logsumexp_for_weights("qkv.attention_weights", query, logsumexp, p);
-  at::Tensor weights = at::empty({p.batch, p.heads, p.q_len, p.kv_len}, query.options());
+  at::Tensor weights = empty_attention_weights(query, p, average_heads);
+  if (p.heads == 0) return weights.zero_();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "qkv_attention_weights_cpu", [&] {
-    attention_weights_cpu_impl<scalar_t>(p, query, key, bias, logsumexp, weights);
+    attention_weights_cpu_impl<scalar_t>(p, query, key, bias, logsumexp, average_heads, weights);
   });
   return weights;
 }

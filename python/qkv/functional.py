@@ -332,9 +332,9 @@ def mha_forward(
 
     attn_weights = None
     if need_weights:
-        attn_weights = torch.ops.qkv.attention_weights(q, k, bias, logsumexp, dropout_p, use_causal_flag, False, None, seed)
-        if average_attn_weights:
-            attn_weights = attn_weights.mean(dim=1)
+        # Averaged weights are summed over heads inside the kernel: no (N, H, L, S) tensor.
+        attn_weights = torch.ops.qkv.attention_weights(
+            q, k, bias, logsumexp, dropout_p, use_causal_flag, False, None, seed, average_attn_weights)
     if not is_batched:
         attn_output = attn_output.squeeze(0)
         if attn_weights is not None:
