@@ -276,3 +276,14 @@ def test_backend_that_rejects_the_case_is_left_out_with_a_note(monkeypatch, caps
     assert result.sides["sdpa_cudnn"].status == "error" and result.sides["sdpa_cudnn"].timing is None
     assert result.sides["sdpa"].timing is not None and "sdpa" in result.speedups
     assert "sdpa_cudnn left out" in capsys.readouterr().err
+
+
+def test_fraction_of_matmul_pairs_each_round():
+    from qkv.bench.timing import paired_fraction_of_matmul
+
+    n = 10
+    mm_flops = 2.0 * n**3
+    # Round 2 is a slow spell (both sides 2x slower): the paired ratio is unchanged.
+    candidate = SideTiming(1, [1.0, 2.0, 1.0])
+    matmul = SideTiming(1, [0.5, 1.0, 0.5])
+    assert paired_fraction_of_matmul(candidate, mm_flops, matmul, n) == pytest.approx(0.5)

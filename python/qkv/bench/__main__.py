@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
     config = RunConfig(
         device=args.device, dtype=dtype, threads=threads, seed=args.seed, memory=not args.no_memory,
-        timing=timing_config(args.quick, args.repeats), matmul_n=1024 if args.quick else 2048,
+        timing=timing_config(args.quick, args.repeats), matmul_n=1536,
     )
     if args.device == "cuda":
         config.matmul_n = 8192

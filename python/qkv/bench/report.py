@@ -57,6 +57,7 @@ def flat_rows(run: RunResult) -> list[dict]:
             row[f"{name}_peak_mib"] = _num(s.peak_bytes / MIB, 2) if s and s.peak_bytes is not None else None
             row[f"{name}_max_error"] = _finite(s.max_error) if s else None
         row["qkv_pct_of_matmul"] = _num(100 * r.fraction_of_matmul, 1) if r.fraction_of_matmul else None
+        row["matmul_gflops"] = _num(r.matmul_gflops, 1)
         for name in refs:
             row[f"speedup_vs_{name}"] = _num(r.speedups.get(name), 3)
             row[f"memory_ratio_vs_{name}"] = _num(r.memory_ratios.get(name), 3)
@@ -193,7 +194,7 @@ def format_markdown_table(header: list[str], rows: list[list[str]]) -> str:
 LEGEND = (
     "x <ref>: time(ref) / time(qkv), median of per-round ratios (above 1: qkv is faster). "
     "mem x <ref>: peak(ref) / peak(qkv) (above 1: qkv uses less memory; '-' when both peaks are "
-    "under 1 MiB). % mm: qkv's throughput as a share of this machine's large-matmul rate. "
+    "under 1 MiB). % mm: qkv's throughput as a share of a large torch.mm timed in the same rounds. "
     "qkv err: max error relative to a float64 reference."
 )
 
@@ -221,8 +222,9 @@ def _meta_items(meta: dict) -> list[tuple[str, str]]:
         ("versions", f"torch {meta['torch']}, qkv {meta['qkv']} ({meta.get('qkv_revision') or 'no git revision'}), "
                      f"python {meta['python']}"),
         ("dtype", f"{meta['dtype']} on {meta['device']}"),
-        ("matmul ceiling", f"{meta['matmul_gflops']:.1f} GFLOP/s ({meta['dtype']} torch.mm, n={meta['matmul_n']}; "
-                           f"start {meta['matmul_gflops_start']:.1f}, end {meta['matmul_gflops_end']:.1f})"),
+        ("matmul ceiling", f"{meta['matmul_gflops']:.1f} GFLOP/s ({meta['dtype']} torch.mm, n={meta['matmul_n']}, best "
+                           f"of 5 at the start ({meta['matmul_gflops_start']:.1f}) and the end "
+                           f"({meta['matmul_gflops_end']:.1f}); '% mm' pairs each case with the same mm per round)"),
         ("run", f"{meta['date_utc']}, took {meta['duration_s']:.0f} s"),
     ]
     return items

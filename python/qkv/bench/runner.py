@@ -14,7 +14,9 @@ from . import correctness
 from .cases import Case
 from .machine import describe_machine
 from .memory import MemoryResult, measure_cuda, measure_in_child
-from .timing import SideTiming, TimingConfig, matmul_rate, paired_speedup, time_interleaved, timer_for
+from .flops import matmul_flops
+from .timing import (MATMUL, SideTiming, TimingConfig, make_matmul_side, matmul_rate, paired_fraction_of_matmul,
+                     paired_speedup, time_interleaved, timer_for)
 from .workloads import QKV, Side, make_inputs, make_sides, qkv_module_class, side_names
 
 # Below this, peak-memory differences are page-granularity noise and no ratio is reported.
@@ -29,7 +31,7 @@ class RunConfig:
     seed: int = 0
     memory: bool = True
     timing: TimingConfig = field(default_factory=TimingConfig)
-    matmul_n: int = 2048
+    matmul_n: int = 1536  # the torch.mm probe: n x n x n, large enough to reach the SGEMM plateau
 
 
 @dataclass
@@ -56,7 +58,8 @@ class CaseResult:
     sides: dict[str, SideResult] = field(default_factory=dict)
     speedups: dict[str, float] = field(default_factory=dict)  # reference side -> t_ref / t_qkv
     memory_ratios: dict[str, float] = field(default_factory=dict)  # reference side -> peak_ref / peak_qkv
-    fraction_of_matmul: float | None = None
+    fraction_of_matmul: float | None = None  # qkv FLOP/s / torch.mm FLOP/s, paired per round
+    matmul_gflops: float | None = None  # the torch.mm probe's median rate during this case
 
 
 @dataclass
@@ -112,23 +115,20 @@ def run_cases(cases: list[Case], config: RunConfig, progress: bool = True) -> Ru
 
     bar.set_description_str("matmul ceiling")
     matmul_start = matmul_rate(config.device, config.dtype, config.matmul_n)
+    # The same torch.mm also runs in every timing round, so "% of matmul" is a paired ratio.
+    matmul_probe = make_matmul_side(config.device, config.dtype, config.matmul_n)
     done: list[CaseResult] = []
     for case in runnable:
         bar.set_description_str(case.name)
-        done.append(_run_case(case, config, bar, log))
+        done.append(_run_case(case, config, bar, log, matmul_probe))
         bar.update(1)
         gc.collect()
     bar.set_description_str("matmul ceiling")
     matmul_end = matmul_rate(config.device, config.dtype, config.matmul_n)
     bar.close()
 
-    ceiling = max(matmul_start, matmul_end)
-    for result in done:
-        qkv_side = result.sides.get(QKV)
-        if qkv_side is not None and qkv_side.gflops is not None:
-            result.fraction_of_matmul = qkv_side.gflops * 1e9 / ceiling
     meta.update(
-        matmul_gflops=ceiling / 1e9,
+        matmul_gflops=max(matmul_start, matmul_end) / 1e9,
         matmul_gflops_start=matmul_start / 1e9,
         matmul_gflops_end=matmul_end / 1e9,
         matmul_n=config.matmul_n,
@@ -144,7 +144,7 @@ def run_cases(cases: list[Case], config: RunConfig, progress: bool = True) -> Ru
     return RunResult(meta, results)
 
 
-def _run_case(case: Case, config: RunConfig, bar, log: Callable[[str], None]) -> CaseResult:
+def _run_case(case: Case, config: RunConfig, bar, log: Callable[[str], None], matmul_probe: Side) -> CaseResult:
     names = side_names(case, config.device)
     result = CaseResult(case, "ok", sides={n: SideResult(n) for n in names})
     try:
@@ -164,16 +164,20 @@ def _run_case(case: Case, config: RunConfig, bar, log: Callable[[str], None]) ->
 
     bar.set_postfix_str("time")
     try:
-        timings = time_interleaved(list(runnable.values()), timer_for(config.device), config.timing, first_call_s)
+        timings = time_interleaved([*runnable.values(), matmul_probe], timer_for(config.device), config.timing,
+                                   first_call_s)
     except Exception as exc:  # noqa: BLE001 - e.g. out of memory in a reference; the run goes on
         result.status, result.message = "error", f"{case.name}: timing failed: {type(exc).__name__}: {exc}"
         log("ERROR: " + result.message)
         return result
+    matmul_timing = timings.pop(MATMUL)
+    result.matmul_gflops = matmul_flops(config.matmul_n) / matmul_timing.median / 1e9
     for name, timing in timings.items():
         side = result.sides[name]
         side.timing = timing
         side.gflops = case.flops / timing.median / 1e9
     qkv_timing = timings[QKV]
+    result.fraction_of_matmul = paired_fraction_of_matmul(qkv_timing, case.flops, matmul_timing, config.matmul_n)
     result.speedups = {n: paired_speedup(t, qkv_timing) for n, t in timings.items() if n != QKV}
 
     if config.memory:

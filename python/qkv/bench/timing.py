@@ -121,17 +121,32 @@ def paired_speedup(reference: SideTiming, candidate: SideTiming) -> float:
     return statistics.median(ratios) if ratios else math.nan
 
 
-def matmul_rate(device: str, dtype: torch.dtype, n: int, repeats: int = 5) -> float:
-    """Best FLOP/s of a large square torch.mm: the practical ceiling for attention's matmuls.
+MATMUL = "matmul"
 
-    The best (not median) of a few runs, because the ceiling is what the machine can do; on a
-    shared machine that makes the "% of matmul" column conservative.
-    """
+
+def make_matmul_side(device: str, dtype: torch.dtype, n: int) -> Side:
+    """One n x n x n torch.mm: the machine's practical ceiling for attention's matmuls."""
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
     b = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
-    side = Side("matmul", lambda: {"out": torch.mm(a, b)})
+    return Side(MATMUL, lambda: {"out": torch.mm(a, b)}, keep=[a, b])
+
+
+def matmul_rate(device: str, dtype: torch.dtype, n: int, repeats: int = 5) -> float:
+    """Best FLOP/s of a large square torch.mm over a few calls (the ceiling is what the machine
+    can do, so the best, not the median)."""
+    side = make_matmul_side(device, dtype, n)
     timer = timer_for(device)
     timer.block(side, 1)  # warm-up
     best = min(timer.block(side, 1) for _ in range(repeats))
     return matmul_flops(n) / best
+
+
+def paired_fraction_of_matmul(candidate: SideTiming, candidate_flops: float, matmul: SideTiming, n: int) -> float:
+    """Median over rounds of (candidate FLOP/s) / (matmul FLOP/s), both timed in the same round,
+    so a slow spell on a shared machine cancels out as it does in the speedups."""
+    ratios = [
+        (candidate_flops / c) / (matmul_flops(n) / m)
+        for c, m in zip(candidate.samples, matmul.samples) if c > 0 and m > 0
+    ]
+    return statistics.median(ratios) if ratios else math.nan
