@@ -442,6 +442,9 @@ def test_targets_missing_cases_and_requirement_edges():
     at_most = tg.Target(4, "g", "c", tg.GROWTH, "qkv", 4.4, base_case="b", at_most=True)
     assert tg.is_met(at_most, 4.4) is True and tg.is_met(at_most, 4.5) is False
     assert tg.format_required(at_least) == ">= 1.00x" and tg.format_required(at_most) == "<= 4.40x"
+    assert tg.format_measured(tg.TargetRow(at_least, 0.998, False)) == "0.998x"
+    assert tg.format_measured(tg.TargetRow(at_least, 1.234, True)) == "1.23x"
+    assert tg.format_measured(tg.TargetRow(at_least, None, None)) == "-"
     with pytest.raises(ValueError, match="metric"):
         tg.Target(1, "t", "c", "latency", "sdpa", 1.0)
     with pytest.raises(ValueError, match="base_case"):

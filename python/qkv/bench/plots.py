@@ -21,7 +21,7 @@ MODE_TITLES = {
     ("core", "fwd"): "core forward",
     ("core", "bwd"): "core backward",
     ("core", "fwdbwd"): "core forward+backward",
-    ("module", "train"): "MHA training, need_weights=False",
+    ("module", "train"): "MHA training, need_weights=False (and torch with True)",
     ("module", "train-weights"): "MHA training, need_weights=True",
     ("module", "eval"): "MHA eval, no_grad",
 }
@@ -132,7 +132,7 @@ def _plot(run: RunResult, path: Path, value, ylabel: str, title: str, names_for,
         ax.set_title(MODE_TITLES.get((level, mode), f"{level} {mode}"), fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         if series:
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7 if len(series) <= 4 else 6)
     meta = run.meta
     fig.suptitle(f"{title} - {meta['machine']}, {meta['dtype']}, {meta['threads']} threads, torch {meta['torch']}",
                  fontsize=10)

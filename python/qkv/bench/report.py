@@ -247,7 +247,9 @@ LEGEND = (
     "x <ref>: time(ref) / time(qkv), median of per-round ratios (above 1: qkv is faster). "
     "mem x <ref>: peak(ref) / peak(qkv) (above 1: qkv uses less memory; '-' when both peaks are "
     "under 1 MiB). % mm: qkv's throughput as a share of a large torch.mm timed in the same rounds. "
-    "qkv err: max error relative to a float64 reference."
+    "qkv err: max error relative to a float64 reference. x torch(w) (training): torch's module with its "
+    "default need_weights=True against qkv with need_weights=False. <side> 1t/nt: that side's time at 1 "
+    "thread / its time at n threads, interleaved (above 1: the extra threads help)."
 )
 
 

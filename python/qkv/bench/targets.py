@@ -177,12 +177,23 @@ def format_required(target: Target) -> str:
     return ("<= " if target.at_most else ">= ") + f"{target.required:.2f}x"
 
 
+def format_measured(row: TargetRow) -> str:
+    """Two decimals, or three where two would print the requirement itself (0.998x, not 1.00x,
+    beside a "NO")."""
+    if row.measured is None:
+        return "-"
+    text = f"{row.measured:.2f}"
+    if row.target.required is not None and text == f"{row.target.required:.2f}":
+        text = f"{row.measured:.3f}"
+    return text + "x"
+
+
 def target_table(rows: list[TargetRow]) -> tuple[list[str], list[list[str]]]:
     """(header, rows) of the compact table: target, required, measured, met."""
     header = ["#", "target", "case", "required", "measured", "met", "note"]
     body = [
         [str(r.target.item), r.target.label, r.target.case, format_required(r.target),
-         "-" if r.measured is None else f"{r.measured:.2f}x", r.verdict, r.note]
+         format_measured(r), r.verdict, r.note]
         for r in rows
     ]
     return header, body
