@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import targets
 from .runner import CaseResult, RunResult
-from .workloads import QKV, is_qkv_side, split_thread_suffix
+from .workloads import ONE_THREAD_SUFFIX, QKV, is_qkv_side, split_thread_suffix
 
 MIB = float(1 << 20)
 
@@ -182,7 +182,7 @@ def thread_scaling_table(run: RunResult) -> tuple[str, list[str], list[list[str]
         if r.status != "ok":
             rows.append([r.case.name, r.case.shape, f"1 -> {n}", r.status.upper()] + ["-"] * (len(header) - 4))
             continue
-        one = r.sides.get(QKV + "_1t")
+        one = r.sides.get(QKV + ONE_THREAD_SUFFIX)
         rows.append(
             [r.case.name, r.case.shape, f"1 -> {n}", _ms(r.sides[QKV].median_s), _ms(one.median_s if one else None)]
             + [_ratio(r.thread_scaling.get(s)) for s in bases]

@@ -191,7 +191,7 @@ def _run_case(case: Case, config: RunConfig, bar, log: Callable[[str], None], ma
         for n, t in timings.items() if n + ONE_THREAD_SUFFIX in timings
     }
 
-    # Thread-scaling cases measure time only; their memory is the same case's at one count.
+    # Thread-scaling cases are timed only: they answer how time falls with threads, not memory.
     if config.memory and not case.scaling_threads:
         bar.set_postfix_str("memory")
         for name, side_obj in runnable.items():
