@@ -7,19 +7,21 @@ from __future__ import annotations
 import csv
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
 import qkv
 from qkv.bench import __main__ as cli
+from qkv.bench import targets as tg
 from qkv.bench import workloads
-from qkv.bench.cases import Case, cpu_grid, cuda_grid, select_cases
+from qkv.bench.cases import Case, cpu_grid, cuda_grid, extra_cases, group_aliases, select_cases, targets_grid
 from qkv.bench.correctness import judge, relative_error
 from qkv.bench.flops import attention_flops, projection_flops
 from qkv.bench.machine import machine_slug, slugify
 from qkv.bench.memory import PeakRssProbe
-from qkv.bench.report import flat_rows, write_all
+from qkv.bench.report import TARGETS_META, flat_rows, format_terminal, thread_scaling_table, write_all
 from qkv.bench.runner import CaseResult, RunConfig, RunResult, SideResult, run_cases
 from qkv.bench.timing import SideTiming, TimingConfig, paired_speedup
 
@@ -243,6 +245,18 @@ def test_module_cases_run_against_the_drop_in_contract(monkeypatch):
     rows = flat_rows(run)
     assert all(row["speedup_vs_torch_mha"] > 0 for row in rows)
     assert all(row["qkv_max_error"] < 1e-5 for row in rows)
+    # Training also times torch with its default need_weights=True against qkv without weights.
+    assert rows[0]["speedup_vs_torch_mha_weights"] > 0 and rows[0]["torch_mha_weights_max_error"] < 1e-5
+    assert rows[1]["speedup_vs_torch_mha_weights"] is None and rows[2]["speedup_vs_torch_mha_weights"] is None
+
+
+def test_torch_weights_side_returns_weights_and_shares_the_reference_weights():
+    case = Case("module-L8-train", "module-L8", "module", "train", 2, 2, 8, 8, 8)
+    inputs = workloads.make_module_inputs(case, "cpu", torch.float32, 0)
+    sides = workloads.make_sides(case, inputs, workloads.MODULE_TRAIN_SIDES, "cpu", torch.float32, 0)
+    plain, weighted = sides["torch_mha"].compute(), sides["torch_mha_weights"].compute()
+    assert "weights" not in plain and weighted["weights"].shape == (2, 8, 8)
+    assert torch.allclose(plain["out"], weighted["out"], atol=1e-6)
 
 
 # ----- command line -------------------------------------------------------------------------
@@ -297,3 +311,182 @@ def test_low_precision_run_passes_its_tolerance():
     (result,) = run.results
     assert result.status == "ok", result.message
     assert 0 < result.sides["qkv"].max_error < 3e-2
+
+
+# ----- issue 4 targets (--cases targets) ----------------------------------------------------
+
+def test_targets_grid_has_issue_4_shapes_and_reuses_grid_cases():
+    grid = {c.name: c for c in cpu_grid()}
+    cases = {c.name: c for c in targets_grid()}
+    shape = lambda c: (c.batch, c.heads, c.q_len, c.kv_len, c.head_dim)  # noqa: E731
+    assert shape(cases["long2k-fwd"]) == (1, 8, 2048, 2048, 64)
+    assert shape(cases["long2k-d128-fwd"]) == (1, 8, 2048, 2048, 128)
+    assert shape(cases["mid-fwd"]) == (2, 8, 512, 512, 64) and not cases["mid-fwd"].causal
+    assert cases["long2k-causal-fwdbwd"].causal and not cases["long2k-fwdbwd"].causal
+    assert shape(cases["decode-fwd"]) == (4, 8, 1, 2048, 64)
+    for l in (1024, 2048, 4096):
+        c = cases[f"module-E256-L{l}-train"]
+        assert (c.batch, c.embed_dim, c.heads, c.q_len, c.mode) == (2, 256, 4, l, "train")
+    scaling = [c for c in cases.values() if c.scaling_threads]
+    assert {(c.mode, c.scaling_threads, shape(c)) for c in scaling} == {
+        ("fwd", 2, (1, 8, 2048, 2048, 64)), ("fwdbwd", 2, (1, 8, 2048, 2048, 64))}
+    # A case the grid already has is the grid's own case, so its numbers compare across runs.
+    shared = set(cases) & set(grid)
+    assert {"small-fwd", "small-fwdbwd", "decode-fwd", "mid-fwd", "module-L1024-train",
+            "module-L2048-train-weights"} <= shared
+    assert all(cases[n] == grid[n] for n in shared)
+    # Every target reads cases of the group.
+    for target in tg.TARGETS:
+        assert target.case in cases and (target.base_case is None or target.base_case in cases)
+
+
+def test_targets_are_selected_only_on_request():
+    grid = cpu_grid()
+    extra, aliases = extra_cases("cpu"), group_aliases("cpu")
+    assert select_cases(grid, None, extra, aliases) == grid  # the default run is unchanged
+    chosen = [c.name for c in select_cases(grid, "targets", extra, aliases)]
+    assert sorted(chosen) == sorted(c.name for c in targets_grid())
+    # Levels, rows and globs keep meaning the grid: no 4096-token module case sneaks in.
+    assert not any("E256" in c.name for c in select_cases(grid, "module,*-train", extra, aliases))
+    assert [c.name for c in select_cases(grid, "long2k-causal", extra, aliases)] == ["long2k-causal-fwdbwd"]
+    # With --quick, grid cases the quick grid lacks come from the targets group.
+    quick = cpu_grid(quick=True)
+    chosen_quick = select_cases(quick, "targets", extra_cases("cpu", quick=True), aliases)
+    assert sorted(c.name for c in chosen_quick) == sorted(chosen)
+    assert extra_cases("cuda") == [] and group_aliases("cuda") == {}
+    assert cli.wants_targets("small-fwd, targets") and not cli.wants_targets("small-fwd") and not cli.wants_targets(None)
+
+
+def test_side_names_for_module_training_and_thread_scaling():
+    train = Case("m", "m", "module", "train", 1, 2, 8, 8, 4)
+    assert workloads.side_names(train, "cpu") == ("qkv", "torch_mha", "torch_mha_weights")
+    assert workloads.side_names(replace(train, mode="eval"), "cpu") == ("qkv", "torch_mha")
+    scaling = Case("s", "s", "core", "fwd", 1, 1, 8, 8, 8, sides=("qkv", "sdpa"), scaling_threads=2)
+    assert workloads.side_names(scaling, "cpu") == ("qkv", "sdpa", "qkv_1t", "sdpa_1t")
+    assert Case.from_dict(json.loads(json.dumps(scaling.to_dict()))) == scaling
+    with pytest.raises(ValueError, match="start with 'qkv'"):
+        Case("x", "x", "core", "fwd", 1, 1, 1, 1, 1, sides=("sdpa", "qkv"))
+    with pytest.raises(ValueError, match="scaling_threads"):
+        Case("x", "x", "core", "fwd", 1, 1, 1, 1, 1, scaling_threads=1)
+
+
+def test_judge_holds_qkv_at_one_thread_to_the_same_tolerance():
+    case = micro()
+    assert judge(case, {"qkv": 3e-7, "qkv_1t": 3e-7, "sdpa": 2e-7, "sdpa_1t": 2e-7}, torch.float32).passed
+    # A wrong single-thread qkv fails the case, and is never taken as a torch reference.
+    bad = judge(case, {"qkv": 3e-7, "qkv_1t": 5e-2, "sdpa": 2e-7}, torch.float32)
+    assert not bad.passed and bad.consistent and "5.0e-02" in bad.message
+    # The allowance comes from torch's error alone (qkv_1t's small error does not tighten it).
+    assert judge(case, {"qkv": 5e-4, "qkv_1t": 1e-7, "sdpa": 3e-4}, torch.float32).allowed == pytest.approx(6e-4)
+
+
+def _targets_run(**overrides) -> RunResult:
+    """A fake run holding every case the targets read, with chosen ratios (no timing)."""
+    results = {}
+    for case in targets_grid():
+        qkv_side = SideResult("qkv", timing=SideTiming(1, [0.01]), gflops=50.0, peak_bytes=10 << 20)
+        sides = {"qkv": qkv_side, "sdpa": SideResult("sdpa", peak_bytes=20 << 20),
+                 "torch_mha": SideResult("torch_mha", peak_bytes=30 << 20),
+                 "torch_mha_weights": SideResult("torch_mha_weights", peak_bytes=90 << 20)}
+        results[case.name] = CaseResult(
+            case, "ok", sides=sides, speedups={"sdpa": 1.1, "torch_mha": 1.2, "torch_mha_weights": 2.0},
+            memory_ratios={"torch_mha": 3.0, "torch_mha_weights": 9.0}, fraction_of_matmul=0.4,
+            thread_scaling={"qkv": 1.9, "sdpa": 1.7} if case.scaling_threads else {})
+    results["module-E256-L4096-train"].sides["qkv"].peak_bytes = 40 << 20
+    for name, change in overrides.items():
+        change(results[name])
+    meta = _fake_run().meta | {TARGETS_META: True}
+    return RunResult(meta, list(results.values()))
+
+
+def test_targets_evaluate_reads_each_metric_and_judges_it():
+    def slow(result):
+        result.speedups["sdpa"] = 0.95
+
+    def unscalable(result):
+        result.thread_scaling["qkv"] = 1.2
+
+    def wrong(result):
+        result.status = "wrong"
+
+    run = _targets_run(**{"long2k-fwd": slow, "threads-long2k-fwdbwd": unscalable, "small-fwd": wrong})
+    rows = {(r.target.case, r.target.metric, r.target.side): r for r in tg.evaluate(run)}
+    slow_row = rows[("long2k-fwd", "speedup", "sdpa")]
+    assert (slow_row.measured, slow_row.met, slow_row.verdict) == (0.95, False, "NO")
+    assert "50.0 GFLOP/s" in slow_row.note and "40% of mm" in slow_row.note
+    assert rows[("mid-fwd", "speedup", "sdpa")].verdict == "yes"
+    assert rows[("module-L1024-train", "speedup", "torch_mha_weights")].measured == 2.0
+    mem = rows[("module-E256-L2048-train", "memory", "torch_mha_weights")]
+    assert mem.measured == 9.0 and mem.met and "qkv 10 MiB" in mem.note
+    growth = rows[("module-E256-L4096-train", "growth", "qkv")]
+    assert growth.measured == pytest.approx(4.0) and growth.met is None and growth.verdict == "info"
+    assert "10 MiB at L1024 -> 40 MiB at L4096" in growth.note
+    assert rows[("threads-long2k-fwdbwd", "scaling", "qkv")].verdict == "NO"
+    assert rows[("threads-long2k-fwd", "scaling", "qkv")].verdict == "yes"
+    assert rows[("threads-long2k-fwd", "scaling", "sdpa")].verdict == "info"
+    failed = rows[("small-fwd", "speedup", "sdpa")]
+    assert failed.measured is None and failed.verdict == "not measured" and failed.note == "case wrong"
+    judged = [r for r in rows.values() if r.met is not None]
+    assert tg.summary_line(list(rows.values())) == (
+        f"{len(judged) - 2} of {len(judged)} targets met; 1 not measured")
+
+
+def test_targets_missing_cases_and_requirement_edges():
+    run = RunResult({}, [])
+    rows = tg.evaluate(run)
+    assert len(rows) == len(tg.TARGETS) and all(r.verdict == "not measured" for r in rows)
+    assert rows[0].note == "case not in this run"
+    at_least = tg.Target(1, "t", "c", tg.SPEEDUP, "sdpa", 1.0)
+    assert tg.is_met(at_least, 1.0) is True and tg.is_met(at_least, 0.999) is False
+    assert tg.is_met(at_least, None) is None
+    at_most = tg.Target(4, "g", "c", tg.GROWTH, "qkv", 4.4, base_case="b", at_most=True)
+    assert tg.is_met(at_most, 4.4) is True and tg.is_met(at_most, 4.5) is False
+    assert tg.format_required(at_least) == ">= 1.00x" and tg.format_required(at_most) == "<= 4.40x"
+    assert tg.format_measured(tg.TargetRow(at_least, 0.998, False)) == "0.998x"
+    assert tg.format_measured(tg.TargetRow(at_least, 1.234, True)) == "1.23x"
+    assert tg.format_measured(tg.TargetRow(at_least, None, None)) == "-"
+    with pytest.raises(ValueError, match="metric"):
+        tg.Target(1, "t", "c", "latency", "sdpa", 1.0)
+    with pytest.raises(ValueError, match="base_case"):
+        tg.Target(1, "t", "c", tg.GROWTH, "qkv", None)
+    with pytest.raises(ValueError, match="required"):
+        tg.Target(1, "t", "c", tg.SPEEDUP, "sdpa", 0.0)
+
+
+def test_targets_table_in_terminal_markdown_and_json(tmp_path):
+    run = _targets_run()
+    header, body = tg.target_table(tg.evaluate(run))
+    assert header[:6] == ["#", "target", "case", "required", "measured", "met"]
+    first = body[0]
+    assert first[1:6] == ["core fwd B1 H8 L2048 D64 vs SDPA", "long2k-fwd", ">= 1.00x", "1.10x", "yes"]
+    text = format_terminal(run)
+    assert "Issue 4 targets" in text and text.rstrip().endswith(body[-1][-1] or body[-1][-2])
+    written = write_all(run, tmp_path, plots=False)
+    md = written["markdown"].read_text()
+    assert "## Issue 4 targets" in md and "| 1 | core fwd B1 H8 L2048 D64 vs SDPA | long2k-fwd |" in md
+    data = json.loads(written["json"].read_text())
+    assert len(data["targets"]) == len(tg.TARGETS)
+    assert data["targets"][0]["measured"] == 1.1 and data["targets"][0]["met"] is True
+    # Without --cases targets there is no targets table anywhere.
+    run.meta.pop(TARGETS_META)
+    plain = write_all(run, tmp_path / "plain", plots=False)
+    assert "targets" not in json.loads(plain["json"].read_text())
+    assert "Issue 4" not in plain["markdown"].read_text() and "Issue 4" not in format_terminal(run)
+
+
+def test_thread_scaling_case_interleaves_one_and_two_threads():
+    case = Case("threads-micro-fwdbwd", "threads-micro", "core", "fwdbwd", 2, 2, 16, 16, 8,
+                sides=("qkv", "sdpa"), scaling_threads=2)
+    run = run_cases([case], RunConfig(threads=1, timing=FAST, matmul_n=64), progress=False)
+    (result,) = run.results
+    assert result.status == "ok", result.message
+    assert set(result.sides) == {"qkv", "sdpa", "qkv_1t", "sdpa_1t"}
+    assert all(s.max_error < 1e-5 and s.timing is not None for s in result.sides.values())
+    assert set(result.thread_scaling) == {"qkv", "sdpa"} and all(v > 0 for v in result.thread_scaling.values())
+    assert set(result.speedups) == {"sdpa", "sdpa_1t"}  # each paired with qkv at its own thread count
+    assert all(s.peak_bytes is None for s in result.sides.values())  # time only
+    assert torch.get_num_threads() == 1  # the run's count is restored after every block
+    title, header, rows = thread_scaling_table(run)
+    assert "qkv 1t/nt" in header and rows[0][2] == "1 -> 2"
+    flat = flat_rows(run)[0]
+    assert flat["thread_scaling_qkv"] > 0 and "speedup_vs_qkv_1t" not in flat

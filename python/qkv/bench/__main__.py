@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from .cases import default_grid, select_cases
+from .cases import TARGETS_GROUP, default_grid, extra_cases, group_aliases, select_cases
 from .machine import available_cores, machine_slug
-from .report import format_terminal, write_all
+from .report import TARGETS_META, format_terminal, write_all
 from .runner import RunConfig, run_cases
 from .timing import TimingConfig
 
@@ -29,7 +29,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cpu (default) or cuda (GPU grid)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: float32 on cpu, bfloat16 on cuda")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads for every side (default: all available cores)")
-    parser.add_argument("--cases", help="comma list of case names, globs, groups or levels (see --list)")
+    parser.add_argument("--cases", help="comma list of case names, globs, groups or levels (see --list); "
+                        "'targets' = issue 4's CPU targets (not in the default run)")
     parser.add_argument("--out", type=Path, help="output folder (default: benchmarks/results/<machine>)")
     parser.add_argument("--list", action="store_true", help="print the selected cases and exit")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
@@ -47,6 +48,11 @@ def timing_config(quick: bool, repeats: int | None) -> TimingConfig:
     return config
 
 
+def wants_targets(selection: str | None) -> bool:
+    """Whether --cases asked for the issue 4 targets group (then the outputs end with its table)."""
+    return TARGETS_GROUP in [t.strip() for t in (selection or "").split(",")]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads is not None and args.threads < 1:
@@ -58,14 +64,16 @@ def main(argv: list[str] | None = None) -> int:
     dtype = DTYPES[args.dtype or ("bfloat16" if args.device == "cuda" else "float32")]
     threads = args.threads or available_cores()
     try:
-        cases = select_cases(default_grid(args.device, args.quick), args.cases)
+        cases = select_cases(default_grid(args.device, args.quick), args.cases,
+                             extra=extra_cases(args.device, args.quick), aliases=group_aliases(args.device))
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.list:
         for case in cases:
             print(f"{case.name:28s} {case.level:7s} {case.mode:14s} {case.shape}"
-                  + (" causal" if case.causal else "") + (" key-padding" if case.key_padding else ""))
+                  + (" causal" if case.causal else "") + (" key-padding" if case.key_padding else "")
+                  + (f" threads 1 vs {case.scaling_threads}" if case.scaling_threads else ""))
         return 0
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -85,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"qkv.bench: {len(cases)} case(s) on {args.device}, {str(dtype).removeprefix('torch.')}, "
           f"{threads} thread(s)", file=sys.stderr)
     run = run_cases(cases, config, progress=not args.no_progress)
+    run.meta[TARGETS_META] = wants_targets(args.cases)
     out_dir = args.out or Path("benchmarks") / "results" / machine_slug(args.device, threads)
     written = write_all(run, out_dir, plots=not args.no_plots)
     print(format_terminal(run))

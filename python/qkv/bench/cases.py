@@ -36,6 +36,11 @@ class Case:
     head_dim: int
     causal: bool = False
     key_padding: bool = False
+    # The sides to compare, qkv first; empty = the level's usual sides (workloads.side_names).
+    sides: tuple[str, ...] = ()
+    # Thread scaling: when > 0, every side runs at this many threads and again at 1 thread
+    # (as "<side>_1t"), interleaved in the same rounds; the result is time(1 thread) / time(n).
+    scaling_threads: int = 0
 
     def __post_init__(self) -> None:
         if self.level not in ("core", "module"):
@@ -47,6 +52,10 @@ class Case:
             raise ValueError(f"Case {self.name}: every dimension must be >= 1")
         if self.level == "module" and self.q_len != self.kv_len:
             raise ValueError(f"Case {self.name}: module cases are self-attention, q_len must equal kv_len")
+        if self.sides and self.sides[0] != "qkv":
+            raise ValueError(f"Case {self.name}: sides must start with 'qkv'; got {self.sides}")
+        if self.scaling_threads < 0 or self.scaling_threads == 1:
+            raise ValueError(f"Case {self.name}: scaling_threads must be 0 (off) or >= 2; got {self.scaling_threads}")
 
     @property
     def family(self) -> str:
@@ -106,18 +115,21 @@ class Case:
 
     @staticmethod
     def from_dict(data: dict) -> "Case":
+        data = dict(data)
+        data["sides"] = tuple(data.get("sides", ()))  # JSON turns the tuple into a list
         return Case(**data)
 
 
-def _core(group: str, b: int, h: int, l: int, s: int, d: int, modes, causal=False, key_padding=False) -> list[Case]:
+def _core(group: str, b: int, h: int, l: int, s: int, d: int, modes, causal=False, key_padding=False,
+          **extra) -> list[Case]:
     return [
-        Case(f"{group}-{mode}", group, "core", mode, b, h, l, s, d, causal=causal, key_padding=key_padding)
+        Case(f"{group}-{mode}", group, "core", mode, b, h, l, s, d, causal=causal, key_padding=key_padding, **extra)
         for mode in modes
     ]
 
 
-def _module(n: int, l: int, e: int, h: int, modes=MODULE_MODES) -> list[Case]:
-    group = f"module-L{l}"
+def _module(n: int, l: int, e: int, h: int, modes=MODULE_MODES, group: str | None = None) -> list[Case]:
+    group = group or f"module-L{l}"
     return [Case(f"{group}-{mode}", group, "module", mode, n, h, l, l, e // h) for mode in modes]
 
 
@@ -165,6 +177,48 @@ def cuda_grid(quick: bool = False) -> list[Case]:
     return cases
 
 
+# The group `--cases targets` selects: exactly the CPU performance targets of issue 4 (targets.py
+# holds the required ratios). Not part of the default run. Cases that the CPU grid already has
+# are the same Case (same name, same definition), so their numbers are comparable across runs.
+TARGETS_GROUP = "targets"
+
+
+def targets_grid() -> list[Case]:
+    """The cases issue 4's CPU targets are measured on (float32 by default)."""
+    sdpa_only = ("qkv", "sdpa")  # the targets compare with SDPA's default backend only
+    both = ("fwd", "fwdbwd")
+    return [
+        # 1, 2: core forward (and forward+backward, causal and not) at 2048 tokens, D 64 and 128.
+        *_core("long2k", 1, 8, 2048, 2048, 64, both, sides=sdpa_only),
+        *_core("long2k-causal", 1, 8, 2048, 2048, 64, ("fwdbwd",), causal=True, sides=sdpa_only),
+        *_core("long2k-d128", 1, 8, 2048, 2048, 128, ("fwd",), sides=sdpa_only),
+        *_core("mid", 2, 8, 512, 512, 64, ("fwd",)),
+        # 5: decode and small (the grid's own cases).
+        *_core("decode", 4, 8, 1, 2048, 64, ("fwd",)),
+        *_core("small", 4, 8, 128, 128, 64, both),
+        # 3: MHA training step, need_weights False and True (the grid's own module cases).
+        *_module(2, 1024, 512, 8, ("train", "train-weights")),
+        *_module(2, 2048, 512, 8, ("train", "train-weights")),
+        # 4: peak memory of a training step against L.
+        *(c for l in (1024, 2048, 4096) for c in _module(2, l, 256, 4, ("train",), group=f"module-E256-L{l}")),
+        # 6: thread scaling, 1 thread against 2, interleaved.
+        *_core("threads-long2k", 1, 8, 2048, 2048, 64, both, sides=sdpa_only, scaling_threads=2),
+    ]
+
+
+def extra_cases(device: str, quick: bool = False) -> list[Case]:
+    """Cases outside the default grid that ``--cases`` can still name (the targets group, on CPU)."""
+    if device != "cpu":
+        return []
+    grid = {c.name: c for c in default_grid(device, quick)}
+    return [c for c in targets_grid() if c.name not in grid]
+
+
+def group_aliases(device: str) -> dict[str, list[str]]:
+    """Named sets of cases for ``--cases``: "targets" on CPU."""
+    return {TARGETS_GROUP: [c.name for c in targets_grid()]} if device == "cpu" else {}
+
+
 def default_grid(device: str, quick: bool = False) -> list[Case]:
     if device == "cpu":
         return cpu_grid(quick)
@@ -173,13 +227,18 @@ def default_grid(device: str, quick: bool = False) -> list[Case]:
     raise ValueError(f"device must be 'cpu' or 'cuda'; got {device!r}")
 
 
-def select_cases(cases: list[Case], selection: str | None) -> list[Case]:
-    """Keep the cases a comma list names, in grid order.
+def select_cases(cases: list[Case], selection: str | None, extra: list[Case] | None = None,
+                 aliases: dict[str, list[str]] | None = None) -> list[Case]:
+    """Keep the cases a comma list names, in grid order (then ``extra``'s order).
 
-    A token matches a case by its full name ("mid-causal-fwd"), a glob ("*-fwdbwd"), its group
-    ("mid-causal"), its grid row ("mid": causal and not), or its level ("core", "module").
+    A token matches a grid case by its full name ("mid-causal-fwd"), a glob ("*-fwdbwd"), its
+    group ("mid-causal"), its grid row ("mid": causal and not), or its level ("core", "module").
+    ``extra`` cases (outside the default run) match only by full name or group, or through an
+    alias ("targets"), so ``--cases module`` still means the grid's module cases.
     A token that matches nothing is an error, so a typo never silently benchmarks nothing.
     """
+    extra = [c for c in extra or [] if c.name not in {g.name for g in cases}]
+    aliases = aliases or {}
     if not selection:
         return list(cases)
     tokens = [t.strip() for t in selection.split(",") if t.strip()]
@@ -192,8 +251,10 @@ def select_cases(cases: list[Case], selection: str | None) -> list[Case]:
             for c in cases
             if fnmatch.fnmatchcase(c.name, token) or token in (c.group, c.family, c.level)
         ]
+        hits += [c.name for c in extra if token in (c.name, c.group)]
+        hits += aliases.get(token, [])
         if not hits:
-            names = ", ".join(c.name for c in cases)
+            names = ", ".join([*(c.name for c in cases), *(c.name for c in extra), *aliases])
             raise ValueError(f"--cases: {token!r} matches no case; available: {names}")
         chosen.update(hits)
-    return [c for c in cases if c.name in chosen]
+    return [c for c in [*cases, *extra] if c.name in chosen]

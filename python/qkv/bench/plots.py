@@ -1,8 +1,10 @@
 """PNG plots: qkv's speedup and each side's peak memory against sequence length.
 
 Only self-attention cases without padding make up the lines (cross-attention and decode are
-single points of a different regime; they are in the tables). One panel per level and mode;
-within a panel one line per reference (speedup) or side (memory), per causal flag and head dim.
+single points of a different regime; they are in the tables; thread-scaling cases have their
+own table). One panel per level and mode; within a panel one line per reference (speedup) or
+side (memory), per causal flag and per model shape (head dim; embed dim and heads for modules),
+so the targets' E=256 module cases draw their own memory-vs-L lines beside the E=512 ones.
 """
 from __future__ import annotations
 
@@ -13,13 +15,13 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
 from .runner import CaseResult, RunResult
-from .workloads import QKV, SIDE_LABELS
+from .workloads import QKV, side_label
 
 MODE_TITLES = {
     ("core", "fwd"): "core forward",
     ("core", "bwd"): "core backward",
     ("core", "fwdbwd"): "core forward+backward",
-    ("module", "train"): "MHA training, need_weights=False",
+    ("module", "train"): "MHA training, need_weights=False (and torch with True)",
     ("module", "train-weights"): "MHA training, need_weights=True",
     ("module", "eval"): "MHA eval, no_grad",
 }
@@ -29,7 +31,7 @@ def _panels(run: RunResult) -> dict[tuple[str, str], list[CaseResult]]:
     panels: dict[tuple[str, str], list[CaseResult]] = defaultdict(list)
     for r in run.results:
         c = r.case
-        if r.status == "ok" and c.q_len == c.kv_len and not c.key_padding:
+        if r.status == "ok" and c.q_len == c.kv_len and not c.key_padding and not c.scaling_threads:
             panels[(c.level, c.mode)].append(r)
     return {k: v for k, v in panels.items() if v}
 
@@ -58,6 +60,7 @@ def _nice_log_ticks(ax, values: list[float], candidates: tuple[list[float], list
 _SIDE_COLORS = {
     QKV: "tab:blue", "sdpa": "tab:orange", "sdpa_math": "tab:red", "sdpa_flash": "tab:green",
     "sdpa_efficient": "tab:purple", "sdpa_cudnn": "tab:brown", "torch_mha": "tab:orange",
+    "torch_mha_weights": "tab:red",
 }
 
 
@@ -69,9 +72,23 @@ def _rank(name: str) -> int:
     return list(_SIDE_COLORS).index(name) if name in _SIDE_COLORS else len(_SIDE_COLORS)
 
 
-def _series_label(name: str, causal: bool, head_dim: int, head_dims: set[int]) -> str:
-    label = SIDE_LABELS.get(name, name) + (", causal" if causal else "")
-    return label + (f", D={head_dim}" if len(head_dims) > 1 else "")
+def _variant(r: CaseResult) -> tuple[tuple[str, int], ...]:
+    """The model shape a line follows along L: head dim for core cases (the grid's rows change
+    B and H with L to keep the work in range), embed dim and heads for modules."""
+    c = r.case
+    return (("E", c.embed_dim), ("H", c.heads)) if c.level == "module" else (("D", c.head_dim),)
+
+
+def _series_label(name: str, causal: bool, variant: tuple, variants: set[tuple]) -> str:
+    """Side and causal flag, plus the parts of the shape that differ between this panel's lines."""
+    label = side_label(name) + (", causal" if causal else "")
+    for i, (key, value) in enumerate(variant):
+        if len({v[i] for v in variants}) > 1:
+            label += f", {key}={value}"
+    return label
+
+
+_MARKERS = ("o", "s", "^", "D", "v")
 
 
 def _plot(run: RunResult, path: Path, value, ylabel: str, title: str, names_for, reference_line: float | None,
@@ -87,19 +104,20 @@ def _plot(run: RunResult, path: Path, value, ylabel: str, title: str, names_for,
     for ax in axes[len(panels):]:
         ax.set_visible(False)
     for ax, ((level, mode), results) in zip(axes, sorted(panels.items())):
-        head_dims = {r.case.head_dim for r in results}
+        variants = {_variant(r) for r in results}
+        marker = {v: _MARKERS[i % len(_MARKERS)] for i, v in enumerate(sorted(variants))}
         series: dict[tuple, list[tuple[int, float]]] = defaultdict(list)
         for r in results:
             for name in names_for(r):
                 y = value(r, name)
                 if y is not None and y > 0:
-                    series[(name, r.case.causal, r.case.head_dim)].append((r.case.q_len, y))
-        for (name, causal, d), points in sorted(series.items(), key=lambda kv: (_rank(kv[0][0]), kv[0][1:])):
+                    series[(name, r.case.causal, _variant(r))].append((r.case.q_len, y))
+        for (name, causal, variant), points in sorted(series.items(), key=lambda kv: (_rank(kv[0][0]), kv[0][1:])):
             points.sort()
             xs, ys = zip(*points)
-            # Colour = side, dashes = causal, marker = head dim: the same encoding in every panel.
-            ax.plot(xs, ys, color=_color(name), marker="s" if d >= 128 else "o",
-                    linestyle="--" if causal else "-", label=_series_label(name, causal, d, head_dims))
+            # Colour = side, dashes = causal, marker = model shape: the same encoding in every panel.
+            ax.plot(xs, ys, color=_color(name), marker=marker[variant],
+                    linestyle="--" if causal else "-", label=_series_label(name, causal, variant, variants))
         if reference_line is not None:
             ax.axhline(reference_line, color="grey", linewidth=0.8)
         ax.set_xscale("log", base=2)
@@ -114,7 +132,7 @@ def _plot(run: RunResult, path: Path, value, ylabel: str, title: str, names_for,
         ax.set_title(MODE_TITLES.get((level, mode), f"{level} {mode}"), fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         if series:
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7 if len(series) <= 4 else 6)
     meta = run.meta
     fig.suptitle(f"{title} - {meta['machine']}, {meta['dtype']}, {meta['threads']} threads, torch {meta['torch']}",
                  fontsize=10)

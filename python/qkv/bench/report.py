@@ -11,8 +11,9 @@ import math
 import sys
 from pathlib import Path
 
+from . import targets
 from .runner import CaseResult, RunResult
-from .workloads import QKV
+from .workloads import ONE_THREAD_SUFFIX, QKV, is_qkv_side, split_thread_suffix
 
 MIB = float(1 << 20)
 
@@ -40,7 +41,8 @@ def _finite(value: float | None) -> float | None:
 def flat_rows(run: RunResult) -> list[dict]:
     """One flat dict per case: the CSV rows, and the "rows" of the JSON."""
     sides = side_order(run.results)
-    refs = [s for s in sides if s != QKV]
+    refs = [s for s in sides if not is_qkv_side(s)]
+    scaled = [s for s in sides if any(s in r.thread_scaling for r in run.results)]
     rows = []
     for r in run.results:
         c = r.case
@@ -61,6 +63,8 @@ def flat_rows(run: RunResult) -> list[dict]:
         for name in refs:
             row[f"speedup_vs_{name}"] = _num(r.speedups.get(name), 3)
             row[f"memory_ratio_vs_{name}"] = _num(r.memory_ratios.get(name), 3)
+        for name in scaled:
+            row[f"thread_scaling_{name}"] = _num(r.thread_scaling.get(name), 3)
         row["message"] = r.message or "; ".join(
             f"{s.name}: {s.message}" for s in r.sides.values() if s.message
         )
@@ -87,6 +91,8 @@ def write_json(run: RunResult, path: Path) -> Path:
         for r in run.results
     }
     payload = {"meta": run.meta, "rows": flat_rows(run), "samples": samples}
+    if run.meta.get(TARGETS_META):
+        payload["targets"] = targets.to_json(targets.evaluate(run))
     with open(path, "w") as f:
         json.dump(payload, f, indent=1, default=str, allow_nan=False)
         f.write("\n")
@@ -111,8 +117,15 @@ def _mib(nbytes: int | None) -> str:
 
 
 def _short(name: str) -> str:
-    return {"sdpa_math": "math", "torch_mha": "torch", "sdpa_flash": "flash",
-            "sdpa_efficient": "effic", "sdpa_cudnn": "cudnn"}.get(name, name)
+    base, one_thread = split_thread_suffix(name)
+    short = {"sdpa_math": "math", "torch_mha": "torch", "torch_mha_weights": "torch(w)", "sdpa_flash": "flash",
+             "sdpa_efficient": "effic", "sdpa_cudnn": "cudnn"}.get(base, base)
+    return short + " 1t" if one_thread else short
+
+
+# run.meta key: the run was asked for the issue 4 targets (--cases targets), so the outputs end
+# with their table.
+TARGETS_META = "issue4_targets"
 
 
 def summary_tables(run: RunResult) -> list[tuple[str, list[str], list[list[str]]]]:
@@ -122,7 +135,8 @@ def summary_tables(run: RunResult) -> list[tuple[str, list[str], list[list[str]]
     tables = []
     for level, title in (("core", "Core attention (torch.ops.qkv.attention vs F.scaled_dot_product_attention)"),
                          ("module", "Module (qkv.MultiheadAttention vs torch.nn.MultiheadAttention)")):
-        results = [r for r in run.results if r.case.level == level and r.status != "skipped"]
+        results = [r for r in run.results
+                   if r.case.level == level and r.status != "skipped" and not r.case.scaling_threads]
         if not results:
             continue
         refs = [s for s in side_order(results) if s != QKV]
@@ -146,7 +160,44 @@ def summary_tables(run: RunResult) -> list[tuple[str, list[str], list[list[str]]
                 + ["-" if qkv.max_error is None else f"{qkv.max_error:.0e}"]
             )
         tables.append((title, header, rows))
+    scaling = thread_scaling_table(run)
+    if scaling:
+        tables.append(scaling)
     return tables
+
+
+def thread_scaling_table(run: RunResult) -> tuple[str, list[str], list[list[str]]] | None:
+    """Thread-scaling cases: each side's time(1 thread) / time(n threads), and qkv's speedup over
+    SDPA at either count, all from the same interleaved rounds."""
+    results = [r for r in run.results if r.case.scaling_threads and r.status != "skipped"]
+    if not results:
+        return None
+    refs = [s for s in side_order(results) if not is_qkv_side(s)]
+    bases = [s for s in side_order(results) if not split_thread_suffix(s)[1]]
+    header = (["case", "shape", "threads", "qkv ms", "qkv 1t ms"] + [f"{_short(s)} 1t/nt" for s in bases]
+              + [f"x {_short(s)}" for s in refs])
+    rows = []
+    for r in results:
+        n = r.case.scaling_threads
+        if r.status != "ok":
+            rows.append([r.case.name, r.case.shape, f"1 -> {n}", r.status.upper()] + ["-"] * (len(header) - 4))
+            continue
+        one = r.sides.get(QKV + ONE_THREAD_SUFFIX)
+        rows.append(
+            [r.case.name, r.case.shape, f"1 -> {n}", _ms(r.sides[QKV].median_s), _ms(one.median_s if one else None)]
+            + [_ratio(r.thread_scaling.get(s)) for s in bases]
+            + [_ratio(r.speedups.get(s)) for s in refs]
+        )
+    return ("Thread scaling (time at 1 thread / time at n threads, interleaved in one run)", header, rows)
+
+
+def targets_section(run: RunResult) -> tuple[str, list[str], list[list[str]], str] | None:
+    """(title, header, rows, summary) of the issue 4 targets table, when the run was asked for it."""
+    if not run.meta.get(TARGETS_META):
+        return None
+    rows = targets.evaluate(run)
+    header, body = targets.target_table(rows)
+    return "Issue 4 targets", header, body, targets.summary_line(rows)
 
 
 def detail_tables(run: RunResult) -> list[tuple[str, list[str], list[list[str]]]]:
@@ -175,11 +226,12 @@ def format_text_table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
 
     def line(cells):
-        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        return "  ".join(c.ljust(w) if i < 2 or header[i] in _TEXT_COLUMNS else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths)))
     return "\n".join([line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)])
 
 
-_TEXT_COLUMNS = {"case", "shape", "side", "note"}
+_TEXT_COLUMNS = {"case", "shape", "side", "note", "target", "met", "#"}
 
 
 def format_markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -195,7 +247,9 @@ LEGEND = (
     "x <ref>: time(ref) / time(qkv), median of per-round ratios (above 1: qkv is faster). "
     "mem x <ref>: peak(ref) / peak(qkv) (above 1: qkv uses less memory; '-' when both peaks are "
     "under 1 MiB). % mm: qkv's throughput as a share of a large torch.mm timed in the same rounds. "
-    "qkv err: max error relative to a float64 reference."
+    "qkv err: max error relative to a float64 reference. x torch(w) (training): torch's module with its "
+    "default need_weights=True against qkv with need_weights=False. <side> 1t/nt: that side's time at 1 "
+    "thread / its time at n threads, interleaved (above 1: the extra threads help)."
 )
 
 
@@ -240,6 +294,11 @@ def format_terminal(run: RunResult) -> str:
         parts.append(skipped)
     for r in run.failed:
         parts.append(("FAILED: " if r.status == "wrong" else "ERROR: ") + r.message)
+    section = targets_section(run)
+    if section:
+        title, header, rows, summary = section
+        parts.append(f"{title} ({summary}; noisy shared machines: a ratio near its requirement may flip)\n"
+                     + format_text_table(header, rows))
     return "\n\n".join(parts)
 
 
@@ -255,6 +314,12 @@ def write_markdown(run: RunResult, path: Path, plots: list[Path] | None = None) 
         parts.append(skipped)
     for r in run.failed:
         parts.append(("**FAILED**: " if r.status == "wrong" else "**ERROR**: ") + r.message)
+    section = targets_section(run)
+    if section:
+        title, header, rows, summary = section
+        parts.append(f"## {title}\n\n{summary}. Each ratio is from this run's interleaved rounds (speed, "
+                     f"thread scaling) or per-side child processes (memory); requirements are in "
+                     f"qkv/bench/targets.py.\n\n{format_markdown_table(header, rows)}")
     for plot in plots or []:
         parts.append(f"![{plot.stem}]({plot.name})")
     for title, header, rows in detail_tables(run):

@@ -17,7 +17,8 @@ from .memory import MemoryResult, measure_cuda, measure_in_child
 from .flops import matmul_flops
 from .timing import (MATMUL, SideTiming, TimingConfig, make_matmul_side, matmul_rate, paired_fraction_of_matmul,
                      paired_speedup, time_interleaved, timer_for)
-from .workloads import QKV, Side, make_inputs, make_sides, qkv_module_class, side_names
+from .workloads import (ONE_THREAD_SUFFIX, QKV, Side, is_qkv_side, make_inputs, make_sides, qkv_module_class,
+                        side_names, split_thread_suffix)
 
 # Below this, peak-memory differences are page-granularity noise and no ratio is reported.
 MIN_MEMORY_FOR_RATIO = 1 << 20
@@ -60,6 +61,8 @@ class CaseResult:
     memory_ratios: dict[str, float] = field(default_factory=dict)  # reference side -> peak_ref / peak_qkv
     fraction_of_matmul: float | None = None  # qkv FLOP/s / torch.mm FLOP/s, paired per round
     matmul_gflops: float | None = None  # the torch.mm probe's median rate during this case
+    # Thread-scaling cases: side -> time at 1 thread / time at case.scaling_threads, paired per round.
+    thread_scaling: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -178,9 +181,18 @@ def _run_case(case: Case, config: RunConfig, bar, log: Callable[[str], None], ma
         side.gflops = case.flops / timing.median / 1e9
     qkv_timing = timings[QKV]
     result.fraction_of_matmul = paired_fraction_of_matmul(qkv_timing, case.flops, matmul_timing, config.matmul_n)
-    result.speedups = {n: paired_speedup(t, qkv_timing) for n, t in timings.items() if n != QKV}
+    # Each reference is paired with qkv at its own thread count ("sdpa_1t" with "qkv_1t").
+    result.speedups = {
+        n: paired_speedup(t, timings[QKV + ONE_THREAD_SUFFIX if split_thread_suffix(n)[1] else QKV])
+        for n, t in timings.items() if not is_qkv_side(n)
+    }
+    result.thread_scaling = {
+        n: paired_speedup(timings[n + ONE_THREAD_SUFFIX], t)
+        for n, t in timings.items() if n + ONE_THREAD_SUFFIX in timings
+    }
 
-    if config.memory:
+    # Thread-scaling cases are timed only: they answer how time falls with threads, not memory.
+    if config.memory and not case.scaling_threads:
         bar.set_postfix_str("memory")
         for name, side_obj in runnable.items():
             memory = _measure_memory(case, name, side_obj, config)
@@ -230,9 +242,10 @@ def _check(case: Case, inputs, sides: dict[str, Side | Exception], config: RunCo
             record.status, record.message = "wrong", "non-finite values"
 
     qkv_record = result.sides[QKV]
-    if qkv_record.status == "error":
-        result.status, result.message = "error", f"{case.name}: qkv raised {qkv_record.message}"
-        return {}, {}
+    for name, record in result.sides.items():
+        if is_qkv_side(name) and record.status == "error":
+            result.status, result.message = "error", f"{case.name}: {name} raised {record.message}"
+            return {}, {}
     verdict = correctness.judge(case, errors, config.dtype)
     if not verdict.passed:
         if verdict.consistent:

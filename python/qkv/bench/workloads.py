@@ -21,6 +21,11 @@ QKV = "qkv"
 CPU_CORE_SIDES = (QKV, "sdpa", "sdpa_math")
 CUDA_CORE_SIDES = (QKV, "sdpa", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math")
 MODULE_SIDES = (QKV, "torch_mha")
+# Training cases also time torch with its default need_weights=True against qkv with
+# need_weights=False: what a script that calls torch's module with defaults gains by switching.
+MODULE_TRAIN_SIDES = (QKV, "torch_mha", "torch_mha_weights")
+# A side named "<side>_1t" is that side run with one thread (thread-scaling cases).
+ONE_THREAD_SUFFIX = "_1t"
 
 SIDE_LABELS = {
     QKV: "qkv",
@@ -30,13 +35,38 @@ SIDE_LABELS = {
     "sdpa_efficient": "SDPA mem-efficient backend",
     "sdpa_cudnn": "SDPA cuDNN backend",
     "torch_mha": "torch.nn.MultiheadAttention",
+    "torch_mha_weights": "torch.nn.MultiheadAttention, need_weights=True",
 }
 
 
+def side_label(name: str) -> str:
+    base, one_thread = split_thread_suffix(name)
+    label = SIDE_LABELS.get(base, base)
+    return label + ", 1 thread" if one_thread else label
+
+
+def split_thread_suffix(name: str) -> tuple[str, bool]:
+    """("sdpa", True) for "sdpa_1t"; (name, False) for a side at the case's thread count."""
+    if name.endswith(ONE_THREAD_SUFFIX):
+        return name[: -len(ONE_THREAD_SUFFIX)], True
+    return name, False
+
+
+def is_qkv_side(name: str) -> bool:
+    """qkv itself or qkv at another thread count: never a reference for the correctness check."""
+    return split_thread_suffix(name)[0] == QKV
+
+
 def side_names(case: Case, device: str) -> tuple[str, ...]:
-    if case.level == "module":
-        return MODULE_SIDES
-    return CUDA_CORE_SIDES if device == "cuda" else CPU_CORE_SIDES
+    if case.sides:
+        names = case.sides
+    elif case.level == "module":
+        names = MODULE_TRAIN_SIDES if case.mode == "train" else MODULE_SIDES
+    else:
+        names = CUDA_CORE_SIDES if device == "cuda" else CPU_CORE_SIDES
+    if case.scaling_threads:
+        names = (*names, *(n + ONE_THREAD_SUFFIX for n in names))
+    return names
 
 
 def qkv_module_class() -> type | None:
@@ -165,7 +195,8 @@ def make_core_side(case: Case, inputs: CoreInputs, name: str) -> Side:
 
 
 def build_modules(case: Case, device: str, dtype: torch.dtype, seed: int, names=MODULE_SIDES) -> dict[str, torch.nn.Module]:
-    """torch.nn.MultiheadAttention and qkv.MultiheadAttention with the same constructor and weights."""
+    """torch.nn.MultiheadAttention and qkv.MultiheadAttention with the same constructor and weights
+    ("torch_mha_weights" is the same torch module, called with need_weights=True)."""
     e, h = case.embed_dim, case.heads
     # Initialised in float32 on the CPU, then converted: the same seed gives the same weights
     # for every dtype and device (float64 draws differ from float32 draws).
@@ -174,7 +205,7 @@ def build_modules(case: Case, device: str, dtype: torch.dtype, seed: int, names=
         reference = torch.nn.MultiheadAttention(e, h, batch_first=True).to(device=device, dtype=dtype)
     modules: dict[str, torch.nn.Module] = {}
     for name in names:
-        if name == "torch_mha":
+        if name in ("torch_mha", "torch_mha_weights"):
             modules[name] = reference
         elif name == QKV:
             cls = qkv_module_class()
@@ -184,22 +215,22 @@ def build_modules(case: Case, device: str, dtype: torch.dtype, seed: int, names=
             module.load_state_dict(reference.state_dict())
             modules[name] = module
         else:
-            raise ValueError(f"unknown module side {name!r}; expected one of {MODULE_SIDES}")
+            raise ValueError(f"unknown module side {name!r}; expected one of {MODULE_TRAIN_SIDES}")
     return modules
 
 
 def make_module_side(case: Case, inputs: ModuleInputs, name: str, module: torch.nn.Module) -> Side:
     x = inputs.x
+    need_weights = case.mode == "train-weights" or name == "torch_mha_weights"
     if case.mode == "eval":
         module.eval()
 
         def infer():
             # Self-attention with one tensor for q, k, v: the condition for torch's fast path.
-            return {"out": module(x, x, x, need_weights=False)[0]}
+            return {"out": module(x, x, x, need_weights=need_weights)[0]}
         return Side(name, infer, torch.no_grad, [module])
 
     module.train()
-    need_weights = case.mode == "train-weights"
     params = [p for p in module.parameters() if p.requires_grad]
     param_names = tuple("d_" + n for n, p in module.named_parameters() if p.requires_grad)
     wrt = (x, *params)
@@ -214,20 +245,48 @@ def make_module_side(case: Case, inputs: ModuleInputs, name: str, module: torch.
     return Side(name, train_step, contextlib.nullcontext, [module])
 
 
+@contextlib.contextmanager
+def _thread_count(threads: int, inner: Callable[[], ContextManager[Any]]):
+    """Run a block of calls with ``threads`` intra-op threads, then restore the previous count."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with inner():
+            yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _at_threads(side: Side, name: str, threads: int) -> Side:
+    inner = side.context
+    return Side(name, side.compute, lambda: _thread_count(threads, inner), side.keep)
+
+
 def make_sides(case: Case, inputs, names, device: str, dtype: torch.dtype, seed: int) -> dict[str, Side | Exception]:
-    """Every requested side, or the exception that building it raised (reported, not fatal)."""
-    sides: dict[str, Side | Exception] = {}
+    """Every requested side, or the exception that building it raised (reported, not fatal).
+
+    In a thread-scaling case (``case.scaling_threads``) each side runs at that many threads and
+    its "_1t" twin at one; the thread count is set around each block of calls, not per call.
+    """
+    base_names = tuple(dict.fromkeys(split_thread_suffix(n)[0] for n in names))
+    built: dict[str, Side | Exception] = {}
     if case.level == "module":
         try:
-            modules = build_modules(case, device, dtype, seed, names)
+            modules = build_modules(case, device, dtype, seed, base_names)
         except Exception as exc:  # noqa: BLE001 - reported per side by the runner
             return {name: exc for name in names}
-        for name in names:
-            sides[name] = make_module_side(case, inputs, name, modules[name])
-        return sides
+        for name in base_names:
+            built[name] = make_module_side(case, inputs, name, modules[name])
+    else:
+        for name in base_names:
+            try:
+                built[name] = make_core_side(case, inputs, name)
+            except Exception as exc:  # noqa: BLE001 - e.g. a forced backend that rejects this shape
+                built[name] = exc
+    sides: dict[str, Side | Exception] = {}
     for name in names:
-        try:
-            sides[name] = make_core_side(case, inputs, name)
-        except Exception as exc:  # noqa: BLE001 - e.g. a forced backend that rejects this shape
-            sides[name] = exc
+        base, one_thread = split_thread_suffix(name)
+        side = built[base]
+        threads = 1 if one_thread else case.scaling_threads
+        sides[name] = side if isinstance(side, Exception) or not threads else _at_threads(side, name, threads)
     return sides
