@@ -8,7 +8,7 @@
 // "mma" requires the tensor-core forward (an error if the call does not qualify); tests use both
 // to check each path against the same reference.
 #include "../attention_common.h"
-#include "../kernels/dropout_hash.h"
+#include "kernel_args.h"
 #include "kernel_params.h"
 
 #include <ATen/ATen.h>
@@ -24,50 +24,12 @@
 namespace qkv {
 namespace {
 
-using cuda::ConstView4;
-using cuda::ElementType;
-using cuda::MutableView4;
-
-ElementType element_type_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return ElementType::Float32;
-    case at::kDouble: return ElementType::Float64;
-    case at::kHalf: return ElementType::Float16;
-    case at::kBFloat16: return ElementType::BFloat16;
-    default: TORCH_CHECK(false, "qkv: no CUDA kernel for dtype ", t.scalar_type());
-  }
-}
-
-ConstView4 const_view(const at::Tensor& t) {
-  return ConstView4{t.const_data_ptr(), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
-}
-
-MutableView4 mutable_view(at::Tensor& t) {
-  return MutableView4{t.data_ptr(), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
-}
-
-cuda::ProblemShape shape_of(const AttentionParams& p) {
-  cuda::ProblemShape s;
-  s.batch = p.batch;
-  s.heads = p.heads;
-  s.q_len = p.q_len;
-  s.kv_len = p.kv_len;
-  s.head_dim = p.head_dim;
-  s.v_head_dim = p.v_head_dim;
-  s.scale = p.scale;
-  s.is_causal = p.is_causal;
-  s.causal_offset = p.causal_offset;
-  s.dropout_p = p.dropout_p;
-  s.dropout_seed = p.dropout_seed;
-  s.keep_threshold = dropout_threshold(p.dropout_p);
-  s.keep_scale = p.dropout_p < 1.0 ? 1.0 / (1.0 - p.dropout_p) : 0.0;  // as the CPU kernels
-  return s;
-}
+using namespace qkv::cuda;
 
 void check_cuda_limits(const char* op, const at::Tensor& query, const AttentionParams& p) {
   TORCH_CHECK(query.is_cuda(), op, ": the CUDA kernel got a query on ", query.device());
-  TORCH_CHECK(p.head_dim <= cuda::kMaxHeadDim && p.v_head_dim <= cuda::kMaxHeadDim, op,
-              ": on CUDA, head_dim and value_head_dim must be at most ", cuda::kMaxHeadDim, "; got ",
+  TORCH_CHECK(p.head_dim <= kMaxHeadDim && p.v_head_dim <= kMaxHeadDim, op,
+              ": on CUDA, head_dim and value_head_dim must be at most ", kMaxHeadDim, "; got ",
               p.head_dim, " and ", p.v_head_dim);
 }
 
@@ -100,18 +62,10 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(
   if (p.batch * p.heads * p.q_len == 0) return {out, lse};
 
   const at::Tensor expanded_bias = p.has_bias ? expand_bias(*bias, p) : at::Tensor();
-  cuda::ForwardArgs args;
-  args.shape = shape_of(p);
-  args.dtype = element_type_of(query);
-  args.q = const_view(query);
-  args.k = const_view(key);
-  args.v = const_view(value);
-  args.bias = p.has_bias ? const_view(expanded_bias) : ConstView4{};
-  args.out = mutable_view(out);
-  args.lse = lse.data_ptr();
+  const ForwardArgs args = forward_args(p, query, key, value, expanded_bias, out, lse);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(query.get_device()).stream();
   const KernelChoice choice = kernel_choice();
-  const bool use_mma = choice != KernelChoice::Generic && cuda::mma_forward_supported(args, device_major(query));
+  const bool use_mma = choice != KernelChoice::Generic && mma_forward_supported(args, device_major(query));
   TORCH_CHECK(use_mma || choice != KernelChoice::Mma,
               "qkv.attention: QKV_CUDA_KERNEL=mma, but this call does not qualify for the tensor-core kernel "
               "(it needs float16/bfloat16, head_dim == value_head_dim in {64, 128}, unit-stride rows with "
@@ -119,9 +73,9 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(
               query.scalar_type(), ", head dims ", p.head_dim, "/", p.v_head_dim, ", query strides ", query.strides(),
               ", key strides ", key.strides(), ", value strides ", value.strides());
   if (use_mma) {
-    cuda::launch_mma_forward(args, stream);
+    launch_mma_forward(args, stream);
   } else {
-    cuda::launch_generic_forward(args, stream);
+    launch_generic_forward(args, stream);
   }
   return {out, lse};
 }
@@ -151,44 +105,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cu
   at::Tensor delta = at::empty({p.batch, p.heads, p.q_len}, query.options().dtype(acc_dtype));
   const at::Tensor expanded_bias = p.has_bias ? expand_bias(*bias, p) : at::Tensor();
 
-  // Bias gradient: summed atomically in the accumulation type over a buffer of the bias's own
-  // shape, as 4-D with zero strides where the bias broadcasts (as the CPU kernel reduces).
-  at::Tensor bias_grad_acc;
-  int64_t grad_bias_strides[4] = {0, 0, 0, 0};
-  if (want_bias_grad) {
-    int64_t sizes[4] = {1, 1, 1, 1};
-    const int64_t offset = 4 - bias->dim();
-    for (int64_t d = 0; d < bias->dim(); ++d) sizes[offset + d] = bias->size(d);
-    bias_grad_acc = at::zeros({sizes[0], sizes[1], sizes[2], sizes[3]}, query.options().dtype(acc_dtype));
-    const int64_t full[4] = {p.batch, p.heads, p.q_len, p.kv_len};
-    for (int d = 0; d < 4; ++d) {
-      grad_bias_strides[d] = sizes[d] == 1 && full[d] != 1 ? 0 : bias_grad_acc.stride(d);
-    }
-  }
-
-  cuda::BackwardArgs args;
-  args.shape = shape_of(p);
-  args.dtype = element_type_of(query);
-  args.q = const_view(query);
-  args.k = const_view(key);
-  args.v = const_view(value);
-  args.bias = p.has_bias ? const_view(expanded_bias) : ConstView4{};
-  args.grad_out = const_view(grad_out);
-  args.out = const_view(out);
-  args.lse = lse.const_data_ptr();
-  args.delta = delta.data_ptr();
-  args.grad_q = mutable_view(grad_q);
-  args.grad_k = mutable_view(grad_k);
-  args.grad_v = mutable_view(grad_v);
-  if (want_bias_grad) {
-    args.grad_bias = bias_grad_acc.data_ptr();
-    args.grad_bias_s0 = grad_bias_strides[0];
-    args.grad_bias_s1 = grad_bias_strides[1];
-    args.grad_bias_s2 = grad_bias_strides[2];
-    args.grad_bias_s3 = grad_bias_strides[3];
-  }
-  cuda::launch_generic_backward(args, c10::cuda::getCurrentCUDAStream(query.get_device()).stream());
-  if (want_bias_grad) grad_bias.copy_(bias_grad_acc.view(bias->sizes()));
+  BiasGradBuffer bias_grad;
+  if (want_bias_grad) bias_grad = bias_grad_buffer(*bias, p, acc_dtype);
+  const BackwardArgs args = backward_args(p, grad_out, query, key, value, expanded_bias, out, lse, delta, grad_q,
+                                          grad_k, grad_v, want_bias_grad ? &bias_grad : nullptr);
+  launch_generic_backward(args, c10::cuda::getCurrentCUDAStream(query.get_device()).stream());
+  if (want_bias_grad) grad_bias.copy_(bias_grad.sum.view(bias->sizes()));
   return {grad_q, grad_k, grad_v, grad_bias};
 }
 
@@ -205,15 +127,8 @@ at::Tensor attention_weights_cuda(const at::Tensor& query, const at::Tensor& key
   if (weights.numel() == 0) return weights;
   const at::Tensor lse = logsumexp.contiguous();
   const at::Tensor expanded_bias = p.has_bias ? expand_bias(*bias, p) : at::Tensor();
-  cuda::WeightsArgs args;
-  args.shape = shape_of(p);
-  args.dtype = element_type_of(query);
-  args.q = const_view(query);
-  args.k = const_view(key);
-  args.bias = p.has_bias ? const_view(expanded_bias) : ConstView4{};
-  args.lse = lse.const_data_ptr();
-  args.weights = weights.data_ptr();
-  cuda::launch_generic_weights(args, c10::cuda::getCurrentCUDAStream(query.get_device()).stream());
+  const WeightsArgs args = weights_args(p, query, key, expanded_bias, lse, weights);
+  launch_generic_weights(args, c10::cuda::getCurrentCUDAStream(query.get_device()).stream());
   return weights;
 }
 

@@ -1,16 +1,19 @@
 #pragma once
 // Small device helpers shared by the CUDA kernels: element conversion to the accumulation
-// type, exponentials that stay exact at -inf, warp reductions, and launch helpers.
+// type, exponentials that stay exact at -inf, warp reductions. Only CUDA headers here (no torch),
+// so the kernel headers also compile on the host against the CPU emulation of the CUDA built-ins
+// that tests/cuda_emulation uses (QKV_CUDA_EMULATION).
 // torch builds extensions with __CUDA_NO_HALF_CONVERSIONS__ and friends, so conversions go
 // through the explicit intrinsics.
 #include "kernel_params.h"
 
+#if !defined(QKV_CUDA_EMULATION)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
-
-#include <c10/cuda/CUDAException.h>
-#include <c10/util/Exception.h>
+// The dynamic shared memory of a kernel, as a byte array named `name`.
+#define QKV_DYNAMIC_SHARED_MEMORY(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
 
 #include <cmath>
 #include <cstdint>
@@ -100,29 +103,6 @@ __device__ __forceinline__ uint64_t dropout_index(const ProblemShape& p, int64_t
          static_cast<uint64_t>(j);
 }
 
-// Raises the kernel's dynamic shared-memory limit when it needs more than the default 48 KB,
-// after checking the device allows it (limits are read from the device, never assumed).
-template <typename Kernel>
-void prepare_dynamic_smem(Kernel kernel, size_t bytes, const char* what) {
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  int optin = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  TORCH_CHECK(bytes <= static_cast<size_t>(optin), "qkv: the CUDA kernel ", what, " needs ", bytes,
-              " bytes of shared memory for this head_dim/dtype, but device ", device, " allows only ", optin,
-              " per block");
-  if (bytes > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-  }
-}
-
 __host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Grids are 1-D over (batch * heads * tiles): gridDim.x allows 2^31 - 1 blocks, y and z only 65535.
-inline unsigned grid_size_checked(int64_t blocks, const char* what) {
-  TORCH_CHECK(blocks > 0 && blocks <= 0x7fffffffLL, "qkv: the CUDA kernel ", what, " would need ", blocks,
-              " thread blocks, more than the 2^31 - 1 a grid allows; split the batch");
-  return static_cast<unsigned>(blocks);
-}
 
 }  // namespace qkv::cuda

@@ -1,9 +1,6 @@
 #pragma once
 // Host-side dispatch from run-time (dtype, head-dim bucket) to kernel template arguments.
-#include "kernel_params.h"
-
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include "device_utils.cuh"
 
 #include <c10/util/Exception.h>
 

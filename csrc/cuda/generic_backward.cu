@@ -2,42 +2,34 @@
 // query tiles) and dK/dV/dbias (parallel over key tiles). No atomics except for the bias gradient.
 #include "dispatch.cuh"
 #include "generic_kernels.cuh"
+#include "launch_utils.h"
 
 namespace qkv::cuda {
 namespace {
 
 template <typename T, int KC>
 void run_generic_backward(const BackwardArgs& args, cudaStream_t stream) {
-  using acc_t = typename AccumulatorOf<T>::type;
   const ProblemShape& p = args.shape;
-  const int64_t D = p.head_dim, Dv = p.v_head_dim, max_dim = D > Dv ? D : Dv;
-
   if (p.q_len > 0) {
-    auto delta_kernel = generic_delta_kernel<T>;
-    const unsigned blocks = grid_size_checked(ceil_div(p.batch * p.heads * p.q_len, kWarps), "generic_delta");
-    delta_kernel<<<blocks, kThreads, 0, stream>>>(args);
+    const unsigned delta_blocks = grid_size_checked(DeltaConfig::blocks(p), "generic_delta");
+    generic_delta_kernel<T><<<delta_blocks, kThreads, 0, stream>>>(args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-    constexpr int ROWS = rows_for_budget(KC, sizeof(acc_t), 32);
-    constexpr int BQ = kWarps * ROWS;
-    const size_t smem = sizeof(acc_t) * (BQ * D + BQ * Dv + kKeyTile * (max_dim + 1) + BQ * kKeyTile);
-    auto kernel = generic_grad_query_kernel<T, KC, ROWS>;
+    using Config = GradQueryConfig<T, KC>;
+    const size_t smem = Config::shared_bytes(p);
+    auto kernel = generic_grad_query_kernel<T, KC, Config::kRows>;
     prepare_dynamic_smem(kernel, smem, "generic_grad_query");
-    const unsigned q_blocks = grid_size_checked(p.batch * p.heads * ceil_div(p.q_len, BQ), "generic_grad_query");
-    kernel<<<q_blocks, kThreads, smem, stream>>>(args);
+    const unsigned blocks = grid_size_checked(Config::blocks(p), "generic_grad_query");
+    kernel<<<blocks, kThreads, smem, stream>>>(args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-
   if (p.kv_len > 0) {
-    // Two accumulators (dK and dV) per thread: half the rows of the forward's budget.
-    constexpr int ROWS = rows_for_budget(KC, sizeof(acc_t), 16);
-    constexpr int BKV = kWarps * ROWS;
-    const size_t smem = sizeof(acc_t) * (BKV * D + BKV * Dv + kQueryTile * (D + 1) + kQueryTile * (Dv + 1) +
-                                         2 * BKV * kQueryTile);
-    auto kernel = generic_grad_key_value_kernel<T, KC, ROWS>;
+    using Config = GradKeyValueConfig<T, KC>;
+    const size_t smem = Config::shared_bytes(p);
+    auto kernel = generic_grad_key_value_kernel<T, KC, Config::kRows>;
     prepare_dynamic_smem(kernel, smem, "generic_grad_key_value");
-    const unsigned k_blocks = grid_size_checked(p.batch * p.heads * ceil_div(p.kv_len, BKV), "generic_grad_key_value");
-    kernel<<<k_blocks, kThreads, smem, stream>>>(args);
+    const unsigned blocks = grid_size_checked(Config::blocks(p), "generic_grad_key_value");
+    kernel<<<blocks, kThreads, smem, stream>>>(args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }

@@ -1,35 +1,29 @@
 // Launchers of the generic forward and attention-weights kernels (all dtypes, any strides).
 #include "dispatch.cuh"
 #include "generic_kernels.cuh"
+#include "launch_utils.h"
 
 namespace qkv::cuda {
 namespace {
 
 template <typename T, int KC>
 void run_generic_forward(const ForwardArgs& args, cudaStream_t stream) {
-  using acc_t = typename AccumulatorOf<T>::type;
-  constexpr int ROWS = rows_for_budget(KC, sizeof(acc_t), 32);
-  constexpr int BQ = kWarps * ROWS;
-  const ProblemShape& p = args.shape;
-  const int64_t max_dim = p.head_dim > p.v_head_dim ? p.head_dim : p.v_head_dim;
-  const size_t smem = sizeof(acc_t) * (BQ * p.head_dim + kKeyTile * (max_dim + 1) + BQ * kKeyTile);
-  auto kernel = generic_forward_kernel<T, KC, ROWS>;
+  using Config = ForwardConfig<T, KC>;
+  const size_t smem = Config::shared_bytes(args.shape);
+  auto kernel = generic_forward_kernel<T, KC, Config::kRows>;
   prepare_dynamic_smem(kernel, smem, "generic_forward");
-  const unsigned blocks = grid_size_checked(p.batch * p.heads * ceil_div(p.q_len, BQ), "generic_forward");
+  const unsigned blocks = grid_size_checked(Config::blocks(args.shape), "generic_forward");
   kernel<<<blocks, kThreads, smem, stream>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T>
 void run_generic_weights(const WeightsArgs& args, cudaStream_t stream) {
-  using acc_t = typename AccumulatorOf<T>::type;
-  constexpr int ROWS = 4;
-  constexpr int BQ = kWarps * ROWS;
-  const ProblemShape& p = args.shape;
-  const size_t smem = sizeof(acc_t) * (BQ * p.head_dim + kKeyTile * (p.head_dim + 1));
-  auto kernel = generic_weights_kernel<T, ROWS>;
+  using Config = WeightsConfig<T>;
+  const size_t smem = Config::shared_bytes(args.shape);
+  auto kernel = generic_weights_kernel<T, Config::kRows>;
   prepare_dynamic_smem(kernel, smem, "generic_weights");
-  const unsigned blocks = grid_size_checked(p.batch * p.heads * ceil_div(p.q_len, BQ), "generic_weights");
+  const unsigned blocks = grid_size_checked(Config::blocks(args.shape), "generic_weights");
   kernel<<<blocks, kThreads, smem, stream>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -58,7 +58,7 @@ __global__ void __launch_bounds__(kThreads) generic_forward_kernel(const Forward
   const ProblemShape& p = args.shape;
   const int D = static_cast<int>(p.head_dim), Dv = static_cast<int>(p.v_head_dim);
   const int ldk = D + 1, ldv = Dv + 1;  // +1: lanes reading different key rows hit different banks
-  extern __shared__ __align__(16) unsigned char smem_bytes[];
+  QKV_DYNAMIC_SHARED_MEMORY(smem_bytes);
   acc_t* q_tile = reinterpret_cast<acc_t*>(smem_bytes);             // BQ x D, pre-scaled
   acc_t* kv_tile = q_tile + BQ * D;                                 // 32 x (max(D, Dv) + 1)
   acc_t* p_tile = kv_tile + kKeyTile * ((D > Dv ? D : Dv) + 1);     // BQ x 32
@@ -180,7 +180,7 @@ __global__ void __launch_bounds__(kThreads) generic_weights_kernel(const Weights
   constexpr int BQ = kWarps * ROWS;
   const ProblemShape& p = args.shape;
   const int D = static_cast<int>(p.head_dim), ldk = D + 1;
-  extern __shared__ __align__(16) unsigned char smem_bytes[];
+  QKV_DYNAMIC_SHARED_MEMORY(smem_bytes);
   acc_t* q_tile = reinterpret_cast<acc_t*>(smem_bytes);  // BQ x D, pre-scaled
   acc_t* k_tile = q_tile + BQ * D;                       // 32 x (D + 1)
 
@@ -271,7 +271,7 @@ __global__ void __launch_bounds__(kThreads) generic_grad_query_kernel(const Back
   const ProblemShape& p = args.shape;
   const int D = static_cast<int>(p.head_dim), Dv = static_cast<int>(p.v_head_dim);
   const int ldk = D + 1, ldv = Dv + 1;
-  extern __shared__ __align__(16) unsigned char smem_bytes[];
+  QKV_DYNAMIC_SHARED_MEMORY(smem_bytes);
   acc_t* q_tile = reinterpret_cast<acc_t*>(smem_bytes);          // BQ x D, pre-scaled
   acc_t* do_tile = q_tile + BQ * D;                              // BQ x Dv
   acc_t* kv_tile = do_tile + BQ * Dv;                            // 32 x (max(D, Dv) + 1): V, then K
@@ -402,7 +402,7 @@ __global__ void __launch_bounds__(kThreads) generic_grad_key_value_kernel(const 
   const ProblemShape& p = args.shape;
   const int D = static_cast<int>(p.head_dim), Dv = static_cast<int>(p.v_head_dim);
   const int ldq = D + 1, lddo = Dv + 1;
-  extern __shared__ __align__(16) unsigned char smem_bytes[];
+  QKV_DYNAMIC_SHARED_MEMORY(smem_bytes);
   acc_t* k_tile = reinterpret_cast<acc_t*>(smem_bytes);  // BKV x D
   acc_t* v_tile = k_tile + BKV * D;                      // BKV x Dv
   acc_t* q_tile = v_tile + BKV * Dv;                     // 32 x (D + 1), pre-scaled
@@ -549,5 +549,61 @@ __global__ void __launch_bounds__(kThreads) generic_grad_key_value_kernel(const 
     atomicAdd(grad_bias_bh, bias_all);
   }
 }
+
+// ---- launch configurations ------------------------------------------------------------------
+// Shared by the launchers (generic_*.cu) and the CPU emulation tests, so both run the same grids.
+
+template <typename T, int KC>
+struct ForwardConfig {
+  using acc_t = typename AccumulatorOf<T>::type;
+  static constexpr int kRows = rows_for_budget(KC, sizeof(acc_t), 32);
+  static constexpr int kBlockQ = kWarps * kRows;
+  static size_t shared_bytes(const ProblemShape& p) {
+    const int64_t max_dim = p.head_dim > p.v_head_dim ? p.head_dim : p.v_head_dim;
+    return sizeof(acc_t) * (kBlockQ * p.head_dim + kKeyTile * (max_dim + 1) + kBlockQ * kKeyTile);
+  }
+  static int64_t blocks(const ProblemShape& p) { return p.batch * p.heads * ceil_div(p.q_len, kBlockQ); }
+};
+
+template <typename T>
+struct WeightsConfig {
+  using acc_t = typename AccumulatorOf<T>::type;
+  static constexpr int kRows = 4;
+  static constexpr int kBlockQ = kWarps * kRows;
+  static size_t shared_bytes(const ProblemShape& p) {
+    return sizeof(acc_t) * (kBlockQ * p.head_dim + kKeyTile * (p.head_dim + 1));
+  }
+  static int64_t blocks(const ProblemShape& p) { return p.batch * p.heads * ceil_div(p.q_len, kBlockQ); }
+};
+
+struct DeltaConfig {
+  static int64_t blocks(const ProblemShape& p) { return ceil_div(p.batch * p.heads * p.q_len, kWarps); }
+};
+
+template <typename T, int KC>
+struct GradQueryConfig {
+  using acc_t = typename AccumulatorOf<T>::type;
+  static constexpr int kRows = rows_for_budget(KC, sizeof(acc_t), 32);
+  static constexpr int kBlockQ = kWarps * kRows;
+  static size_t shared_bytes(const ProblemShape& p) {
+    const int64_t max_dim = p.head_dim > p.v_head_dim ? p.head_dim : p.v_head_dim;
+    return sizeof(acc_t) *
+           (kBlockQ * p.head_dim + kBlockQ * p.v_head_dim + kKeyTile * (max_dim + 1) + kBlockQ * kKeyTile);
+  }
+  static int64_t blocks(const ProblemShape& p) { return p.batch * p.heads * ceil_div(p.q_len, kBlockQ); }
+};
+
+template <typename T, int KC>
+struct GradKeyValueConfig {
+  using acc_t = typename AccumulatorOf<T>::type;
+  // Two accumulators (dK and dV) per thread: half the rows of the forward's budget.
+  static constexpr int kRows = rows_for_budget(KC, sizeof(acc_t), 16);
+  static constexpr int kBlockKV = kWarps * kRows;
+  static size_t shared_bytes(const ProblemShape& p) {
+    return sizeof(acc_t) * (kBlockKV * p.head_dim + kBlockKV * p.v_head_dim + kQueryTile * (p.head_dim + 1) +
+                            kQueryTile * (p.v_head_dim + 1) + 2 * kBlockKV * kQueryTile);
+  }
+  static int64_t blocks(const ProblemShape& p) { return p.batch * p.heads * ceil_div(p.kv_len, kBlockKV); }
+};
 
 }  // namespace qkv::cuda

@@ -2,7 +2,9 @@
 // Plain-data descriptions of one attention call, shared by the torch-facing launcher
 // (attention_cuda.cpp, compiled by the host compiler) and the kernel files (*.cu, which
 // include no ATen headers so nvcc stays fast). Every index is int64: B*H*L*S overflows 32 bits.
+#if !defined(QKV_CUDA_EMULATION)
 #include <cuda_runtime_api.h>
+#endif
 
 #include <cstdint>
 

@@ -18,6 +18,9 @@
 #include "device_utils.cuh"
 #include "masking.cuh"
 
+#include <cstdint>
+#include <initializer_list>
+
 namespace qkv::cuda::mma {
 
 constexpr int kWarps = 4;
@@ -27,9 +30,34 @@ constexpr int kBlockK = 64;
 constexpr int kPad = 8;  // elements of padding per shared row: rows stay 16-byte aligned, banks spread
 constexpr float kLog2e = 1.4426950408889634f;
 
+// Launch configuration, shared by the launcher (mma_attention.cu) and the CPU emulation tests.
 template <int D>
-constexpr size_t shared_bytes() {
-  return sizeof(uint16_t) * static_cast<size_t>(kBlockQ + 4 * kBlockK) * (D + kPad);  // Q + 2 stages of K and V
+struct ForwardConfig {
+  static constexpr size_t shared_bytes() {
+    return sizeof(uint16_t) * static_cast<size_t>(kBlockQ + 4 * kBlockK) * (D + kPad);  // Q + 2 stages of K, V
+  }
+  static int64_t blocks(const ProblemShape& p) { return p.batch * p.heads * ceil_div(p.q_len, kBlockQ); }
+};
+
+// Whether a call qualifies for this kernel (host side; the launcher falls back to the generic
+// kernels otherwise): fp16/bf16, head_dim == v_head_dim in {64, 128}, 16-byte cp.async copies of
+// whole rows (unit column stride, 8-element-aligned strides and base), an output written as
+// element pairs, and compute capability 8.0+.
+inline bool rows_aligned(const void* data, int64_t s0, int64_t s1, int64_t s2, int64_t s3, int64_t elements) {
+  const auto address = reinterpret_cast<uintptr_t>(data);
+  return s3 == 1 && s0 % elements == 0 && s1 % elements == 0 && s2 % elements == 0 &&
+         address % (2 * elements) == 0;
+}
+
+inline bool forward_supported(const ForwardArgs& args, int device_major) {
+  const ProblemShape& p = args.shape;
+  if (device_major < 8) return false;
+  if (args.dtype != ElementType::Float16 && args.dtype != ElementType::BFloat16) return false;
+  if (p.head_dim != p.v_head_dim || (p.head_dim != 64 && p.head_dim != 128)) return false;
+  for (const ConstView4* view : {&args.q, &args.k, &args.v}) {
+    if (!rows_aligned(view->data, view->s0, view->s1, view->s2, view->s3, 8)) return false;
+  }
+  return rows_aligned(args.out.data, args.out.s0, args.out.s1, args.out.s2, args.out.s3, 2);
 }
 
 template <typename T>
@@ -44,6 +72,8 @@ struct Mma<__half> {
         "{%0, %1, %2, %3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#elif defined(QKV_CUDA_EMULATION)
+    ::qkv_emu::mma_m16n8k16</*bf16=*/false>(c, a, b0, b1);
 #endif
   }
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
@@ -61,6 +91,8 @@ struct Mma<__nv_bfloat16> {
         "{%0, %1, %2, %3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#elif defined(QKV_CUDA_EMULATION)
+    ::qkv_emu::mma_m16n8k16</*bf16=*/true>(c, a, b0, b1);
 #endif
   }
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
@@ -69,16 +101,16 @@ struct Mma<__nv_bfloat16> {
   }
 };
 
-__device__ __forceinline__ uint32_t shared_address(const void* ptr) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
-}
-
 // 16-byte global -> shared copy; with valid == false the destination is zero-filled and nothing
 // is read (the source operand is then only a dummy, still-valid address).
-__device__ __forceinline__ void copy_async_16(uint32_t dst, const void* src, bool valid) {
+__device__ __forceinline__ void copy_async_16(void* dst, const void* src, bool valid) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const uint32_t dst_shared = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
   const int src_bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst_shared), "l"(src), "r"(src_bytes)
+               : "memory");
+#elif defined(QKV_CUDA_EMULATION)
+  ::qkv_emu::copy_16(dst, src, valid);
 #endif
 }
 
@@ -111,7 +143,7 @@ __device__ __forceinline__ void load_tile_async(uint16_t* tile, const uint16_t* 
     const int r = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
     const int64_t row = row0 + r;
     const bool valid = row < valid_rows;
-    copy_async_16(shared_address(tile + r * (D + kPad) + col), valid ? base + row * row_stride + col : base, valid);
+    copy_async_16(tile + r * (D + kPad) + col, valid ? base + row * row_stride + col : base, valid);
   }
 }
 
@@ -125,7 +157,7 @@ __global__ void __launch_bounds__(kThreads) mma_forward_kernel(const ForwardArgs
   constexpr int kDimTiles8 = D / 8;    // n-tiles of O
   using Op = Mma<T>;
 
-  extern __shared__ __align__(16) unsigned char smem_bytes[];
+  QKV_DYNAMIC_SHARED_MEMORY(smem_bytes);
   uint16_t* q_smem = reinterpret_cast<uint16_t*>(smem_bytes);  // kBlockQ x LD
   uint16_t* k_smem = q_smem + kBlockQ * LD;                    // 2 x kBlockK x LD
   uint16_t* v_smem = k_smem + 2 * kBlockK * LD;                // 2 x kBlockK x LD
