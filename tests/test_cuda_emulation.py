@@ -185,10 +185,10 @@ BACKWARD_SHAPES = [
 
 
 def emulated_backward(ops, grad_out, q, k, v, bias, out, lse, dropout_p, is_causal, bottom_right, seed,
-                      bias_requires_grad):
+                      bias_requires_grad, kernel="generic"):
     scale, offset = resolved(q, k, None, bottom_right)
     return ops.backward(grad_out, q, k, v, bias, expand_bias(bias, q, k), out, lse, scale, is_causal, offset,
-                        dropout_p, seed, bias_requires_grad)
+                        dropout_p, seed, bias_requires_grad, kernel)
 
 
 # Every mask alignment and every bias-gradient reduction path (none, per element, over batch and
@@ -241,6 +241,35 @@ def test_backward_with_dropout(emulated, dtype, bias_kind):
                                             torch.tensor([seed], dtype=torch.int64), True)
     for name, g, w in zip(("dq", "dk", "dv", "dbias"), got, want):
         assert_close_to_cpu_kernel(name, g, w, dtype)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("causal", CAUSAL, ids=["full", "causal", "causal_bottom_right"])
+@pytest.mark.parametrize("shape_ls", [(1, 9), (70, 45), (33, 150)], ids=lambda x: f"L{x[0]}S{x[1]}")
+def test_tensor_core_backward(emulated, dtype, D, causal, shape_ls):
+    """The tensor-core backward (no bias gradient; bias read, dropout replayed) against the CPU kernel
+    and the float64 reference."""
+    is_causal, bottom_right = causal
+    L, S = shape_ls
+    shape = Shape(1, 2, L, S, D, D)
+    q, k, v = make_qkv(shape, dtype, "token_major", seed=seed_of("bwd", D, L, S, causal))
+    bias = make_bias("key_padding", shape, dtype)
+    for b, p, seed in ((None, 0.0, 0), (bias, 0.0, 0), (bias, 0.25, 77)):
+        out, lse = cpu_forward(q, k, v, b, p, is_causal, bottom_right, seed=seed)
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64).to(dtype)
+        got = emulated_backward(emulated, grad_out, q, k, v, b, out, lse, p, is_causal, bottom_right, seed, False,
+                                kernel="mma")
+        want = torch.ops.qkv.attention_backward(grad_out, q, k, v, b, out, lse, p, is_causal, bottom_right, None,
+                                                torch.tensor([seed], dtype=torch.int64), False)
+        for name, g, w in zip(("dq", "dk", "dv"), got[:3], want[:3]):
+            assert g.stride() == w.stride(), name
+            assert_close_to_cpu_kernel(name, g, w, dtype)
+        if p == 0.0:
+            ref = reference_grads(q, k, v, b, grad_out, is_causal, bottom_right, torch.float64)
+            low = reference_grads(q, k, v, b, grad_out, is_causal, bottom_right, dtype)
+            for name, g, r, lo in zip(("dq", "dk", "dv"), got[:3], ref[:3], low[:3]):
+                assert_matches(name, g, r, lo, dtype)
 
 
 def test_emulator_catches_a_missing_barrier(emulated):

@@ -2,11 +2,11 @@
 // shared with the CPU and Meta kernels (attention_common), the device guard and current stream,
 // then plain-data arguments handed to the kernel launchers (*.cu, which include no ATen headers).
 //
-// Dispatch: the tensor-core forward (float16/bfloat16, head_dim == v_head_dim in {64, 128},
-// aligned rows, sm_80+) when the call qualifies, else the generic kernels. The environment
-// variable QKV_CUDA_KERNEL overrides this per call: "generic" always takes the generic kernels,
-// "mma" requires the tensor-core forward (an error if the call does not qualify); tests use both
-// to check each path against the same reference.
+// Dispatch: the tensor-core kernels (float16/bfloat16, head_dim == v_head_dim in {64, 128},
+// aligned rows, sm_80+; the backward also no bias gradient) when the call qualifies, else the
+// generic kernels. The environment variable QKV_CUDA_KERNEL overrides this per call: "generic"
+// always takes the generic kernels, "mma" requires the tensor-core kernels (an error if the call
+// does not qualify); tests use both to check each path against the same reference.
 #include "../attention_common.h"
 #include "kernel_args.h"
 #include "kernel_params.h"
@@ -109,7 +109,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cu
   if (want_bias_grad) bias_grad = bias_grad_buffer(*bias, p, acc_dtype);
   const BackwardArgs args = backward_args(p, grad_out, query, key, value, expanded_bias, out, lse, delta, grad_q,
                                           grad_k, grad_v, want_bias_grad ? &bias_grad : nullptr);
-  launch_generic_backward(args, c10::cuda::getCurrentCUDAStream(query.get_device()).stream());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(query.get_device()).stream();
+  const KernelChoice choice = kernel_choice();
+  const bool use_mma = choice != KernelChoice::Generic && mma_backward_supported(args, device_major(query));
+  TORCH_CHECK(use_mma || choice != KernelChoice::Mma,
+              "qkv.attention_backward: QKV_CUDA_KERNEL=mma, but this call does not qualify for the tensor-core "
+              "kernels (they need float16/bfloat16, head_dim == value_head_dim in {64, 128}, unit-stride rows with "
+              "8-element-aligned strides and 16-byte-aligned data for query, key, value and grad_out, no bias "
+              "gradient, and compute capability 8.0+); got ", query.scalar_type(), ", head dims ", p.head_dim, "/",
+              p.v_head_dim, ", bias gradient wanted: ", want_bias_grad, ", grad_out strides ", grad_out.strides());
+  if (use_mma) {
+    launch_mma_backward(args, stream);
+  } else {
+    launch_generic_backward(args, stream);
+  }
   if (want_bias_grad) grad_bias.copy_(bias_grad.sum.view(bias->sizes()));
   return {grad_q, grad_k, grad_v, grad_bias};
 }

@@ -75,9 +75,12 @@ void launch_generic_forward(const ForwardArgs& args, cudaStream_t stream);
 void launch_generic_weights(const WeightsArgs& args, cudaStream_t stream);
 void launch_generic_backward(const BackwardArgs& args, cudaStream_t stream);
 
-// Tensor-core forward (mma.sync, sm_80+) for float16/bfloat16 with head_dim == v_head_dim in
-// {64, 128}; the caller checks mma_forward_supported first.
+// Tensor-core kernels (mma.sync, sm_80+) for float16/bfloat16 with head_dim == v_head_dim in
+// {64, 128} and aligned rows; the caller checks the *_supported test first. The backward does not
+// produce a bias gradient (calls that want one are not supported).
 bool mma_forward_supported(const ForwardArgs& args, int device_major);
 void launch_mma_forward(const ForwardArgs& args, cudaStream_t stream);
+bool mma_backward_supported(const BackwardArgs& args, int device_major);
+void launch_mma_backward(const BackwardArgs& args, cudaStream_t stream);
 
 }  // namespace qkv::cuda

@@ -8,27 +8,10 @@
 //   online softmax on the S fragments in registers (row statistics reduced over the 4-lane quad)
 //   O (16 x D)  += P (16 x 64) V (64 x D) : the S accumulator fragments are, element for
 //                                           element, the A fragments of P (no shared memory trip)
-// Fragment layouts (PTX ISA, mma.m16n8k16, .f16/.bf16): lane = 4 * g + t with g = lane / 4, t = lane % 4;
-//   A (16x16, row-major), 4 x b32: a0 = (g, 2t..2t+1), a1 = (g+8, 2t..), a2 = (g, 2t+8..), a3 = (g+8, 2t+8..)
-//   B (16x8, k x n),      2 x b32: b0 = (k = 2t..2t+1, n = g), b1 = (k = 2t+8..2t+9, n = g)
-//   C (16x8, f32),        4 x f32: c0, c1 = (g, 2t..2t+1),  c2, c3 = (g+8, 2t..2t+1)
-// Each b32 holds the lower-indexed element in its low 16 bits.
 // The semantics (scale, bias, causal, dropout, fully masked rows) are those of the generic kernel.
-#include "../kernels/dropout_hash.h"
-#include "device_utils.cuh"
-#include "masking.cuh"
-
-#include <cstdint>
-#include <initializer_list>
+#include "mma_common.cuh"
 
 namespace qkv::cuda::mma {
-
-constexpr int kWarps = 4;
-constexpr int kThreads = kWarps * kWarpSize;
-constexpr int kBlockQ = 16 * kWarps;
-constexpr int kBlockK = 64;
-constexpr int kPad = 8;  // elements of padding per shared row: rows stay 16-byte aligned, banks spread
-constexpr float kLog2e = 1.4426950408889634f;
 
 // Launch configuration, shared by the launcher (mma_attention.cu) and the CPU emulation tests.
 template <int D>
@@ -39,16 +22,10 @@ struct ForwardConfig {
   static int64_t blocks(const ProblemShape& p) { return p.batch * p.heads * ceil_div(p.q_len, kBlockQ); }
 };
 
-// Whether a call qualifies for this kernel (host side; the launcher falls back to the generic
-// kernels otherwise): fp16/bf16, head_dim == v_head_dim in {64, 128}, 16-byte cp.async copies of
-// whole rows (unit column stride, 8-element-aligned strides and base), an output written as
-// element pairs, and compute capability 8.0+.
-inline bool rows_aligned(const void* data, int64_t s0, int64_t s1, int64_t s2, int64_t s3, int64_t elements) {
-  const auto address = reinterpret_cast<uintptr_t>(data);
-  return s3 == 1 && s0 % elements == 0 && s1 % elements == 0 && s2 % elements == 0 &&
-         address % (2 * elements) == 0;
-}
-
+// Whether a call qualifies (host side; the launcher falls back to the generic kernels otherwise):
+// fp16/bf16, head_dim == v_head_dim in {64, 128}, 16-byte cp.async copies of whole rows (unit
+// column stride, 8-element-aligned strides and base), an output written as element pairs, and
+// compute capability 8.0+.
 inline bool forward_supported(const ForwardArgs& args, int device_major) {
   const ProblemShape& p = args.shape;
   if (device_major < 8) return false;
@@ -58,93 +35,6 @@ inline bool forward_supported(const ForwardArgs& args, int device_major) {
     if (!rows_aligned(view->data, view->s0, view->s1, view->s2, view->s3, 8)) return false;
   }
   return rows_aligned(args.out.data, args.out.s0, args.out.s1, args.out.s2, args.out.s3, 2);
-}
-
-template <typename T>
-struct Mma;
-
-template <>
-struct Mma<__half> {
-  static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#elif defined(QKV_CUDA_EMULATION)
-    ::qkv_emu::mma_m16n8k16</*bf16=*/false>(c, a, b0, b1);
-#endif
-  }
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    return static_cast<uint32_t>(__half_as_ushort(__float2half_rn(lo))) |
-           (static_cast<uint32_t>(__half_as_ushort(__float2half_rn(hi))) << 16);
-  }
-};
-
-template <>
-struct Mma<__nv_bfloat16> {
-  static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#elif defined(QKV_CUDA_EMULATION)
-    ::qkv_emu::mma_m16n8k16</*bf16=*/true>(c, a, b0, b1);
-#endif
-  }
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    return static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(lo))) |
-           (static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(hi))) << 16);
-  }
-};
-
-// 16-byte global -> shared copy; with valid == false the destination is zero-filled and nothing
-// is read (the source operand is then only a dummy, still-valid address).
-__device__ __forceinline__ void copy_async_16(void* dst, const void* src, bool valid) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const uint32_t dst_shared = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
-  const int src_bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst_shared), "l"(src), "r"(src_bytes)
-               : "memory");
-#elif defined(QKV_CUDA_EMULATION)
-  ::qkv_emu::copy_16(dst, src, valid);
-#endif
-}
-
-__device__ __forceinline__ void copy_async_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-#endif
-}
-
-template <int kPending>
-__device__ __forceinline__ void copy_async_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
-#endif
-}
-
-__device__ __forceinline__ uint32_t load_shared_u32(const uint16_t* ptr) { return *reinterpret_cast<const uint32_t*>(ptr); }
-
-// Starts the copy of rows [row0, row0 + rows) of a (b, h) slice (unit column stride, row stride
-// a multiple of 8 elements, 16-byte aligned base: checked by mma_forward_supported) into a
-// shared tile with leading dimension D + kPad; rows at or past valid_rows are zero-filled.
-template <int D, int kRows>
-__device__ __forceinline__ void load_tile_async(uint16_t* tile, const uint16_t* base, int64_t row_stride, int64_t row0,
-                                                int64_t valid_rows) {
-  constexpr int kChunksPerRow = D / 8;
-  constexpr int kChunks = kRows * kChunksPerRow;
-  static_assert(kChunks % kThreads == 0, "every thread copies the same number of chunks");
-#pragma unroll
-  for (int c = threadIdx.x; c < kChunks; c += kThreads) {
-    const int r = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
-    const int64_t row = row0 + r;
-    const bool valid = row < valid_rows;
-    copy_async_16(tile + r * (D + kPad) + col, valid ? base + row * row_stride + col : base, valid);
-  }
 }
 
 template <typename T, int D>
@@ -213,14 +103,7 @@ __global__ void __launch_bounds__(kThreads) mma_forward_kernel(const ForwardArgs
 
     if (tile == 0) {
 #pragma unroll
-      for (int ks = 0; ks < kKSteps; ++ks) {
-        const uint16_t* row_lo = q_smem + (warp * 16 + g) * LD + ks * 16 + 2 * t;
-        const uint16_t* row_hi = row_lo + 8 * LD;
-        qa[ks][0] = load_shared_u32(row_lo);
-        qa[ks][1] = load_shared_u32(row_hi);
-        qa[ks][2] = load_shared_u32(row_lo + 8);
-        qa[ks][3] = load_shared_u32(row_hi + 8);
-      }
+      for (int ks = 0; ks < kKSteps; ++ks) load_a_fragment<LD>(qa[ks], q_smem, warp * 16, ks * 16, g, t);
     }
     const uint16_t* k_tile = k_smem + stage * kBlockK * LD;
     const uint16_t* v_tile = v_smem + stage * kBlockK * LD;
@@ -233,8 +116,9 @@ __global__ void __launch_bounds__(kThreads) mma_forward_kernel(const ForwardArgs
     for (int ks = 0; ks < kKSteps; ++ks) {
 #pragma unroll
       for (int nt = 0; nt < kKeyTiles8; ++nt) {
-        const uint16_t* key_row = k_tile + (nt * 8 + g) * LD + ks * 16 + 2 * t;
-        Op::run(s[nt], qa[ks], load_shared_u32(key_row), load_shared_u32(key_row + 8));
+        uint32_t b0, b1;
+        load_b_fragment_transposed<LD>(b0, b1, k_tile, nt * 8, ks * 16, g, t);
+        Op::run(s[nt], qa[ks], b0, b1);
       }
     }
 
@@ -292,15 +176,12 @@ __global__ void __launch_bounds__(kThreads) mma_forward_kernel(const ForwardArgs
     // O += P V: the S fragments of key n-tiles (2kk, 2kk+1) form the A fragment of k-step kk.
 #pragma unroll
     for (int kk = 0; kk < kBlockK / 16; ++kk) {
-      const uint32_t pa[4] = {Op::pack(s[2 * kk][0], s[2 * kk][1]), Op::pack(s[2 * kk][2], s[2 * kk][3]),
-                              Op::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                              Op::pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+      uint32_t pa[4];
+      accumulators_as_a_fragment<T>(pa, s, kk);
 #pragma unroll
       for (int dt = 0; dt < kDimTiles8; ++dt) {
-        // B[k][n] = V[key kk*16 + k][dim dt*8 + n]: two keys (rows) per register, gathered as 16-bit loads.
-        const uint16_t* col = v_tile + (kk * 16 + 2 * t) * LD + dt * 8 + g;
-        const uint32_t b0 = static_cast<uint32_t>(col[0]) | (static_cast<uint32_t>(col[LD]) << 16);
-        const uint32_t b1 = static_cast<uint32_t>(col[8 * LD]) | (static_cast<uint32_t>(col[9 * LD]) << 16);
+        uint32_t b0, b1;
+        load_b_fragment<LD>(b0, b1, v_tile, kk * 16, dt * 8, g, t);
         Op::run(o[dt], pa, b0, b1);
       }
     }

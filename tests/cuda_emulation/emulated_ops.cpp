@@ -8,6 +8,7 @@
 #include "cuda/dispatch.cuh"
 #include "cuda/generic_kernels.cuh"
 #include "cuda/kernel_args.h"
+#include "cuda/mma_backward.cuh"
 #include "cuda/mma_forward.cuh"
 
 #include <ATen/core/Tensor.h>
@@ -112,7 +113,8 @@ at::Tensor weights(const at::Tensor& q, const at::Tensor& k, const OptTensor& ex
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const OptTensor& bias, const OptTensor& expanded_bias, const at::Tensor& out, const at::Tensor& lse,
-    double scale, bool is_causal, int64_t causal_offset, double dropout_p, int64_t seed, bool bias_requires_grad) {
+    double scale, bool is_causal, int64_t causal_offset, double dropout_p, int64_t seed, bool bias_requires_grad,
+    const std::string& kernel) {
   const at::Tensor expanded = expanded_bias.value_or(at::Tensor());
   const auto p = params_of(q, k, v, expanded.defined(), scale, is_causal, causal_offset, dropout_p, seed);
   at::Tensor grad_q = token_major(q, p.head_dim), grad_k = token_major(k, p.head_dim);
@@ -126,6 +128,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   if (want_bias_grad) bias_grad = bias_grad_buffer(*bias, p, acc_dtype_of(q));
   const BackwardArgs args = backward_args(p, grad_out, q, k, v, expanded, out, lse_c, delta, grad_q, grad_k, grad_v,
                                           want_bias_grad ? &bias_grad : nullptr);
+  if (kernel == "mma") {
+    TORCH_CHECK(mma::backward_supported(args, 8), "qkv_emulated.backward: the call does not qualify for mma");
+    auto run = [&](auto type, auto dim) {
+      using T = typename decltype(type)::type;
+      constexpr int D = decltype(dim)::value;
+      if (p.q_len > 0) {
+        qkv_emu::launch(DeltaConfig::blocks(args.shape), kThreads, 0, [&] { generic_delta_kernel<T>(args); });
+        using QConfig = mma::GradQueryConfig<D>;
+        qkv_emu::launch(QConfig::blocks(args.shape), mma::kThreads, QConfig::shared_bytes(),
+                        [&] { mma::mma_grad_query_kernel<T, D>(args); });
+      }
+      if (p.kv_len > 0) {
+        using KVConfig = mma::GradKeyValueConfig<D>;
+        qkv_emu::launch(KVConfig::blocks(args.shape), mma::kThreads, KVConfig::shared_bytes(),
+                        [&] { mma::mma_grad_key_value_kernel<T, D>(args); });
+      }
+    };
+    auto run_dim = [&](auto type) {
+      if (p.head_dim == 64) {
+        run(type, std::integral_constant<int, 64>{});
+      } else {
+        run(type, std::integral_constant<int, 128>{});
+      }
+    };
+    if (args.dtype == ElementType::Float16) {
+      run_dim(TypeTag<__half>{});
+    } else {
+      run_dim(TypeTag<__nv_bfloat16>{});
+    }
+    return {grad_q, grad_k, grad_v, grad_bias};
+  }
+  TORCH_CHECK(kernel == "generic", "qkv_emulated.backward: kernel must be generic or mma");
   const int kc = columns_per_lane(std::max(p.head_dim, p.v_head_dim));
   dispatch_element_type(args.dtype, [&](auto type) {
     using T = typename decltype(type)::type;
@@ -176,7 +210,7 @@ TORCH_LIBRARY(qkv_emulated, m) {
         "int causal_offset, float dropout_p, int seed) -> Tensor");
   m.def("backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? expanded_bias, Tensor out, "
         "Tensor lse, float scale, bool is_causal, int causal_offset, float dropout_p, int seed, "
-        "bool bias_requires_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+        "bool bias_requires_grad, str kernel) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(qkv_emulated, CPU, m) {
