@@ -138,6 +138,32 @@ def test_tensor_core_forward_is_taken_and_correct(dtype, D, layout, causal, monk
         torch.testing.assert_close(lse.double().cpu()[finite], ref_lse.cpu()[finite], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("causal", CAUSAL, ids=["full", "causal", "causal_bottom_right"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_tensor_core_backward_is_taken_and_correct(dtype, D, causal, dropout_p, monkeypatch):
+    if DEVICE != "cuda":
+        pytest.skip("QKV_CUDA_KERNEL only steers the CUDA kernels")
+    select_kernel_path(monkeypatch, "mma")  # forward and backward: an error if a call did not qualify
+    is_causal, bottom_right = causal
+    shape = Shape(2, 3, 100, 150, D, D)
+    q, k, v = make_qkv(shape, dtype, "token_major", seed=seed_of("bwd", D, causal))
+    bias = make_bias("key_padding", shape, dtype)  # read, but no gradient wanted: the tensor-core backward
+    seed = draw_seed(31337)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out, lse = ops.attention(*leaves, bias, dropout_p, is_causal, bottom_right, None, seed)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(dtype).to(DEVICE)
+    got = torch.autograd.grad(out, leaves, grad_out)
+    keep = None
+    if dropout_p > 0:
+        keep = ops.attention_weights(q, k, bias, lse.detach(), dropout_p, is_causal, bottom_right, None, seed) != 0
+    ref = reference_grads(q, k, v, bias, grad_out, is_causal, bottom_right, torch.float64, keep=keep, dropout_p=dropout_p)
+    low = reference_grads(q, k, v, bias, grad_out, is_causal, bottom_right, dtype, keep=keep, dropout_p=dropout_p)
+    for name, g, r, lo in zip(("dq", "dk", "dv"), got, ref, low):
+        assert_matches(name, g, r, lo, dtype)
+
+
 def test_tensor_core_forward_refuses_calls_it_cannot_serve(monkeypatch):
     if DEVICE != "cuda":
         pytest.skip("QKV_CUDA_KERNEL only steers the CUDA kernels")
@@ -149,6 +175,13 @@ def test_tensor_core_forward_refuses_calls_it_cannot_serve(monkeypatch):
         q, k, v = make_qkv(shape, dtype, layout)
         with pytest.raises(RuntimeError, match="does not qualify for the tensor-core kernel"):
             ops.attention(q, k, v)
+    # the tensor-core backward computes no bias gradient
+    shape = Shape(1, 2, 8, 8, 64, 64)
+    q, k, v = (t.requires_grad_() for t in make_qkv(shape, torch.float16))
+    bias = make_bias("full", shape, torch.float16).requires_grad_()
+    out, _ = ops.attention(q, k, v, bias)
+    with pytest.raises(RuntimeError, match="does not qualify for the tensor-core"):
+        out.sum().backward()
 
 
 def test_fully_masked_rows_give_zero_output_and_gradients():
@@ -186,10 +219,11 @@ def test_scale_argument():
 
 @pytest.mark.parametrize("shape", [Shape(2, 2, 37, 45, 64, 64), Shape(1, 3, 70, 33, 128, 128), Shape(2, 2, 19, 21, 13, 29),
                                    Shape(1, 1, 1, 9, 256, 256), Shape(1, 2, 40, 40, 200, 72)], ids=str)
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("dtype, path", DTYPE_PATHS)
 @pytest.mark.parametrize("causal", CAUSAL, ids=["full", "causal", "causal_bottom_right"])
 @pytest.mark.parametrize("bias_kind", ["none", "full", "key_padding", "rows_cols", "per_head_row"])
-def test_gradients_match_reference(shape, dtype, causal, bias_kind):
+def test_gradients_match_reference(shape, dtype, path, causal, bias_kind, monkeypatch):
+    select_kernel_path(monkeypatch, path)
     is_causal, bottom_right = causal
     q, k, v = make_qkv(shape, dtype, "token_major", seed=seed_of(shape, dtype, causal, bias_kind))
     bias = make_bias(bias_kind, shape, dtype)
