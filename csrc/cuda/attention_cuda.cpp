@@ -130,13 +130,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cu
 at::Tensor attention_weights_cuda(const at::Tensor& query, const at::Tensor& key,
                                   const std::optional<at::Tensor>& bias, const at::Tensor& logsumexp,
                                   double dropout_p, bool is_causal, bool bottom_right,
-                                  std::optional<double> scale, const std::optional<at::Tensor>& dropout_seed) {
+                                  std::optional<double> scale, const std::optional<at::Tensor>& dropout_seed,
+                                  bool average_heads) {
   const auto p = check_attention_args("qkv.attention_weights", query, key, key, bias, dropout_p, is_causal,
                                       bottom_right, scale, dropout_seed);
   check_logsumexp_for_weights("qkv.attention_weights", query, logsumexp, p);
   check_cuda_limits("qkv.attention_weights", query, p);
   const c10::cuda::CUDAGuard device_guard(query.device());
-  at::Tensor weights = at::empty({p.batch, p.heads, p.q_len, p.kv_len}, query.options());
+  if (average_heads) {
+    // The CPU kernel sums heads in place; here the per-head weights are built, then averaged.
+    if (p.heads == 0) return empty_attention_weights(query, p, true).zero_();
+    return attention_weights_cuda(query, key, bias, logsumexp, dropout_p, is_causal, bottom_right, scale,
+                                  dropout_seed, false)
+        .mean(1);
+  }
+  at::Tensor weights = empty_attention_weights(query, p, false);
   if (weights.numel() == 0) return weights;
   const at::Tensor lse = logsumexp.contiguous();
   const at::Tensor expanded_bias = p.has_bias ? expand_bias(*bias, p) : at::Tensor();
