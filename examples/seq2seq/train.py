@@ -5,7 +5,7 @@
     python examples/seq2seq/train.py --smoke               # seconds; exits non-zero unless the loss falls
     torchrun --nproc_per_node=2 examples/seq2seq/train.py  # DistributedDataParallel (gloo on CPU, NCCL on GPU)
 
-The task (default: reverse a digit sequence of length 1..12) is generated from a seed, so
+The task (default: reverse a digit sequence of length 1..10) is generated from a seed, so
 every run, backend and process sees the same data. Accuracy is exact-sequence accuracy of
 greedy decoding on held-out sequences that never occur in training.
 """
@@ -32,10 +32,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--attention", choices=BACKENDS, default="qkv", help="attention implementation")
     parser.add_argument("--task", choices=TASKS, default="reverse")
     parser.add_argument("--min-len", type=int, default=1)
-    parser.add_argument("--max-len", type=int, default=12)
-    parser.add_argument("--train-size", type=int, default=25_000)
+    parser.add_argument("--max-len", type=int, default=10)
+    parser.add_argument("--train-size", type=int, default=50_000)
     parser.add_argument("--test-size", type=int, default=2_000)
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=128, help="global batch, split over processes")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup-steps", type=int, default=100)
