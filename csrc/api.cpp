@@ -28,11 +28,12 @@ std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& query, const at::
 
 at::Tensor attention_weights(const at::Tensor& query, const at::Tensor& key, const OptTensor& bias,
                              const at::Tensor& logsumexp, double dropout_p, bool is_causal, bool bottom_right,
-                             std::optional<double> scale, const OptTensor& dropout_seed) {
+                             std::optional<double> scale, const OptTensor& dropout_seed, bool average_heads) {
   static const auto handle =
       op<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, const at::Tensor&, double, bool,
-                    bool, std::optional<double>, const OptTensor&)>("qkv::attention_weights");
-  return handle.call(query, key, bias, logsumexp, dropout_p, is_causal, bottom_right, scale, dropout_seed);
+                    bool, std::optional<double>, const OptTensor&, bool)>("qkv::attention_weights");
+  return handle.call(query, key, bias, logsumexp, dropout_p, is_causal, bottom_right, scale, dropout_seed,
+                     average_heads);
 }
 
 at::Tensor multi_head_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,

@@ -115,6 +115,11 @@ at::Tensor empty_token_major(const at::Tensor& like, int64_t last_dim) {
       .permute({0, 2, 1, 3});
 }
 
+at::Tensor empty_attention_weights(const at::Tensor& query, const AttentionParams& p, bool average_heads) {
+  if (average_heads) return at::empty({p.batch, p.q_len, p.kv_len}, query.options());
+  return at::empty({p.batch, p.heads, p.q_len, p.kv_len}, query.options());
+}
+
 at::Tensor empty_attention_output(const at::Tensor& query, const AttentionParams& p) {
   return empty_token_major(query, p.v_head_dim);
 }
@@ -190,11 +195,11 @@ at::Tensor attention_weights_meta(const at::Tensor& query, const at::Tensor& key
                                   const std::optional<at::Tensor>& bias, const at::Tensor& logsumexp,
                                   double dropout_p, bool is_causal, bool bottom_right,
                                   std::optional<double> scale,
-                                  const std::optional<at::Tensor>& dropout_seed) {
+                                  const std::optional<at::Tensor>& dropout_seed, bool average_heads) {
   const auto p = check_attention_args("qkv.attention_weights", query, key, key, bias, dropout_p,
                                       is_causal, bottom_right, scale, dropout_seed);
   check_logsumexp_for_weights("qkv.attention_weights", query, logsumexp, p);
-  return at::empty({p.batch, p.heads, p.q_len, p.kv_len}, query.options());
+  return empty_attention_weights(query, p, average_heads);
 }
 
 }  // namespace

@@ -42,6 +42,8 @@ void check_logsumexp_for_weights(const char* op, const at::Tensor& query, const 
 // layout of outputs and gradients, so merging heads afterwards needs no copy.
 at::Tensor empty_token_major(const at::Tensor& like, int64_t last_dim);
 at::Tensor empty_attention_output(const at::Tensor& query, const AttentionParams& p);
+// Attention weights: (B, H, L, S), or (B, L, S) when averaged over heads.
+at::Tensor empty_attention_weights(const at::Tensor& query, const AttentionParams& p, bool average_heads);
 // The bias gradient (bias's shape), or an empty tensor when it is not wanted.
 at::Tensor empty_grad_bias(const std::optional<at::Tensor>& bias, bool bias_requires_grad,
                            const at::Tensor& query);

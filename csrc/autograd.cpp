@@ -79,10 +79,12 @@ class AttentionWeightsFunction : public torch::autograd::Function<AttentionWeigh
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& query, const at::Tensor& key,
                             const OptTensor& bias, const at::Tensor& logsumexp, double dropout_p, bool is_causal,
-                            bool bottom_right, std::optional<double> scale, const OptTensor& dropout_seed) {
+                            bool bottom_right, std::optional<double> scale, const OptTensor& dropout_seed,
+                            bool average_heads) {
     at::AutoDispatchBelowADInplaceOrView guard;
     at::Tensor weights = qkv::attention_weights(query, key, bias, logsumexp, dropout_p, is_causal, bottom_right,
-                                                scale, dropout_seed);
+                                                scale, dropout_seed, average_heads);
+    ctx->saved_data["average_heads"] = average_heads;
     ctx->save_for_backward({query, key, bias.value_or(at::Tensor()), logsumexp, dropout_seed.value_or(at::Tensor())});
     ctx->saved_data["dropout_p"] = dropout_p;
     ctx->saved_data["is_causal"] = is_causal;
@@ -93,7 +95,14 @@ class AttentionWeightsFunction : public torch::autograd::Function<AttentionWeigh
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    if (!grads[0].defined()) return variable_list(9);
+    if (!grads[0].defined()) return variable_list(10);
+    // The mean over heads spreads its gradient evenly over the per-head weights.
+    const at::Tensor& query = saved[0];
+    const at::Tensor grad_weights =
+        ctx->saved_data["average_heads"].toBool()
+            ? grads[0].div(static_cast<double>(query.size(1))).unsqueeze(1).expand({query.size(0), query.size(1),
+                                                                                   query.size(2), saved[1].size(2)})
+            : grads[0];
     static const auto backward_op =
         c10::Dispatcher::singleton()
             .findSchemaOrThrow("qkv::attention_weights_backward", "")
@@ -102,18 +111,19 @@ class AttentionWeightsFunction : public torch::autograd::Function<AttentionWeigh
                 double, bool, bool, std::optional<double>, const OptTensor&, bool)>();
     const bool bias_grad = saved[2].defined() && ctx->needs_input_grad(2);  // bias is edge 2 when present
     auto [dq, dk, dbias] = backward_op.call(
-        grads[0], saved[0], saved[1], saved_optional(saved[2]), saved[3], ctx->saved_data["dropout_p"].toDouble(),
+        grad_weights, saved[0], saved[1], saved_optional(saved[2]), saved[3], ctx->saved_data["dropout_p"].toDouble(),
         ctx->saved_data["is_causal"].toBool(), ctx->saved_data["bottom_right"].toBool(),
         ctx->saved_data["scale"].toOptional<double>(), saved_optional(saved[4]), bias_grad);
-    return {dq, dk, bias_grad ? dbias : at::Tensor(), {}, {}, {}, {}, {}, {}};
+    return {dq, dk, bias_grad ? dbias : at::Tensor(), {}, {}, {}, {}, {}, {}, {}};
   }
 };
 
 at::Tensor attention_weights_autograd(const at::Tensor& query, const at::Tensor& key, const OptTensor& bias,
                                       const at::Tensor& logsumexp, double dropout_p, bool is_causal,
-                                      bool bottom_right, std::optional<double> scale, const OptTensor& dropout_seed) {
+                                      bool bottom_right, std::optional<double> scale, const OptTensor& dropout_seed,
+                                      bool average_heads) {
   return AttentionWeightsFunction::apply(query, key, bias, logsumexp, dropout_p, is_causal, bottom_right, scale,
-                                         ensure_seed(dropout_p, dropout_seed));
+                                         ensure_seed(dropout_p, dropout_seed), average_heads);
 }
 
 // The backward ops are differentiable once: asking for a second derivative through them

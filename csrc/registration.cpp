@@ -20,11 +20,12 @@ TORCH_LIBRARY(qkv, m) {
       "float? scale, Tensor? dropout_seed, bool bias_requires_grad) "
       "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value, Tensor grad_bias)");
   // The (B, H, L, S) attention probabilities (after dropout) rebuilt from a logsumexp
-  // returned by `attention`: only materialised when a caller asks for weights.
+  // returned by `attention`: only materialised when a caller asks for weights. With
+  // average_heads, their mean over heads (B, L, S), without the per-head tensor.
   m.def(
       "attention_weights(Tensor query, Tensor key, Tensor? bias, Tensor logsumexp, "
       "float dropout_p=0.0, bool is_causal=False, bool bottom_right=False, float? scale=None, "
-      "Tensor? dropout_seed=None) -> Tensor");
+      "Tensor? dropout_seed=None, bool average_heads=False) -> Tensor");
   m.def(
       "attention_weights_backward(Tensor grad_weights, Tensor query, Tensor key, Tensor? bias, "
       "Tensor logsumexp, float dropout_p, bool is_causal, bool bottom_right, float? scale, "

@@ -26,12 +26,14 @@ std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& query, const at::
                                              const std::optional<at::Tensor>& dropout_seed = std::nullopt);
 
 // The attention probabilities (B, H, L, S) rebuilt from `attention`'s logsumexp, with the
-// same dropout mask when given the same dropout_p and dropout_seed. Differentiable.
+// same dropout mask when given the same dropout_p and dropout_seed; with average_heads,
+// their mean over heads (B, L, S). Differentiable.
 at::Tensor attention_weights(const at::Tensor& query, const at::Tensor& key,
                              const std::optional<at::Tensor>& bias, const at::Tensor& logsumexp,
                              double dropout_p = 0.0, bool is_causal = false, bool bottom_right = false,
                              std::optional<double> scale = std::nullopt,
-                             const std::optional<at::Tensor>& dropout_seed = std::nullopt);
+                             const std::optional<at::Tensor>& dropout_seed = std::nullopt,
+                             bool average_heads = false);
 
 // Multi-head attention with packed in-projection (3E, E), like torch.nn.MultiheadAttention.
 at::Tensor multi_head_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,

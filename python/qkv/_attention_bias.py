@@ -1,0 +1,55 @@
+"""Helpers shared by the functional twins and the modules: the one additive bias the core op
+takes, and the dropout seed that ties the output to the returned weights.
+
+The core op ``torch.ops.qkv.attention`` takes a single additive float ``bias`` of the query's
+dtype that broadcasts to (batch, heads, query_len, key_len); ``-inf`` hides a key. Every user
+mask convention (MultiheadAttention's bool "True = masked out", SDPA's bool "True = attend",
+additive float masks) is turned into that form here, at its own broadcast shape, so no
+(N, H, L, S) tensor is built unless the caller's mask already is one.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["draw_dropout_seed", "masked_out_to_bias", "attend_to_bias", "add_biases"]
+
+
+def draw_dropout_seed() -> Tensor:
+    """A fresh one-element int64 CPU seed from torch's default generator.
+
+    Honours ``torch.manual_seed``. Passing the same seed to ``qkv.attention`` and
+    ``qkv.attention_weights`` makes the returned weights exactly the ones the output used.
+    """
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64)
+
+
+def masked_out_to_bias(mask: Tensor | None, name: str, dtype: torch.dtype) -> Tensor | None:
+    """MultiheadAttention convention -> additive bias of ``dtype``, same shape as ``mask``.
+
+    Bool ``True`` means "masked out" (becomes ``-inf``); floating masks are added as they are
+    (cast to ``dtype``, e.g. under autocast). Other dtypes raise torch's own AssertionError.
+    """
+    if mask is None:
+        return None
+    mask = F._canonical_mask(
+        mask=mask, mask_name=name, other_type=None, other_name="", target_type=dtype, check_other=False
+    )
+    return mask.to(dtype)
+
+
+def attend_to_bias(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """SDPA convention -> additive bias: bool ``True`` means "takes part"; floats are added."""
+    if mask.dtype == torch.bool:
+        return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask.logical_not(), float("-inf"))
+    return mask.to(dtype)
+
+
+def add_biases(first: Tensor | None, second: Tensor | None) -> Tensor | None:
+    """Broadcast sum of two optional biases (masks merge by addition, as in torch)."""
+    if first is None:
+        return second
+    if second is None:
+        return first
+    return first + second

@@ -1,0 +1,501 @@
+"""Attention modules on the qkv kernels.
+
+- :class:`MultiheadAttention`: a drop-in replacement for ``torch.nn.MultiheadAttention`` (same
+  constructor, attributes, parameters and their order, seed-for-seed identical initialisation,
+  forward, outputs and errors).
+- :class:`SelfAttention`, :class:`CausalSelfAttention`, :class:`CrossAttention`: lean batch-first
+  modules, each backed by one mission op (``torch.ops.qkv.multi_head_attention``,
+  ``masked_self_attention``, ``cross_attention``). Their parameters carry MultiheadAttention's
+  names, so weights copy across with ``load_state_dict``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.init import constant_, xavier_normal_, xavier_uniform_
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
+from torch.nn.parameter import Parameter
+
+from . import _C  # noqa: F401  (registers torch.ops.qkv.*)
+from ._attention_bias import add_biases, draw_dropout_seed, masked_out_to_bias
+from .functional import mha_forward
+
+__all__ = ["MultiheadAttention", "SelfAttention", "CausalSelfAttention", "CrossAttention"]
+
+
+def _keep_transformer_slow_path(module: nn.Module, args: Any) -> None:
+    """A forward pre-hook that does nothing, registered on every qkv MultiheadAttention.
+
+    ``nn.TransformerEncoderLayer``'s inference fast path reads ``self_attn``'s weights and runs
+    torch's fused kernel without calling ``self_attn`` at all; it is skipped when any submodule
+    has a forward hook. Registering this one keeps the layer on its regular path, which calls our
+    forward. (Module-level so that modules holding it still pickle.)
+    """
+    return None
+
+
+def _init_attention_parameters(
+    module: nn.Module,
+    embed_dim: int,
+    kdim: int,
+    vdim: int,
+    bias: bool,
+    add_bias_kv: bool,
+    factory_kwargs: dict[str, Any],
+) -> None:
+    """Registers and initialises the projection parameters exactly as torch's MultiheadAttention:
+    same names, registration order, shapes, and the same random draws in the same order (the
+    out_proj Linear's own init first, then xavier_uniform_ over the input projections, zero
+    biases, xavier_normal_ for bias_k/bias_v), so a seeded construction gives equal tensors."""
+    if kdim == embed_dim and vdim == embed_dim:
+        module.in_proj_weight = Parameter(torch.empty((3 * embed_dim, embed_dim), **factory_kwargs))
+        module.register_parameter("q_proj_weight", None)
+        module.register_parameter("k_proj_weight", None)
+        module.register_parameter("v_proj_weight", None)
+    else:
+        module.q_proj_weight = Parameter(torch.empty((embed_dim, embed_dim), **factory_kwargs))
+        module.k_proj_weight = Parameter(torch.empty((embed_dim, kdim), **factory_kwargs))
+        module.v_proj_weight = Parameter(torch.empty((embed_dim, vdim), **factory_kwargs))
+        module.register_parameter("in_proj_weight", None)
+    if bias:
+        module.in_proj_bias = Parameter(torch.empty(3 * embed_dim, **factory_kwargs))
+    else:
+        module.register_parameter("in_proj_bias", None)
+    module.out_proj = NonDynamicallyQuantizableLinear(embed_dim, embed_dim, bias=bias, **factory_kwargs)
+    if add_bias_kv:
+        module.bias_k = Parameter(torch.empty((1, 1, embed_dim), **factory_kwargs))
+        module.bias_v = Parameter(torch.empty((1, 1, embed_dim), **factory_kwargs))
+    else:
+        module.bias_k = module.bias_v = None
+    _reset_attention_parameters(module)
+
+
+def _reset_attention_parameters(module: nn.Module) -> None:
+    """torch's MultiheadAttention._reset_parameters: the same draws in the same order
+    (out_proj.weight keeps the Linear's own init)."""
+    if module.in_proj_weight is not None:
+        xavier_uniform_(module.in_proj_weight)
+    else:
+        xavier_uniform_(module.q_proj_weight)
+        xavier_uniform_(module.k_proj_weight)
+        xavier_uniform_(module.v_proj_weight)
+    if module.in_proj_bias is not None:
+        constant_(module.in_proj_bias, 0.0)
+        constant_(module.out_proj.bias, 0.0)
+    if module.bias_k is not None:
+        xavier_normal_(module.bias_k)
+    if module.bias_v is not None:
+        xavier_normal_(module.bias_v)
+
+
+def _check_sizes(embed_dim: int, num_heads: int) -> int:
+    """torch's constructor checks; returns head_dim."""
+    if embed_dim <= 0 or num_heads <= 0:
+        raise ValueError(
+            f"embed_dim and num_heads must be greater than 0,"
+            f" got embed_dim={embed_dim} and num_heads={num_heads} instead"
+        )
+    head_dim = embed_dim // num_heads
+    if head_dim * num_heads != embed_dim:
+        raise AssertionError("embed_dim must be divisible by num_heads")
+    return head_dim
+
+
+class MultiheadAttention(nn.Module):
+    r"""Drop-in replacement for :class:`torch.nn.MultiheadAttention`, computed by the qkv kernels.
+
+    Same constructor, attributes (``embed_dim``, ``kdim``, ``vdim``, ``_qkv_same_embed_dim``,
+    ``num_heads``, ``dropout``, ``batch_first``, ``head_dim``, ``add_zero_attn``, ``bias_k``,
+    ``bias_v``), parameters (``in_proj_weight`` or ``q/k/v_proj_weight``, ``in_proj_bias``,
+    ``bias_k``, ``bias_v``, ``out_proj``: a ``NonDynamicallyQuantizableLinear``) in torch's
+    registration order, seed-for-seed identical initialisation, ``state_dict`` keys, forward
+    signature, outputs and exceptions. See :func:`qkv.functional.multi_head_attention_forward`.
+
+    Args:
+        embed_dim: total dimension of the model.
+        num_heads: number of heads; ``embed_dim`` must be divisible by it.
+        dropout: dropout probability on the attention weights (training only).
+        bias: add biases to the input/output projections.
+        add_bias_kv: learn one extra key/value column (``bias_k``/``bias_v``).
+        add_zero_attn: append a zero key/value column.
+        kdim, vdim: key/value feature sizes (default ``embed_dim``).
+        batch_first: ``(N, L, E)`` instead of ``(L, N, E)`` for batched inputs.
+        device, dtype: factory arguments for the parameters.
+
+    Differences from torch, both deliberate: a query row that may attend to nothing outputs zeros
+    (torch: NaN on its general path); there is no fused inference fast path and no NestedTensor
+    input (the general path is the fast one here). Batch-first outputs are contiguous.
+    """
+
+    __constants__ = ["batch_first"]
+    bias_k: Tensor | None
+    bias_v: Tensor | None
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        add_bias_kv: bool = False,
+        add_zero_attn: bool = False,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        batch_first: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if embed_dim <= 0 or num_heads <= 0:
+            _check_sizes(embed_dim, num_heads)  # raises torch's ValueError before any state exists
+        factory_kwargs = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.kdim = kdim if kdim is not None else embed_dim
+        self.vdim = vdim if vdim is not None else embed_dim
+        self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.batch_first = batch_first
+        self.head_dim = _check_sizes(embed_dim, num_heads)
+        _init_attention_parameters(self, embed_dim, self.kdim, self.vdim, bias, add_bias_kv, factory_kwargs)
+        self.add_zero_attn = add_zero_attn
+        self.register_forward_pre_hook(_keep_transformer_slow_path)
+
+    def _reset_parameters(self) -> None:
+        """Re-draws the parameters the way torch's ``_reset_parameters`` does (out_proj.weight is
+        left alone, as in torch)."""
+        _reset_attention_parameters(self)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Old MultiheadAttention checkpoints (torch v1.1.0) lack _qkv_same_embed_dim.
+        if "_qkv_same_embed_dim" not in state:
+            state["_qkv_same_embed_dim"] = True
+        super().__setstate__(state)
+
+    # torch's own mask-merging helper (public API on nn.MultiheadAttention; reads only num_heads).
+    merge_masks = nn.MultiheadAttention.merge_masks
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        r"""Attention of ``query`` over ``key``/``value``; the same contract as torch's.
+
+        Args:
+            query: ``(L, E)``, ``(L, N, E)`` or, with ``batch_first``, ``(N, L, E)``.
+            key: ``(S, kdim)``, ``(S, N, kdim)`` or ``(N, S, kdim)``.
+            value: ``(S, vdim)``, ``(S, N, vdim)`` or ``(N, S, vdim)``.
+            key_padding_mask: ``(N, S)`` or ``(S,)``; bool ``True`` = ignore that key, or float (added).
+            need_weights: also return the attention weights (rebuilt from the kernel's logsumexp).
+            attn_mask: ``(L, S)`` or ``(N * num_heads, L, S)``; bool ``True`` = not allowed, or float.
+            average_attn_weights: average the returned weights over heads.
+            is_causal: hint that ``attn_mask`` is the causal mask (requires ``attn_mask``).
+
+        Returns:
+            ``(attn_output, attn_weights)``: output in the query's layout; weights ``(N, L, S)`` /
+            ``(N, num_heads, L, S)`` (unbatched: no ``N``) or ``None``.
+        """
+        is_batched = query.dim() == 3
+        # As torch's module: canonicalise here (this is where the mismatched-mask warning comes from).
+        key_padding_mask = F._canonical_mask(
+            mask=key_padding_mask,
+            mask_name="key_padding_mask",
+            other_type=F._none_or_dtype(attn_mask),
+            other_name="attn_mask",
+            target_type=query.dtype,
+        )
+        attn_mask = F._canonical_mask(
+            mask=attn_mask,
+            mask_name="attn_mask",
+            other_type=None,
+            other_name="",
+            target_type=query.dtype,
+            check_other=False,
+        )
+        if query.is_nested or key.is_nested or value.is_nested:
+            raise AssertionError(
+                "qkv.MultiheadAttention does not support NestedTensor input; pass padded tensors with a "
+                "key_padding_mask (with nn.TransformerEncoder, construct it with enable_nested_tensor=False, "
+                "or use qkv.convert, which turns its nested-tensor path off)"
+            )
+        separate = not self._qkv_same_embed_dim
+        return mha_forward(
+            query,
+            key,
+            value,
+            self.embed_dim,
+            self.num_heads,
+            self.in_proj_weight,
+            self.in_proj_bias,
+            self.bias_k,
+            self.bias_v,
+            self.add_zero_attn,
+            self.dropout,
+            self.out_proj.weight,
+            self.out_proj.bias,
+            training=self.training,
+            key_padding_mask=key_padding_mask,
+            need_weights=need_weights,
+            attn_mask=attn_mask,
+            use_separate_proj_weight=separate,
+            q_proj_weight=self.q_proj_weight if separate else None,
+            k_proj_weight=self.k_proj_weight if separate else None,
+            v_proj_weight=self.v_proj_weight if separate else None,
+            average_attn_weights=average_attn_weights,
+            is_causal=is_causal,
+            batch_first=self.batch_first and is_batched,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Modern batch-first modules
+# ---------------------------------------------------------------------------------------------
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the projections produce: autocast's when it is on for x's device (autocast leaves
+    float64 alone), else x's."""
+    if x.is_floating_point() and x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _as_batched(x: Tensor, name: str) -> tuple[Tensor, bool]:
+    """(N, T, E) stays; unbatched (T, E) gets a batch of one. Anything else is an error."""
+    if x.dim() == 3:
+        return x, True
+    if x.dim() == 2:
+        return x.unsqueeze(0), False
+    raise ValueError(f"{name} must be (batch, seq, features) or unbatched (seq, features); got shape {tuple(x.shape)}")
+
+
+def _attention_bias(
+    key_padding_mask: Tensor | None,
+    attn_mask: Tensor | None,
+    batch: int,
+    num_heads: int,
+    q_len: int,
+    kv_len: int,
+    dtype: torch.dtype,
+    batched: bool,
+) -> Tensor | None:
+    """MultiheadAttention-convention masks -> one additive bias at its broadcast shape.
+
+    key_padding_mask ``(N, S)`` (unbatched ``(S,)``) becomes ``(N, 1, 1, S)``; attn_mask may be
+    ``(L, S)``, MultiheadAttention's ``(N * num_heads, L, S)`` (viewed as ``(N, H, L, S)``) or any
+    4-D shape broadcastable to ``(N, H, L, S)``.
+    """
+    padding = masked_out_to_bias(key_padding_mask, "key_padding_mask", dtype)
+    if padding is not None:
+        if not batched:
+            padding = padding.unsqueeze(0)
+        if padding.shape != (batch, kv_len):
+            raise ValueError(
+                f"key_padding_mask must have shape {(batch, kv_len) if batched else (kv_len,)}; "
+                f"got {tuple(key_padding_mask.shape)}"
+            )
+        padding = padding.view(batch, 1, 1, kv_len)
+    mask = masked_out_to_bias(attn_mask, "attn_mask", dtype)
+    if mask is not None:
+        if mask.dim() == 3:
+            if mask.shape != (batch * num_heads, q_len, kv_len):
+                raise ValueError(
+                    f"a 3-D attn_mask must have shape (batch * num_heads, L, S) = "
+                    f"{(batch * num_heads, q_len, kv_len)}; got {tuple(mask.shape)}"
+                )
+            mask = mask.unflatten(0, (batch, num_heads))
+        elif mask.dim() not in (2, 4):
+            raise ValueError(
+                "attn_mask must be (L, S), (batch * num_heads, L, S) or 4-D broadcastable to "
+                f"(batch, num_heads, L, S); got shape {tuple(mask.shape)}"
+            )
+    return add_biases(mask, padding)
+
+
+class _BatchFirstAttention(nn.Module):
+    """Shared constructor and parameters of the modern modules (MultiheadAttention's names)."""
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        dropout: float,
+        bias: bool,
+        kdim: int | None,
+        vdim: int | None,
+        device: torch.device | str | None,
+        dtype: torch.dtype | None,
+    ) -> None:
+        if embed_dim <= 0 or num_heads <= 0:
+            _check_sizes(embed_dim, num_heads)
+        if not 0.0 <= dropout <= 1.0:
+            raise ValueError(f"dropout must be in [0, 1]; got {dropout}")
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.head_dim = _check_sizes(embed_dim, num_heads)
+        self.kdim = kdim if kdim is not None else embed_dim
+        self.vdim = vdim if vdim is not None else embed_dim
+        self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
+        self.dropout = dropout
+        _init_attention_parameters(
+            self, embed_dim, self.kdim, self.vdim, bias, False, {"device": device, "dtype": dtype}
+        )
+
+    def _dropout_args(self) -> tuple[float, Tensor | None]:
+        p = self.dropout if self.training else 0.0
+        return p, (draw_dropout_seed() if p > 0.0 else None)
+
+    def extra_repr(self) -> str:
+        s = f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, dropout={self.dropout}"
+        if not self._qkv_same_embed_dim:
+            s += f", kdim={self.kdim}, vdim={self.vdim}"
+        return s + f", bias={self.in_proj_bias is not None}"
+
+
+class SelfAttention(_BatchFirstAttention):
+    r"""Batch-first multi-head self-attention on ``torch.ops.qkv.multi_head_attention``.
+
+    ``forward(x, key_padding_mask=None, attn_mask=None) -> Tensor`` with ``x`` of shape
+    ``(N, L, E)`` (or unbatched ``(L, E)``); returns the same shape. Masks follow
+    MultiheadAttention: bool ``True`` = masked out, or float added to the scores;
+    ``key_padding_mask`` ``(N, S)``, ``attn_mask`` ``(L, S)``, ``(N * num_heads, L, S)`` or 4-D
+    broadcastable to ``(N, num_heads, L, S)``. Parameters: ``in_proj_weight`` ``(3E, E)``,
+    ``in_proj_bias``, ``out_proj`` (MultiheadAttention's names and initialisation).
+    Dropout on the attention probabilities in training only. A row with every key masked gives
+    zeros before ``out_proj``.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(embed_dim, num_heads, dropout, bias, None, None, device, dtype)
+
+    def forward(
+        self, x: Tensor, key_padding_mask: Tensor | None = None, attn_mask: Tensor | None = None
+    ) -> Tensor:
+        """Self-attention of ``x`` ``(N, L, E)``; returns ``(N, L, E)``."""
+        xb, batched = _as_batched(x, "x")
+        n, length, _ = xb.shape
+        bias = _attention_bias(
+            key_padding_mask, attn_mask, n, self.num_heads, length, length, _compute_dtype(x), batched
+        )
+        p, seed = self._dropout_args()
+        out = torch.ops.qkv.multi_head_attention(
+            xb, xb, xb, self.num_heads, self.in_proj_weight, self.in_proj_bias,
+            self.out_proj.weight, self.out_proj.bias, bias, False, p, seed,
+        )
+        return out if batched else out.squeeze(0)
+
+
+class CausalSelfAttention(_BatchFirstAttention):
+    r"""Batch-first causal self-attention on ``torch.ops.qkv.masked_self_attention``.
+
+    ``forward(x, key_padding_mask=None) -> Tensor``: position ``i`` attends to positions
+    ``j <= i`` only. The causal structure is the kernel's own flag: no mask tensor is built.
+    ``key_padding_mask`` ``(N, L)``: bool ``True`` = padding, or float added. Parameters as
+    :class:`SelfAttention`.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(embed_dim, num_heads, dropout, bias, None, None, device, dtype)
+
+    def forward(self, x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        """Causal self-attention of ``x`` ``(N, L, E)``; returns ``(N, L, E)``."""
+        xb, batched = _as_batched(x, "x")
+        n, length, _ = xb.shape
+        bias = _attention_bias(key_padding_mask, None, n, self.num_heads, length, length, _compute_dtype(x), batched)
+        p, seed = self._dropout_args()
+        out = torch.ops.qkv.masked_self_attention(
+            xb, self.num_heads, self.in_proj_weight, self.in_proj_bias,
+            self.out_proj.weight, self.out_proj.bias, bias, p, seed,
+        )
+        return out if batched else out.squeeze(0)
+
+
+class CrossAttention(_BatchFirstAttention):
+    r"""Batch-first cross-attention of ``x`` over ``memory`` on ``torch.ops.qkv.cross_attention``.
+
+    ``forward(x, memory, key_padding_mask=None, attn_mask=None) -> Tensor``; ``x`` ``(N, L, E)``,
+    ``memory`` ``(N, S, kdim)`` (or both unbatched). Keys and values are both projections of
+    ``memory``, so ``vdim`` must equal ``kdim`` (a ValueError otherwise). Parameters carry
+    MultiheadAttention's names for the same ``kdim``: the packed ``in_proj_weight`` when
+    ``kdim == embed_dim``, else ``q_proj_weight``/``k_proj_weight``/``v_proj_weight``; then
+    ``in_proj_bias`` and ``out_proj``. Masks as :class:`SelfAttention` with ``S`` = memory length.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        dropout: float = 0.0,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        resolved_kdim = kdim if kdim is not None else embed_dim
+        resolved_vdim = vdim if vdim is not None else embed_dim
+        if resolved_kdim != resolved_vdim:
+            raise ValueError(
+                "CrossAttention projects keys and values from the same memory tensor, so vdim must equal "
+                f"kdim; got kdim={resolved_kdim}, vdim={resolved_vdim} (use qkv.MultiheadAttention for "
+                "separate key and value inputs)"
+            )
+        super().__init__(embed_dim, num_heads, dropout, bias, kdim, vdim, device, dtype)
+
+    def forward(
+        self,
+        x: Tensor,
+        memory: Tensor,
+        key_padding_mask: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Attention of ``x`` ``(N, L, E)`` over ``memory`` ``(N, S, kdim)``; returns ``(N, L, E)``."""
+        xb, batched = _as_batched(x, "x")
+        mb, memory_batched = _as_batched(memory, "memory")
+        if memory_batched != batched:
+            raise ValueError(
+                f"x and memory must both be batched or both unbatched; got x of shape {tuple(x.shape)} "
+                f"and memory of shape {tuple(memory.shape)}"
+            )
+        n, q_len, _ = xb.shape
+        bias = _attention_bias(
+            key_padding_mask, attn_mask, n, self.num_heads, q_len, mb.shape[1], _compute_dtype(x), batched
+        )
+        if self.in_proj_weight is not None:
+            # Packed (3E, E) weight: the op takes its three row blocks as views.
+            w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        else:
+            w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        p, seed = self._dropout_args()
+        out = torch.ops.qkv.cross_attention(
+            xb, mb, self.num_heads, w_q, w_k, w_v, self.in_proj_bias,
+            self.out_proj.weight, self.out_proj.bias, bias, p, seed,
+        )
+        return out if batched else out.squeeze(0)
