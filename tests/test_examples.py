@@ -33,8 +33,9 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _run(command: list[str], timeout: float, cwd: Path = REPO) -> str:
-    result = subprocess.run(command, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+def _run(command: list[str], timeout: float, extra_env: dict[str, str] | None = None) -> str:
+    env = {**_env(), **(extra_env or {})}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"{' '.join(command)} exited {result.returncode}:\n{output[-6000:]}"
     return output
@@ -140,6 +141,6 @@ def test_cpp_example_builds_against_installed_qkv_and_trains() -> None:
             pytest.fail(message + " (CI=true: a missing toolchain is a failure, not a skip)")
         pytest.skip(message)
     # Reuses <repo>/build/cmake (the dir `make test-cpp` uses) when it is already built.
-    output = _run(["bash", str(EXAMPLES / "cpp" / "run.sh"), "--smoke"], timeout=900)
+    output = _run(["bash", str(EXAMPLES / "cpp" / "run.sh"), "--smoke"], timeout=900, extra_env={"PYTHON": sys.executable})
     assert "check: qkv::attention on projected heads vs qkv::multi_head_attention" in output
     assert "OK: the loss fell" in output

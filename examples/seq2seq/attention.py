@@ -17,6 +17,13 @@ from torch import nn
 BACKENDS = ("qkv", "torch")
 
 
+def _contiguous(out: torch.Tensor) -> torch.Tensor:
+    """torch's batch-first MHA returns a transposed view; qkv returns contiguous memory. Dropout
+    draws its mask in memory order, so a later nn.Dropout would drop different elements for the
+    two backends under one seed. One small copy keeps their training runs comparable."""
+    return out.contiguous()
+
+
 class TorchSelfAttention(nn.MultiheadAttention):
     """torch's MHA as bidirectional self-attention: forward(x, key_padding_mask) -> (N, L, E)."""
 
@@ -24,7 +31,7 @@ class TorchSelfAttention(nn.MultiheadAttention):
         super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias, batch_first=True)
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return super().forward(x, x, x, key_padding_mask=key_padding_mask, need_weights=False)[0]
+        return _contiguous(super().forward(x, x, x, key_padding_mask=key_padding_mask, need_weights=False)[0])
 
 
 class TorchCausalSelfAttention(TorchSelfAttention):
@@ -36,9 +43,10 @@ class TorchCausalSelfAttention(TorchSelfAttention):
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         length = x.shape[1]
         causal = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
-        return nn.MultiheadAttention.forward(
+        out = nn.MultiheadAttention.forward(
             self, x, x, x, key_padding_mask=key_padding_mask, need_weights=False, attn_mask=causal, is_causal=True
         )[0]
+        return _contiguous(out)
 
 
 class TorchCrossAttention(nn.MultiheadAttention):
@@ -50,7 +58,7 @@ class TorchCrossAttention(nn.MultiheadAttention):
     def forward(
         self, x: torch.Tensor, memory: torch.Tensor, key_padding_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        return super().forward(x, memory, memory, key_padding_mask=key_padding_mask, need_weights=False)[0]
+        return _contiguous(super().forward(x, memory, memory, key_padding_mask=key_padding_mask, need_weights=False)[0])
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,13 @@ from torch import nn
 BACKENDS = ("qkv", "torch")
 
 
+def _contiguous(out: torch.Tensor) -> torch.Tensor:
+    """torch's batch-first MHA returns a transposed view; qkv returns contiguous memory. Dropout
+    draws its mask in memory order, so a later nn.Dropout would drop different elements for the
+    two backends under one seed. One small copy keeps their training runs comparable."""
+    return out.contiguous()
+
+
 class TorchSelfAttention(nn.MultiheadAttention):
     """torch's MHA as batch-first self-attention: forward(x, key_padding_mask) -> (N, L, E)."""
 
@@ -22,7 +29,7 @@ class TorchSelfAttention(nn.MultiheadAttention):
         super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias, batch_first=True)
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return super().forward(x, x, x, key_padding_mask=key_padding_mask, need_weights=False)[0]
+        return _contiguous(super().forward(x, x, x, key_padding_mask=key_padding_mask, need_weights=False)[0])
 
 
 def self_attention_layer(backend: str) -> Callable[..., nn.Module]:
