@@ -151,11 +151,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     losses: list[float] = []
     epoch_seconds: list[float] = []
+    # CPU seconds of this process as well as wall seconds: on a shared machine wall time
+    # measures the neighbours too.
+    epoch_cpu_seconds: list[float] = []
     step = 0
     window_tokens, window_start = 0, time.perf_counter()
     while step < total_steps:
         epoch = len(epoch_seconds)
-        epoch_start = time.perf_counter()
+        epoch_start, epoch_cpu_start = time.perf_counter(), time.process_time()
         # Every process draws the same permutation and takes its own slice of each global batch.
         order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed + epoch))
         for start in range(0, len(order), args.batch_size):
@@ -181,12 +184,15 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"step {step:5d}  epoch {epoch}  loss {losses[-1]:.4f}  tokens/s {window_tokens / elapsed:,.0f}")
                 window_tokens, window_start = 0, time.perf_counter()
         epoch_seconds.append(time.perf_counter() - epoch_start)
+        epoch_cpu_seconds.append(time.process_time() - epoch_cpu_start)
 
     accuracy = exact_match_accuracy(model, test_set, batch_size=256, context=context)
-    full_epochs = epoch_seconds if args.max_steps is None else epoch_seconds[:-1] or epoch_seconds
+    # A run cut short by --max-steps has a partial last epoch: leave it out of the average.
+    whole = len(epoch_seconds) if args.max_steps is None or len(epoch_seconds) == 1 else len(epoch_seconds) - 1
     log(
         f"summary: attention={args.attention} exact-sequence accuracy {accuracy:.2%} on {len(test_set):,} held-out "
-        f"sequences | time/epoch {sum(full_epochs) / len(full_epochs):.1f}s | total {sum(epoch_seconds):.1f}s | "
+        f"sequences | time/epoch {sum(epoch_seconds[:whole]) / whole:.1f}s wall, "
+        f"{sum(epoch_cpu_seconds[:whole]) / whole:.1f}s CPU (this process) | total {sum(epoch_seconds):.1f}s | "
         f"first loss {losses[0]:.4f} final loss {losses[-1]:.4f}"
     )
     distributed.teardown(context)
