@@ -3,7 +3,7 @@
 # (find_package(qkv)), and runs it. Arguments go to the program: a number of training steps
 # or --smoke.
 #
-#   examples/cpp/run.sh            # 400 steps
+#   examples/cpp/run.sh            # 1500 steps
 #   examples/cpp/run.sh --smoke    # 120 steps, seconds
 #   PYTHON=/path/to/python examples/cpp/run.sh 100
 #

@@ -28,14 +28,22 @@ class SinusoidalPositionalEncoding(nn.Module):
 
 
 def feed_forward(embed_dim: int, hidden_dim: int, dropout: float) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(embed_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden_dim, embed_dim))
+    return nn.Sequential(
+        nn.Linear(embed_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden_dim, embed_dim)
+    )
 
 
 class EncoderLayer(nn.Module):
     """x + SelfAttention(LN(x)), then x + FeedForward(LN(x))."""
 
     def __init__(
-        self, layers: AttentionLayers, embed_dim: int, num_heads: int, hidden_dim: int, dropout: float, attn_dropout: float
+        self,
+        layers: AttentionLayers,
+        embed_dim: int,
+        num_heads: int,
+        hidden_dim: int,
+        dropout: float,
+        attn_dropout: float,
     ) -> None:
         super().__init__()
         self.norm_attn = nn.LayerNorm(embed_dim)
@@ -53,7 +61,13 @@ class DecoderLayer(nn.Module):
     """Causal self-attention, then cross-attention to the encoder output, then feed-forward."""
 
     def __init__(
-        self, layers: AttentionLayers, embed_dim: int, num_heads: int, hidden_dim: int, dropout: float, attn_dropout: float
+        self,
+        layers: AttentionLayers,
+        embed_dim: int,
+        num_heads: int,
+        hidden_dim: int,
+        dropout: float,
+        attn_dropout: float,
     ) -> None:
         super().__init__()
         self.norm_self = nn.LayerNorm(embed_dim)
@@ -97,12 +111,9 @@ class Seq2SeqTransformer(nn.Module):
         self.src_embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=PAD)
         self.tgt_embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=PAD)
         self.positions = SinusoidalPositionalEncoding(embed_dim, max_len)
-        self.encoder = nn.ModuleList(
-            EncoderLayer(layers, embed_dim, num_heads, hidden_dim, dropout, attn_dropout) for _ in range(num_encoder_layers)
-        )
-        self.decoder = nn.ModuleList(
-            DecoderLayer(layers, embed_dim, num_heads, hidden_dim, dropout, attn_dropout) for _ in range(num_decoder_layers)
-        )
+        sizes = (layers, embed_dim, num_heads, hidden_dim, dropout, attn_dropout)
+        self.encoder = nn.ModuleList(EncoderLayer(*sizes) for _ in range(num_encoder_layers))
+        self.decoder = nn.ModuleList(DecoderLayer(*sizes) for _ in range(num_decoder_layers))
         self.encoder_norm = nn.LayerNorm(embed_dim)
         self.decoder_norm = nn.LayerNorm(embed_dim)
         self.dropout = nn.Dropout(dropout)

@@ -71,7 +71,9 @@ def sequence_loss(model: nn.Module, batch: SequencePairs, global_target_tokens: 
     average equals the gradient of the mean over the whole global batch's tokens (exactly,
     even when processes hold different numbers of non-pad tokens)."""
     logits = model(batch.src, batch.tgt_in)
-    total = nn.functional.cross_entropy(logits.flatten(0, 1), batch.tgt_out.flatten(), ignore_index=PAD, reduction="sum")
+    total = nn.functional.cross_entropy(
+        logits.flatten(0, 1), batch.tgt_out.flatten(), ignore_index=PAD, reduction="sum"
+    )
     return total * (world_size / global_target_tokens)
 
 
@@ -140,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     trained = DistributedDataParallel(model) if context.distributed else model
 
     steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
-    total_steps = steps_per_epoch * args.epochs if args.max_steps is None else min(args.max_steps, steps_per_epoch * args.epochs)
+    total_steps = steps_per_epoch * args.epochs
+    if args.max_steps is not None:
+        total_steps = min(total_steps, args.max_steps)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_cosine(args.warmup_steps, total_steps))
 
@@ -165,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             if step >= total_steps:
                 break
             global_batch = train_set[order[start : start + args.batch_size]]
+            if len(global_batch) < context.world_size:
+                break  # a last scrap too small to give every process an example
             target_tokens = int((global_batch.tgt_out != PAD).sum())
             local = global_batch[torch.tensor_split(torch.arange(len(global_batch)), context.world_size)[context.rank]]
             local = local.to(context.device)
@@ -193,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         f"summary: attention={args.attention} exact-sequence accuracy {accuracy:.2%} on {len(test_set):,} held-out "
         f"sequences | time/epoch {sum(epoch_seconds[:whole]) / whole:.1f}s wall, "
         f"{sum(epoch_cpu_seconds[:whole]) / whole:.1f}s CPU (this process) | total {sum(epoch_seconds):.1f}s | "
-        f"first loss {losses[0]:.4f} final loss {losses[-1]:.4f}"
+        f"first step losses {', '.join(f'{v:.4f}' for v in losses[:3])} | final loss {losses[-1]:.4f}"
     )
     distributed.teardown(context)
 
