@@ -10,7 +10,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 STAMP_DEPS := $(VENV)/.deps-installed
 EXT_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py
 
-.PHONY: all venv build test test-python test-cpp bench bench-quick clean
+.PHONY: all venv build test test-python test-cpp bench bench-quick clean cuda-check
 
 all: build
 
@@ -52,6 +52,11 @@ bench: build
 
 bench-quick: build
 	PYTHONPATH=$(CURDIR)/python $(PY) -m qkv.bench --quick $(BENCH_ARGS)
+
+# Compiles and links the CUDA extension against a CUDA build of torch (in .venv-cuda) and imports it;
+# needs nvcc, no GPU. See scripts/cuda_build_check.sh and docs/cuda.md.
+cuda-check:
+	scripts/cuda_build_check.sh
 
 clean:
 	rm -rf build python/qkv/_C*.so python/qkv/.built tests/cpp/build

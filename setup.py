@@ -54,8 +54,8 @@ def build_extension():
             os.environ["TORCH_CUDA_ARCH_LIST"] = archs
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         nvcc_flags = ["-O3", "-std=c++20", "--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo"]
+        kwargs["sources"] = sources + _sources("cuda/*.cu", "cuda/*.cpp")
         return cpp_extension.CUDAExtension(
-            sources=sources + _sources("cuda/*.cu", "cuda/*.cpp"),
             extra_compile_args={"cxx": cxx_flags + ["-DQKV_WITH_CUDA"], "nvcc": nvcc_flags},
             **kwargs,
         )

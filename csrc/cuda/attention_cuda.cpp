@@ -1,0 +1,164 @@
+// CUDA kernels of the core attention ops, as seen by torch: argument checks and output layouts
+// shared with the CPU and Meta kernels (attention_common), the device guard and current stream,
+// then plain-data arguments handed to the kernel launchers (*.cu, which include no ATen headers).
+//
+// Dispatch: the tensor-core kernels (float16/bfloat16, head_dim == v_head_dim in {64, 128},
+// aligned rows, sm_80+; the backward also no bias gradient) when the call qualifies, else the
+// generic kernels. The environment variable QKV_CUDA_KERNEL overrides this per call: "generic"
+// always takes the generic kernels, "mma" requires the tensor-core kernels (an error if the call
+// does not qualify); tests use both to check each path against the same reference.
+#include "../attention_common.h"
+#include "kernel_args.h"
+#include "kernel_params.h"
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+
+namespace qkv {
+namespace {
+
+using namespace qkv::cuda;
+
+void check_cuda_limits(const char* op, const at::Tensor& query, const AttentionParams& p) {
+  TORCH_CHECK(query.is_cuda(), op, ": the CUDA kernel got a query on ", query.device());
+  TORCH_CHECK(p.head_dim <= kMaxHeadDim && p.v_head_dim <= kMaxHeadDim, op,
+              ": on CUDA, head_dim and value_head_dim must be at most ", kMaxHeadDim, "; got ",
+              p.head_dim, " and ", p.v_head_dim);
+}
+
+enum class KernelChoice { Auto, Generic, Mma };
+
+KernelChoice kernel_choice() {
+  const char* value = std::getenv("QKV_CUDA_KERNEL");
+  if (value == nullptr || std::strcmp(value, "") == 0 || std::strcmp(value, "auto") == 0) return KernelChoice::Auto;
+  if (std::strcmp(value, "generic") == 0) return KernelChoice::Generic;
+  if (std::strcmp(value, "mma") == 0) return KernelChoice::Mma;
+  TORCH_CHECK(false, "qkv: the environment variable QKV_CUDA_KERNEL must be auto, generic or mma; got '", value, "'");
+}
+
+int device_major(const at::Tensor& t) {
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, t.get_device()));
+  return major;
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const std::optional<at::Tensor>& bias, double dropout_p, bool is_causal, bool bottom_right,
+    std::optional<double> scale, const std::optional<at::Tensor>& dropout_seed) {
+  const auto p = check_attention_args("qkv.attention", query, key, value, bias, dropout_p, is_causal,
+                                      bottom_right, scale, dropout_seed);
+  check_cuda_limits("qkv.attention", query, p);
+  const c10::cuda::CUDAGuard device_guard(query.device());
+  at::Tensor out = empty_attention_output(query, p);
+  at::Tensor lse = empty_logsumexp(query, p);
+  if (p.batch * p.heads * p.q_len == 0) return {out, lse};
+
+  const at::Tensor expanded_bias = p.has_bias ? expand_bias(*bias, p) : at::Tensor();
+  const ForwardArgs args = forward_args(p, query, key, value, expanded_bias, out, lse);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(query.get_device()).stream();
+  const KernelChoice choice = kernel_choice();
+  const bool use_mma = choice != KernelChoice::Generic && mma_forward_supported(args, device_major(query));
+  TORCH_CHECK(use_mma || choice != KernelChoice::Mma,
+              "qkv.attention: QKV_CUDA_KERNEL=mma, but this call does not qualify for the tensor-core kernel "
+              "(it needs float16/bfloat16, head_dim == value_head_dim in {64, 128}, unit-stride rows with "
+              "8-element-aligned strides and 16-byte-aligned data, and compute capability 8.0+); got ",
+              query.scalar_type(), ", head dims ", p.head_dim, "/", p.v_head_dim, ", query strides ", query.strides(),
+              ", key strides ", key.strides(), ", value strides ", value.strides());
+  if (use_mma) {
+    launch_mma_forward(args, stream);
+  } else {
+    launch_generic_forward(args, stream);
+  }
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const std::optional<at::Tensor>& bias, const at::Tensor& out, const at::Tensor& logsumexp,
+    double dropout_p, bool is_causal, bool bottom_right, std::optional<double> scale,
+    const std::optional<at::Tensor>& dropout_seed, bool bias_requires_grad) {
+  const auto p = check_attention_args("qkv.attention_backward", query, key, value, bias, dropout_p,
+                                      is_causal, bottom_right, scale, dropout_seed);
+  check_backward_args("qkv.attention_backward", query, grad_out, out, logsumexp, p);
+  check_cuda_limits("qkv.attention_backward", query, p);
+  const c10::cuda::CUDAGuard device_guard(query.device());
+  at::Tensor grad_q = empty_token_major(query, p.head_dim);
+  at::Tensor grad_k = empty_token_major(key, p.head_dim);
+  at::Tensor grad_v = empty_token_major(value, p.v_head_dim);
+  at::Tensor grad_bias = empty_grad_bias(bias, bias_requires_grad, query);
+  const bool want_bias_grad = bias_requires_grad && p.has_bias;
+  if (p.batch * p.heads == 0) {
+    if (want_bias_grad) grad_bias.zero_();
+    return {grad_q, grad_k, grad_v, grad_bias};
+  }
+
+  const auto acc_dtype = query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor lse = logsumexp.contiguous();
+  at::Tensor delta = at::empty({p.batch, p.heads, p.q_len}, query.options().dtype(acc_dtype));
+  const at::Tensor expanded_bias = p.has_bias ? expand_bias(*bias, p) : at::Tensor();
+
+  BiasGradBuffer bias_grad;
+  if (want_bias_grad) bias_grad = bias_grad_buffer(*bias, p, acc_dtype);
+  const BackwardArgs args = backward_args(p, grad_out, query, key, value, expanded_bias, out, lse, delta, grad_q,
+                                          grad_k, grad_v, want_bias_grad ? &bias_grad : nullptr);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(query.get_device()).stream();
+  const KernelChoice choice = kernel_choice();
+  const bool use_mma = choice != KernelChoice::Generic && mma_backward_supported(args, device_major(query));
+  TORCH_CHECK(use_mma || choice != KernelChoice::Mma,
+              "qkv.attention_backward: QKV_CUDA_KERNEL=mma, but this call does not qualify for the tensor-core "
+              "kernels (they need float16/bfloat16, head_dim == value_head_dim in {64, 128}, unit-stride rows with "
+              "8-element-aligned strides and 16-byte-aligned data for query, key, value and grad_out, no bias "
+              "gradient, and compute capability 8.0+); got ", query.scalar_type(), ", head dims ", p.head_dim, "/",
+              p.v_head_dim, ", bias gradient wanted: ", want_bias_grad, ", grad_out strides ", grad_out.strides());
+  if (use_mma) {
+    launch_mma_backward(args, stream);
+  } else {
+    launch_generic_backward(args, stream);
+  }
+  if (want_bias_grad) grad_bias.copy_(bias_grad.sum.view(bias->sizes()));
+  return {grad_q, grad_k, grad_v, grad_bias};
+}
+
+at::Tensor attention_weights_cuda(const at::Tensor& query, const at::Tensor& key,
+                                  const std::optional<at::Tensor>& bias, const at::Tensor& logsumexp,
+                                  double dropout_p, bool is_causal, bool bottom_right,
+                                  std::optional<double> scale, const std::optional<at::Tensor>& dropout_seed,
+                                  bool average_heads) {
+  const auto p = check_attention_args("qkv.attention_weights", query, key, key, bias, dropout_p, is_causal,
+                                      bottom_right, scale, dropout_seed);
+  check_logsumexp_for_weights("qkv.attention_weights", query, logsumexp, p);
+  check_cuda_limits("qkv.attention_weights", query, p);
+  const c10::cuda::CUDAGuard device_guard(query.device());
+  if (average_heads) {
+    // The CPU kernel sums heads in place; here the per-head weights are built, then averaged.
+    if (p.heads == 0) return empty_attention_weights(query, p, true).zero_();
+    return attention_weights_cuda(query, key, bias, logsumexp, dropout_p, is_causal, bottom_right, scale,
+                                  dropout_seed, false)
+        .mean(1);
+  }
+  at::Tensor weights = empty_attention_weights(query, p, false);
+  if (weights.numel() == 0) return weights;
+  const at::Tensor lse = logsumexp.contiguous();
+  const at::Tensor expanded_bias = p.has_bias ? expand_bias(*bias, p) : at::Tensor();
+  const WeightsArgs args = weights_args(p, query, key, expanded_bias, lse, weights);
+  launch_generic_weights(args, c10::cuda::getCurrentCUDAStream(query.get_device()).stream());
+  return weights;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qkv, CUDA, m) {
+  m.impl("attention", &attention_forward_cuda);
+  m.impl("attention_backward", &attention_backward_cuda);
+  m.impl("attention_weights", &attention_weights_cuda);
+}
+
+}  // namespace qkv

@@ -1,0 +1,609 @@
+#pragma once
+// The generic CUDA attention kernels: every dtype (float32, float64, float16, bfloat16 with
+// float accumulation), any strides, broadcast bias, both causal alignments, dropout, head dims
+// up to 256. Written for correctness first: plain FMA loops over tiles staged in shared memory
+// in the accumulation type; no L x S buffer anywhere.
+//
+// Thread layout (every kernel: 4 warps of 32 lanes):
+//  - forward, weights and dQ: a block owns BQ = 4 * ROWS query rows of one (batch, head); warp w
+//    owns rows [w * ROWS, (w + 1) * ROWS). Keys are streamed in tiles of 32: lane c owns key c of
+//    the tile for the scores, and columns c, c + 32, ... of the head dim for the accumulators.
+//  - dK/dV: the roles flip. A block owns BKV = 4 * ROWS keys, warp w owns ROWS of them, and
+//    queries are streamed in tiles of 32 (lane r owns query row r of the tile).
+// KC (columns per lane) is a compile-time bucket (2, 4 or 8: head dims up to 64, 128, 256) so the
+// per-thread accumulators are register arrays indexed only by unrolled loops.
+#include "../kernels/dropout_hash.h"
+#include "device_utils.cuh"
+#include "masking.cuh"
+
+namespace qkv::cuda {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * kWarpSize;
+constexpr int kKeyTile = kWarpSize;    // keys per tile in the row-owning kernels
+constexpr int kQueryTile = kWarpSize;  // query rows per tile in the dK/dV kernel
+
+// Rows per warp so that a thread holds about `budget` 32-bit words of accumulators.
+constexpr int rows_for_budget(int kc, int acc_bytes, int budget) {
+  const int words = kc * acc_bytes / 4;
+  const int rows = budget / words;
+  return rows < 1 ? 1 : (rows > 8 ? 8 : rows);
+}
+
+// Copies rows [row0, row0 + rows) of a (b, h) slice into a dense shared tile with leading
+// dimension `ld`, converted to acc_t and multiplied by `mul`; rows at or past `valid_rows` are
+// zero-filled, so 0 * garbage can never produce NaN later.
+template <typename acc_t, typename T>
+__device__ __forceinline__ void load_tile(acc_t* dst, int ld, const T* base, int64_t row_stride, int64_t col_stride,
+                                          int64_t row0, int rows, int64_t valid_rows, int cols, acc_t mul) {
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  for (int r = warp; r < rows; r += kWarps) {
+    const int64_t row = row0 + r;
+    acc_t* d = dst + r * ld;
+    if (row < valid_rows) {
+      const T* src = base + row * row_stride;
+      for (int c = lane; c < cols; c += kWarpSize) d[c] = load_acc<acc_t>(src + c * col_stride) * mul;
+    } else {
+      for (int c = lane; c < cols; c += kWarpSize) d[c] = acc_t(0);
+    }
+  }
+}
+
+// ---- forward ------------------------------------------------------------------------------
+
+template <typename T, int KC, int ROWS>
+__global__ void __launch_bounds__(kThreads) generic_forward_kernel(const ForwardArgs args) {
+  using acc_t = typename AccumulatorOf<T>::type;
+  constexpr int BQ = kWarps * ROWS;
+  const ProblemShape& p = args.shape;
+  const int D = static_cast<int>(p.head_dim), Dv = static_cast<int>(p.v_head_dim);
+  const int ldk = D + 1, ldv = Dv + 1;  // +1: lanes reading different key rows hit different banks
+  QKV_DYNAMIC_SHARED_MEMORY(smem_bytes);
+  acc_t* q_tile = reinterpret_cast<acc_t*>(smem_bytes);             // BQ x D, pre-scaled
+  acc_t* kv_tile = q_tile + BQ * D;                                 // 32 x (max(D, Dv) + 1)
+  acc_t* p_tile = kv_tile + kKeyTile * ((D > Dv ? D : Dv) + 1);     // BQ x 32
+
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int64_t q_tiles = ceil_div(p.q_len, BQ);
+  const int64_t bh = static_cast<int64_t>(blockIdx.x) / q_tiles;
+  const int64_t i0 = (static_cast<int64_t>(blockIdx.x) % q_tiles) * BQ;
+  const int64_t b = bh / p.heads, h = bh % p.heads;
+  const T* q = static_cast<const T*>(args.q.data) + b * args.q.s0 + h * args.q.s1;
+  const T* k = static_cast<const T*>(args.k.data) + b * args.k.s0 + h * args.k.s1;
+  const T* v = static_cast<const T*>(args.v.data) + b * args.v.s0 + h * args.v.s1;
+  const MaskInfo mask = mask_of(p);
+  const bool has_bias = args.bias.data != nullptr;
+  const bool dropout = p.dropout_p > 0.0;
+  const acc_t keep_scale = static_cast<acc_t>(p.keep_scale);
+  const acc_t neg_inf = negative_infinity<acc_t>();
+
+  load_tile(q_tile, D, q, args.q.s2, args.q.s3, i0, BQ, p.q_len, D, static_cast<acc_t>(p.scale));
+
+  acc_t o[ROWS][KC];
+  acc_t row_max[ROWS], row_sum[ROWS];  // row_sum: this lane's share, reduced at the end
+#pragma unroll
+  for (int rr = 0; rr < ROWS; ++rr) {
+    row_max[rr] = neg_inf;
+    row_sum[rr] = acc_t(0);
+#pragma unroll
+    for (int kc = 0; kc < KC; ++kc) o[rr][kc] = acc_t(0);
+  }
+
+  const int64_t rows_end = i0 + BQ < p.q_len ? i0 + BQ : p.q_len;
+  const int64_t key_end = key_end_for_rows(p, rows_end);
+  for (int64_t j0 = 0; j0 < key_end; j0 += kKeyTile) {
+    const int cols = static_cast<int>(key_end - j0 < kKeyTile ? key_end - j0 : kKeyTile);
+    __syncthreads();  // the previous V tile is consumed (first pass: q_tile is written)
+    load_tile(kv_tile, ldk, k, args.k.s2, args.k.s3, j0, kKeyTile, j0 + cols, D, acc_t(1));
+    __syncthreads();
+
+    acc_t s[ROWS];
+#pragma unroll
+    for (int rr = 0; rr < ROWS; ++rr) s[rr] = acc_t(0);
+    const acc_t* key_row = kv_tile + lane * ldk;
+    for (int d = 0; d < D; ++d) {
+      const acc_t kd = key_row[d];
+#pragma unroll
+      for (int rr = 0; rr < ROWS; ++rr) s[rr] += q_tile[(warp * ROWS + rr) * D + d] * kd;
+    }
+
+    const int64_t j = j0 + lane;
+#pragma unroll
+    for (int rr = 0; rr < ROWS; ++rr) {
+      const int64_t i = i0 + warp * ROWS + rr;
+      const bool visible = lane < cols && mask.visible(i, j);
+      acc_t x = s[rr];
+      if (visible && has_bias) x += bias_at<acc_t, T>(args.bias, b, h, i, j);
+      x = visible ? x : neg_inf;
+      const acc_t new_max = max_acc(row_max[rr], warp_max(x));
+      acc_t prob = acc_t(0);
+      if (new_max != neg_inf) {  // warp-uniform: nothing visible yet means nothing to rescale
+        const acc_t correction = exp_acc(row_max[rr] - new_max);
+        prob = exp_acc(x - new_max);
+        row_sum[rr] = row_sum[rr] * correction + prob;
+#pragma unroll
+        for (int kc = 0; kc < KC; ++kc) o[rr][kc] *= correction;
+        row_max[rr] = new_max;
+      }
+      if (dropout && prob != acc_t(0)) {
+        prob = dropout_keep(p.dropout_seed, dropout_index(p, bh, i, j), p.keep_threshold) ? prob * keep_scale
+                                                                                          : acc_t(0);
+      }
+      p_tile[(warp * ROWS + rr) * kKeyTile + lane] = prob;
+    }
+
+    __syncthreads();  // every warp is done with the K tile
+    load_tile(kv_tile, ldv, v, args.v.s2, args.v.s3, j0, kKeyTile, j0 + cols, Dv, acc_t(1));
+    __syncthreads();
+
+    const acc_t* probs = p_tile + warp * ROWS * kKeyTile;
+    for (int c = 0; c < cols; ++c) {
+      acc_t vv[KC];
+#pragma unroll
+      for (int kc = 0; kc < KC; ++kc) {
+        const int col = lane + kc * kWarpSize;
+        vv[kc] = col < Dv ? kv_tile[c * ldv + col] : acc_t(0);
+      }
+#pragma unroll
+      for (int rr = 0; rr < ROWS; ++rr) {
+        const acc_t pr = probs[rr * kKeyTile + c];
+#pragma unroll
+        for (int kc = 0; kc < KC; ++kc) o[rr][kc] += pr * vv[kc];
+      }
+    }
+  }
+
+  T* out = static_cast<T*>(args.out.data) + b * args.out.s0 + h * args.out.s1;
+  acc_t* lse = static_cast<acc_t*>(args.lse) + bh * p.q_len;
+#pragma unroll
+  for (int rr = 0; rr < ROWS; ++rr) {
+    const acc_t total = warp_sum(row_sum[rr]);
+    const int64_t i = i0 + warp * ROWS + rr;
+    if (i < p.q_len) {
+      const acc_t inv = total == acc_t(0) ? acc_t(0) : acc_t(1) / total;  // no visible key: output 0
+      T* out_row = out + i * args.out.s2;
+#pragma unroll
+      for (int kc = 0; kc < KC; ++kc) {
+        const int col = lane + kc * kWarpSize;
+        if (col < Dv) store_acc(out_row + col * args.out.s3, o[rr][kc] * inv);
+      }
+      if (lane == 0) lse[i] = total == acc_t(0) ? neg_inf : row_max[rr] + log_acc(total);
+    }
+  }
+}
+
+// ---- explicit weights: P' = dropout(exp(S - lse)), written as a dense (B, H, L, S) tensor ----
+
+template <typename T, int ROWS>
+__global__ void __launch_bounds__(kThreads) generic_weights_kernel(const WeightsArgs args) {
+  using acc_t = typename AccumulatorOf<T>::type;
+  constexpr int BQ = kWarps * ROWS;
+  const ProblemShape& p = args.shape;
+  const int D = static_cast<int>(p.head_dim), ldk = D + 1;
+  QKV_DYNAMIC_SHARED_MEMORY(smem_bytes);
+  acc_t* q_tile = reinterpret_cast<acc_t*>(smem_bytes);  // BQ x D, pre-scaled
+  acc_t* k_tile = q_tile + BQ * D;                       // 32 x (D + 1)
+
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int64_t q_tiles = ceil_div(p.q_len, BQ);
+  const int64_t bh = static_cast<int64_t>(blockIdx.x) / q_tiles;
+  const int64_t i0 = (static_cast<int64_t>(blockIdx.x) % q_tiles) * BQ;
+  const int64_t b = bh / p.heads, h = bh % p.heads;
+  const T* q = static_cast<const T*>(args.q.data) + b * args.q.s0 + h * args.q.s1;
+  const T* k = static_cast<const T*>(args.k.data) + b * args.k.s0 + h * args.k.s1;
+  const MaskInfo mask = mask_of(p);
+  const bool has_bias = args.bias.data != nullptr;
+  const bool dropout = p.dropout_p > 0.0;
+  const acc_t keep_scale = static_cast<acc_t>(p.keep_scale);
+  const acc_t neg_inf = negative_infinity<acc_t>();
+  const acc_t* lse = static_cast<const acc_t*>(args.lse) + bh * p.q_len;
+  T* weights = static_cast<T*>(args.weights) + bh * p.q_len * p.kv_len;
+
+  load_tile(q_tile, D, q, args.q.s2, args.q.s3, i0, BQ, p.q_len, D, static_cast<acc_t>(p.scale));
+  acc_t row_lse[ROWS];
+#pragma unroll
+  for (int rr = 0; rr < ROWS; ++rr) {
+    const int64_t i = i0 + warp * ROWS + rr;
+    row_lse[rr] = i < p.q_len ? lse[i] : neg_inf;
+  }
+
+  for (int64_t j0 = 0; j0 < p.kv_len; j0 += kKeyTile) {
+    const int cols = static_cast<int>(p.kv_len - j0 < kKeyTile ? p.kv_len - j0 : kKeyTile);
+    __syncthreads();
+    load_tile(k_tile, ldk, k, args.k.s2, args.k.s3, j0, kKeyTile, j0 + cols, D, acc_t(1));
+    __syncthreads();
+    acc_t s[ROWS];
+#pragma unroll
+    for (int rr = 0; rr < ROWS; ++rr) s[rr] = acc_t(0);
+    const acc_t* key_row = k_tile + lane * ldk;
+    for (int d = 0; d < D; ++d) {
+      const acc_t kd = key_row[d];
+#pragma unroll
+      for (int rr = 0; rr < ROWS; ++rr) s[rr] += q_tile[(warp * ROWS + rr) * D + d] * kd;
+    }
+    const int64_t j = j0 + lane;
+#pragma unroll
+    for (int rr = 0; rr < ROWS; ++rr) {
+      const int64_t i = i0 + warp * ROWS + rr;
+      if (i >= p.q_len || lane >= cols) continue;
+      acc_t prob = acc_t(0);
+      if (mask.visible(i, j) && row_lse[rr] != neg_inf) {
+        acc_t x = s[rr];
+        if (has_bias) x += bias_at<acc_t, T>(args.bias, b, h, i, j);
+        prob = exp_acc(x - row_lse[rr]);
+      }
+      if (dropout && prob != acc_t(0)) {
+        prob = dropout_keep(p.dropout_seed, dropout_index(p, bh, i, j), p.keep_threshold) ? prob * keep_scale
+                                                                                          : acc_t(0);
+      }
+      store_acc(weights + i * p.kv_len + j, prob);
+    }
+  }
+}
+
+// ---- backward -------------------------------------------------------------------------------
+
+// delta_i = dO_i . O_i (the row sums of dP * P), one warp per row, in the accumulation type.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) generic_delta_kernel(const BackwardArgs args) {
+  using acc_t = typename AccumulatorOf<T>::type;
+  const ProblemShape& p = args.shape;
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  if (row >= p.batch * p.heads * p.q_len) return;  // whole warps leave together
+  const int64_t bh = row / p.q_len, i = row % p.q_len, b = bh / p.heads, h = bh % p.heads;
+  const T* dout = static_cast<const T*>(args.grad_out.data) + b * args.grad_out.s0 + h * args.grad_out.s1 +
+                  i * args.grad_out.s2;
+  const T* out = static_cast<const T*>(args.out.data) + b * args.out.s0 + h * args.out.s1 + i * args.out.s2;
+  acc_t sum = acc_t(0);
+  for (int64_t d = lane; d < p.v_head_dim; d += kWarpSize) {
+    sum += load_acc<acc_t>(dout + d * args.grad_out.s3) * load_acc<acc_t>(out + d * args.out.s3);
+  }
+  sum = warp_sum(sum);
+  if (lane == 0) static_cast<acc_t*>(args.delta)[row] = sum;
+}
+
+// dQ = scale * sum_j dS_ij K_j, one block per (b, h, query tile), streaming key tiles.
+template <typename T, int KC, int ROWS>
+__global__ void __launch_bounds__(kThreads) generic_grad_query_kernel(const BackwardArgs args) {
+  using acc_t = typename AccumulatorOf<T>::type;
+  constexpr int BQ = kWarps * ROWS;
+  const ProblemShape& p = args.shape;
+  const int D = static_cast<int>(p.head_dim), Dv = static_cast<int>(p.v_head_dim);
+  const int ldk = D + 1, ldv = Dv + 1;
+  QKV_DYNAMIC_SHARED_MEMORY(smem_bytes);
+  acc_t* q_tile = reinterpret_cast<acc_t*>(smem_bytes);          // BQ x D, pre-scaled
+  acc_t* do_tile = q_tile + BQ * D;                              // BQ x Dv
+  acc_t* kv_tile = do_tile + BQ * Dv;                            // 32 x (max(D, Dv) + 1): V, then K
+  acc_t* ds_tile = kv_tile + kKeyTile * ((D > Dv ? D : Dv) + 1);  // BQ x 32
+
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int64_t q_tiles = ceil_div(p.q_len, BQ);
+  const int64_t bh = static_cast<int64_t>(blockIdx.x) / q_tiles;
+  const int64_t i0 = (static_cast<int64_t>(blockIdx.x) % q_tiles) * BQ;
+  const int64_t b = bh / p.heads, h = bh % p.heads;
+  const T* q = static_cast<const T*>(args.q.data) + b * args.q.s0 + h * args.q.s1;
+  const T* k = static_cast<const T*>(args.k.data) + b * args.k.s0 + h * args.k.s1;
+  const T* v = static_cast<const T*>(args.v.data) + b * args.v.s0 + h * args.v.s1;
+  const T* dout = static_cast<const T*>(args.grad_out.data) + b * args.grad_out.s0 + h * args.grad_out.s1;
+  const MaskInfo mask = mask_of(p);
+  const bool has_bias = args.bias.data != nullptr;
+  const bool dropout = p.dropout_p > 0.0;
+  const acc_t keep_scale = static_cast<acc_t>(p.keep_scale);
+  const acc_t neg_inf = negative_infinity<acc_t>();
+  const acc_t* lse = static_cast<const acc_t*>(args.lse) + bh * p.q_len;
+  const acc_t* delta = static_cast<const acc_t*>(args.delta) + bh * p.q_len;
+
+  load_tile(q_tile, D, q, args.q.s2, args.q.s3, i0, BQ, p.q_len, D, static_cast<acc_t>(p.scale));
+  load_tile(do_tile, Dv, dout, args.grad_out.s2, args.grad_out.s3, i0, BQ, p.q_len, Dv, acc_t(1));
+  acc_t row_lse[ROWS], row_delta[ROWS], dq[ROWS][KC];
+#pragma unroll
+  for (int rr = 0; rr < ROWS; ++rr) {
+    const int64_t i = i0 + warp * ROWS + rr;
+    row_lse[rr] = i < p.q_len ? lse[i] : neg_inf;
+    row_delta[rr] = i < p.q_len ? delta[i] : acc_t(0);
+#pragma unroll
+    for (int kc = 0; kc < KC; ++kc) dq[rr][kc] = acc_t(0);
+  }
+
+  const int64_t rows_end = i0 + BQ < p.q_len ? i0 + BQ : p.q_len;
+  const int64_t key_end = key_end_for_rows(p, rows_end);
+  for (int64_t j0 = 0; j0 < key_end; j0 += kKeyTile) {
+    const int cols = static_cast<int>(key_end - j0 < kKeyTile ? key_end - j0 : kKeyTile);
+    // dP = dO V^T with the V tile ...
+    __syncthreads();
+    load_tile(kv_tile, ldv, v, args.v.s2, args.v.s3, j0, kKeyTile, j0 + cols, Dv, acc_t(1));
+    __syncthreads();
+    acc_t dp[ROWS];
+#pragma unroll
+    for (int rr = 0; rr < ROWS; ++rr) dp[rr] = acc_t(0);
+    {
+      const acc_t* value_row = kv_tile + lane * ldv;
+      for (int d = 0; d < Dv; ++d) {
+        const acc_t vd = value_row[d];
+#pragma unroll
+        for (int rr = 0; rr < ROWS; ++rr) dp[rr] += do_tile[(warp * ROWS + rr) * Dv + d] * vd;
+      }
+    }
+    // ... then S = (scale Q) K^T with the K tile in the same buffer.
+    __syncthreads();
+    load_tile(kv_tile, ldk, k, args.k.s2, args.k.s3, j0, kKeyTile, j0 + cols, D, acc_t(1));
+    __syncthreads();
+    acc_t s[ROWS];
+#pragma unroll
+    for (int rr = 0; rr < ROWS; ++rr) s[rr] = acc_t(0);
+    {
+      const acc_t* key_row = kv_tile + lane * ldk;
+      for (int d = 0; d < D; ++d) {
+        const acc_t kd = key_row[d];
+#pragma unroll
+        for (int rr = 0; rr < ROWS; ++rr) s[rr] += q_tile[(warp * ROWS + rr) * D + d] * kd;
+      }
+    }
+
+    const int64_t j = j0 + lane;
+#pragma unroll
+    for (int rr = 0; rr < ROWS; ++rr) {
+      const int64_t i = i0 + warp * ROWS + rr;
+      acc_t ds = acc_t(0);
+      if (lane < cols && mask.visible(i, j) && row_lse[rr] != neg_inf) {
+        acc_t x = s[rr];
+        if (has_bias) x += bias_at<acc_t, T>(args.bias, b, h, i, j);
+        const acc_t prob = exp_acc(x - row_lse[rr]);
+        acc_t dpr = dp[rr];
+        if (dropout) {
+          dpr = dropout_keep(p.dropout_seed, dropout_index(p, bh, i, j), p.keep_threshold) ? dpr * keep_scale
+                                                                                         : acc_t(0);
+        }
+        ds = prob * (dpr - row_delta[rr]);
+      }
+      ds_tile[(warp * ROWS + rr) * kKeyTile + lane] = ds;
+    }
+    __syncwarp();  // each warp reads back only its own rows of ds_tile
+
+    const acc_t* ds_rows = ds_tile + warp * ROWS * kKeyTile;
+    for (int c = 0; c < cols; ++c) {
+      acc_t kv[KC];
+#pragma unroll
+      for (int kc = 0; kc < KC; ++kc) {
+        const int col = lane + kc * kWarpSize;
+        kv[kc] = col < D ? kv_tile[c * ldk + col] : acc_t(0);
+      }
+#pragma unroll
+      for (int rr = 0; rr < ROWS; ++rr) {
+        const acc_t dsr = ds_rows[rr * kKeyTile + c];
+#pragma unroll
+        for (int kc = 0; kc < KC; ++kc) dq[rr][kc] += dsr * kv[kc];
+      }
+    }
+  }
+
+  T* grad_q = static_cast<T*>(args.grad_q.data) + b * args.grad_q.s0 + h * args.grad_q.s1;
+  const acc_t scale = static_cast<acc_t>(p.scale);
+#pragma unroll
+  for (int rr = 0; rr < ROWS; ++rr) {
+    const int64_t i = i0 + warp * ROWS + rr;
+    if (i >= p.q_len) continue;
+#pragma unroll
+    for (int kc = 0; kc < KC; ++kc) {
+      const int col = lane + kc * kWarpSize;
+      if (col < D) store_acc(grad_q + i * args.grad_q.s2 + col * args.grad_q.s3, dq[rr][kc] * scale);
+    }
+  }
+}
+
+// dK = sum_i dS_ij (scale Q_i), dV = sum_i P'_ij dO_i, and the bias gradient; one block per
+// (b, h, key tile), streaming query tiles. The bias gradient goes to an accumulation-type buffer
+// of the bias's shape with atomics; broadcast dimensions are reduced in registers first.
+template <typename T, int KC, int ROWS>
+__global__ void __launch_bounds__(kThreads) generic_grad_key_value_kernel(const BackwardArgs args) {
+  using acc_t = typename AccumulatorOf<T>::type;
+  constexpr int BKV = kWarps * ROWS;
+  const ProblemShape& p = args.shape;
+  const int D = static_cast<int>(p.head_dim), Dv = static_cast<int>(p.v_head_dim);
+  const int ldq = D + 1, lddo = Dv + 1;
+  QKV_DYNAMIC_SHARED_MEMORY(smem_bytes);
+  acc_t* k_tile = reinterpret_cast<acc_t*>(smem_bytes);  // BKV x D
+  acc_t* v_tile = k_tile + BKV * D;                      // BKV x Dv
+  acc_t* q_tile = v_tile + BKV * Dv;                     // 32 x (D + 1), pre-scaled
+  acc_t* do_tile = q_tile + kQueryTile * ldq;            // 32 x (Dv + 1)
+  acc_t* pt_tile = do_tile + kQueryTile * lddo;          // BKV x 32: dropped-out P, transposed
+  acc_t* dst_tile = pt_tile + BKV * kQueryTile;          // BKV x 32: dS, transposed
+
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int64_t k_tiles = ceil_div(p.kv_len, BKV);
+  const int64_t bh = static_cast<int64_t>(blockIdx.x) / k_tiles;
+  const int64_t j0 = (static_cast<int64_t>(blockIdx.x) % k_tiles) * BKV;
+  const int64_t b = bh / p.heads, h = bh % p.heads;
+  const T* q = static_cast<const T*>(args.q.data) + b * args.q.s0 + h * args.q.s1;
+  const T* k = static_cast<const T*>(args.k.data) + b * args.k.s0 + h * args.k.s1;
+  const T* v = static_cast<const T*>(args.v.data) + b * args.v.s0 + h * args.v.s1;
+  const T* dout = static_cast<const T*>(args.grad_out.data) + b * args.grad_out.s0 + h * args.grad_out.s1;
+  const MaskInfo mask = mask_of(p);
+  const bool has_bias = args.bias.data != nullptr;
+  const bool dropout = p.dropout_p > 0.0;
+  const acc_t keep_scale = static_cast<acc_t>(p.keep_scale);
+  const acc_t neg_inf = negative_infinity<acc_t>();
+  const acc_t* lse = static_cast<const acc_t*>(args.lse) + bh * p.q_len;
+  const acc_t* delta = static_cast<const acc_t*>(args.delta) + bh * p.q_len;
+  acc_t* grad_bias = static_cast<acc_t*>(args.grad_bias);
+  const bool bias_rows_broadcast = args.grad_bias_s2 == 0, bias_keys_broadcast = args.grad_bias_s3 == 0;
+  acc_t* grad_bias_bh = grad_bias == nullptr ? nullptr : grad_bias + b * args.grad_bias_s0 + h * args.grad_bias_s1;
+
+  load_tile(k_tile, D, k, args.k.s2, args.k.s3, j0, BKV, p.kv_len, D, acc_t(1));
+  load_tile(v_tile, Dv, v, args.v.s2, args.v.s3, j0, BKV, p.kv_len, Dv, acc_t(1));
+
+  acc_t dk[ROWS][KC], dv[ROWS][KC], bias_col[ROWS];
+#pragma unroll
+  for (int rr = 0; rr < ROWS; ++rr) {
+    bias_col[rr] = acc_t(0);
+#pragma unroll
+    for (int kc = 0; kc < KC; ++kc) dk[rr][kc] = dv[rr][kc] = acc_t(0);
+  }
+
+  for (int64_t qi0 = first_query_seeing(p, j0); qi0 < p.q_len; qi0 += kQueryTile) {
+    const int rows = static_cast<int>(p.q_len - qi0 < kQueryTile ? p.q_len - qi0 : kQueryTile);
+    __syncthreads();  // previous q/dO tiles consumed (first pass: k/v tiles written)
+    load_tile(q_tile, ldq, q, args.q.s2, args.q.s3, qi0, kQueryTile, p.q_len, D, static_cast<acc_t>(p.scale));
+    load_tile(do_tile, lddo, dout, args.grad_out.s2, args.grad_out.s3, qi0, kQueryTile, p.q_len, Dv, acc_t(1));
+    __syncthreads();
+
+    const int64_t i = qi0 + lane;
+    const bool row_valid = lane < rows;
+    const acc_t lse_i = row_valid ? lse[i] : neg_inf;
+    const acc_t delta_i = row_valid ? delta[i] : acc_t(0);
+
+    acc_t s[ROWS], dp[ROWS];
+#pragma unroll
+    for (int rr = 0; rr < ROWS; ++rr) s[rr] = dp[rr] = acc_t(0);
+    for (int d = 0; d < D; ++d) {
+      const acc_t qd = q_tile[lane * ldq + d];
+#pragma unroll
+      for (int rr = 0; rr < ROWS; ++rr) s[rr] += qd * k_tile[(warp * ROWS + rr) * D + d];
+    }
+    for (int d = 0; d < Dv; ++d) {
+      const acc_t od = do_tile[lane * lddo + d];
+#pragma unroll
+      for (int rr = 0; rr < ROWS; ++rr) dp[rr] += od * v_tile[(warp * ROWS + rr) * Dv + d];
+    }
+
+    acc_t bias_row_sum = acc_t(0);
+#pragma unroll
+    for (int rr = 0; rr < ROWS; ++rr) {
+      const int c = warp * ROWS + rr;
+      const int64_t j = j0 + c;
+      acc_t prob = acc_t(0), prob_dropped = acc_t(0), ds = acc_t(0);
+      if (row_valid && mask.visible(i, j) && lse_i != neg_inf) {
+        acc_t x = s[rr];
+        if (has_bias) x += bias_at<acc_t, T>(args.bias, b, h, i, j);
+        prob = exp_acc(x - lse_i);
+        acc_t dpr = dp[rr];
+        prob_dropped = prob;
+        if (dropout) {
+          const bool keep = dropout_keep(p.dropout_seed, dropout_index(p, bh, i, j), p.keep_threshold);
+          dpr = keep ? dpr * keep_scale : acc_t(0);
+          prob_dropped = keep ? prob * keep_scale : acc_t(0);
+        }
+        ds = prob * (dpr - delta_i);
+      }
+      pt_tile[c * kQueryTile + lane] = prob_dropped;
+      dst_tile[c * kQueryTile + lane] = ds;
+      if (grad_bias != nullptr) {
+        if (bias_rows_broadcast) {
+          bias_col[rr] += warp_sum(ds);  // warp-uniform branch: every lane takes part
+        } else if (bias_keys_broadcast) {
+          bias_row_sum += ds;
+        } else if (ds != acc_t(0)) {
+          atomicAdd(grad_bias_bh + i * args.grad_bias_s2 + j * args.grad_bias_s3, ds);
+        }
+      }
+    }
+    if (grad_bias != nullptr && !bias_rows_broadcast && bias_keys_broadcast && bias_row_sum != acc_t(0)) {
+      atomicAdd(grad_bias_bh + i * args.grad_bias_s2, bias_row_sum);
+    }
+    __syncwarp();  // each warp reads back only its own keys' rows of pt/dst
+
+    for (int r = 0; r < rows; ++r) {
+      acc_t dov[KC], qv[KC];
+#pragma unroll
+      for (int kc = 0; kc < KC; ++kc) {
+        const int col = lane + kc * kWarpSize;
+        dov[kc] = col < Dv ? do_tile[r * lddo + col] : acc_t(0);
+        qv[kc] = col < D ? q_tile[r * ldq + col] : acc_t(0);
+      }
+#pragma unroll
+      for (int rr = 0; rr < ROWS; ++rr) {
+        const int c = warp * ROWS + rr;
+        const acc_t pr = pt_tile[c * kQueryTile + r], dsr = dst_tile[c * kQueryTile + r];
+#pragma unroll
+        for (int kc = 0; kc < KC; ++kc) {
+          dv[rr][kc] += pr * dov[kc];
+          dk[rr][kc] += dsr * qv[kc];
+        }
+      }
+    }
+  }
+
+  T* grad_k = static_cast<T*>(args.grad_k.data) + b * args.grad_k.s0 + h * args.grad_k.s1;
+  T* grad_v = static_cast<T*>(args.grad_v.data) + b * args.grad_v.s0 + h * args.grad_v.s1;
+  acc_t bias_all = acc_t(0);
+#pragma unroll
+  for (int rr = 0; rr < ROWS; ++rr) {
+    const int64_t j = j0 + warp * ROWS + rr;
+    if (j >= p.kv_len) continue;
+#pragma unroll
+    for (int kc = 0; kc < KC; ++kc) {
+      const int col = lane + kc * kWarpSize;
+      if (col < D) store_acc(grad_k + j * args.grad_k.s2 + col * args.grad_k.s3, dk[rr][kc]);
+      if (col < Dv) store_acc(grad_v + j * args.grad_v.s2 + col * args.grad_v.s3, dv[rr][kc]);
+    }
+    if (grad_bias != nullptr && bias_rows_broadcast) {
+      if (bias_keys_broadcast) {
+        bias_all += bias_col[rr];
+      } else if (lane == 0 && bias_col[rr] != acc_t(0)) {
+        atomicAdd(grad_bias_bh + j * args.grad_bias_s3, bias_col[rr]);
+      }
+    }
+  }
+  if (grad_bias != nullptr && bias_rows_broadcast && bias_keys_broadcast && lane == 0 && bias_all != acc_t(0)) {
+    atomicAdd(grad_bias_bh, bias_all);
+  }
+}
+
+// ---- launch configurations ------------------------------------------------------------------
+// Shared by the launchers (generic_*.cu) and the CPU emulation tests, so both run the same grids.
+
+template <typename T, int KC>
+struct ForwardConfig {
+  using acc_t = typename AccumulatorOf<T>::type;
+  static constexpr int kRows = rows_for_budget(KC, sizeof(acc_t), 32);
+  static constexpr int kBlockQ = kWarps * kRows;
+  static size_t shared_bytes(const ProblemShape& p) {
+    const int64_t max_dim = p.head_dim > p.v_head_dim ? p.head_dim : p.v_head_dim;
+    return sizeof(acc_t) * (kBlockQ * p.head_dim + kKeyTile * (max_dim + 1) + kBlockQ * kKeyTile);
+  }
+  static int64_t blocks(const ProblemShape& p) { return p.batch * p.heads * ceil_div(p.q_len, kBlockQ); }
+};
+
+template <typename T>
+struct WeightsConfig {
+  using acc_t = typename AccumulatorOf<T>::type;
+  static constexpr int kRows = 4;
+  static constexpr int kBlockQ = kWarps * kRows;
+  static size_t shared_bytes(const ProblemShape& p) {
+    return sizeof(acc_t) * (kBlockQ * p.head_dim + kKeyTile * (p.head_dim + 1));
+  }
+  static int64_t blocks(const ProblemShape& p) { return p.batch * p.heads * ceil_div(p.q_len, kBlockQ); }
+};
+
+struct DeltaConfig {
+  static int64_t blocks(const ProblemShape& p) { return ceil_div(p.batch * p.heads * p.q_len, kWarps); }
+};
+
+template <typename T, int KC>
+struct GradQueryConfig {
+  using acc_t = typename AccumulatorOf<T>::type;
+  static constexpr int kRows = rows_for_budget(KC, sizeof(acc_t), 32);
+  static constexpr int kBlockQ = kWarps * kRows;
+  static size_t shared_bytes(const ProblemShape& p) {
+    const int64_t max_dim = p.head_dim > p.v_head_dim ? p.head_dim : p.v_head_dim;
+    return sizeof(acc_t) *
+           (kBlockQ * p.head_dim + kBlockQ * p.v_head_dim + kKeyTile * (max_dim + 1) + kBlockQ * kKeyTile);
+  }
+  static int64_t blocks(const ProblemShape& p) { return p.batch * p.heads * ceil_div(p.q_len, kBlockQ); }
+};
+
+template <typename T, int KC>
+struct GradKeyValueConfig {
+  using acc_t = typename AccumulatorOf<T>::type;
+  // Two accumulators (dK and dV) per thread: half the rows of the forward's budget.
+  static constexpr int kRows = rows_for_budget(KC, sizeof(acc_t), 16);
+  static constexpr int kBlockKV = kWarps * kRows;
+  static size_t shared_bytes(const ProblemShape& p) {
+    return sizeof(acc_t) * (kBlockKV * p.head_dim + kBlockKV * p.v_head_dim + kQueryTile * (p.head_dim + 1) +
+                            kQueryTile * (p.v_head_dim + 1) + 2 * kBlockKV * kQueryTile);
+  }
+  static int64_t blocks(const ProblemShape& p) { return p.batch * p.heads * ceil_div(p.kv_len, kBlockKV); }
+};
+
+}  // namespace qkv::cuda

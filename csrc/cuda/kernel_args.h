@@ -1,0 +1,131 @@
+#pragma once
+// Tensors -> the plain-data kernel arguments of kernel_params.h. Used by the CUDA launcher
+// (attention_cuda.cpp) and by the CPU emulation tests of the kernels (tests/cuda_emulation), so
+// both hand the kernels exactly the same views, strides and scalars. No CUDA runtime calls here.
+#include "../attention_common.h"
+#include "../kernels/dropout_hash.h"
+#include "kernel_params.h"
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/Exception.h>
+
+namespace qkv::cuda {
+
+inline ElementType element_type_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return ElementType::Float32;
+    case at::kDouble: return ElementType::Float64;
+    case at::kHalf: return ElementType::Float16;
+    case at::kBFloat16: return ElementType::BFloat16;
+    default: TORCH_CHECK(false, "qkv: no CUDA kernel for dtype ", t.scalar_type());
+  }
+}
+
+inline ConstView4 const_view(const at::Tensor& t) {
+  return ConstView4{t.const_data_ptr(), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+inline MutableView4 mutable_view(const at::Tensor& t) {
+  return MutableView4{t.data_ptr(), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+inline ConstView4 optional_view(const at::Tensor& t) { return t.defined() ? const_view(t) : ConstView4{}; }
+
+inline ProblemShape shape_of(const AttentionParams& p) {
+  ProblemShape s;
+  s.batch = p.batch;
+  s.heads = p.heads;
+  s.q_len = p.q_len;
+  s.kv_len = p.kv_len;
+  s.head_dim = p.head_dim;
+  s.v_head_dim = p.v_head_dim;
+  s.scale = p.scale;
+  s.is_causal = p.is_causal;
+  s.causal_offset = p.causal_offset;
+  s.dropout_p = p.dropout_p;
+  s.dropout_seed = p.dropout_seed;
+  s.keep_threshold = dropout_threshold(p.dropout_p);
+  s.keep_scale = p.dropout_p < 1.0 ? 1.0 / (1.0 - p.dropout_p) : 0.0;  // as the CPU kernels
+  return s;
+}
+
+// `expanded_bias`: the (B, H, L, S) stride-0 broadcast view of the bias, or undefined.
+inline ForwardArgs forward_args(const AttentionParams& p, const at::Tensor& query, const at::Tensor& key,
+                                const at::Tensor& value, const at::Tensor& expanded_bias, const at::Tensor& out,
+                                const at::Tensor& lse) {
+  ForwardArgs args;
+  args.shape = shape_of(p);
+  args.dtype = element_type_of(query);
+  args.q = const_view(query);
+  args.k = const_view(key);
+  args.v = const_view(value);
+  args.bias = optional_view(expanded_bias);
+  args.out = mutable_view(out);
+  args.lse = lse.data_ptr();
+  return args;
+}
+
+inline WeightsArgs weights_args(const AttentionParams& p, const at::Tensor& query, const at::Tensor& key,
+                                const at::Tensor& expanded_bias, const at::Tensor& lse_contiguous,
+                                const at::Tensor& weights) {
+  WeightsArgs args;
+  args.shape = shape_of(p);
+  args.dtype = element_type_of(query);
+  args.q = const_view(query);
+  args.k = const_view(key);
+  args.bias = optional_view(expanded_bias);
+  args.lse = lse_contiguous.const_data_ptr();
+  args.weights = weights.data_ptr();
+  return args;
+}
+
+// The bias gradient is summed atomically in the accumulation type into a zeroed buffer of the
+// bias's own shape, as 4-D with zero strides where the bias broadcasts (the CPU kernel reduces
+// over the same dimensions); the caller copies it into the bias-dtype gradient afterwards.
+struct BiasGradBuffer {
+  at::Tensor sum;  // (Bb, Hb, Lb, Sb) in the accumulation type
+  int64_t strides[4] = {0, 0, 0, 0};
+};
+
+inline BiasGradBuffer bias_grad_buffer(const at::Tensor& bias, const AttentionParams& p, at::ScalarType acc_dtype) {
+  BiasGradBuffer buffer;
+  int64_t sizes[4] = {1, 1, 1, 1};
+  const int64_t offset = 4 - bias.dim();
+  for (int64_t d = 0; d < bias.dim(); ++d) sizes[offset + d] = bias.size(d);
+  buffer.sum = at::zeros({sizes[0], sizes[1], sizes[2], sizes[3]}, bias.options().dtype(acc_dtype));
+  const int64_t full[4] = {p.batch, p.heads, p.q_len, p.kv_len};
+  for (int d = 0; d < 4; ++d) buffer.strides[d] = sizes[d] == 1 && full[d] != 1 ? 0 : buffer.sum.stride(d);
+  return buffer;
+}
+
+inline BackwardArgs backward_args(const AttentionParams& p, const at::Tensor& grad_out, const at::Tensor& query,
+                                  const at::Tensor& key, const at::Tensor& value, const at::Tensor& expanded_bias,
+                                  const at::Tensor& out, const at::Tensor& lse_contiguous, const at::Tensor& delta,
+                                  const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& grad_v,
+                                  const BiasGradBuffer* grad_bias) {
+  BackwardArgs args;
+  args.shape = shape_of(p);
+  args.dtype = element_type_of(query);
+  args.q = const_view(query);
+  args.k = const_view(key);
+  args.v = const_view(value);
+  args.bias = optional_view(expanded_bias);
+  args.grad_out = const_view(grad_out);
+  args.out = const_view(out);
+  args.lse = lse_contiguous.const_data_ptr();
+  args.delta = delta.data_ptr();
+  args.grad_q = mutable_view(grad_q);
+  args.grad_k = mutable_view(grad_k);
+  args.grad_v = mutable_view(grad_v);
+  if (grad_bias != nullptr) {
+    args.grad_bias = grad_bias->sum.data_ptr();
+    args.grad_bias_s0 = grad_bias->strides[0];
+    args.grad_bias_s1 = grad_bias->strides[1];
+    args.grad_bias_s2 = grad_bias->strides[2];
+    args.grad_bias_s3 = grad_bias->strides[3];
+  }
+  return args;
+}
+
+}  // namespace qkv::cuda

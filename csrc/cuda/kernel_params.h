@@ -1,0 +1,86 @@
+#pragma once
+// Plain-data descriptions of one attention call, shared by the torch-facing launcher
+// (attention_cuda.cpp, compiled by the host compiler) and the kernel files (*.cu, which
+// include no ATen headers so nvcc stays fast). Every index is int64: B*H*L*S overflows 32 bits.
+#if !defined(QKV_CUDA_EMULATION)
+#include <cuda_runtime_api.h>
+#endif
+
+#include <cstdint>
+
+namespace qkv::cuda {
+
+enum class ElementType : int { Float32, Float64, Float16, BFloat16 };
+
+// A read-only 4-D strided view: element (b, h, row, col) lives at data + b*s0 + h*s1 + row*s2 + col*s3
+// (in elements). Broadcast dimensions have stride 0.
+struct ConstView4 {
+  const void* data = nullptr;
+  int64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+};
+
+struct MutableView4 {
+  void* data = nullptr;
+  int64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+};
+
+// The canonical problem: query (B, H, L, D), key (B, H, S, D), value (B, H, S, Dv).
+struct ProblemShape {
+  int64_t batch = 0, heads = 0, q_len = 0, kv_len = 0, head_dim = 0, v_head_dim = 0;
+  double scale = 1.0;
+  bool is_causal = false;
+  int64_t causal_offset = 0;  // key j hidden from query i when j > i + causal_offset
+  double dropout_p = 0.0;
+  uint64_t dropout_seed = 0;
+  uint64_t keep_threshold = 0;  // dropout_threshold(dropout_p)
+  double keep_scale = 1.0;      // 1 / (1 - p), or 0 when p == 1
+};
+
+struct ForwardArgs {
+  ProblemShape shape;
+  ElementType dtype = ElementType::Float32;
+  ConstView4 q, k, v;
+  ConstView4 bias;  // expanded (B, H, L, S) view; data == nullptr when there is no bias
+  MutableView4 out;
+  void* lse = nullptr;  // contiguous (B, H, L), float (double for float64 inputs)
+};
+
+struct WeightsArgs {
+  ProblemShape shape;
+  ElementType dtype = ElementType::Float32;
+  ConstView4 q, k, bias;
+  const void* lse = nullptr;  // contiguous (B, H, L) in the accumulation type
+  void* weights = nullptr;    // contiguous (B, H, L, S) in the input dtype
+};
+
+struct BackwardArgs {
+  ProblemShape shape;
+  ElementType dtype = ElementType::Float32;
+  ConstView4 q, k, v, bias, grad_out, out;
+  const void* lse = nullptr;  // contiguous (B, H, L) in the accumulation type
+  void* delta = nullptr;      // scratch, contiguous (B, H, L) in the accumulation type
+  MutableView4 grad_q, grad_k, grad_v;
+  // Bias gradient, accumulated atomically in the accumulation type into a zeroed buffer of the
+  // bias's own (broadcast) shape; strides are 0 on the dimensions the bias broadcasts over.
+  void* grad_bias = nullptr;  // nullptr: not wanted
+  int64_t grad_bias_s0 = 0, grad_bias_s1 = 0, grad_bias_s2 = 0, grad_bias_s3 = 0;
+};
+
+// The largest head_dim / v_head_dim the CUDA kernels handle (accumulators live in registers).
+constexpr int64_t kMaxHeadDim = 256;
+
+// Generic kernels: every dtype, any strides, head dims up to kMaxHeadDim. Each launcher checks
+// the launch and raises a c10::Error on failure.
+void launch_generic_forward(const ForwardArgs& args, cudaStream_t stream);
+void launch_generic_weights(const WeightsArgs& args, cudaStream_t stream);
+void launch_generic_backward(const BackwardArgs& args, cudaStream_t stream);
+
+// Tensor-core kernels (mma.sync, sm_80+) for float16/bfloat16 with head_dim == v_head_dim in
+// {64, 128} and aligned rows; the caller checks the *_supported test first. The backward does not
+// produce a bias gradient (calls that want one are not supported).
+bool mma_forward_supported(const ForwardArgs& args, int device_major);
+void launch_mma_forward(const ForwardArgs& args, cudaStream_t stream);
+bool mma_backward_supported(const BackwardArgs& args, int device_major);
+void launch_mma_backward(const BackwardArgs& args, cudaStream_t stream);
+
+}  // namespace qkv::cuda
