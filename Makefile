@@ -18,7 +18,7 @@ $(STAMP_DEPS): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# torch pinned: this machine stores the CPU wheel; an unpinned torch pulls gigabytes of CUDA packages.
 	$(PY) -m pip install -q "torch==$(TORCH_VERSION)"
-	$(PY) -m pip install -q setuptools wheel ninja numpy pytest hypothesis expecttest matplotlib tqdm
+	$(PY) -m pip install -q setuptools wheel ninja numpy pytest hypothesis expecttest matplotlib tqdm scikit-learn
 	touch $@
 
 venv: $(STAMP_DEPS)
