@@ -84,13 +84,6 @@ void gemm_tn(int64_t m, int64_t n, int64_t k, const acc_t* a, int64_t lda, const
                                lda, beta, c, ldc);
 }
 
-template <typename acc_t>
-acc_t row_max_of(const acc_t* x, int64_t n) {
-  acc_t m = -std::numeric_limits<acc_t>::infinity();
-  for (int64_t i = 0; i < n; ++i) m = std::max(m, x[i]);
-  return m;
-}
-
 // x = exp(x - shift) in place; returns the sum. exp(-inf) = 0 covers masked entries.
 template <typename acc_t>
 acc_t exp_and_sum(acc_t* x, int64_t n, acc_t shift) {
@@ -100,17 +93,6 @@ acc_t exp_and_sum(acc_t* x, int64_t n, acc_t shift) {
     sum += x[i];
   }
   return sum;
-}
-
-template <>
-inline float row_max_of<float>(const float* x, int64_t n) {
-  using Vec = at::vec::Vectorized<float>;
-  if (n < Vec::size()) {
-    float m = -std::numeric_limits<float>::infinity();
-    for (int64_t i = 0; i < n; ++i) m = std::max(m, x[i]);
-    return m;
-  }
-  return at::vec::reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, x, n);
 }
 
 template <>
