@@ -66,6 +66,27 @@ def test_gradients_match_reference(dtype):
         torch.testing.assert_close(g.double(), w, atol=tol, rtol=tol, msg=f"grad {name}")
 
 
+@pytest.mark.parametrize("B,H,L,S,D,Dv", [
+    (1, 2, 63, 127, 15, 17),   # one short of the backward tile (64 rows x 128 keys), odd panels
+    (1, 1, 65, 129, 16, 16),   # one past it, whole panels
+    (2, 1, 130, 300, 33, 8),   # several tiles both ways, a partial last panel
+    (1, 1, 1, 260, 8, 8),      # a single query row
+])
+@pytest.mark.parametrize("is_causal,bottom_right", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gradients_at_tile_boundaries(B, H, L, S, D, Dv, is_causal, bottom_right, dtype):
+    q, k, v = leaf(B, H, L, D, dtype=dtype), leaf(B, H, S, D, dtype=dtype), leaf(B, H, S, Dv, dtype=dtype)
+    grad_out = torch.randn(B, H, L, Dv, dtype=dtype)
+    out, _ = attention(q, k, v, None, 0.0, is_causal, bottom_right)
+    got = torch.autograd.grad(out, (q, k, v), grad_out)
+    ref_inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    want = torch.autograd.grad(reference_attention(*ref_inputs, is_causal=is_causal, bottom_right=bottom_right),
+                               ref_inputs, grad_out.double())
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    for name, g, w in zip("q k v".split(), got, want):
+        torch.testing.assert_close(g.double(), w, atol=tol, rtol=tol, msg=f"grad {name}")
+
+
 def test_fully_masked_rows_have_zero_gradient():
     q, k, v = leaf(1, 2, 4, 8), leaf(1, 2, 5, 8), leaf(1, 2, 5, 8)
     bias = torch.zeros(4, 5, dtype=torch.float64)

@@ -26,6 +26,14 @@ SHAPES = [  # B, H, L, S, D, Dv
     (1, 1, 64, 128, 64, 64),   # block size
     (1, 1, 65, 129, 64, 64),   # block size + 1
     (1, 1, 130, 257, 128, 128),
+    # Tiles of the packed kernels: forward 128 query rows x 256 keys, backward 64 x 128,
+    # panels of 16 columns, and K/V read in place below 4 query rows.
+    (1, 1, 127, 255, 15, 17),
+    (1, 2, 128, 256, 16, 16),
+    (2, 1, 129, 257, 17, 31),
+    (1, 2, 3, 600, 20, 9),     # few query rows, several key tiles
+    (1, 1, 4, 513, 24, 24),    # the first row count that packs
+    (1, 4, 1000, 1000, 24, 8), # many query blocks share each packed key tile (causal: partly)
 ]
 
 

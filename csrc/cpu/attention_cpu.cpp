@@ -3,11 +3,13 @@
 // and the explicit attention-weights op. No L x S buffer is ever allocated: work happens in
 // (query block x key block) tiles held in per-thread scratch.
 //
-// float32/float64 rows with unit inner stride go to the GEMMs in place (the tensor is the
-// tile); other layouts and half/bfloat16 are packed per tile into float32, so arithmetic
-// always accumulates in float32 (float64 stays float64 for gradcheck).
+// The right-hand operand of every tile product is packed into panels (packed_gemm.h), which
+// also converts half/bfloat16 to float32 and absorbs any strides; the left-hand operand is
+// read in place when it already is float32/float64 rows. Arithmetic accumulates in float32
+// (float64 stays float64 for gradcheck).
 #include "../attention_common.h"
 #include "../kernels/dropout_hash.h"
+#include "packed_gemm.h"
 #include "tile_math.h"
 
 #include <ATen/ATen.h>
@@ -26,12 +28,16 @@
 namespace qkv {
 namespace {
 
-// Query rows per tile, and keys per tile in forward (large: fewer GEMM calls, the score
-// tile still fits L2) and backward (smaller: dK/dV accumulators stay in L1/L2).
+// Tile sizes, swept with the benchmark on a Zen 3 (512 KiB L2 per core). Forward: a 128 x 256
+// score tile plus the packed K and V tiles stay in L2. Backward (and the weights op): 64
+// query rows x 128 keys keep the score, dP, dK and dV tiles in L2; taller or wider tiles
+// measured slower.
+constexpr int64_t kForwardQueryBlock = 128;
+constexpr int64_t kForwardKeyBlock = 256;
 constexpr int64_t kQueryBlock = 64;
-constexpr int64_t kLongQueryBlock = 256;
-constexpr int64_t kForwardKeyBlock = 512;
 constexpr int64_t kBackwardKeyBlock = 128;
+// Query tiles with fewer rows read K and V in place instead of packing them.
+constexpr int64_t kMinRowsForPanels = 4;
 
 template <typename T>
 struct Strided4 {
@@ -143,10 +149,22 @@ struct TileContext {
     return p.is_causal ? std::clamp<int64_t>(i + p.causal_offset - j0 + 1, 0, cols) : cols;
   }
 
+  // Packs keys [j0, j0 + cols) transposed (head dim x keys), the operand of scores().
+  Panels<acc_t> pack_keys_transposed(acc_t* dst, int64_t b, int64_t h, int64_t j0, int64_t cols) const {
+    return pack_panels(k.at(b, h, j0), p.head_dim, cols, k.s3, k.s2, dst);
+  }
+
   // scores[r] = scale * q_r . k + bias, -inf where causally hidden; returns the row maxima.
-  void scores(acc_t* out, int64_t ldo, const acc_t* qt, int64_t ldq, const acc_t* kt, int64_t ldk, int64_t b,
+  // `k_panels` comes from pack_keys_transposed; ldo >= padded_to_panels(cols).
+  void scores(acc_t* out, int64_t ldo, const acc_t* qt, int64_t ldq, Panels<acc_t> k_panels, int64_t b,
               int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols, acc_t* row_max) const {
-    gemm_nt<acc_t>(rows, cols, p.head_dim, qt, ldq, kt, ldk, out, ldo, acc_t(0));
+    gemm_packed<acc_t>(rows, cols, p.head_dim, qt, ldq, 1, k_panels, out, ldo, false);
+    finish_scores(out, ldo, b, h, i0, rows, j0, cols, row_max);
+  }
+
+  // Turns raw products q_r . k in `out` into scores (see scores()); returns the row maxima.
+  void finish_scores(acc_t* out, int64_t ldo, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0,
+                     int64_t cols, acc_t* row_max) const {
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t i = i0 + r;
       const scalar_t* brow =
@@ -185,64 +203,98 @@ void attention_forward_cpu_impl(const AttentionParams& p, const at::Tensor& quer
   const MutableStrided4<scalar_t> o(out);
   acc_t* lse_data = lse.data_ptr<acc_t>();  // contiguous (B, H, L)
   const int64_t D = p.head_dim, Dv = p.v_head_dim, BH = p.batch * p.heads;
-  // Long sequences take tall query tiles: the tile GEMMs run markedly faster (measured:
-  // 39 GF/s/core at 32 rows, 55 at 64, 68 at 256 for L = S = 2048, D = 64).
-  const int64_t QB = p.q_len >= 768 ? kLongQueryBlock : kQueryBlock;
+  constexpr int64_t QB = kForwardQueryBlock;
   const int64_t q_blocks = (p.q_len + QB - 1) / QB;
   const int64_t BK = std::min(kForwardKeyBlock, std::max<int64_t>(p.kv_len, 1));
+  const int64_t ld_s = padded_to_panels<acc_t>(BK), ld_acc = padded_to_panels<acc_t>(Dv);
+  const int64_t key_tiles = (p.kv_len + BK - 1) / BK;
+  const int64_t k_tile_size = ld_s * D, v_tile_size = BK * ld_acc;  // one packed key tile of K^T, of V
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
 
+  // A task is a group of query blocks of one (b, h): its worker packs K and V once, tile by
+  // tile as first needed, and every query block of the group reuses them. Groups take
+  // interleaved blocks (g, g + G, ...) so that under a causal mask they cost the same, and
+  // there are enough of them to keep every thread busy.
+  const int64_t threads = at::get_num_threads();
+  const int64_t groups = std::clamp<int64_t>((2 * threads + BH - 1) / BH, 1, std::max<int64_t>(q_blocks, 1));
   const double flops = 2.0 * BH * p.q_len * p.kv_len * (D + Dv);
-  for_each_task(BH * q_blocks, flops, [&](int64_t) {
-    auto scratch = std::make_shared<std::vector<acc_t>>(QB * D + BK * (D + Dv) + QB * BK +
-                                                        QB * Dv + 3 * QB);
+  for_each_task(BH * groups, flops, [&](int64_t) {
+    auto scratch = std::make_shared<std::vector<acc_t>>(QB * D + key_tiles * (k_tile_size + v_tile_size) +
+                                                        QB * ld_s + QB * ld_acc + 3 * QB);
     return [&, scratch](int64_t task) {
       acc_t* qs = scratch->data();
-      acc_t* ks = qs + QB * D;
-      acc_t* vs = ks + BK * D;
-      acc_t* st = vs + BK * Dv;
-      acc_t* acc = st + QB * BK;
-      acc_t* row_max = acc + QB * Dv;
+      acc_t* k_packed = qs + QB * D;
+      acc_t* v_packed = k_packed + key_tiles * k_tile_size;
+      acc_t* st = v_packed + key_tiles * v_tile_size;
+      acc_t* acc = st + QB * ld_s;
+      acc_t* row_max = acc + QB * ld_acc;
       acc_t* row_sum = row_max + QB;
       acc_t* tile_max = row_sum + QB;
-      // Latest query blocks first: under a causal mask they are the most expensive.
-      const int64_t qb = q_blocks - 1 - task / BH, bh = task % BH, b = bh / p.heads, h = bh % p.heads;
-      const int64_t i0 = qb * QB, rows = std::min(QB, p.q_len - i0);
-      int64_t ldq, ldk, ldv;
-      const acc_t* qt = tile_rows<acc_t>(ctx.q, b, h, i0, rows, D, qs, ldq);
-      std::fill(acc, acc + rows * Dv, acc_t(0));
-      std::fill(row_max, row_max + rows, neg_inf);
-      std::fill(row_sum, row_sum + rows, acc_t(0));
+      const int64_t bh = task % BH, group = task / BH, b = bh / p.heads, h = bh % p.heads;
+      int64_t tiles_packed = 0;  // key tiles are needed in prefix order
 
-      const int64_t j_end = ctx.key_end(i0 + rows);
-      for (int64_t j0 = 0; j0 < j_end; j0 += BK) {
-        const int64_t cols = std::min(BK, j_end - j0);
-        const acc_t* kt = tile_rows<acc_t>(ctx.k, b, h, j0, cols, D, ks, ldk);
-        const acc_t* vt = tile_rows<acc_t>(ctx.v, b, h, j0, cols, Dv, vs, ldv);
-        ctx.scores(st, BK, qt, ldq, kt, ldk, b, h, i0, rows, j0, cols, tile_max);
-        for (int64_t r = 0; r < rows; ++r) {
-          acc_t* s = st + r * BK;
-          const acc_t new_max = std::max(row_max[r], tile_max[r]);
-          if (new_max == neg_inf) {  // nothing visible to this row yet
-            std::fill(s, s + cols, acc_t(0));
-            continue;
+      for (int64_t qb = group; qb < q_blocks; qb += groups) {
+        const int64_t i0 = qb * QB, rows = std::min(QB, p.q_len - i0);
+        // Below this many query rows (decoding), packing K and V would cost as much as using them.
+        const bool few_rows = rows < kMinRowsForPanels;
+        int64_t ldq;
+        const acc_t* qt = tile_rows<acc_t>(ctx.q, b, h, i0, rows, D, qs, ldq);
+        std::fill(acc, acc + rows * ld_acc, acc_t(0));
+        std::fill(row_max, row_max + rows, neg_inf);
+        std::fill(row_sum, row_sum + rows, acc_t(0));
+
+        const int64_t j_end = ctx.key_end(i0 + rows);
+        for (int64_t j0 = 0; j0 < j_end; j0 += BK) {
+          const int64_t cols = std::min(BK, j_end - j0), tile = j0 / BK;
+          // This tile's panels, packed whole: a later query block may see more of it.
+          const int64_t full = std::min(BK, p.kv_len - j0);
+          acc_t* k_space = k_packed + tile * k_tile_size;
+          acc_t* v_space = v_packed + tile * v_tile_size;
+          const Panels<acc_t> k_panels{k_space, D}, v_panels{v_space, full};
+          int64_t ldk = 0, ldv = 0;
+          const acc_t* kt = nullptr;
+          const acc_t* vt = nullptr;
+          if (few_rows) {  // K and V rows in place (or converted into the tile's space), no panels
+            kt = tile_rows<acc_t>(ctx.k, b, h, j0, cols, D, k_space, ldk);
+            vt = tile_rows<acc_t>(ctx.v, b, h, j0, cols, Dv, v_space, ldv);
+            gemm_nt_dots<acc_t>(rows, cols, D, qt, ldq, kt, ldk, st, ld_s);
+            ctx.finish_scores(st, ld_s, b, h, i0, rows, j0, cols, tile_max);
+          } else {
+            if (tile >= tiles_packed) {
+              ctx.pack_keys_transposed(k_space, b, h, j0, full);
+              pack_panels(ctx.v.at(b, h, j0), full, Dv, ctx.v.s2, ctx.v.s3, v_space);
+              tiles_packed = tile + 1;
+            }
+            ctx.scores(st, ld_s, qt, ldq, k_panels, b, h, i0, rows, j0, cols, tile_max);
           }
-          if (new_max != row_max[r]) {  // rescale only when the running maximum moves
-            const acc_t correction = std::exp(row_max[r] - new_max);
-            row_sum[r] *= correction;
-            scale_row(acc + r * Dv, Dv, correction);
-            row_max[r] = new_max;
+          for (int64_t r = 0; r < rows; ++r) {
+            acc_t* s = st + r * ld_s;
+            const acc_t new_max = std::max(row_max[r], tile_max[r]);
+            if (new_max == neg_inf) {  // nothing visible to this row yet
+              std::fill(s, s + cols, acc_t(0));
+              continue;
+            }
+            if (new_max != row_max[r]) {  // rescale only when the running maximum moves
+              const acc_t correction = std::exp(row_max[r] - new_max);
+              row_sum[r] *= correction;
+              scale_row(acc + r * ld_acc, Dv, correction);
+              row_max[r] = new_max;
+            }
+            row_sum[r] += exp_and_sum(s, cols, new_max);
+            if (p.dropout_p > 0) ctx.dropout_row(s, b, h, i0 + r, j0, cols);
           }
-          row_sum[r] += exp_and_sum(s, cols, new_max);
-          if (p.dropout_p > 0) ctx.dropout_row(s, b, h, i0 + r, j0, cols);
+          if (few_rows) {
+            gemm_nn_axpys<acc_t>(rows, Dv, cols, st, ld_s, vt, ldv, acc, ld_acc);
+          } else {
+            gemm_packed<acc_t>(rows, Dv, cols, st, ld_s, 1, v_panels, acc, ld_acc, true);
+          }
         }
-        gemm_nn<acc_t>(rows, Dv, cols, st, BK, vt, ldv, acc, Dv, acc_t(1));
-      }
 
-      for (int64_t r = 0; r < rows; ++r) {
-        const bool empty = row_sum[r] == acc_t(0);
-        store_row(o.at(b, h, i0 + r), o.s3, acc + r * Dv, Dv, empty ? acc_t(0) : acc_t(1) / row_sum[r]);
-        lse_data[bh * p.q_len + i0 + r] = empty ? neg_inf : row_max[r] + std::log(row_sum[r]);
+        for (int64_t r = 0; r < rows; ++r) {
+          const bool empty = row_sum[r] == acc_t(0);
+          store_row(o.at(b, h, i0 + r), o.s3, acc + r * ld_acc, Dv, empty ? acc_t(0) : acc_t(1) / row_sum[r]);
+          lse_data[bh * p.q_len + i0 + r] = empty ? neg_inf : row_max[r] + std::log(row_sum[r]);
+        }
       }
     };
   });
@@ -324,7 +376,7 @@ void attention_backward_cpu_impl(const AttentionParams& p, const at::Tensor& gra
   const at::Tensor lse_c = lse.contiguous();
   const acc_t* lse_data = lse_c.const_data_ptr<acc_t>();
   const int64_t D = p.head_dim, Dv = p.v_head_dim, L = p.q_len, BH = p.batch * p.heads;
-  constexpr int64_t BK = kBackwardKeyBlock;
+  constexpr int64_t BK = kBackwardKeyBlock, QB = kQueryBlock;
   const int64_t kv_blocks = (p.kv_len + BK - 1) / BK;
   const int64_t threads = at::get_num_threads();
 
@@ -333,7 +385,9 @@ void attention_backward_cpu_impl(const AttentionParams& p, const at::Tensor& gra
   // chunk order at the end (deterministic, whatever the thread count).
   const int64_t chunks = BH >= 4 * threads ? 1 : std::min<int64_t>(kv_blocks, (4 * threads + BH - 1) / BH);
   const bool shared_dq = chunks > 1;
-  at::Tensor dq_partials = at::zeros({shared_dq ? chunks : 1, shared_dq ? BH * L * D : 0},
+  // Accumulator rows are padded to whole panels, the row stride gemm_packed writes with.
+  const int64_t ld_dq = padded_to_panels<acc_t>(D), ld_dv = padded_to_panels<acc_t>(Dv);
+  at::Tensor dq_partials = at::zeros({shared_dq ? chunks : 1, shared_dq ? BH * L * ld_dq : 0},
                                      at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
 
   // delta_i = dO_i . O_i (= rowsum(dP * P)), computed once per row.
@@ -354,43 +408,49 @@ void attention_backward_cpu_impl(const AttentionParams& p, const at::Tensor& gra
   BiasGradAccumulator<acc_t> bias_grad(p, bias, bias_requires_grad, shared_dq, worker_count(BH * chunks, flops));
 
   for_each_task(BH * chunks, flops, [&](int64_t worker) {
-    auto scratch = std::make_shared<std::vector<acc_t>>(
-        kQueryBlock * (D + Dv) + BK * (D + Dv) + 2 * kQueryBlock * BK + BK * (D + Dv) + (shared_dq ? 0 : L * D) +
-        kQueryBlock);
+    auto scratch = std::make_shared<std::vector<acc_t>>(QB * (D + Dv) + QB * (ld_dq + ld_dv) + BK * (D + ld_dq + Dv) +
+                                                        2 * QB * BK + BK * (ld_dq + ld_dv) +
+                                                        (shared_dq ? 0 : L * ld_dq) + QB);
     acc_t* bias_grad_copy = bias_grad.active ? bias_grad.copy_for_worker(worker) : nullptr;
     return [&, scratch, bias_grad_copy](int64_t task) {
-      acc_t* qs = scratch->data();
-      acc_t* dos = qs + kQueryBlock * D;
-      acc_t* ks = dos + kQueryBlock * Dv;
-      acc_t* vs = ks + BK * D;
-      acc_t* st = vs + BK * Dv;
-      acc_t* dpt = st + kQueryBlock * BK;
-      acc_t* dk_acc = dpt + kQueryBlock * BK;
-      acc_t* dv_acc = dk_acc + BK * D;
-      acc_t* local_dq = dv_acc + BK * Dv;
-      acc_t* unused_max = local_dq + (shared_dq ? 0 : L * D);
+      acc_t* qs = scratch->data();            // query rows (when not read in place)
+      acc_t* dos = qs + QB * D;               // dO rows (when not read in place)
+      acc_t* q_space = dos + QB * Dv;            // Q as (rows x D) panels, for dK
+      acc_t* do_space = q_space + QB * ld_dq;    // dO as (rows x Dv) panels, for dV
+      acc_t* kt_space = do_space + QB * ld_dv;   // K^T (D x keys), for S
+      acc_t* k_space = kt_space + BK * D;        // K (keys x D), for dQ
+      acc_t* vt_space = k_space + BK * ld_dq;    // V^T (Dv x keys), for dP
+      acc_t* st = vt_space + BK * Dv;
+      acc_t* dpt = st + QB * BK;
+      acc_t* dk_acc = dpt + QB * BK;
+      acc_t* dv_acc = dk_acc + BK * ld_dq;
+      acc_t* local_dq = dv_acc + BK * ld_dv;
+      acc_t* unused_max = local_dq + (shared_dq ? 0 : L * ld_dq);
       const int64_t bh = task / chunks, chunk = task % chunks, b = bh / p.heads, h = bh % p.heads;
       const acc_t* lse_row = lse_data + bh * L;
       const acc_t* delta_row = delta + bh * L;
-      acc_t* dq_acc = shared_dq ? dq_partials.data_ptr<acc_t>() + (chunk * BH + bh) * L * D : local_dq;
-      if (!shared_dq) std::fill(dq_acc, dq_acc + L * D, acc_t(0));
-      int64_t ldq, ldo, ldk, ldv;
+      acc_t* dq_acc = shared_dq ? dq_partials.data_ptr<acc_t>() + (chunk * BH + bh) * L * ld_dq : local_dq;
+      if (!shared_dq) std::fill(dq_acc, dq_acc + L * ld_dq, acc_t(0));
+      int64_t ldq, ldo;
 
       // Chunks take interleaved key blocks: under a causal mask early keys see more queries,
       // so contiguous ranges would leave one worker with most of the work.
       for (int64_t kb = chunk; kb < kv_blocks; kb += chunks) {
         const int64_t j0 = kb * BK, cols = std::min(BK, p.kv_len - j0);
-        const acc_t* kt = tile_rows<acc_t>(ctx.k, b, h, j0, cols, D, ks, ldk);
-        const acc_t* vt = tile_rows<acc_t>(ctx.v, b, h, j0, cols, Dv, vs, ldv);
-        std::fill(dk_acc, dk_acc + cols * D, acc_t(0));
-        std::fill(dv_acc, dv_acc + cols * Dv, acc_t(0));
-        for (int64_t i0 = ctx.first_query_seeing(j0) / kQueryBlock * kQueryBlock; i0 < L; i0 += kQueryBlock) {
-          const int64_t rows = std::min(kQueryBlock, L - i0);
+        const Panels<acc_t> kt_panels = ctx.pack_keys_transposed(kt_space, b, h, j0, cols);
+        const Panels<acc_t> k_panels = pack_panels(ctx.k.at(b, h, j0), cols, D, ctx.k.s2, ctx.k.s3, k_space);
+        const Panels<acc_t> vt_panels = pack_panels(ctx.v.at(b, h, j0), Dv, cols, ctx.v.s3, ctx.v.s2, vt_space);
+        std::fill(dk_acc, dk_acc + cols * ld_dq, acc_t(0));
+        std::fill(dv_acc, dv_acc + cols * ld_dv, acc_t(0));
+        for (int64_t i0 = ctx.first_query_seeing(j0) / QB * QB; i0 < L; i0 += QB) {
+          const int64_t rows = std::min(QB, L - i0);
           const acc_t* qt = tile_rows<acc_t>(ctx.q, b, h, i0, rows, D, qs, ldq);
           const acc_t* dot = tile_rows<acc_t>(dout, b, h, i0, rows, Dv, dos, ldo);
-          ctx.scores(st, BK, qt, ldq, kt, ldk, b, h, i0, rows, j0, cols, unused_max);
+          const Panels<acc_t> q_panels = pack_panels(qt, rows, D, ldq, int64_t(1), q_space);
+          const Panels<acc_t> do_panels = pack_panels(dot, rows, Dv, ldo, int64_t(1), do_space);
+          ctx.scores(st, BK, qt, ldq, kt_panels, b, h, i0, rows, j0, cols, unused_max);
           for (int64_t r = 0; r < rows; ++r) ctx.probabilities_row(st + r * BK, cols, lse_row[i0 + r]);
-          gemm_nt<acc_t>(rows, cols, Dv, dot, ldo, vt, ldv, dpt, BK, acc_t(0));  // dP = dO V^T
+          gemm_packed<acc_t>(rows, cols, Dv, dot, ldo, 1, vt_panels, dpt, BK, false);  // dP = dO V^T
           for (int64_t r = 0; r < rows; ++r) {
             acc_t* prob = st + r * BK;
             acc_t* dp = dpt + r * BK;
@@ -399,18 +459,18 @@ void attention_backward_cpu_impl(const AttentionParams& p, const at::Tensor& gra
             softmax_grad_row(dp, prob, cols, delta_row[i0 + r]);  // dS = P * (dP - delta)
             if (p.dropout_p > 0) ctx.dropout_row(prob, b, h, i0 + r, j0, cols);
           }
-          gemm_tn<acc_t>(cols, Dv, rows, st, BK, dot, ldo, dv_acc, Dv, acc_t(1));   // dV += P'^T dO
-          gemm_tn<acc_t>(cols, D, rows, dpt, BK, qt, ldq, dk_acc, D, acc_t(1));     // dK += dS^T Q
-          gemm_nn<acc_t>(rows, D, cols, dpt, BK, kt, ldk, dq_acc + i0 * D, D, acc_t(1));  // dQ += dS K
+          gemm_packed<acc_t>(cols, Dv, rows, st, 1, BK, do_panels, dv_acc, ld_dv, true);   // dV += P'^T dO
+          gemm_packed<acc_t>(cols, D, rows, dpt, 1, BK, q_panels, dk_acc, ld_dq, true);    // dK += dS^T Q
+          gemm_packed<acc_t>(rows, D, cols, dpt, BK, 1, k_panels, dq_acc + i0 * ld_dq, ld_dq, true);  // dQ += dS K
           if (bias_grad_copy != nullptr) bias_grad.add_tile(bias_grad_copy, dpt, BK, b, h, i0, rows, j0, cols);
         }
         for (int64_t c = 0; c < cols; ++c) {
-          store_row(dk.at(b, h, j0 + c), dk.s3, dk_acc + c * D, D, acc_t(p.scale));
-          store_row(dv.at(b, h, j0 + c), dv.s3, dv_acc + c * Dv, Dv, acc_t(1));
+          store_row(dk.at(b, h, j0 + c), dk.s3, dk_acc + c * ld_dq, D, acc_t(p.scale));
+          store_row(dv.at(b, h, j0 + c), dv.s3, dv_acc + c * ld_dv, Dv, acc_t(1));
         }
       }
       if (!shared_dq) {
-        for (int64_t i = 0; i < L; ++i) store_row(dq.at(b, h, i), dq.s3, dq_acc + i * D, D, acc_t(p.scale));
+        for (int64_t i = 0; i < L; ++i) store_row(dq.at(b, h, i), dq.s3, dq_acc + i * ld_dq, D, acc_t(p.scale));
       }
     };
   });
@@ -422,7 +482,7 @@ void attention_backward_cpu_impl(const AttentionParams& p, const at::Tensor& gra
       for (int64_t r = begin; r < end; ++r) {
         std::fill(row.begin(), row.end(), acc_t(0));
         for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-          const acc_t* part = partials + (chunk * BH * L + r) * D;
+          const acc_t* part = partials + (chunk * BH * L + r) * ld_dq;
           for (int64_t c = 0; c < D; ++c) row[c] += part[c];
         }
         const int64_t bh = r / L, i = r % L;
@@ -473,29 +533,30 @@ void attention_weights_cpu_impl(const AttentionParams& p, const at::Tensor& quer
   const int64_t heads_per_task = average_heads ? p.heads : 1;
   const int64_t groups = p.batch * p.heads / heads_per_task;
   const int64_t BK = std::min(kForwardKeyBlock, std::max<int64_t>(S, 1));
+  const int64_t ld_s = padded_to_panels<acc_t>(BK);
 
   for_each_task(groups * q_blocks, 2.0 * p.batch * p.heads * p.q_len * S * D, [&](int64_t) {
-    auto scratch = std::make_shared<std::vector<acc_t>>(kQueryBlock * D + BK * D + kQueryBlock * BK + kQueryBlock +
+    auto scratch = std::make_shared<std::vector<acc_t>>(kQueryBlock * D + ld_s * D + kQueryBlock * ld_s + kQueryBlock +
                                                         (average_heads ? kQueryBlock * S : 0));
     return [&, scratch](int64_t task) {
       acc_t* qs = scratch->data();
-      acc_t* ks = qs + kQueryBlock * D;
-      acc_t* st = ks + BK * D;
-      acc_t* unused_max = st + kQueryBlock * BK;
+      acc_t* k_space = qs + kQueryBlock * D;
+      acc_t* st = k_space + ld_s * D;
+      acc_t* unused_max = st + kQueryBlock * ld_s;
       acc_t* head_sum = unused_max + kQueryBlock;
       const int64_t qb = task % q_blocks, group = task / q_blocks;
       const int64_t i0 = qb * kQueryBlock, rows = std::min(kQueryBlock, p.q_len - i0);
       if (average_heads) std::fill(head_sum, head_sum + rows * S, acc_t(0));
       for (int64_t bh = group * heads_per_task; bh < (group + 1) * heads_per_task; ++bh) {
         const int64_t b = bh / p.heads, h = bh % p.heads;
-        int64_t ldq, ldk;
+        int64_t ldq;
         const acc_t* qt = tile_rows<acc_t>(ctx.q, b, h, i0, rows, D, qs, ldq);
         for (int64_t j0 = 0; j0 < S; j0 += BK) {
           const int64_t cols = std::min(BK, S - j0);
-          const acc_t* kt = tile_rows<acc_t>(ctx.k, b, h, j0, cols, D, ks, ldk);
-          ctx.scores(st, BK, qt, ldq, kt, ldk, b, h, i0, rows, j0, cols, unused_max);
+          ctx.scores(st, ld_s, qt, ldq, ctx.pack_keys_transposed(k_space, b, h, j0, cols), b, h, i0, rows, j0, cols,
+                     unused_max);
           for (int64_t r = 0; r < rows; ++r) {
-            acc_t* prob = st + r * BK;
+            acc_t* prob = st + r * ld_s;
             ctx.probabilities_row(prob, cols, lse_data[bh * p.q_len + i0 + r]);
             if (p.dropout_p > 0) ctx.dropout_row(prob, b, h, i0 + r, j0, cols);
             if (average_heads) {

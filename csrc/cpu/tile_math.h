@@ -1,7 +1,7 @@
 #pragma once
-// Dense tile arithmetic for the CPU attention kernels: row-major GEMMs on packed tiles
-// (through the BLAS inside libtorch_cpu) and the softmax row operations,
-// vectorised for float32 with ATen's Vectorized (AVX2 baseline of this build).
+// Row operations of the CPU attention kernels (the softmax and its gradient), vectorised
+// for float32 with ATen's Vectorized (AVX2 baseline of this build). The tile products
+// are in packed_gemm.h.
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
@@ -12,77 +12,6 @@
 #include <type_traits>
 
 namespace qkv {
-
-namespace detail {
-
-// Column-major BLAS through the Fortran interface that libtorch_cpu exports (MKL or
-// OpenBLAS, LP64). Weak, so a torch built without BLAS falls back to the plain loop below.
-extern "C" {
-void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
-            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
-            const int* ldc) __attribute__((weak));
-void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* alpha,
-            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
-            const int* ldc) __attribute__((weak));
-}
-
-template <typename acc_t>
-void reference_colmajor_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const acc_t* a, int64_t lda,
-                             const acc_t* b, int64_t ldb, acc_t beta, acc_t* c, int64_t ldc) {
-  for (int64_t j = 0; j < n; ++j) {
-    for (int64_t i = 0; i < m; ++i) {
-      acc_t sum = 0;
-      for (int64_t l = 0; l < k; ++l) sum += (ta ? a[i * lda + l] : a[l * lda + i]) * (tb ? b[l * ldb + j] : b[j * ldb + l]);
-      c[j * ldc + i] = (beta == acc_t(0) ? acc_t(0) : beta * c[j * ldc + i]) + sum;
-    }
-  }
-}
-
-// C (m x n, column-major) = op(A) op(B) + beta C. Tiles are small, so int dims are safe.
-template <typename acc_t>
-void colmajor_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const acc_t* a, int64_t lda,
-                   const acc_t* b, int64_t ldb, acc_t beta, acc_t* c, int64_t ldc) {
-  if (m == 0 || n == 0) return;
-  auto blas = [&](auto* fn) {
-    const char cta = ta ? 'T' : 'N', ctb = tb ? 'T' : 'N';
-    const int im = int(m), in = int(n), ik = int(k), ilda = int(lda), ildb = int(ldb), ildc = int(ldc);
-    const acc_t one = 1;
-    fn(&cta, &ctb, &im, &in, &ik, &one, a, &ilda, b, &ildb, &beta, c, &ildc);
-  };
-  // BLAS rejects zero leading dimensions, which an empty head_dim gives.
-  const bool blas_ok = k > 0 && lda > 0 && ldb > 0;
-  if constexpr (std::is_same_v<acc_t, float>) {
-    if (blas_ok && sgemm_ != nullptr) return blas(sgemm_);
-  } else {
-    if (blas_ok && dgemm_ != nullptr) return blas(dgemm_);
-  }
-  reference_colmajor_gemm(ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc);
-}
-}  // namespace detail
-
-// C (m x n) = A (m x k) . B (k x n) + beta C, all row-major.
-template <typename acc_t>
-void gemm_nn(int64_t m, int64_t n, int64_t k, const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb,
-             acc_t* c, int64_t ldc, acc_t beta) {
-  detail::colmajor_gemm<acc_t>(false, false, n, m, k, b, ldb, a,
-                               lda, beta, c, ldc);
-}
-
-// C (m x n) = A (m x k) . B (n x k)^T + beta C, all row-major.
-template <typename acc_t>
-void gemm_nt(int64_t m, int64_t n, int64_t k, const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb,
-             acc_t* c, int64_t ldc, acc_t beta) {
-  detail::colmajor_gemm<acc_t>(true, false, n, m, k, b, ldb, a,
-                               lda, beta, c, ldc);
-}
-
-// C (m x n) = A (k x m)^T . B (k x n) + beta C, all row-major.
-template <typename acc_t>
-void gemm_tn(int64_t m, int64_t n, int64_t k, const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb,
-             acc_t* c, int64_t ldc, acc_t beta) {
-  detail::colmajor_gemm<acc_t>(false, true, n, m, k, b, ldb, a,
-                               lda, beta, c, ldc);
-}
 
 // x = exp(x - shift) in place; returns the sum. exp(-inf) = 0 covers masked entries.
 template <typename acc_t>
