@@ -207,7 +207,8 @@ void attention_forward_cpu_impl(const AttentionParams& p, const at::Tensor& quer
   const int64_t q_blocks = (p.q_len + QB - 1) / QB;
   const int64_t BK = std::min(kForwardKeyBlock, std::max<int64_t>(p.kv_len, 1));
   const int64_t ld_s = padded_to_panels<acc_t>(BK), ld_acc = padded_to_panels<acc_t>(Dv);
-  const int64_t key_tiles = (p.kv_len + BK - 1) / BK;
+  // Packed K and V for a whole (b, h), unless no query block is tall enough to use them.
+  const int64_t key_tiles = p.q_len >= kMinRowsForPanels ? (p.kv_len + BK - 1) / BK : 0;
   const int64_t k_tile_size = ld_s * D, v_tile_size = BK * ld_acc;  // one packed key tile of K^T, of V
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
 
@@ -220,12 +221,14 @@ void attention_forward_cpu_impl(const AttentionParams& p, const at::Tensor& quer
   const double flops = 2.0 * BH * p.q_len * p.kv_len * (D + Dv);
   for_each_task(BH * groups, flops, [&](int64_t) {
     auto scratch = std::make_shared<std::vector<acc_t>>(QB * D + key_tiles * (k_tile_size + v_tile_size) +
-                                                        QB * ld_s + QB * ld_acc + 3 * QB);
+                                                        BK * (D + Dv) + QB * ld_s + QB * ld_acc + 3 * QB);
     return [&, scratch](int64_t task) {
       acc_t* qs = scratch->data();
       acc_t* k_packed = qs + QB * D;
       acc_t* v_packed = k_packed + key_tiles * k_tile_size;
-      acc_t* st = v_packed + key_tiles * v_tile_size;
+      acc_t* k_rows = v_packed + key_tiles * v_tile_size;  // converted K and V rows for few-row blocks
+      acc_t* v_rows = k_rows + BK * D;
+      acc_t* st = v_rows + BK * Dv;
       acc_t* acc = st + QB * ld_s;
       acc_t* row_max = acc + QB * ld_acc;
       acc_t* row_sum = row_max + QB;
@@ -254,9 +257,9 @@ void attention_forward_cpu_impl(const AttentionParams& p, const at::Tensor& quer
           int64_t ldk = 0, ldv = 0;
           const acc_t* kt = nullptr;
           const acc_t* vt = nullptr;
-          if (few_rows) {  // K and V rows in place (or converted into the tile's space), no panels
-            kt = tile_rows<acc_t>(ctx.k, b, h, j0, cols, D, k_space, ldk);
-            vt = tile_rows<acc_t>(ctx.v, b, h, j0, cols, Dv, v_space, ldv);
+          if (few_rows) {  // K and V rows in place (or converted), no panels
+            kt = tile_rows<acc_t>(ctx.k, b, h, j0, cols, D, k_rows, ldk);
+            vt = tile_rows<acc_t>(ctx.v, b, h, j0, cols, Dv, v_rows, ldv);
             gemm_nt_dots<acc_t>(rows, cols, D, qt, ldq, kt, ldk, st, ld_s);
             ctx.finish_scores(st, ld_s, b, h, i0, rows, j0, cols, tile_max);
           } else {
