@@ -82,6 +82,17 @@ const acc_t* tile_rows(const Strided4<scalar_t>& t, int64_t b, int64_t h, int64_
   return scratch;
 }
 
+// Rows [i0, i0 + rows) of slice (b, h), times `factor`, as a dense acc_t copy (ld = cols).
+template <typename acc_t, typename scalar_t>
+void scaled_rows(const Strided4<scalar_t>& t, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t cols,
+                 acc_t factor, acc_t* dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* s = t.at(b, h, i0 + r);
+    acc_t* d = dst + r * cols;
+    for (int64_t c = 0; c < cols; ++c) d[c] = static_cast<acc_t>(s[c * t.s3]) * factor;
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 void store_row(scalar_t* dst, int64_t stride, const acc_t* src, int64_t n, acc_t mul) {
   if (stride == 1) {
@@ -124,6 +135,10 @@ struct TileContext {
   const scalar_t* bias_data = nullptr;  // expanded (B, H, L, S) strides, zeros on broadcast dims
   int64_t bias_s0 = 0, bias_s1 = 0, bias_s2 = 0, bias_s3 = 0;
   uint64_t keep_threshold = 0;
+  // Scores are kept in log2 units, s = log2(e) * (scale * q . k + bias), so that the softmax
+  // is 2^(s - max): the products are scaled by score_scale and the bias by kLog2e.
+  static constexpr acc_t kLog2e = acc_t(1.4426950408889634);
+  acc_t score_scale = 0;
 
   TileContext(const AttentionParams& params, const at::Tensor& query, const at::Tensor& key,
               const at::Tensor& value, const std::optional<at::Tensor>& bias)
@@ -134,6 +149,7 @@ struct TileContext {
       bias_s0 = e.stride(0), bias_s1 = e.stride(1), bias_s2 = e.stride(2), bias_s3 = e.stride(3);
     }
     keep_threshold = dropout_threshold(p.dropout_p);
+    score_scale = static_cast<acc_t>(p.scale * 1.4426950408889634);
   }
 
   // One past the last key that any query row in [i0, i1) may see.
@@ -154,22 +170,49 @@ struct TileContext {
     return pack_panels(k.at(b, h, j0), p.head_dim, cols, k.s3, k.s2, dst);
   }
 
-  // scores[r] = scale * q_r . k + bias, -inf where causally hidden; returns the row maxima.
-  // `k_panels` comes from pack_keys_transposed; ldo >= padded_to_panels(cols).
-  void scores(acc_t* out, int64_t ldo, const acc_t* qt, int64_t ldq, Panels<acc_t> k_panels, int64_t b,
-              int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols, acc_t* row_max) const {
-    gemm_packed<acc_t>(rows, cols, p.head_dim, qt, ldq, 1, k_panels, out, ldo, false);
-    finish_scores(out, ldo, b, h, i0, rows, j0, cols, row_max);
+  // The causal mask as the extent of a tile product whose rows are query rows i0 + r: block
+  // [r0, r0 + mr) sees keys j0 + [0, seen) of the tile, seen being its last row's count. For
+  // products with keys as columns (the scores, dP) and reducing over keys (PV, dS K).
+  int64_t keys_seen_by_block(int64_t i0, int64_t j0, int64_t cols, int64_t r0, int64_t mr) const {
+    return visible_keys(i0 + r0 + mr - 1, j0, cols);
+  }
+  auto visible_key_columns(int64_t i0, int64_t j0, int64_t cols) const {
+    return [this, i0, j0, cols](int64_t r0, int64_t mr) {
+      return RowBlockExtent{keys_seen_by_block(i0, j0, cols, r0, mr), 0, INT64_MAX};
+    };
+  }
+  auto visible_key_depth(int64_t i0, int64_t j0, int64_t cols) const {
+    return [this, i0, j0, cols](int64_t r0, int64_t mr) {
+      return RowBlockExtent{INT64_MAX, 0, keys_seen_by_block(i0, j0, cols, r0, mr)};
+    };
+  }
+  // For products whose rows are keys j0 + c and which reduce over query rows i0 + r (P^T dO,
+  // dS^T Q): block [c0, c0 + mr) of keys is seen by query rows from first_query_seeing on.
+  auto seeing_extent(int64_t i0, int64_t j0) const {
+    return [this, i0, j0](int64_t c0, int64_t) {
+      return RowBlockExtent{INT64_MAX, first_query_seeing(j0 + c0) - i0, INT64_MAX};
+    };
   }
 
-  // Turns raw products q_r . k in `out` into scores (see scores()); returns the row maxima.
-  void finish_scores(acc_t* out, int64_t ldo, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0,
-                     int64_t cols, acc_t* row_max) const {
+  // scores[r] = log2(e) * (scale * q_r . k + bias), -inf where causally hidden; returns the
+  // row maxima. `k_panels` comes from pack_keys_transposed; ldo >= padded_to_panels(cols).
+  void scores(acc_t* out, int64_t ldo, const acc_t* qt, int64_t ldq, Panels<acc_t> k_panels, int64_t b,
+              int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols, acc_t* row_max) const {
+    gemm_packed<acc_t>(rows, cols, p.head_dim, qt, ldq, 1, k_panels, out, ldo, false,
+                       visible_key_columns(i0, j0, cols));
+    finish_scores(out, ldo, score_scale, b, h, i0, rows, j0, cols, row_max);
+  }
+
+  // Turns raw products in `out`, times `product_scale` (score_scale, or 1 when the queries
+  // were scaled already), into scores (see scores()); returns the row maxima.
+  void finish_scores(acc_t* out, int64_t ldo, acc_t product_scale, int64_t b, int64_t h, int64_t i0, int64_t rows,
+                     int64_t j0, int64_t cols, acc_t* row_max) const {
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t i = i0 + r;
       const scalar_t* brow =
           bias_data == nullptr ? nullptr : bias_data + b * bias_s0 + h * bias_s1 + i * bias_s2 + j0 * bias_s3;
-      row_max[r] = scale_bias_mask_max(out + r * ldo, cols, visible_keys(i, j0, cols), acc_t(p.scale), brow, bias_s3);
+      row_max[r] =
+          scale_bias_mask_max(out + r * ldo, cols, visible_keys(i, j0, cols), product_scale, brow, bias_s3, kLog2e);
     }
   }
 
@@ -182,12 +225,13 @@ struct TileContext {
     }
   }
 
-  // Turns a row of scores into probabilities exp(s - lse) (all zero when lse = -inf).
+  // Turns a row of scores into probabilities 2^(s - log2(e) lse) = exp(natural score - lse)
+  // (all zero when lse = -inf).
   static void probabilities_row(acc_t* s, int64_t cols, acc_t lse) {
     if (lse == -std::numeric_limits<acc_t>::infinity()) {
       std::fill(s, s + cols, acc_t(0));
     } else {
-      exp_and_sum(s, cols, lse);
+      exp2_and_sum(s, cols, lse * kLog2e);
     }
   }
 };
@@ -240,8 +284,8 @@ void attention_forward_cpu_impl(const AttentionParams& p, const at::Tensor& quer
         const int64_t i0 = qb * QB, rows = std::min(QB, p.q_len - i0);
         // Below this many query rows (decoding), packing K and V would cost as much as using them.
         const bool few_rows = rows < kMinRowsForPanels;
-        int64_t ldq;
-        const acc_t* qt = tile_rows<acc_t>(ctx.q, b, h, i0, rows, D, qs, ldq);
+        // The queries times scale * log2(e): the products come out as scores, no pass over them.
+        scaled_rows(ctx.q, b, h, i0, rows, D, ctx.score_scale, qs);
         std::fill(acc, acc + rows * ld_acc, acc_t(0));
         std::fill(row_max, row_max + rows, neg_inf);
         std::fill(row_sum, row_sum + rows, acc_t(0));
@@ -254,21 +298,30 @@ void attention_forward_cpu_impl(const AttentionParams& p, const at::Tensor& quer
           acc_t* k_space = k_packed + tile * k_tile_size;
           acc_t* v_space = v_packed + tile * v_tile_size;
           const Panels<acc_t> k_panels{k_space, D}, v_panels{v_space, full};
+          // Every row sees every key of the tile and nothing is added: the row maxima come
+          // straight out of the product.
+          const bool plain = ctx.bias_data == nullptr && ctx.visible_keys(i0, j0, cols) == cols;
           int64_t ldk = 0, ldv = 0;
           const acc_t* kt = nullptr;
           const acc_t* vt = nullptr;
           if (few_rows) {  // K and V rows in place (or converted), no panels
             kt = tile_rows<acc_t>(ctx.k, b, h, j0, cols, D, k_rows, ldk);
             vt = tile_rows<acc_t>(ctx.v, b, h, j0, cols, Dv, v_rows, ldv);
-            gemm_nt_dots<acc_t>(rows, cols, D, qt, ldq, kt, ldk, st, ld_s);
-            ctx.finish_scores(st, ld_s, b, h, i0, rows, j0, cols, tile_max);
+            gemm_nt_dots<acc_t>(rows, cols, D, qs, D, kt, ldk, st, ld_s);
+            ctx.finish_scores(st, ld_s, acc_t(1), b, h, i0, rows, j0, cols, tile_max);
           } else {
             if (tile >= tiles_packed) {
               ctx.pack_keys_transposed(k_space, b, h, j0, full);
               pack_panels(ctx.v.at(b, h, j0), full, Dv, ctx.v.s2, ctx.v.s3, v_space);
               tiles_packed = tile + 1;
             }
-            ctx.scores(st, ld_s, qt, ldq, k_panels, b, h, i0, rows, j0, cols, tile_max);
+            if (plain) {
+              gemm_packed_row_max<acc_t>(rows, cols, D, qs, D, 1, k_panels, st, ld_s, tile_max);
+            } else {
+              gemm_packed<acc_t>(rows, cols, D, qs, D, 1, k_panels, st, ld_s, false,
+                                 ctx.visible_key_columns(i0, j0, cols));
+              ctx.finish_scores(st, ld_s, acc_t(1), b, h, i0, rows, j0, cols, tile_max);
+            }
           }
           for (int64_t r = 0; r < rows; ++r) {
             acc_t* s = st + r * ld_s;
@@ -278,25 +331,27 @@ void attention_forward_cpu_impl(const AttentionParams& p, const at::Tensor& quer
               continue;
             }
             if (new_max != row_max[r]) {  // rescale only when the running maximum moves
-              const acc_t correction = std::exp(row_max[r] - new_max);
+              const acc_t correction = std::exp2(row_max[r] - new_max);
               row_sum[r] *= correction;
               scale_row(acc + r * ld_acc, Dv, correction);
               row_max[r] = new_max;
             }
-            row_sum[r] += exp_and_sum(s, cols, new_max);
+            row_sum[r] += exp2_and_sum(s, cols, new_max);
             if (p.dropout_p > 0) ctx.dropout_row(s, b, h, i0 + r, j0, cols);
           }
           if (few_rows) {
             gemm_nn_axpys<acc_t>(rows, Dv, cols, st, ld_s, vt, ldv, acc, ld_acc);
           } else {
-            gemm_packed<acc_t>(rows, Dv, cols, st, ld_s, 1, v_panels, acc, ld_acc, true);
+            gemm_packed<acc_t>(rows, Dv, cols, st, ld_s, 1, v_panels, acc, ld_acc, true,
+                               ctx.visible_key_depth(i0, j0, cols));
           }
         }
 
         for (int64_t r = 0; r < rows; ++r) {
           const bool empty = row_sum[r] == acc_t(0);
           store_row(o.at(b, h, i0 + r), o.s3, acc + r * ld_acc, Dv, empty ? acc_t(0) : acc_t(1) / row_sum[r]);
-          lse_data[bh * p.q_len + i0 + r] = empty ? neg_inf : row_max[r] + std::log(row_sum[r]);
+          // Back from log2 units: lse = ln 2 * (max + log2(sum)).
+          lse_data[bh * p.q_len + i0 + r] = empty ? neg_inf : (row_max[r] + std::log2(row_sum[r])) / ctx.kLog2e;
         }
       }
     };
@@ -453,18 +508,25 @@ void attention_backward_cpu_impl(const AttentionParams& p, const at::Tensor& gra
           const Panels<acc_t> do_panels = pack_panels(dot, rows, Dv, ldo, int64_t(1), do_space);
           ctx.scores(st, BK, qt, ldq, kt_panels, b, h, i0, rows, j0, cols, unused_max);
           for (int64_t r = 0; r < rows; ++r) ctx.probabilities_row(st + r * BK, cols, lse_row[i0 + r]);
-          gemm_packed<acc_t>(rows, cols, Dv, dot, ldo, 1, vt_panels, dpt, BK, false);  // dP = dO V^T
+          // Under a causal mask the products below skip what the mask hides; the dP columns
+          // they leave unwritten are zeroed per row.
+          gemm_packed<acc_t>(rows, cols, Dv, dot, ldo, 1, vt_panels, dpt, BK, false,
+                             ctx.visible_key_columns(i0, j0, cols));  // dP = dO V^T
           for (int64_t r = 0; r < rows; ++r) {
             acc_t* prob = st + r * BK;
             acc_t* dp = dpt + r * BK;
+            const int64_t seen = ctx.visible_keys(i0 + r, j0, cols);
             // The forward used P' = P * keep / (1 - p): dP needs the same mask, dV needs P'.
-            if (p.dropout_p > 0) ctx.dropout_row(dp, b, h, i0 + r, j0, cols);
-            softmax_grad_row(dp, prob, cols, delta_row[i0 + r]);  // dS = P * (dP - delta)
+            if (p.dropout_p > 0) ctx.dropout_row(dp, b, h, i0 + r, j0, seen);
+            softmax_grad_row(dp, prob, seen, delta_row[i0 + r]);  // dS = P * (dP - delta)
+            std::fill(dp + seen, dp + cols, acc_t(0));
             if (p.dropout_p > 0) ctx.dropout_row(prob, b, h, i0 + r, j0, cols);
           }
-          gemm_packed<acc_t>(cols, Dv, rows, st, 1, BK, do_panels, dv_acc, ld_dv, true);   // dV += P'^T dO
-          gemm_packed<acc_t>(cols, D, rows, dpt, 1, BK, q_panels, dk_acc, ld_dq, true);    // dK += dS^T Q
-          gemm_packed<acc_t>(rows, D, cols, dpt, BK, 1, k_panels, dq_acc + i0 * ld_dq, ld_dq, true);  // dQ += dS K
+          const auto seeing = ctx.seeing_extent(i0, j0);
+          gemm_packed<acc_t>(cols, Dv, rows, st, 1, BK, do_panels, dv_acc, ld_dv, true, seeing);  // dV += P'^T dO
+          gemm_packed<acc_t>(cols, D, rows, dpt, 1, BK, q_panels, dk_acc, ld_dq, true, seeing);   // dK += dS^T Q
+          gemm_packed<acc_t>(rows, D, cols, dpt, BK, 1, k_panels, dq_acc + i0 * ld_dq, ld_dq, true,
+                             ctx.visible_key_depth(i0, j0, cols));  // dQ += dS K
           if (bias_grad_copy != nullptr) bias_grad.add_tile(bias_grad_copy, dpt, BK, b, h, i0, rows, j0, cols);
         }
         for (int64_t c = 0; c < cols; ++c) {

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 namespace qkv {
@@ -60,6 +61,17 @@ Panels<acc_t> pack_panels(const src_t* src, int64_t k, int64_t n, int64_t sp, in
   return {dst, k};
 }
 
+// The part of a product that a block of rows [i0, i0 + mr) of C needs, for masks that hide
+// a known region (causal): its first `cols` columns and the depth range [depth_begin,
+// depth_end) of the reduction. The caller guarantees that what is skipped is exactly zero
+// (A is zero outside the depth range) or unused (columns beyond `cols` are left unwritten).
+struct RowBlockExtent {
+  int64_t cols, depth_begin, depth_end;
+};
+struct WholeProduct {
+  RowBlockExtent operator()(int64_t, int64_t) const { return {INT64_MAX, 0, INT64_MAX}; }
+};
+
 namespace detail {
 
 // Raw AVX2 intrinsics and a compile-time accumulate flag keep all 2 * MR accumulators in
@@ -74,6 +86,7 @@ struct Avx2<float> {
   static reg broadcast(const float* p) { return _mm256_broadcast_ss(p); }
   static reg fmadd(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
   static void store(float* p, reg x) { _mm256_storeu_ps(p, x); }
+  static reg max(reg a, reg b) { return _mm256_max_ps(a, b); }
 };
 template <>
 struct Avx2<double> {
@@ -83,13 +96,15 @@ struct Avx2<double> {
   static reg broadcast(const double* p) { return _mm256_broadcast_sd(p); }
   static reg fmadd(reg a, reg b, reg c) { return _mm256_fmadd_pd(a, b, c); }
   static void store(double* p, reg x) { _mm256_storeu_pd(p, x); }
+  static reg max(reg a, reg b) { return _mm256_max_pd(a, b); }
 };
 
 // C[MR x W] = A[MR x k] . panel[k x W] (+ C when accumulating), in registers:
-// 2 * MR accumulators, 2 panel loads and MR broadcasts per step of k.
-template <typename acc_t, int MR, bool kAccumulate>
+// 2 * MR accumulators, 2 panel loads and MR broadcasts per step of k. With kRowMax, also
+// vmax[i] = max(vmax[i], row i of C) lane-wise (V lanes per row), while C is in registers.
+template <typename acc_t, int MR, bool kAccumulate, bool kRowMax = false>
 inline void micro_kernel(int64_t k, const acc_t* a, int64_t rsa, int64_t csa, const acc_t* panel, acc_t* c,
-                         int64_t ldc) {
+                         int64_t ldc, acc_t* vmax = nullptr) {
   using R = Avx2<acc_t>;
   constexpr int64_t V = kPanelWidth<acc_t> / 2;
   typename R::reg lo[MR], hi[MR];
@@ -112,34 +127,41 @@ inline void micro_kernel(int64_t k, const acc_t* a, int64_t rsa, int64_t csa, co
   for (int i = 0; i < MR; ++i) {
     R::store(c + i * ldc, lo[i]);
     R::store(c + i * ldc + V, hi[i]);
+    if constexpr (kRowMax) R::store(vmax + i * V, R::max(R::load(vmax + i * V), R::max(lo[i], hi[i])));
   }
 }
 
-template <typename acc_t, bool kAccumulate>
+template <typename acc_t, bool kAccumulate, bool kRowMax = false>
 inline void micro_kernel_rows(int64_t mr, int64_t k, const acc_t* a, int64_t rsa, int64_t csa, const acc_t* panel,
-                              acc_t* c, int64_t ldc) {
+                              acc_t* c, int64_t ldc, acc_t* vmax = nullptr) {
   switch (mr) {
-    case 6: return micro_kernel<acc_t, 6, kAccumulate>(k, a, rsa, csa, panel, c, ldc);
-    case 5: return micro_kernel<acc_t, 5, kAccumulate>(k, a, rsa, csa, panel, c, ldc);
-    case 4: return micro_kernel<acc_t, 4, kAccumulate>(k, a, rsa, csa, panel, c, ldc);
-    case 3: return micro_kernel<acc_t, 3, kAccumulate>(k, a, rsa, csa, panel, c, ldc);
-    case 2: return micro_kernel<acc_t, 2, kAccumulate>(k, a, rsa, csa, panel, c, ldc);
-    default: return micro_kernel<acc_t, 1, kAccumulate>(k, a, rsa, csa, panel, c, ldc);
+    case 6: return micro_kernel<acc_t, 6, kAccumulate, kRowMax>(k, a, rsa, csa, panel, c, ldc, vmax);
+    case 5: return micro_kernel<acc_t, 5, kAccumulate, kRowMax>(k, a, rsa, csa, panel, c, ldc, vmax);
+    case 4: return micro_kernel<acc_t, 4, kAccumulate, kRowMax>(k, a, rsa, csa, panel, c, ldc, vmax);
+    case 3: return micro_kernel<acc_t, 3, kAccumulate, kRowMax>(k, a, rsa, csa, panel, c, ldc, vmax);
+    case 2: return micro_kernel<acc_t, 2, kAccumulate, kRowMax>(k, a, rsa, csa, panel, c, ldc, vmax);
+    default: return micro_kernel<acc_t, 1, kAccumulate, kRowMax>(k, a, rsa, csa, panel, c, ldc, vmax);
   }
 }
+
+constexpr int64_t kMicroRows = 6;
 
 // Loop order: each block of MR rows of A (held in L1) against every panel of B (streamed
 // from L2 in order). Measured as fast as or faster than panel-outer and k-chunked orders on
 // the attention tile shapes.
-template <typename acc_t, bool kAccumulate>
+template <typename acc_t, bool kAccumulate, typename ExtentOf>
 void gemm_packed(int64_t m, int64_t n, int64_t k, const acc_t* a, int64_t rsa, int64_t csa, Panels<acc_t> b,
-                 acc_t* c, int64_t ldc) {
-  constexpr int64_t W = kPanelWidth<acc_t>, MR = 6;
-  for (int64_t i0 = 0; i0 < m; i0 += MR) {
-    const int64_t mr = std::min(MR, m - i0);
-    for (int64_t j0 = 0; j0 < n; j0 += W) {
-      micro_kernel_rows<acc_t, kAccumulate>(mr, k, a + i0 * rsa, rsa, csa, b.data + j0 * b.depth, c + i0 * ldc + j0,
-                                            ldc);
+                 acc_t* c, int64_t ldc, const ExtentOf& extent_of) {
+  constexpr int64_t W = kPanelWidth<acc_t>;
+  for (int64_t i0 = 0; i0 < m; i0 += kMicroRows) {
+    const int64_t mr = std::min(kMicroRows, m - i0);
+    const RowBlockExtent e = extent_of(i0, mr);
+    const int64_t cols = std::min(n, e.cols), p0 = std::clamp<int64_t>(e.depth_begin, 0, k);
+    const int64_t depth = std::min(k, e.depth_end) - p0;
+    if (depth <= 0 && kAccumulate) continue;
+    for (int64_t j0 = 0; j0 < cols; j0 += W) {
+      micro_kernel_rows<acc_t, kAccumulate>(mr, std::max<int64_t>(depth, 0), a + i0 * rsa + p0 * csa, rsa, csa,
+                                            b.data + j0 * b.depth + p0 * W, c + i0 * ldc + j0, ldc);
     }
   }
 }
@@ -149,13 +171,40 @@ void gemm_packed(int64_t m, int64_t n, int64_t k, const acc_t* a, int64_t rsa, i
 // C (m x n) = A (m x k) . B (k x n), plus C when `accumulate`. A's element (i, p) is read at
 // a[i * rsa + p * csa]; B is the first k rows of `b` (k <= b.depth); C is row-major with ldc
 // at least padded_to_panels(n), and its padding columns are written too (zeros times A).
-template <typename acc_t>
+// `extent_of(i0, mr)` (a RowBlockExtent) may restrict each block of rows to part of the product.
+template <typename acc_t, typename ExtentOf = WholeProduct>
 void gemm_packed(int64_t m, int64_t n, int64_t k, const acc_t* a, int64_t rsa, int64_t csa, Panels<acc_t> b,
-                 acc_t* c, int64_t ldc, bool accumulate) {
+                 acc_t* c, int64_t ldc, bool accumulate, const ExtentOf& extent_of = {}) {
   if (accumulate) {
-    detail::gemm_packed<acc_t, true>(m, n, k, a, rsa, csa, b, c, ldc);
+    detail::gemm_packed<acc_t, true>(m, n, k, a, rsa, csa, b, c, ldc, extent_of);
   } else {
-    detail::gemm_packed<acc_t, false>(m, n, k, a, rsa, csa, b, c, ldc);
+    detail::gemm_packed<acc_t, false>(m, n, k, a, rsa, csa, b, c, ldc, extent_of);
+  }
+}
+
+// C = A . B as gemm_packed (no accumulate, whole product), and row_max[i] = the maximum of
+// the n real columns of row i of C, taken while C is still in registers (the forward's
+// scores need no second pass over the tile).
+template <typename acc_t>
+void gemm_packed_row_max(int64_t m, int64_t n, int64_t k, const acc_t* a, int64_t rsa, int64_t csa, Panels<acc_t> b,
+                         acc_t* c, int64_t ldc, acc_t* row_max) {
+  constexpr int64_t W = kPanelWidth<acc_t>, V = W / 2, MR = detail::kMicroRows;
+  const int64_t full_end = n / W * W;  // the partial last panel's padding must not enter the max
+  alignas(32) acc_t vmax[MR * V];
+  for (int64_t i0 = 0; i0 < m; i0 += MR) {
+    const int64_t mr = std::min(MR, m - i0);
+    std::fill(vmax, vmax + MR * V, -std::numeric_limits<acc_t>::infinity());
+    const acc_t* ai = a + i0 * rsa;
+    acc_t* ci = c + i0 * ldc;
+    for (int64_t j0 = 0; j0 < full_end; j0 += W) {
+      detail::micro_kernel_rows<acc_t, false, true>(mr, k, ai, rsa, csa, b.data + j0 * b.depth, ci + j0, ldc, vmax);
+    }
+    if (full_end < n) detail::micro_kernel_rows<acc_t, false>(mr, k, ai, rsa, csa, b.data + full_end * b.depth, ci + full_end, ldc);
+    for (int64_t i = 0; i < mr; ++i) {
+      acc_t mx = *std::max_element(vmax + i * V, vmax + (i + 1) * V);
+      for (int64_t j = full_end; j < n; ++j) mx = std::max(mx, ci[i * ldc + j]);
+      row_max[i0 + i] = mx;
+    }
   }
 }
 

@@ -1,9 +1,10 @@
 #pragma once
 // Row operations of the CPU attention kernels (the softmax and its gradient), vectorised
-// for float32 with ATen's Vectorized (AVX2 baseline of this build). The tile products
-// are in packed_gemm.h.
+// for float32 with AVX2 (the baseline of this build), directly or through ATen's Vectorized.
+// The tile products are in packed_gemm.h.
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
@@ -13,45 +14,79 @@
 
 namespace qkv {
 
-// x = exp(x - shift) in place; returns the sum. exp(-inf) = 0 covers masked entries.
+// The kernels keep scores in log2 units (scale * log2(e) folded into the products), so the
+// softmax needs 2^x, which is cheaper than exp: no range reduction by ln 2.
+
+// 2^x lane-wise for x <= 0 (a score minus its row max): 2^round(x) from the exponent bits
+// times a degree-5 polynomial for 2^f on [-1/2, 1/2] (relative error 1.8e-7, fitted here);
+// exactly 0 below -126 and at -inf (masked keys); NaN stays NaN.
+inline __m256 exp2_nonpositive(__m256 x) {
+  const __m256 lowest = _mm256_set1_ps(-126.f);
+  const __m256 too_small = _mm256_cmp_ps(x, lowest, _CMP_LT_OQ);
+  x = _mm256_max_ps(lowest, x);  // this operand order keeps NaN
+  const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(x, n);
+  __m256 poly = _mm256_set1_ps(0.0013218672247603536f);
+  poly = _mm256_fmadd_ps(poly, f, _mm256_set1_ps(0.009671698324382305f));
+  poly = _mm256_fmadd_ps(poly, f, _mm256_set1_ps(0.05550893023610115f));
+  poly = _mm256_fmadd_ps(poly, f, _mm256_set1_ps(0.24022237956523895f));
+  poly = _mm256_fmadd_ps(poly, f, _mm256_set1_ps(0.6931468844413757f));
+  poly = _mm256_fmadd_ps(poly, f, _mm256_set1_ps(1.f));
+  const __m256i exponent = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
+  const __m256 result = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(poly), exponent));
+  return _mm256_andnot_ps(too_small, result);
+}
+
+// x = 2^(x - shift) in place; returns the sum. 2^-inf = 0 covers masked entries.
 template <typename acc_t>
-acc_t exp_and_sum(acc_t* x, int64_t n, acc_t shift) {
+acc_t exp2_and_sum(acc_t* x, int64_t n, acc_t shift) {
   acc_t sum = 0;
   for (int64_t i = 0; i < n; ++i) {
-    x[i] = std::exp(x[i] - shift);
+    x[i] = std::exp2(x[i] - shift);
     sum += x[i];
   }
   return sum;
 }
 
 template <>
-inline float exp_and_sum<float>(float* x, int64_t n, float shift) {
-  using Vec = at::vec::Vectorized<float>;
-  const Vec vshift(shift);
-  Vec vsum(0.f);
+inline float exp2_and_sum<float>(float* x, int64_t n, float shift) {
+  const __m256 vshift = _mm256_set1_ps(shift);
+  __m256 sum0 = _mm256_setzero_ps(), sum1 = _mm256_setzero_ps();  // two chains hide the add latency
   int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    const Vec e = (Vec::loadu(x + i) - vshift).exp_u20();
-    e.store(x + i);
-    vsum = vsum + e;
+  for (; i + 16 <= n; i += 16) {
+    const __m256 e0 = exp2_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(x + i), vshift));
+    const __m256 e1 = exp2_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(x + i + 8), vshift));
+    _mm256_storeu_ps(x + i, e0);
+    _mm256_storeu_ps(x + i + 8, e1);
+    sum0 = _mm256_add_ps(sum0, e0);
+    sum1 = _mm256_add_ps(sum1, e1);
   }
-  float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsum);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = exp2_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(x + i), vshift));
+    _mm256_storeu_ps(x + i, e);
+    sum0 = _mm256_add_ps(sum0, e);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, _mm256_add_ps(sum0, sum1));
+  float sum = 0.f;
+  for (float lane : lanes) sum += lane;
   for (; i < n; ++i) {
-    x[i] = std::exp(x[i] - shift);
+    x[i] = std::exp2(x[i] - shift);
     sum += x[i];
   }
   return sum;
 }
 
-// s = scale * s + bias for the first `visible` entries, -inf for the rest; returns the max.
-// `bias` (may be null) is read with `bias_stride` (0 when it broadcasts over keys).
+// s = scale * s + bias_scale * bias for the first `visible` entries, -inf for the rest;
+// returns the max. `bias` (may be null) is read with `bias_stride` (0 when it broadcasts over keys).
 template <typename acc_t, typename bias_t>
-acc_t scale_bias_mask_max(acc_t* s, int64_t n, int64_t visible, acc_t scale, const bias_t* bias, int64_t bias_stride) {
+acc_t scale_bias_mask_max(acc_t* s, int64_t n, int64_t visible, acc_t scale, const bias_t* bias, int64_t bias_stride,
+                          acc_t bias_scale) {
   acc_t m = -std::numeric_limits<acc_t>::infinity();
   int64_t c = 0;
   if constexpr (std::is_same_v<acc_t, float>) {
     using Vec = at::vec::Vectorized<float>;
-    const Vec vscale(scale);
+    const Vec vscale(scale), vbias_scale(bias_scale);
     Vec vmax(m);
     if (bias == nullptr) {
       for (; c + Vec::size() <= visible; c += Vec::size()) {
@@ -62,7 +97,7 @@ acc_t scale_bias_mask_max(acc_t* s, int64_t n, int64_t visible, acc_t scale, con
     } else if constexpr (std::is_same_v<bias_t, float>) {
       if (bias_stride == 1) {
         for (; c + Vec::size() <= visible; c += Vec::size()) {
-          const Vec x = at::vec::fmadd(Vec::loadu(s + c), vscale, Vec::loadu(bias + c));
+          const Vec x = at::vec::fmadd(Vec::loadu(s + c), vscale, Vec::loadu(bias + c) * vbias_scale);
           x.store(s + c);
           vmax = at::vec::maximum(vmax, x);
         }
@@ -71,7 +106,7 @@ acc_t scale_bias_mask_max(acc_t* s, int64_t n, int64_t visible, acc_t scale, con
     m = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
   }
   for (; c < visible; ++c) {
-    s[c] = s[c] * scale + (bias == nullptr ? acc_t(0) : static_cast<acc_t>(bias[c * bias_stride]));
+    s[c] = s[c] * scale + (bias == nullptr ? acc_t(0) : static_cast<acc_t>(bias[c * bias_stride]) * bias_scale);
     m = std::max(m, s[c]);
   }
   for (; c < n; ++c) s[c] = -std::numeric_limits<acc_t>::infinity();
