@@ -167,3 +167,37 @@ def test_head_averaged_weights_equal_the_mean_of_per_head_weights(dtype):
     averaged = torch.ops.qkv.attention_weights(q, k, bias, lse, 0.1, True, True, None, seed, True)
     assert averaged.shape == (2, 70, 600)
     torch.testing.assert_close(averaged.double(), per_head.double().mean(1), **tolerance(dtype))
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_sharp_softmax_keeps_float32_accuracy(is_causal):
+    # Scores spread over hundreds (logits of a trained model can be this sharp): the kernel's
+    # exp2 polynomial and its log2 units must keep float32 accuracy across the whole range.
+    q, k, v = make_qkv(1, 2, 150, 300, 32)
+    q = q * 12
+    out, lse = attention(q, k, v, None, 0.0, is_causal)
+    want = reference_attention(q, k, v, is_causal=is_causal)
+    torch.testing.assert_close(out.double(), want, **tolerance(torch.float32))
+    scores = q.double() @ k.double().transpose(-2, -1) / math.sqrt(32)
+    if is_causal:
+        scores = scores.masked_fill(torch.ones(150, 300, dtype=torch.bool).triu(1), float("-inf"))
+    torch.testing.assert_close(lse.double(), torch.logsumexp(scores, -1), atol=1e-4, rtol=1e-5)
+
+
+def test_hidden_keys_get_exactly_zero_weight():
+    q, k, v = make_qkv(1, 2, 40, 300, 16)
+    _, lse = attention(q, k, v, None, 0.0, True)
+    weights = torch.ops.qkv.attention_weights(q, k, None, lse, 0.0, True)
+    hidden = torch.ones(40, 300, dtype=torch.bool).triu(1)
+    assert (weights[..., hidden] == 0).all()
+    assert (weights[..., ~hidden] > 0).all()
+
+
+@pytest.mark.parametrize("L,S,is_causal", [(200, 300, False), (200, 300, True), (2, 40, False)])
+def test_nan_in_a_query_reaches_its_output_row(L, S, is_causal):
+    # A NaN must show up, never be swallowed by the fused row maximum or the exp2 clamp.
+    q, k, v = make_qkv(1, 1, L, S, 16)
+    q[0, 0, 1, 3] = float("nan")
+    out, _ = attention(q, k, v, None, 0.0, is_causal)
+    assert out[0, 0, 1].isnan().all()
+    assert not out[0, 0, 0].isnan().any()

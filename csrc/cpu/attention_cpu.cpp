@@ -325,7 +325,8 @@ void attention_forward_cpu_impl(const AttentionParams& p, const at::Tensor& quer
           }
           for (int64_t r = 0; r < rows; ++r) {
             acc_t* s = st + r * ld_s;
-            const acc_t new_max = std::max(row_max[r], tile_max[r]);
+            // A NaN score (from a NaN or inf input) must reach the output, never read as "nothing visible".
+            const acc_t new_max = std::isnan(tile_max[r]) ? tile_max[r] : std::max(row_max[r], tile_max[r]);
             if (new_max == neg_inf) {  // nothing visible to this row yet
               std::fill(s, s + cols, acc_t(0));
               continue;

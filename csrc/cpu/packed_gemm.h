@@ -12,6 +12,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -37,6 +38,31 @@ struct Panels {
   int64_t depth;
 };
 
+namespace detail {
+
+// dst[q * ldd + r] = src[r * lds + q] for an 8 x 8 block of floats: eight row loads, the
+// classic unpack/shuffle/permute transpose, eight row stores.
+inline void transpose_8x8(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(dst + i * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    _mm256_storeu_ps(dst + (i + 4) * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  }
+}
+
+}  // namespace detail
+
 // Packs B (k x n), element (p, j) at src[p * sp + j * sj], as acc_t into panels at dst
 // (padded_to_panels(n) * k elements). The last panel is zero-padded to width W.
 template <typename acc_t, typename src_t>
@@ -45,7 +71,16 @@ Panels<acc_t> pack_panels(const src_t* src, int64_t k, int64_t n, int64_t sp, in
   for (int64_t j0 = 0; j0 < n; j0 += W) {
     const int64_t w = std::min(W, n - j0);
     acc_t* panel = dst + j0 * k;
-    for (int64_t p = 0; p < k; ++p) {
+    int64_t p = 0;
+    if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<src_t, float>) {
+      if (sp == 1 && w == W) {  // B^T is row-major (K^T, V^T): transpose 8 x 8 blocks in registers
+        for (; p + 8 <= k; p += 8) {
+          detail::transpose_8x8(src + p + j0 * sj, sj, panel + p * W, W);
+          detail::transpose_8x8(src + p + (j0 + 8) * sj, sj, panel + p * W + 8, W);
+        }
+      }
+    }
+    for (; p < k; ++p) {
       const src_t* s = src + p * sp + j0 * sj;
       acc_t* d = panel + p * W;
       if constexpr (std::is_same_v<acc_t, src_t>) {
@@ -203,6 +238,11 @@ void gemm_packed_row_max(int64_t m, int64_t n, int64_t k, const acc_t* a, int64_
     for (int64_t i = 0; i < mr; ++i) {
       acc_t mx = *std::max_element(vmax + i * V, vmax + (i + 1) * V);
       for (int64_t j = full_end; j < n; ++j) mx = std::max(mx, ci[i * ldc + j]);
+      // Vector max drops NaN operands. Beside a finite maximum a NaN still surfaces (2^(NaN - max)
+      // is NaN); with none, look for it so the row is not taken for an empty one.
+      if (mx == -std::numeric_limits<acc_t>::infinity()) {
+        for (int64_t j = 0; j < n; ++j) mx = std::isnan(ci[i * ldc + j]) ? ci[i * ldc + j] : mx;
+      }
       row_max[i0 + i] = mx;
     }
   }

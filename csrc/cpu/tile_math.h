@@ -107,7 +107,7 @@ acc_t scale_bias_mask_max(acc_t* s, int64_t n, int64_t visible, acc_t scale, con
   }
   for (; c < visible; ++c) {
     s[c] = s[c] * scale + (bias == nullptr ? acc_t(0) : static_cast<acc_t>(bias[c * bias_stride]) * bias_scale);
-    m = std::max(m, s[c]);
+    m = std::isnan(s[c]) ? s[c] : std::max(m, s[c]);  // NaN propagates, as in at::vec::maximum
   }
   for (; c < n; ++c) s[c] = -std::numeric_limits<acc_t>::infinity();
   return m;
