@@ -366,16 +366,20 @@ def _packed_in_projection(
     query: Tensor, key: Tensor, value: Tensor, w: Tensor, b: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """torch's packed in-projection (same GEMM sharing and the same errors), but q/k/v stay views
-    of the shared GEMM output instead of being made contiguous."""
+    of the shared GEMM output instead of being made contiguous.
+
+    The views come from ``unbind``: its backward stacks the three gradients into one buffer,
+    where three indexing views would each allocate a zero-filled copy of the whole projection
+    and add them up (measured 1-4% of a training step at E=512)."""
     E = query.size(-1)
     if key is value:
         if query is key:
-            proj = F.linear(query, w, b).unflatten(-1, (3, E))
-            return proj[..., 0, :], proj[..., 1, :], proj[..., 2, :]
+            q, k, v = F.linear(query, w, b).unflatten(-1, (3, E)).unbind(-2)
+            return q, k, v
         w_q, w_kv = w.split([E, E * 2])
         b_q, b_kv = (None, None) if b is None else b.split([E, E * 2])
-        kv = F.linear(key, w_kv, b_kv).unflatten(-1, (2, E))
-        return F.linear(query, w_q, b_q), kv[..., 0, :], kv[..., 1, :]
+        k, v = F.linear(key, w_kv, b_kv).unflatten(-1, (2, E)).unbind(-2)
+        return F.linear(query, w_q, b_q), k, v
     w_q, w_k, w_v = w.chunk(3)
     b_q, b_k, b_v = (None, None, None) if b is None else b.chunk(3)
     return F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
