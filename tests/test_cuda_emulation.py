@@ -278,3 +278,14 @@ def test_emulator_catches_a_missing_barrier(emulated):
     expected = torch.tensor([float((t + 1) % 128 + 1) for t in range(128)])
     assert torch.equal(emulated.barrier_probe(True), expected)
     assert not torch.equal(emulated.barrier_probe(False), expected)
+
+
+@pytest.mark.parametrize("kernel", ["generic", "mma"])
+def test_nan_in_a_query_reaches_its_output_row(emulated, kernel):
+    # As on the CPU: a NaN query row gives NaN output and logsumexp, never zeros and -inf.
+    dtype = torch.float32 if kernel == "generic" else torch.bfloat16
+    q, k, v = make_qkv(Shape(1, 1, 20, 40, 64, 64), dtype, "token_major", seed=seed_of("nan", kernel))
+    q[0, 0, 1, 3] = float("nan")
+    out, lse = emulated_forward(emulated, q, k, v, kernel=kernel)
+    assert out[0, 0, 1].isnan().all() and lse[0, 0, 1].isnan()
+    assert not out[0, 0, 0].isnan().any() and not lse[0, 0, 0].isnan()

@@ -79,8 +79,10 @@ __device__ __forceinline__ double exp_acc(double x) { return exp(x); }
 __device__ __forceinline__ float log_acc(float x) { return log2f(x) * 0.6931471805599453f; }
 __device__ __forceinline__ double log_acc(double x) { return log(x); }
 
-__device__ __forceinline__ float max_acc(float a, float b) { return fmaxf(a, b); }
-__device__ __forceinline__ double max_acc(double a, double b) { return fmax(a, b); }
+// The maximum, NaN if either is NaN (fmax drops a NaN operand): a NaN score must reach the
+// output, never leave a row's maximum at -inf, which reads as a row with nothing visible.
+__device__ __forceinline__ float max_acc(float a, float b) { return a != a || b != b ? a + b : fmaxf(a, b); }
+__device__ __forceinline__ double max_acc(double a, double b) { return a != a || b != b ? a + b : fmax(a, b); }
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t warp_max(acc_t v) {
