@@ -53,6 +53,9 @@ def setup(device: str) -> DistributedContext:
 
 def teardown(context: DistributedContext) -> None:
     if context.distributed:
+        # Every rank reaches this point before any tears down: a rank that destroys its group
+        # (and exits) while another still talks to the store sometimes aborted at exit.
+        dist.barrier()
         dist.destroy_process_group()
 
 
