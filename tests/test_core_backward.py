@@ -133,3 +133,19 @@ def test_gradcheck_head_averaged_weights():
         return attention_weights(q, k, b, lse.detach(), 0.2, False, False, None, seed, True)
 
     assert torch.autograd.gradcheck(averaged, (q, k, bias))
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_sharp_softmax_gradients_keep_float32_accuracy(is_causal):
+    # Scores spread over tens to hundreds: the backward rebuilds P as 2^(s - log2(e) * lse) in
+    # float32, so the rounding of both terms must stay within float32 gradient accuracy.
+    q = (torch.randn(1, 2, 150, 32) * 8).requires_grad_()
+    k, v = leaf(1, 2, 300, 32, dtype=torch.float32), leaf(1, 2, 300, 32, dtype=torch.float32)
+    grad_out = torch.randn(1, 2, 150, 32)
+    out, _ = attention(q, k, v, None, 0.0, is_causal)
+    got = torch.autograd.grad(out, (q, k, v), grad_out)
+    ref_inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    want = torch.autograd.grad(reference_attention(*ref_inputs, is_causal=is_causal), ref_inputs, grad_out.double())
+    for name, g, w in zip("q k v".split(), got, want):
+        scale = w.abs().max().item()
+        torch.testing.assert_close(g.double(), w, atol=5e-5 * scale, rtol=1e-3, msg=f"grad {name}")
