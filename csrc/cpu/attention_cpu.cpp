@@ -137,7 +137,8 @@ struct TileContext {
   uint64_t keep_threshold = 0;
   // Scores are kept in log2 units, s = log2(e) * (scale * q . k + bias), so that the softmax
   // is 2^(s - max): the products are scaled by score_scale and the bias by kLog2e.
-  static constexpr acc_t kLog2e = acc_t(1.4426950408889634);
+  static constexpr double kLog2eDouble = 1.4426950408889634;
+  static constexpr acc_t kLog2e = acc_t(kLog2eDouble);
   acc_t score_scale = 0;
 
   TileContext(const AttentionParams& params, const at::Tensor& query, const at::Tensor& key,
@@ -149,7 +150,7 @@ struct TileContext {
       bias_s0 = e.stride(0), bias_s1 = e.stride(1), bias_s2 = e.stride(2), bias_s3 = e.stride(3);
     }
     keep_threshold = dropout_threshold(p.dropout_p);
-    score_scale = static_cast<acc_t>(p.scale * 1.4426950408889634);
+    score_scale = static_cast<acc_t>(p.scale * kLog2eDouble);  // rounded once
   }
 
   // One past the last key that any query row in [i0, i1) may see.
