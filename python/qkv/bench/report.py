@@ -13,6 +13,7 @@ from pathlib import Path
 
 from . import targets
 from .runner import CaseResult, RunResult
+from .timing import MATMUL
 from .workloads import ONE_THREAD_SUFFIX, QKV, is_qkv_side, split_thread_suffix
 
 MIB = float(1 << 20)
@@ -42,7 +43,7 @@ def flat_rows(run: RunResult) -> list[dict]:
     """One flat dict per case: the CSV rows, and the "rows" of the JSON."""
     sides = side_order(run.results)
     refs = [s for s in sides if not is_qkv_side(s)]
-    scaled = [s for s in sides if any(s in r.thread_scaling for r in run.results)]
+    scaled = [s for s in (*sides, MATMUL) if any(s in r.thread_scaling for r in run.results)]
     rows = []
     for r in run.results:
         c = r.case
@@ -118,7 +119,7 @@ def _mib(nbytes: int | None) -> str:
 
 def _short(name: str) -> str:
     base, one_thread = split_thread_suffix(name)
-    short = {"sdpa_math": "math", "torch_mha": "torch", "torch_mha_weights": "torch(w)", "sdpa_flash": "flash",
+    short = {MATMUL: "mm", "sdpa_math": "math", "torch_mha": "torch", "torch_mha_weights": "torch(w)", "sdpa_flash": "flash",
              "sdpa_efficient": "effic", "sdpa_cudnn": "cudnn"}.get(base, base)
     return short + " 1t" if one_thread else short
 
@@ -174,6 +175,7 @@ def thread_scaling_table(run: RunResult) -> tuple[str, list[str], list[list[str]
         return None
     refs = [s for s in side_order(results) if not is_qkv_side(s)]
     bases = [s for s in side_order(results) if not split_thread_suffix(s)[1]]
+    bases += [MATMUL] if any(MATMUL in r.thread_scaling for r in results) else []
     header = (["case", "shape", "threads", "qkv ms", "qkv 1t ms"] + [f"{_short(s)} 1t/nt" for s in bases]
               + [f"x {_short(s)}" for s in refs])
     rows = []
@@ -249,7 +251,8 @@ LEGEND = (
     "under 1 MiB). % mm: qkv's throughput as a share of a large torch.mm timed in the same rounds. "
     "qkv err: max error relative to a float64 reference. x torch(w) (training): torch's module with its "
     "default need_weights=True against qkv with need_weights=False. <side> 1t/nt: that side's time at 1 "
-    "thread / its time at n threads, interleaved (above 1: the extra threads help)."
+    "thread / its time at n threads, interleaved (above 1: the extra threads help); mm 1t/nt: the same for "
+    "the torch.mm probe, what this machine's cores give a dense matmul."
 )
 
 

@@ -17,8 +17,8 @@ from .memory import MemoryResult, measure_cuda, measure_in_child
 from .flops import matmul_flops
 from .timing import (MATMUL, SideTiming, TimingConfig, make_matmul_side, matmul_rate, paired_fraction_of_matmul,
                      paired_speedup, time_interleaved, timer_for)
-from .workloads import (ONE_THREAD_SUFFIX, QKV, Side, is_qkv_side, make_inputs, make_sides, qkv_module_class,
-                        side_names, split_thread_suffix)
+from .workloads import (ONE_THREAD_SUFFIX, QKV, Side, at_threads, is_qkv_side, make_inputs, make_sides,
+                        qkv_module_class, side_names, split_thread_suffix)
 
 # Below this, peak-memory differences are page-granularity noise and no ratio is reported.
 MIN_MEMORY_FOR_RATIO = 1 << 20
@@ -61,7 +61,8 @@ class CaseResult:
     memory_ratios: dict[str, float] = field(default_factory=dict)  # reference side -> peak_ref / peak_qkv
     fraction_of_matmul: float | None = None  # qkv FLOP/s / torch.mm FLOP/s, paired per round
     matmul_gflops: float | None = None  # the torch.mm probe's median rate during this case
-    # Thread-scaling cases: side -> time at 1 thread / time at case.scaling_threads, paired per round.
+    # Thread-scaling cases: side -> time at 1 thread / time at case.scaling_threads, paired per round
+    # ("matmul": the torch.mm probe, the machine's own scaling).
     thread_scaling: dict[str, float] = field(default_factory=dict)
 
 
@@ -166,14 +167,18 @@ def _run_case(case: Case, config: RunConfig, bar, log: Callable[[str], None], ma
             log(f"note: {case.name}: {side.name} left out: {side.message}")
 
     bar.set_postfix_str("time")
+    probes = [matmul_probe]
+    if case.scaling_threads:  # how the machine's own matmul scales, beside the attention sides
+        probes.append(at_threads(matmul_probe, MATMUL + ONE_THREAD_SUFFIX, 1))
     try:
-        timings = time_interleaved([*runnable.values(), matmul_probe], timer_for(config.device), config.timing,
+        timings = time_interleaved([*runnable.values(), *probes], timer_for(config.device), config.timing,
                                    first_call_s)
     except Exception as exc:  # noqa: BLE001 - e.g. out of memory in a reference; the run goes on
         result.status, result.message = "error", f"{case.name}: timing failed: {type(exc).__name__}: {exc}"
         log("ERROR: " + result.message)
         return result
     matmul_timing = timings.pop(MATMUL)
+    matmul_one_thread = timings.pop(MATMUL + ONE_THREAD_SUFFIX, None)
     result.matmul_gflops = matmul_flops(config.matmul_n) / matmul_timing.median / 1e9
     for name, timing in timings.items():
         side = result.sides[name]
@@ -190,6 +195,8 @@ def _run_case(case: Case, config: RunConfig, bar, log: Callable[[str], None], ma
         n: paired_speedup(timings[n + ONE_THREAD_SUFFIX], t)
         for n, t in timings.items() if n + ONE_THREAD_SUFFIX in timings
     }
+    if matmul_one_thread is not None:
+        result.thread_scaling[MATMUL] = paired_speedup(matmul_one_thread, matmul_timing)
 
     # Thread-scaling cases are timed only: they answer how time falls with threads, not memory.
     if config.memory and not case.scaling_threads:

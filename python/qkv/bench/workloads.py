@@ -257,7 +257,8 @@ def _thread_count(threads: int, inner: Callable[[], ContextManager[Any]]):
         torch.set_num_threads(saved)
 
 
-def _at_threads(side: Side, name: str, threads: int) -> Side:
+def at_threads(side: Side, name: str, threads: int) -> Side:
+    """``side`` renamed ``name``, run with ``threads`` intra-op threads."""
     inner = side.context
     return Side(name, side.compute, lambda: _thread_count(threads, inner), side.keep)
 
@@ -288,5 +289,5 @@ def make_sides(case: Case, inputs, names, device: str, dtype: torch.dtype, seed:
         base, one_thread = split_thread_suffix(name)
         side = built[base]
         threads = 1 if one_thread else case.scaling_threads
-        sides[name] = side if isinstance(side, Exception) or not threads else _at_threads(side, name, threads)
+        sides[name] = side if isinstance(side, Exception) or not threads else at_threads(side, name, threads)
     return sides
