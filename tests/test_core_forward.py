@@ -169,6 +169,25 @@ def test_head_averaged_weights_equal_the_mean_of_per_head_weights(dtype):
     torch.testing.assert_close(averaged.double(), per_head.double().mean(1), **tolerance(dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("is_causal,bottom_right", [(False, False), (True, False), (True, True)])
+def test_weights_without_dropout_match_reference(dtype, is_causal, bottom_right):
+    # The no-dropout path adds each head's probabilities straight into the output rows (a float
+    # row buffer for bfloat16): per-head and averaged, over several key tiles and query
+    # blocks, with rows that see no key (L > S, bottom-right causal) and a bias.
+    q, k, _ = make_qkv(2, 3, 130, 77 if is_causal else 600, 12, dtype=dtype)
+    bias = torch.randn(1, 3, 1, k.shape[-2], dtype=dtype) if not is_causal else None
+    probs = reference_probs(q, k, bias, is_causal, bottom_right)
+    v = torch.randn_like(k)
+    _, lse = attention(q, k, v, bias, 0.0, is_causal, bottom_right)
+    per_head = torch.ops.qkv.attention_weights(q, k, bias, lse, 0.0, is_causal, bottom_right)
+    averaged = torch.ops.qkv.attention_weights(q, k, bias, lse, 0.0, is_causal, bottom_right, None, None, True)
+    torch.testing.assert_close(per_head.double(), probs, **tolerance(dtype))
+    torch.testing.assert_close(averaged.double(), probs.mean(1), **tolerance(dtype))
+    if bottom_right:  # the first L - S query rows see no key
+        assert (averaged[:, :130 - 77] == 0).all() and (averaged[:, 130 - 77:] > 0).any(-1).all()
+
+
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_sharp_softmax_keeps_float32_accuracy(is_causal):
     # Scores spread over hundreds (logits of a trained model can be this sharp): the kernel's

@@ -603,58 +603,88 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
 // ---- explicit attention weights -----------------------------------------------------------
 
 // Per task: one query block of one (b, h), or, with average_heads, of every head of one b,
-// summed in a float row buffer so the (B, H, L, S) tensor never exists.
+// summed into the output rows (or a float row buffer for half types) so the (B, H, L, S)
+// tensor never exists. K^T is packed once per (b, h) up front, not once per query block.
 template <typename scalar_t>
 void attention_weights_cpu_impl(const AttentionParams& p, const at::Tensor& query, const at::Tensor& key,
                                 const std::optional<at::Tensor>& bias, const at::Tensor& lse, bool average_heads,
                                 at::Tensor& weights) {
   using acc_t = at::opmath_type<scalar_t>;
+  // Float and double weights are summed in place; half types go through an acc_t row buffer.
+  constexpr bool in_place = std::is_same_v<acc_t, scalar_t>;
   const TileContext<scalar_t> ctx(p, query, key, key, bias);
   const at::Tensor lse_c = lse.contiguous();
   const acc_t* lse_data = lse_c.const_data_ptr<acc_t>();
   scalar_t* w = weights.data_ptr<scalar_t>();  // contiguous (B, H, L, S) or (B, L, S)
-  const int64_t D = p.head_dim, S = p.kv_len, q_blocks = (p.q_len + kQueryBlock - 1) / kQueryBlock;
+  constexpr int64_t QB = kQueryBlock;
+  const int64_t D = p.head_dim, S = p.kv_len, BH = p.batch * p.heads, q_blocks = (p.q_len + QB - 1) / QB;
   const int64_t heads_per_task = average_heads ? p.heads : 1;
-  const int64_t groups = p.batch * p.heads / heads_per_task;
+  const int64_t groups = BH / heads_per_task;
   const int64_t BK = std::min(kForwardKeyBlock, std::max<int64_t>(S, 1));
-  const int64_t ld_s = padded_to_panels<acc_t>(BK);
+  const int64_t ld_s = padded_to_panels<acc_t>(BK), key_tiles = (S + BK - 1) / BK, k_tile_size = ld_s * D;
+  // Averaging folds 1/H into the exponent: 2^(s - log2(e) lse - log2(H)) = P / H.
+  const acc_t log2_heads = static_cast<acc_t>(std::log2(static_cast<double>(heads_per_task)));
 
-  for_each_task(groups * q_blocks, 2.0 * p.batch * p.heads * p.q_len * S * D, [&](int64_t) {
-    auto scratch = std::make_shared<std::vector<acc_t>>(kQueryBlock * D + ld_s * D + kQueryBlock * ld_s + kQueryBlock +
-                                                        (average_heads ? kQueryBlock * S : 0));
+  at::Tensor k_packed_t = at::empty({BH * key_tiles * k_tile_size}, lse_c.options());
+  acc_t* k_packed = k_packed_t.data_ptr<acc_t>();
+  at::parallel_for(0, BH * key_tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t bh = t / key_tiles, j0 = t % key_tiles * BK;
+      ctx.pack_keys_transposed(k_packed + t * k_tile_size, bh / p.heads, bh % p.heads, j0, std::min(BK, S - j0));
+    }
+  });
+
+  for_each_task(groups * q_blocks, 2.0 * BH * p.q_len * S * D, [&](int64_t) {
+    auto scratch = std::make_shared<std::vector<acc_t>>(QB * D + QB * ld_s + QB + (in_place ? 0 : QB * S));
     return [&, scratch](int64_t task) {
       acc_t* qs = scratch->data();
-      acc_t* k_space = qs + kQueryBlock * D;
-      acc_t* st = k_space + ld_s * D;
-      acc_t* unused_max = st + kQueryBlock * ld_s;
-      acc_t* head_sum = unused_max + kQueryBlock;
+      acc_t* st = qs + QB * D;
+      acc_t* unused_max = st + QB * ld_s;
+      acc_t* row_buffer = unused_max + QB;  // half types: the rows' weights in acc_t
       const int64_t qb = task % q_blocks, group = task / q_blocks;
-      const int64_t i0 = qb * kQueryBlock, rows = std::min(kQueryBlock, p.q_len - i0);
-      if (average_heads) std::fill(head_sum, head_sum + rows * S, acc_t(0));
+      const int64_t i0 = qb * QB, rows = std::min(QB, p.q_len - i0);
+      // Row r of this task's weights, from key j0 on: the output itself or the row buffer.
+      auto target = [&](int64_t r, int64_t j0) -> acc_t* {
+        if constexpr (in_place) {
+          return w + (group * p.q_len + i0 + r) * S + j0;
+        } else {
+          return row_buffer + r * S + j0;
+        }
+      };
       for (int64_t bh = group * heads_per_task; bh < (group + 1) * heads_per_task; ++bh) {
         const int64_t b = bh / p.heads, h = bh % p.heads;
-        int64_t ldq;
-        const acc_t* qt = tile_rows<acc_t>(ctx.q, b, h, i0, rows, D, qs, ldq);
+        const bool first_head = bh == group * heads_per_task;
+        // The queries times scale * log2(e), as in the forward: the products are the scores.
+        scaled_rows(ctx.q, b, h, i0, rows, D, ctx.score_scale, qs);
         for (int64_t j0 = 0; j0 < S; j0 += BK) {
           const int64_t cols = std::min(BK, S - j0);
-          ctx.scores(st, ld_s, qt, ldq, ctx.pack_keys_transposed(k_space, b, h, j0, cols), b, h, i0, rows, j0, cols,
-                     unused_max);
+          const Panels<acc_t> k_panels{k_packed + (bh * key_tiles + j0 / BK) * k_tile_size, D};
+          if (ctx.bias_data == nullptr && ctx.visible_keys(i0, j0, cols) == cols) {
+            gemm_packed<acc_t>(rows, cols, D, qs, D, 1, k_panels, st, ld_s, false);
+          } else {
+            gemm_packed<acc_t>(rows, cols, D, qs, D, 1, k_panels, st, ld_s, false,
+                               ctx.visible_key_columns(i0, j0, cols));
+            ctx.finish_scores(st, ld_s, acc_t(1), b, h, i0, rows, j0, cols, unused_max);
+          }
           for (int64_t r = 0; r < rows; ++r) {
             acc_t* prob = st + r * ld_s;
-            ctx.probabilities_row(prob, cols, lse_data[bh * p.q_len + i0 + r]);
-            if (p.dropout_p > 0) ctx.dropout_row(prob, b, h, i0 + r, j0, cols);
-            if (average_heads) {
-              acc_t* sum = head_sum + r * S + j0;
-              for (int64_t c = 0; c < cols; ++c) sum[c] += prob[c];
+            const acc_t row_lse = lse_data[bh * p.q_len + i0 + r];
+            if (row_lse == -std::numeric_limits<acc_t>::infinity()) {
+              std::fill(prob, prob + cols, acc_t(0));  // the row sees no key: weights 0
+            } else if (p.dropout_p == 0) {
+              exp2_into(target(r, j0), prob, cols, row_lse * TileContext<scalar_t>::kLog2e + log2_heads, !first_head);
+              continue;
             } else {
-              store_row(w + (bh * p.q_len + i0 + r) * S + j0, 1, prob, cols, acc_t(1));
+              exp2_and_sum(prob, cols, row_lse * TileContext<scalar_t>::kLog2e + log2_heads);
+              ctx.dropout_row(prob, b, h, i0 + r, j0, cols);
             }
+            add_row(target(r, j0), prob, cols, !first_head);
           }
         }
       }
-      if (average_heads) {
+      if constexpr (!in_place) {
         for (int64_t r = 0; r < rows; ++r) {
-          store_row(w + (group * p.q_len + i0 + r) * S, 1, head_sum + r * S, S, acc_t(1) / acc_t(p.heads));
+          store_row(w + (group * p.q_len + i0 + r) * S, 1, row_buffer + r * S, S, acc_t(1));
         }
       }
     };

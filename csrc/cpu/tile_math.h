@@ -77,6 +77,35 @@ inline float exp2_and_sum<float>(float* x, int64_t n, float shift) {
   return sum;
 }
 
+// dst = 2^(x - shift) (accumulate: dst += ...): a row of probabilities written or added to a sum
+// without a pass over a temporary row.
+template <typename acc_t>
+void exp2_into(acc_t* dst, const acc_t* x, int64_t n, acc_t shift, bool accumulate) {
+  int64_t i = 0;
+  if constexpr (std::is_same_v<acc_t, float>) {
+    const __m256 vshift = _mm256_set1_ps(shift);
+    for (; i + 8 <= n; i += 8) {
+      __m256 e = exp2_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(x + i), vshift));
+      if (accumulate) e = _mm256_add_ps(e, _mm256_loadu_ps(dst + i));
+      _mm256_storeu_ps(dst + i, e);
+    }
+  }
+  for (; i < n; ++i) {
+    const acc_t e = std::exp2(x[i] - shift);
+    dst[i] = accumulate ? dst[i] + e : e;
+  }
+}
+
+// dst = x (accumulate: dst += x).
+template <typename acc_t>
+void add_row(acc_t* dst, const acc_t* x, int64_t n, bool accumulate) {
+  if (accumulate) {
+    for (int64_t i = 0; i < n; ++i) dst[i] += x[i];
+  } else {
+    std::copy(x, x + n, dst);
+  }
+}
+
 // s = scale * s + bias_scale * bias for the first `visible` entries, -inf for the rest;
 // returns the max. `bias` (may be null) is read with `bias_stride` (0 when it broadcasts over keys).
 template <typename acc_t, typename bias_t>
