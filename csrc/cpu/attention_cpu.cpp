@@ -57,6 +57,12 @@ struct MutableStrided4 {
   T* at(int64_t b, int64_t h, int64_t i) const { return data + b * s0 + h * s1 + i * s2; }
 };
 
+// Whether `rows` x `cols` rows of `t` already are dense acc_t rows that tile_rows reads in place.
+template <typename acc_t, typename scalar_t>
+bool reads_rows_in_place(const Strided4<scalar_t>& t, int64_t rows, int64_t cols) {
+  return std::is_same_v<acc_t, scalar_t> && t.s3 == 1 && (rows == 1 || (t.s2 >= cols && t.s2 <= INT_MAX));
+}
+
 // A dense row-major view of `rows` x `cols` elements starting at row i0 of slice (b, h):
 // the tensor itself when it already is one in acc_t, else a packed copy in `scratch`.
 template <typename acc_t, typename scalar_t>
@@ -64,7 +70,7 @@ const acc_t* tile_rows(const Strided4<scalar_t>& t, int64_t b, int64_t h, int64_
                        acc_t* scratch, int64_t& ld) {
   const scalar_t* src = t.at(b, h, i0);
   if constexpr (std::is_same_v<acc_t, scalar_t>) {
-    if (t.s3 == 1 && (rows == 1 || (t.s2 >= cols && t.s2 <= INT_MAX))) {
+    if (reads_rows_in_place<acc_t>(t, rows, cols)) {
       ld = rows == 1 ? std::max<int64_t>(cols, 1) : t.s2;
       return src;
     }
@@ -466,19 +472,19 @@ void attention_backward_cpu_impl(const AttentionParams& p, const at::Tensor& gra
 
   const double flops = 2.0 * BH * L * p.kv_len * (3 * D + 2 * Dv);
   const int64_t L_padded = (L + QB - 1) / QB * QB;
-  const acc_t dk_factor = static_cast<acc_t>(p.scale / static_cast<double>(ctx.score_scale));  // dS^T (Q score_scale) -> dK
+  const bool dout_in_place = reads_rows_in_place<acc_t>(dout, L, Dv);
   BiasGradAccumulator<acc_t> bias_grad(p, bias, bias_requires_grad, shared_dq, worker_count(BH * chunks, flops));
 
   for_each_task(BH * chunks, flops, [&](int64_t worker) {
-    // Whole-slice buffers (L rows): each task packs Q and dO once, not once per key block.
-    auto scratch = std::make_shared<std::vector<acc_t>>(L * (D + Dv) + L_padded * (ld_dq + ld_dv) +
+    // Whole-slice panels (L rows): each task packs Q and dO once, not once per key block.
+    auto scratch = std::make_shared<std::vector<acc_t>>(QB * D + (dout_in_place ? 0 : L * Dv) + L_padded * (ld_dq + ld_dv) +
                                                         BK * (D + ld_dq + Dv) + 2 * QB * BK + BK * (ld_dq + ld_dv) +
                                                         (shared_dq ? 0 : L * ld_dq) + QB);
     acc_t* bias_grad_copy = bias_grad.active ? bias_grad.copy_for_worker(worker) : nullptr;
     return [&, scratch, bias_grad_copy](int64_t task) {
-      acc_t* q_rows = scratch->data();           // Q * score_scale, (L x D) rows, for S
-      acc_t* do_rows = q_rows + L * D;           // dO rows (when not read in place), for dP
-      acc_t* q_space = do_rows + L * Dv;         // scaled Q, per query block (rows x D) panels, for dK
+      acc_t* qs = scratch->data();               // query rows (when not read in place), for S
+      acc_t* do_rows = qs + QB * D;              // dO rows (when not read in place), for dP
+      acc_t* q_space = do_rows + (dout_in_place ? 0 : L * Dv);  // Q, per query block (rows x D) panels, for dK
       acc_t* do_space = q_space + L_padded * ld_dq;  // dO, per query block (rows x Dv) panels, for dV
       acc_t* kt_space = do_space + L_padded * ld_dv;  // K^T (D x keys), for S
       acc_t* k_space = kt_space + BK * D;        // K (keys x D), for dQ
@@ -494,14 +500,12 @@ void attention_backward_cpu_impl(const AttentionParams& p, const at::Tensor& gra
       const acc_t* delta_row = delta + bh * L;
       acc_t* dq_acc = shared_dq ? dq_partials.data_ptr<acc_t>() + (chunk * BH + bh) * L * ld_dq : local_dq;
       if (!shared_dq) std::fill(dq_acc, dq_acc + L * ld_dq, acc_t(0));
-      // Q is scaled by scale * log2(e), as in the forward, so its products with K are the
-      // scores themselves; dK is scaled back when stored.
-      int64_t ldo;
+      int64_t ldq, ldo;
       const acc_t* dot_all = tile_rows<acc_t>(dout, b, h, 0, L, Dv, do_rows, ldo);
       for (int64_t i0 = ctx.first_query_seeing(chunk * BK) / QB * QB; i0 < L; i0 += QB) {
         const int64_t rows = std::min(QB, L - i0);
-        scaled_rows(ctx.q, b, h, i0, rows, D, ctx.score_scale, q_rows + i0 * D);
-        pack_panels(q_rows + i0 * D, rows, D, D, int64_t(1), q_space + i0 * ld_dq);
+        const acc_t* qt = tile_rows<acc_t>(ctx.q, b, h, i0, rows, D, qs, ldq);
+        pack_panels(qt, rows, D, ldq, int64_t(1), q_space + i0 * ld_dq);
         pack_panels(dot_all + i0 * ldo, rows, Dv, ldo, int64_t(1), do_space + i0 * ld_dv);
       }
 
@@ -509,20 +513,22 @@ void attention_backward_cpu_impl(const AttentionParams& p, const at::Tensor& gra
       // so contiguous ranges would leave one worker with most of the work.
       for (int64_t kb = chunk; kb < kv_blocks; kb += chunks) {
         const int64_t j0 = kb * BK, cols = std::min(BK, p.kv_len - j0);
+        // K^T times scale * log2(e): the products with Q are the scores themselves.
         const Panels<acc_t> kt_panels = ctx.pack_keys_transposed(kt_space, b, h, j0, cols);
+        scale_row(kt_space, padded_to_panels<acc_t>(cols) * D, ctx.score_scale);
         const Panels<acc_t> k_panels = pack_panels(ctx.k.at(b, h, j0), cols, D, ctx.k.s2, ctx.k.s3, k_space);
         const Panels<acc_t> vt_panels = pack_panels(ctx.v.at(b, h, j0), Dv, cols, ctx.v.s3, ctx.v.s2, vt_space);
         std::fill(dk_acc, dk_acc + cols * ld_dq, acc_t(0));
         std::fill(dv_acc, dv_acc + cols * ld_dv, acc_t(0));
         for (int64_t i0 = ctx.first_query_seeing(j0) / QB * QB; i0 < L; i0 += QB) {
           const int64_t rows = std::min(QB, L - i0);
-          const acc_t* qt = q_rows + i0 * D;
+          const acc_t* qt = tile_rows<acc_t>(ctx.q, b, h, i0, rows, D, qs, ldq);
           const acc_t* dot = dot_all + i0 * ldo;
           const Panels<acc_t> q_panels{q_space + i0 * ld_dq, rows}, do_panels{do_space + i0 * ld_dv, rows};
           if (ctx.bias_data == nullptr && ctx.visible_keys(i0, j0, cols) == cols) {  // the products are the scores
-            gemm_packed<acc_t>(rows, cols, D, qt, D, 1, kt_panels, st, BK, false);
+            gemm_packed<acc_t>(rows, cols, D, qt, ldq, 1, kt_panels, st, BK, false);
           } else {
-            gemm_packed<acc_t>(rows, cols, D, qt, D, 1, kt_panels, st, BK, false,
+            gemm_packed<acc_t>(rows, cols, D, qt, ldq, 1, kt_panels, st, BK, false,
                                ctx.visible_key_columns(i0, j0, cols));
             ctx.finish_scores(st, BK, acc_t(1), b, h, i0, rows, j0, cols, unused_max);
           }
@@ -549,7 +555,7 @@ void attention_backward_cpu_impl(const AttentionParams& p, const at::Tensor& gra
           if (bias_grad_copy != nullptr) bias_grad.add_tile(bias_grad_copy, dpt, BK, b, h, i0, rows, j0, cols);
         }
         for (int64_t c = 0; c < cols; ++c) {
-          store_row(dk.at(b, h, j0 + c), dk.s3, dk_acc + c * ld_dq, D, dk_factor);
+          store_row(dk.at(b, h, j0 + c), dk.s3, dk_acc + c * ld_dq, D, acc_t(p.scale));
           store_row(dv.at(b, h, j0 + c), dv.s3, dv_acc + c * ld_dv, Dv, acc_t(1));
         }
       }
