@@ -201,25 +201,37 @@ struct TileContext {
     };
   }
 
-  // scores[r] = log2(e) * (scale * q_r . k + bias), -inf where causally hidden; returns the
-  // row maxima. `k_panels` comes from pack_keys_transposed; ldo >= padded_to_panels(cols).
+  // scores[r] = log2(e) * (scale * q_r . k + bias), -inf where causally hidden, and, unless
+  // `row_max` is null, their row maxima; one of the operands already carries score_scale
+  // (scaled queries or K^T). `k_panels` is K^T; ldo >= padded_to_panels(cols).
   void scores(acc_t* out, int64_t ldo, const acc_t* qt, int64_t ldq, Panels<acc_t> k_panels, int64_t b,
-              int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols, acc_t* row_max) const {
-    gemm_packed<acc_t>(rows, cols, p.head_dim, qt, ldq, 1, k_panels, out, ldo, false,
-                       visible_key_columns(i0, j0, cols));
-    finish_scores(out, ldo, score_scale, b, h, i0, rows, j0, cols, row_max);
+              int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols, acc_t* row_max = nullptr) const {
+    if (bias_data == nullptr && visible_keys(i0, j0, cols) == cols) {
+      // Nothing added, nothing hidden: the products are the scores. The micro-kernel takes
+      // their maxima while they are in registers (measured slower where nobody needs them).
+      if (row_max != nullptr) {
+        gemm_packed_row_max<acc_t>(rows, cols, p.head_dim, qt, ldq, 1, k_panels, out, ldo, row_max);
+      } else {
+        gemm_packed<acc_t>(rows, cols, p.head_dim, qt, ldq, 1, k_panels, out, ldo, false);
+      }
+    } else {
+      gemm_packed<acc_t>(rows, cols, p.head_dim, qt, ldq, 1, k_panels, out, ldo, false,
+                         visible_key_columns(i0, j0, cols));
+      finish_scores(out, ldo, b, h, i0, rows, j0, cols, row_max);
+    }
   }
 
-  // Turns raw products in `out`, times `product_scale` (score_scale, or 1 when the queries
-  // were scaled already), into scores (see scores()); returns the row maxima.
-  void finish_scores(acc_t* out, int64_t ldo, acc_t product_scale, int64_t b, int64_t h, int64_t i0, int64_t rows,
-                     int64_t j0, int64_t cols, acc_t* row_max) const {
+  // Turns products that already carry score_scale into scores (see scores()): adds the bias
+  // (times log2(e)), hides masked keys; the row maxima go to `row_max` unless it is null.
+  void finish_scores(acc_t* out, int64_t ldo, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0,
+                     int64_t cols, acc_t* row_max) const {
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t i = i0 + r;
       const scalar_t* brow =
           bias_data == nullptr ? nullptr : bias_data + b * bias_s0 + h * bias_s1 + i * bias_s2 + j0 * bias_s3;
-      row_max[r] =
-          scale_bias_mask_max(out + r * ldo, cols, visible_keys(i, j0, cols), product_scale, brow, bias_s3, kLog2e);
+      const acc_t m =
+          scale_bias_mask_max(out + r * ldo, cols, visible_keys(i, j0, cols), acc_t(1), brow, bias_s3, kLog2e);
+      if (row_max != nullptr) row_max[r] = m;
     }
   }
 
@@ -305,9 +317,6 @@ void attention_forward_cpu_impl(const AttentionParams& p, const at::Tensor& quer
           acc_t* k_space = k_packed + tile * k_tile_size;
           acc_t* v_space = v_packed + tile * v_tile_size;
           const Panels<acc_t> k_panels{k_space, D}, v_panels{v_space, full};
-          // Every row sees every key of the tile and nothing is added: the row maxima come
-          // straight out of the product.
-          const bool plain = ctx.bias_data == nullptr && ctx.visible_keys(i0, j0, cols) == cols;
           int64_t ldk = 0, ldv = 0;
           const acc_t* kt = nullptr;
           const acc_t* vt = nullptr;
@@ -315,20 +324,14 @@ void attention_forward_cpu_impl(const AttentionParams& p, const at::Tensor& quer
             kt = tile_rows<acc_t>(ctx.k, b, h, j0, cols, D, k_rows, ldk);
             vt = tile_rows<acc_t>(ctx.v, b, h, j0, cols, Dv, v_rows, ldv);
             gemm_nt_dots<acc_t>(rows, cols, D, qs, D, kt, ldk, st, ld_s);
-            ctx.finish_scores(st, ld_s, acc_t(1), b, h, i0, rows, j0, cols, tile_max);
+            ctx.finish_scores(st, ld_s, b, h, i0, rows, j0, cols, tile_max);
           } else {
             if (tile >= tiles_packed) {
               ctx.pack_keys_transposed(k_space, b, h, j0, full);
               pack_panels(ctx.v.at(b, h, j0), full, Dv, ctx.v.s2, ctx.v.s3, v_space);
               tiles_packed = tile + 1;
             }
-            if (plain) {
-              gemm_packed_row_max<acc_t>(rows, cols, D, qs, D, 1, k_panels, st, ld_s, tile_max);
-            } else {
-              gemm_packed<acc_t>(rows, cols, D, qs, D, 1, k_panels, st, ld_s, false,
-                                 ctx.visible_key_columns(i0, j0, cols));
-              ctx.finish_scores(st, ld_s, acc_t(1), b, h, i0, rows, j0, cols, tile_max);
-            }
+            ctx.scores(st, ld_s, qs, D, k_panels, b, h, i0, rows, j0, cols, tile_max);
           }
           for (int64_t r = 0; r < rows; ++r) {
             acc_t* s = st + r * ld_s;
@@ -479,7 +482,7 @@ void attention_backward_cpu_impl(const AttentionParams& p, const at::Tensor& gra
     // Whole-slice panels (L rows): each task packs Q and dO once, not once per key block.
     auto scratch = std::make_shared<std::vector<acc_t>>(QB * D + (dout_in_place ? 0 : L * Dv) + L_padded * (ld_dq + ld_dv) +
                                                         BK * (D + ld_dq + Dv) + 2 * QB * BK + BK * (ld_dq + ld_dv) +
-                                                        (shared_dq ? 0 : L * ld_dq) + QB);
+                                                        (shared_dq ? 0 : L * ld_dq));
     acc_t* bias_grad_copy = bias_grad.active ? bias_grad.copy_for_worker(worker) : nullptr;
     return [&, scratch, bias_grad_copy](int64_t task) {
       acc_t* qs = scratch->data();               // query rows (when not read in place), for S
@@ -494,7 +497,6 @@ void attention_backward_cpu_impl(const AttentionParams& p, const at::Tensor& gra
       acc_t* dk_acc = dpt + QB * BK;
       acc_t* dv_acc = dk_acc + BK * ld_dq;
       acc_t* local_dq = dv_acc + BK * ld_dv;
-      acc_t* unused_max = local_dq + (shared_dq ? 0 : L * ld_dq);
       const int64_t bh = task / chunks, chunk = task % chunks, b = bh / p.heads, h = bh % p.heads;
       const acc_t* lse_row = lse_data + bh * L;
       const acc_t* delta_row = delta + bh * L;
@@ -525,13 +527,7 @@ void attention_backward_cpu_impl(const AttentionParams& p, const at::Tensor& gra
           const acc_t* qt = tile_rows<acc_t>(ctx.q, b, h, i0, rows, D, qs, ldq);
           const acc_t* dot = dot_all + i0 * ldo;
           const Panels<acc_t> q_panels{q_space + i0 * ld_dq, rows}, do_panels{do_space + i0 * ld_dv, rows};
-          if (ctx.bias_data == nullptr && ctx.visible_keys(i0, j0, cols) == cols) {  // the products are the scores
-            gemm_packed<acc_t>(rows, cols, D, qt, ldq, 1, kt_panels, st, BK, false);
-          } else {
-            gemm_packed<acc_t>(rows, cols, D, qt, ldq, 1, kt_panels, st, BK, false,
-                               ctx.visible_key_columns(i0, j0, cols));
-            ctx.finish_scores(st, BK, acc_t(1), b, h, i0, rows, j0, cols, unused_max);
-          }
+          ctx.scores(st, BK, qt, ldq, kt_panels, b, h, i0, rows, j0, cols);
           for (int64_t r = 0; r < rows; ++r) ctx.probabilities_row(st + r * BK, cols, lse_row[i0 + r]);
           // Under a causal mask the products below skip what the mask hides; the dP columns
           // they leave unwritten are zeroed per row.
@@ -641,12 +637,11 @@ void attention_weights_cpu_impl(const AttentionParams& p, const at::Tensor& quer
   });
 
   for_each_task(groups * q_blocks, 2.0 * BH * p.q_len * S * D, [&](int64_t) {
-    auto scratch = std::make_shared<std::vector<acc_t>>(QB * D + QB * ld_s + QB + (in_place ? 0 : QB * S));
+    auto scratch = std::make_shared<std::vector<acc_t>>(QB * D + QB * ld_s + (in_place ? 0 : QB * S));
     return [&, scratch](int64_t task) {
       acc_t* qs = scratch->data();
       acc_t* st = qs + QB * D;
-      acc_t* unused_max = st + QB * ld_s;
-      acc_t* row_buffer = unused_max + QB;  // half types: the rows' weights in acc_t
+      acc_t* row_buffer = st + QB * ld_s;  // half types: the rows' weights in acc_t
       const int64_t qb = task % q_blocks, group = task / q_blocks;
       const int64_t i0 = qb * QB, rows = std::min(QB, p.q_len - i0);
       // Row r of this task's weights, from key j0 on: the output itself or the row buffer.
@@ -665,13 +660,7 @@ void attention_weights_cpu_impl(const AttentionParams& p, const at::Tensor& quer
         for (int64_t j0 = 0; j0 < S; j0 += BK) {
           const int64_t cols = std::min(BK, S - j0);
           const Panels<acc_t> k_panels{k_packed + (bh * key_tiles + j0 / BK) * k_tile_size, D};
-          if (ctx.bias_data == nullptr && ctx.visible_keys(i0, j0, cols) == cols) {
-            gemm_packed<acc_t>(rows, cols, D, qs, D, 1, k_panels, st, ld_s, false);
-          } else {
-            gemm_packed<acc_t>(rows, cols, D, qs, D, 1, k_panels, st, ld_s, false,
-                               ctx.visible_key_columns(i0, j0, cols));
-            ctx.finish_scores(st, ld_s, acc_t(1), b, h, i0, rows, j0, cols, unused_max);
-          }
+          ctx.scores(st, ld_s, qs, D, k_panels, b, h, i0, rows, j0, cols);
           for (int64_t r = 0; r < rows; ++r) {
             acc_t* prob = st + r * ld_s;
             const acc_t row_lse = lse_data[bh * p.q_len + i0 + r];
