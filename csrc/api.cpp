@@ -36,6 +36,18 @@ at::Tensor attention_weights(const at::Tensor& query, const at::Tensor& key, con
                      average_heads);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_with_weights(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const OptTensor& bias, double dropout_p,
+    bool is_causal, bool bottom_right, std::optional<double> scale, const OptTensor& dropout_seed,
+    bool average_heads) {
+  static const auto handle =
+      op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                        const OptTensor&, double, bool, bool, std::optional<double>,
+                                                        const OptTensor&, bool)>("qkv::attention_with_weights");
+  return handle.call(query, key, value, bias, dropout_p, is_causal, bottom_right, scale, dropout_seed,
+                     average_heads);
+}
+
 at::Tensor multi_head_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                                 int64_t num_heads, const at::Tensor& in_proj_weight, const OptTensor& in_proj_bias,
                                 const at::Tensor& out_proj_weight, const OptTensor& out_proj_bias,

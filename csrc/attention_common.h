@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <tuple>
 
 namespace qkv {
 
@@ -49,6 +50,13 @@ at::Tensor empty_grad_bias(const std::optional<at::Tensor>& bias, bool bias_requ
                            const at::Tensor& query);
 // Logsumexp (B, H, L) in the accumulation type: float32 for reduced precision, else query's dtype.
 at::Tensor empty_logsumexp(const at::Tensor& query, const AttentionParams& p);
+
+// attention_with_weights as its two ops, `attention` then `attention_weights` from its
+// logsumexp, under one dropout seed: the kernel wherever no fused one is registered.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_then_weights(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const std::optional<at::Tensor>& bias,
+    double dropout_p, bool is_causal, bool bottom_right, std::optional<double> scale,
+    const std::optional<at::Tensor>& dropout_seed, bool average_heads);
 
 // Draws a fresh seed from torch's default CPU generator (honours torch.manual_seed).
 at::Tensor draw_dropout_seed();

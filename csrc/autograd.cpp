@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <functional>
+#include <tuple>
 #include <string>
 
 namespace qkv {
@@ -26,6 +27,62 @@ OptTensor ensure_seed(double dropout_p, const OptTensor& seed) {
   return seed;
 }
 
+// The scalar options of one call, kept for the backward.
+void save_options(AutogradContext* ctx, double dropout_p, bool is_causal, bool bottom_right,
+                  std::optional<double> scale) {
+  ctx->saved_data["dropout_p"] = dropout_p;
+  ctx->saved_data["is_causal"] = is_causal;
+  ctx->saved_data["bottom_right"] = bottom_right;
+  ctx->saved_data["scale"] = scale.has_value() ? c10::IValue(*scale) : c10::IValue();
+}
+
+// Gradients of (query, key, value, bias) reaching the output through the flash backward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> output_backward(
+    AutogradContext* ctx, const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
+    const at::Tensor& value, const at::Tensor& bias, const at::Tensor& out, const at::Tensor& lse,
+    const at::Tensor& seed, bool bias_grad) {
+  static const auto backward_op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("qkv::attention_backward", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
+              const at::Tensor&, const at::Tensor&, double, bool, bool, std::optional<double>, const OptTensor&,
+              bool)>();
+  return backward_op.call(grad_out, query, key, value, saved_optional(bias), out, lse,
+                          ctx->saved_data["dropout_p"].toDouble(), ctx->saved_data["is_causal"].toBool(),
+                          ctx->saved_data["bottom_right"].toBool(), ctx->saved_data["scale"].toOptional<double>(),
+                          saved_optional(seed), bias_grad);
+}
+
+// Gradients of (query, key, bias) reaching the (per-head or head-averaged) weights.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> weights_backward(AutogradContext* ctx, const at::Tensor& grad_weights,
+                                                                const at::Tensor& query, const at::Tensor& key,
+                                                                const at::Tensor& bias, const at::Tensor& lse,
+                                                                const at::Tensor& seed, bool average_heads,
+                                                                bool bias_grad) {
+  // The mean over heads spreads its gradient evenly over the per-head weights.
+  const at::Tensor per_head =
+      average_heads ? grad_weights.div(static_cast<double>(query.size(1)))
+                          .unsqueeze(1)
+                          .expand({query.size(0), query.size(1), query.size(2), key.size(2)})
+                    : grad_weights;
+  static const auto backward_op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("qkv::attention_weights_backward", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, const at::Tensor&, double,
+              bool, bool, std::optional<double>, const OptTensor&, bool)>();
+  return backward_op.call(per_head, query, key, saved_optional(bias), lse, ctx->saved_data["dropout_p"].toDouble(),
+                          ctx->saved_data["is_causal"].toBool(), ctx->saved_data["bottom_right"].toBool(),
+                          ctx->saved_data["scale"].toOptional<double>(), saved_optional(seed), bias_grad);
+}
+
+at::Tensor sum_defined(const at::Tensor& a, const at::Tensor& b) {
+  if (!a.defined()) return b;
+  if (!b.defined()) return a;
+  return a.add(b);
+}
+
 class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& query, const at::Tensor& key,
@@ -37,31 +94,17 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     ctx->mark_non_differentiable({lse});
     ctx->save_for_backward({query, key, value, bias.value_or(at::Tensor()), out, lse,
                             dropout_seed.value_or(at::Tensor())});
-    ctx->saved_data["dropout_p"] = dropout_p;
-    ctx->saved_data["is_causal"] = is_causal;
-    ctx->saved_data["bottom_right"] = bottom_right;
-    ctx->saved_data["scale"] = scale.has_value() ? c10::IValue(*scale) : c10::IValue();
+    save_options(ctx, dropout_p, is_causal, bottom_right, scale);
     return {out, lse};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor& grad_out = grads[0];
-    if (!grad_out.defined()) return variable_list(9);
-    static const auto backward_op =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow("qkv::attention_backward", "")
-            .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-                const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
-                const at::Tensor&, const at::Tensor&, double, bool, bool, std::optional<double>,
-                const OptTensor&, bool)>();
-    const auto scale = ctx->saved_data["scale"].toOptional<double>();
+    if (!grads[0].defined()) return variable_list(9);
     // Edges exist only for defined tensor inputs: bias is edge 3 when present.
     const bool bias_grad = saved[3].defined() && ctx->needs_input_grad(3);
-    auto [dq, dk, dv, dbias] = backward_op.call(
-        grad_out, saved[0], saved[1], saved[2], saved_optional(saved[3]), saved[4], saved[5],
-        ctx->saved_data["dropout_p"].toDouble(), ctx->saved_data["is_causal"].toBool(),
-        ctx->saved_data["bottom_right"].toBool(), scale, saved_optional(saved[6]), bias_grad);
+    auto [dq, dk, dv, dbias] =
+        output_backward(ctx, grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], saved[6], bias_grad);
     return {dq, dk, dv, bias_grad ? dbias : at::Tensor(), {}, {}, {}, {}, {}};
   }
 };
@@ -86,34 +129,16 @@ class AttentionWeightsFunction : public torch::autograd::Function<AttentionWeigh
                                                 scale, dropout_seed, average_heads);
     ctx->saved_data["average_heads"] = average_heads;
     ctx->save_for_backward({query, key, bias.value_or(at::Tensor()), logsumexp, dropout_seed.value_or(at::Tensor())});
-    ctx->saved_data["dropout_p"] = dropout_p;
-    ctx->saved_data["is_causal"] = is_causal;
-    ctx->saved_data["bottom_right"] = bottom_right;
-    ctx->saved_data["scale"] = scale.has_value() ? c10::IValue(*scale) : c10::IValue();
+    save_options(ctx, dropout_p, is_causal, bottom_right, scale);
     return weights;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     if (!grads[0].defined()) return variable_list(10);
-    // The mean over heads spreads its gradient evenly over the per-head weights.
-    const at::Tensor& query = saved[0];
-    const at::Tensor grad_weights =
-        ctx->saved_data["average_heads"].toBool()
-            ? grads[0].div(static_cast<double>(query.size(1))).unsqueeze(1).expand({query.size(0), query.size(1),
-                                                                                   query.size(2), saved[1].size(2)})
-            : grads[0];
-    static const auto backward_op =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow("qkv::attention_weights_backward", "")
-            .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, const at::Tensor&,
-                double, bool, bool, std::optional<double>, const OptTensor&, bool)>();
     const bool bias_grad = saved[2].defined() && ctx->needs_input_grad(2);  // bias is edge 2 when present
-    auto [dq, dk, dbias] = backward_op.call(
-        grad_weights, saved[0], saved[1], saved_optional(saved[2]), saved[3], ctx->saved_data["dropout_p"].toDouble(),
-        ctx->saved_data["is_causal"].toBool(), ctx->saved_data["bottom_right"].toBool(),
-        ctx->saved_data["scale"].toOptional<double>(), saved_optional(saved[4]), bias_grad);
+    auto [dq, dk, dbias] = weights_backward(ctx, grads[0], saved[0], saved[1], saved[2], saved[3], saved[4],
+                                            ctx->saved_data["average_heads"].toBool(), bias_grad);
     return {dq, dk, bias_grad ? dbias : at::Tensor(), {}, {}, {}, {}, {}, {}, {}};
   }
 };
@@ -124,6 +149,56 @@ at::Tensor attention_weights_autograd(const at::Tensor& query, const at::Tensor&
                                       bool average_heads) {
   return AttentionWeightsFunction::apply(query, key, bias, logsumexp, dropout_p, is_causal, bottom_right, scale,
                                          ensure_seed(dropout_p, dropout_seed), average_heads);
+}
+
+// Out and weights from one kernel; each output's gradient goes through its own backward op,
+// and both sum into the inputs' gradients.
+class AttentionWithWeightsFunction : public torch::autograd::Function<AttentionWithWeightsFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& query, const at::Tensor& key,
+                               const at::Tensor& value, const OptTensor& bias, double dropout_p, bool is_causal,
+                               bool bottom_right, std::optional<double> scale, const OptTensor& dropout_seed,
+                               bool average_heads) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, lse, weights] = qkv::attention_with_weights(query, key, value, bias, dropout_p, is_causal,
+                                                           bottom_right, scale, dropout_seed, average_heads);
+    ctx->mark_non_differentiable({lse});
+    ctx->save_for_backward({query, key, value, bias.value_or(at::Tensor()), out, lse,
+                            dropout_seed.value_or(at::Tensor())});
+    save_options(ctx, dropout_p, is_causal, bottom_right, scale);
+    ctx->saved_data["average_heads"] = average_heads;
+    // Most callers never use the weights: their gradient must arrive undefined, not as a
+    // zero (B, H, L, S) tensor pushed through the weights backward.
+    ctx->set_materialize_grads(false);
+    return {out, lse, weights};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const bool bias_grad = saved[3].defined() && ctx->needs_input_grad(3);  // bias is edge 3 when present
+    at::Tensor dq, dk, dv, dbias;
+    if (grads[0].defined()) {
+      std::tie(dq, dk, dv, dbias) = output_backward(ctx, grads[0], saved[0], saved[1], saved[2], saved[3], saved[4],
+                                                    saved[5], saved[6], bias_grad);
+    }
+    if (grads[2].defined()) {
+      auto [wdq, wdk, wdbias] = weights_backward(ctx, grads[2], saved[0], saved[1], saved[3], saved[5], saved[6],
+                                                 ctx->saved_data["average_heads"].toBool(), bias_grad);
+      dq = sum_defined(dq, wdq);
+      dk = sum_defined(dk, wdk);
+      if (bias_grad) dbias = sum_defined(dbias, wdbias);
+    }
+    return {dq, dk, dv, bias_grad ? dbias : at::Tensor(), {}, {}, {}, {}, {}, {}};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_with_weights_autograd(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const OptTensor& bias,
+    double dropout_p, bool is_causal, bool bottom_right, std::optional<double> scale, const OptTensor& dropout_seed,
+    bool average_heads) {
+  auto outs = AttentionWithWeightsFunction::apply(query, key, value, bias, dropout_p, is_causal, bottom_right, scale,
+                                                  ensure_seed(dropout_p, dropout_seed), average_heads);
+  return {outs[0], outs[1], outs[2]};
 }
 
 // The backward ops are differentiable once: asking for a second derivative through them
@@ -185,6 +260,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_weights_backward_autogr
 TORCH_LIBRARY_IMPL(qkv, Autograd, m) {
   m.impl("attention", &attention_autograd);
   m.impl("attention_weights", &attention_weights_autograd);
+  m.impl("attention_with_weights", &attention_with_weights_autograd);
   m.impl("attention_backward", &attention_backward_autograd);
   m.impl("attention_weights_backward", &attention_weights_backward_autograd);
 }

@@ -2,7 +2,9 @@
 // device, trace under torch.compile and get autograd from their parts:
 //  - the three mission ops (CompositeImplicitAutograd): project, attend, project back;
 //  - attention_weights_backward (CompositeExplicitAutograd): the weights are already an
-//    (B, H, L, S) tensor when it runs, so plain ATen matmuls are the right tool.
+//    (B, H, L, S) tensor when it runs, so plain ATen matmuls are the right tool;
+//  - attention_with_weights (CompositeExplicitAutograd) as `attention` then
+//    `attention_weights`, for every device but the CPU, which has a fused kernel.
 #include "attention_common.h"
 #include "qkv/qkv.h"
 
@@ -167,6 +169,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_weights_backward_compos
 
 }  // namespace
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_then_weights(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const OptTensor& bias,
+    double dropout_p, bool is_causal, bool bottom_right, std::optional<double> scale, const OptTensor& dropout_seed,
+    bool average_heads) {
+  // Both ops must drop the same probabilities: draw the seed once (fake tensors need none).
+  OptTensor seed = dropout_seed;
+  if (dropout_p > 0.0 && !(seed.has_value() && seed->defined()) && !query.is_meta()) seed = draw_dropout_seed();
+  auto [out, lse] = qkv::attention(query, key, value, bias, dropout_p, is_causal, bottom_right, scale, seed);
+  at::Tensor weights = qkv::attention_weights(query, key, bias, lse, dropout_p, is_causal, bottom_right, scale, seed,
+                                              average_heads);
+  return {out, lse, weights};
+}
+
 TORCH_LIBRARY_IMPL(qkv, CompositeImplicitAutograd, m) {
   m.impl("multi_head_attention", &multi_head_attention_composite);
   m.impl("masked_self_attention", &masked_self_attention_composite);
@@ -175,6 +190,7 @@ TORCH_LIBRARY_IMPL(qkv, CompositeImplicitAutograd, m) {
 
 TORCH_LIBRARY_IMPL(qkv, CompositeExplicitAutograd, m) {
   m.impl("attention_weights_backward", &attention_weights_backward_composite);
+  m.impl("attention_with_weights", &attention_then_weights);
 }
 
 }  // namespace qkv

@@ -26,6 +26,13 @@ TORCH_LIBRARY(qkv, m) {
       "attention_weights(Tensor query, Tensor key, Tensor? bias, Tensor logsumexp, "
       "float dropout_p=0.0, bool is_causal=False, bool bottom_right=False, float? scale=None, "
       "Tensor? dropout_seed=None, bool average_heads=False) -> Tensor");
+  // `attention` and `attention_weights` in one call (need_weights=True): the CPU kernel
+  // computes Q K^T once for both; other devices run the two ops with one dropout seed.
+  m.def(
+      "attention_with_weights(Tensor query, Tensor key, Tensor value, Tensor? bias=None, "
+      "float dropout_p=0.0, bool is_causal=False, bool bottom_right=False, float? scale=None, "
+      "Tensor? dropout_seed=None, bool average_heads=False) "
+      "-> (Tensor out, Tensor logsumexp, Tensor weights)");
   m.def(
       "attention_weights_backward(Tensor grad_weights, Tensor query, Tensor key, Tensor? bias, "
       "Tensor logsumexp, float dropout_p, bool is_causal, bool bottom_right, float? scale, "

@@ -52,6 +52,16 @@ def test_opcheck_attention_weights(requires_grad):
                           test_utils=backward_utils(requires_grad))
 
 
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("L", [2, 10])  # the two-op path, the fused CPU kernel
+def test_opcheck_attention_with_weights(requires_grad, L):
+    q, k, v, b = core_args(requires_grad)
+    q, b = q[:, :, :L], b[:, :L]
+    for average_heads in (False, True):
+        torch.library.opcheck(torch.ops.qkv.attention_with_weights.default,
+                              (q, k, v, b, 0.2, True, False, None, torch.tensor([5]), average_heads))
+
+
 def mission_args(requires_grad):
     x = torch.randn(2, 7, 16, requires_grad=requires_grad)
     mem = torch.randn(2, 9, 12, requires_grad=requires_grad)
@@ -79,10 +89,11 @@ def test_compile_fullgraph_through_each_op():
     def model(q, k, v, b, x, mem):
         out, lse = torch.ops.qkv.attention(q, k, v, b, 0.0, True)
         weights = torch.ops.qkv.attention_weights(q, k, b, lse)
+        out2, _, weights2 = torch.ops.qkv.attention_with_weights(q, k, v, b, 0.0, False, False, None, None, True)
         y = torch.ops.qkv.multi_head_attention(x, x, x, 4, w_in, None, w_out, None)
         y = y + torch.ops.qkv.masked_self_attention(x, 4, w_in, None, w_out, None)
         y = y + torch.ops.qkv.cross_attention(x, mem, 4, wq, wk, wv, None, w_out, None)
-        return out.sum() + weights.sum() + y.sum()
+        return out.sum() + weights.sum() + y.sum() + out2.sum() + weights2.pow(2).sum()
 
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     args = (q, k, v, b, x, mem)

@@ -455,6 +455,6 @@ def test_no_torch_attention_kernels_run() -> None:
             layer(x.detach())
 
     ops = _record(run_all)
-    assert "qkv::attention" in ops and "qkv::attention_weights" in ops
+    assert "qkv::attention" in ops and "qkv::attention_with_weights" in ops
     assert "qkv::attention_backward" in ops and "qkv::attention_weights_backward" in ops
     assert not _forbidden(ops), _forbidden(ops)

@@ -96,14 +96,22 @@ void exp2_into(acc_t* dst, const acc_t* x, int64_t n, acc_t shift, bool accumula
   }
 }
 
-// dst = x (accumulate: dst += x).
+// dst = factor * x (accumulate: dst += factor * x).
 template <typename acc_t>
-void add_row(acc_t* dst, const acc_t* x, int64_t n, bool accumulate) {
-  if (accumulate) {
-    for (int64_t i = 0; i < n; ++i) dst[i] += x[i];
-  } else {
-    std::copy(x, x + n, dst);
+void add_scaled_row(acc_t* dst, const acc_t* x, int64_t n, acc_t factor, bool accumulate) {
+  int64_t i = 0;
+  if constexpr (std::is_same_v<acc_t, float>) {
+    using Vec = at::vec::Vectorized<float>;
+    const Vec vfactor(factor);
+    if (accumulate) {
+      for (; i + Vec::size() <= n; i += Vec::size()) {
+        at::vec::fmadd(Vec::loadu(x + i), vfactor, Vec::loadu(dst + i)).store(dst + i);
+      }
+    } else {
+      for (; i + Vec::size() <= n; i += Vec::size()) (Vec::loadu(x + i) * vfactor).store(dst + i);
+    }
   }
+  for (; i < n; ++i) dst[i] = accumulate ? dst[i] + factor * x[i] : factor * x[i];
 }
 
 // s = scale * s + bias_scale * bias for the first `visible` entries, -inf for the rest;

@@ -7,7 +7,8 @@
 
 Both run the in/out projections with ``F.linear`` and the attention itself with
 ``torch.ops.qkv.attention`` on strided per-head views; torch's softmax, SDPA and native MHA never
-run. Attention weights are rebuilt from the kernel's logsumexp only when asked for.
+run. When attention weights are asked for, ``torch.ops.qkv.attention_with_weights`` returns them
+with the output from one kernel.
 
 The one deliberate difference from torch: a query row that may attend to no key at all (every
 key masked) outputs zeros with zero gradient, and its weights are zeros, where torch returns NaN
@@ -321,7 +322,14 @@ def mha_forward(
         dropout_p = 0.0
     seed = draw_dropout_seed() if dropout_p > 0.0 else None
 
-    out, logsumexp = torch.ops.qkv.attention(q, k, v, bias, dropout_p, use_causal_flag, False, None, seed)
+    attn_weights = None
+    if need_weights:
+        # One kernel for both: Q K^T is computed once. Averaged weights are summed over heads
+        # inside it, so no (N, H, L, S) tensor exists.
+        out, _, attn_weights = torch.ops.qkv.attention_with_weights(
+            q, k, v, bias, dropout_p, use_causal_flag, False, None, seed, average_attn_weights)
+    else:
+        out, _ = torch.ops.qkv.attention(q, k, v, bias, dropout_p, use_causal_flag, False, None, seed)
 
     # out is (N, H, L, D) stored as (N, L, H, D): merging heads batch-first is free.
     if bdim == 0:
@@ -330,11 +338,6 @@ def mha_forward(
         merged = out.permute(2, 0, 1, 3).reshape(tgt_len * bsz, embed_dim)
         attn_output = F.linear(merged, out_proj_weight, out_proj_bias).view(tgt_len, bsz, -1)
 
-    attn_weights = None
-    if need_weights:
-        # Averaged weights are summed over heads inside the kernel: no (N, H, L, S) tensor.
-        attn_weights = torch.ops.qkv.attention_weights(
-            q, k, bias, logsumexp, dropout_p, use_causal_flag, False, None, seed, average_attn_weights)
     if not is_batched:
         attn_output = attn_output.squeeze(0)
         if attn_weights is not None:

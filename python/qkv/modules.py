@@ -196,7 +196,7 @@ class MultiheadAttention(nn.Module):
             key: ``(S, kdim)``, ``(S, N, kdim)`` or ``(N, S, kdim)``.
             value: ``(S, vdim)``, ``(S, N, vdim)`` or ``(N, S, vdim)``.
             key_padding_mask: ``(N, S)`` or ``(S,)``; bool ``True`` = ignore that key, or float (added).
-            need_weights: also return the attention weights (rebuilt from the kernel's logsumexp).
+            need_weights: also return the attention weights (computed with the output, one kernel).
             attn_mask: ``(L, S)`` or ``(N * num_heads, L, S)``; bool ``True`` = not allowed, or float.
             average_attn_weights: average the returned weights over heads.
             is_causal: hint that ``attn_mask`` is the causal mask (requires ``attn_mask``).

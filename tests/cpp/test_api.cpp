@@ -60,6 +60,19 @@ TEST(QkvApi, WeightsRebuiltFromLogsumexpMatchSoftmax) {
   EXPECT_TRUE(torch::allclose(torch::matmul(weights, v), out, 1e-10, 1e-10));
 }
 
+TEST(QkvApi, AttentionWithWeightsMatchesTheTwoOps) {
+  torch::manual_seed(3);
+  auto q = randn({2, 3, 30, 8}, false), k = randn({2, 3, 40, 8}, false), v = randn({2, 3, 40, 5}, false);
+  auto [out, lse, weights] = qkv::attention_with_weights(q, k, v, std::nullopt, 0.0, true, false, std::nullopt,
+                                                         std::nullopt, /*average_heads=*/true);
+  auto [want_out, want_lse] = qkv::attention(q, k, v, std::nullopt, 0.0, true);
+  auto want_weights = qkv::attention_weights(q, k, std::nullopt, want_lse, 0.0, true, false, std::nullopt,
+                                             std::nullopt, true);
+  EXPECT_TRUE(torch::allclose(out, want_out, 1e-10, 1e-10));
+  EXPECT_TRUE(torch::allclose(lse, want_lse, 1e-10, 1e-10));
+  EXPECT_TRUE(torch::allclose(weights, want_weights, 1e-10, 1e-10));
+}
+
 TEST(QkvApi, FullyMaskedRowsGiveZerosAndZeroGradients) {
   auto q = randn({1, 1, 4, 8}), k = randn({1, 1, 5, 8}), v = randn({1, 1, 5, 8});
   auto bias = torch::zeros({1, 1, 4, 5}, torch::kDouble);

@@ -35,6 +35,14 @@ at::Tensor attention_weights(const at::Tensor& query, const at::Tensor& key,
                              const std::optional<at::Tensor>& dropout_seed = std::nullopt,
                              bool average_heads = false);
 
+// `attention` and `attention_weights` in one call, (out, logsumexp, weights): on the CPU,
+// Q K^T is computed once for both. Differentiable in out and weights.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_with_weights(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const std::optional<at::Tensor>& bias = std::nullopt, double dropout_p = 0.0, bool is_causal = false,
+    bool bottom_right = false, std::optional<double> scale = std::nullopt,
+    const std::optional<at::Tensor>& dropout_seed = std::nullopt, bool average_heads = false);
+
 // Multi-head attention with packed in-projection (3E, E), like torch.nn.MultiheadAttention.
 at::Tensor multi_head_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                                 int64_t num_heads, const at::Tensor& in_proj_weight,

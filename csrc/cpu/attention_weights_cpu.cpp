@@ -1,0 +1,259 @@
+// CPU kernels of the explicit attention weights (need_weights=True):
+//  - attention_weights rebuilds the probabilities from a logsumexp that `attention` returned;
+//  - attention_with_weights computes the output, the logsumexp and the weights in one pass,
+//    so Q K^T is computed once instead of once per op.
+// Both sum over heads inside the kernel when asked for averaged weights: no (B, H, L, S)
+// tensor then. See attention_cpu.cpp for the layout conventions.
+#include "tile_context.h"
+
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+namespace qkv {
+namespace {
+
+// ---- the weights from a logsumexp ------------------------------------------------------
+
+// Per task: one query block of one (b, h), or, with average_heads, of every head of one b,
+// summed into the output rows (or a float row buffer for half types) so the (B, H, L, S)
+// tensor never exists. K^T is packed once per (b, h) up front, not once per query block.
+template <typename scalar_t>
+void attention_weights_cpu_impl(const AttentionParams& p, const at::Tensor& query, const at::Tensor& key,
+                                const std::optional<at::Tensor>& bias, const at::Tensor& lse, bool average_heads,
+                                at::Tensor& weights) {
+  using acc_t = at::opmath_type<scalar_t>;
+  // Float and double weights are summed in place; half types go through an acc_t row buffer.
+  constexpr bool in_place = std::is_same_v<acc_t, scalar_t>;
+  const TileContext<scalar_t> ctx(p, query, key, key, bias);
+  const at::Tensor lse_c = lse.contiguous();
+  const acc_t* lse_data = lse_c.const_data_ptr<acc_t>();
+  scalar_t* w = weights.data_ptr<scalar_t>();  // contiguous (B, H, L, S) or (B, L, S)
+  constexpr int64_t QB = kQueryBlock;
+  const int64_t D = p.head_dim, S = p.kv_len, BH = p.batch * p.heads, q_blocks = (p.q_len + QB - 1) / QB;
+  const int64_t heads_per_task = average_heads ? p.heads : 1;
+  const int64_t groups = BH / heads_per_task;
+  const int64_t BK = std::min(kForwardKeyBlock, std::max<int64_t>(S, 1));
+  const int64_t ld_s = padded_to_panels<acc_t>(BK), key_tiles = (S + BK - 1) / BK, k_tile_size = ld_s * D;
+  // Averaging folds 1/H into the exponent: 2^(s - log2(e) lse - log2(H)) = P / H.
+  const acc_t log2_heads = static_cast<acc_t>(std::log2(static_cast<double>(heads_per_task)));
+
+  at::Tensor k_packed_t = at::empty({BH * key_tiles * k_tile_size}, lse_c.options());
+  acc_t* k_packed = k_packed_t.data_ptr<acc_t>();
+  at::parallel_for(0, BH * key_tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t bh = t / key_tiles, j0 = t % key_tiles * BK;
+      ctx.pack_keys_transposed(k_packed + t * k_tile_size, bh / p.heads, bh % p.heads, j0, std::min(BK, S - j0));
+    }
+  });
+
+  for_each_task(groups * q_blocks, 2.0 * BH * p.q_len * S * D, [&](int64_t) {
+    auto scratch = std::make_shared<std::vector<acc_t>>(QB * D + QB * ld_s + (in_place ? 0 : QB * S));
+    return [&, scratch](int64_t task) {
+      acc_t* qs = scratch->data();
+      acc_t* st = qs + QB * D;
+      acc_t* row_buffer = st + QB * ld_s;  // half types: the rows' weights in acc_t
+      const int64_t qb = task % q_blocks, group = task / q_blocks;
+      const int64_t i0 = qb * QB, rows = std::min(QB, p.q_len - i0);
+      // Row r of this task's weights, from key j0 on: the output itself or the row buffer.
+      auto target = [&](int64_t r, int64_t j0) -> acc_t* {
+        if constexpr (in_place) {
+          return w + (group * p.q_len + i0 + r) * S + j0;
+        } else {
+          return row_buffer + r * S + j0;
+        }
+      };
+      for (int64_t bh = group * heads_per_task; bh < (group + 1) * heads_per_task; ++bh) {
+        const int64_t b = bh / p.heads, h = bh % p.heads;
+        const bool first_head = bh == group * heads_per_task;
+        // The queries times scale * log2(e), as in the forward: the products are the scores.
+        scaled_rows(ctx.q, b, h, i0, rows, D, ctx.score_scale, qs);
+        for (int64_t j0 = 0; j0 < S; j0 += BK) {
+          const int64_t cols = std::min(BK, S - j0);
+          const Panels<acc_t> k_panels{k_packed + (bh * key_tiles + j0 / BK) * k_tile_size, D};
+          ctx.scores(st, ld_s, qs, D, k_panels, b, h, i0, rows, j0, cols);
+          for (int64_t r = 0; r < rows; ++r) {
+            acc_t* prob = st + r * ld_s;
+            const acc_t row_lse = lse_data[bh * p.q_len + i0 + r];
+            if (row_lse == -std::numeric_limits<acc_t>::infinity()) {
+              std::fill(prob, prob + cols, acc_t(0));  // the row sees no key: weights 0
+            } else if (p.dropout_p == 0) {
+              exp2_into(target(r, j0), prob, cols, row_lse * TileContext<scalar_t>::kLog2e + log2_heads, !first_head);
+              continue;
+            } else {
+              exp2_and_sum(prob, cols, row_lse * TileContext<scalar_t>::kLog2e + log2_heads);
+              ctx.dropout_row(prob, b, h, i0 + r, j0, cols);
+            }
+            add_scaled_row(target(r, j0), prob, cols, acc_t(1), !first_head);
+          }
+        }
+      }
+      if constexpr (!in_place) {
+        for (int64_t r = 0; r < rows; ++r) {
+          store_row(w + (group * p.q_len + i0 + r) * S, 1, row_buffer + r * S, S, acc_t(1));
+        }
+      }
+    };
+  });
+}
+
+at::Tensor attention_weights_cpu(const at::Tensor& query, const at::Tensor& key,
+                                 const std::optional<at::Tensor>& bias, const at::Tensor& logsumexp,
+                                 double dropout_p, bool is_causal, bool bottom_right,
+                                 std::optional<double> scale, const std::optional<at::Tensor>& dropout_seed,
+                                 bool average_heads) {
+  const auto p = check_attention_args("qkv.attention_weights", query, key, key, bias, dropout_p, is_causal,
+                                      bottom_right, scale, dropout_seed);
+  check_logsumexp_for_weights("qkv.attention_weights", query, logsumexp, p);
+  at::Tensor weights = empty_attention_weights(query, p, average_heads);
+  if (p.heads == 0) return weights.zero_();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "qkv_attention_weights_cpu", [&] {
+    attention_weights_cpu_impl<scalar_t>(p, query, key, bias, logsumexp, average_heads, weights);
+  });
+  return weights;
+}
+
+// ---- the output and its weights in one pass -----------------------------------------------
+
+// Query rows per task: at S = 2048 their scores and their weights rows (2 x 192 KiB) share
+// the 512 KiB L2. 64 rows measured 1.1-1.2x slower at L = S = 2048, 12 no faster.
+constexpr int64_t kFusedQueryBlock = 24;
+
+// Per task: one query block of one (b, h), or, with average_heads, of every head of one b.
+// Each head's scores against every key the block may see are held whole (rows x S), so
+// the softmax is exact with no running maximum and its probabilities feed both P V and the
+// weights. K^T and V are packed once per (b, h) up front.
+template <typename scalar_t>
+void attention_with_weights_cpu_impl(const AttentionParams& p, const at::Tensor& query, const at::Tensor& key,
+                                     const at::Tensor& value, const std::optional<at::Tensor>& bias,
+                                     bool average_heads, at::Tensor& out, at::Tensor& lse, at::Tensor& weights) {
+  using acc_t = at::opmath_type<scalar_t>;
+  // Float and double weights are summed in place; half types go through an acc_t row buffer.
+  constexpr bool in_place = std::is_same_v<acc_t, scalar_t>;
+  const TileContext<scalar_t> ctx(p, query, key, value, bias);
+  const MutableStrided4<scalar_t> o(out);
+  acc_t* lse_data = lse.data_ptr<acc_t>();  // contiguous (B, H, L)
+  scalar_t* w = weights.data_ptr<scalar_t>();  // contiguous (B, H, L, S) or (B, L, S)
+  const int64_t D = p.head_dim, Dv = p.v_head_dim, S = p.kv_len, BH = p.batch * p.heads;
+  const int64_t QB = std::min(kFusedQueryBlock, p.q_len), q_blocks = (p.q_len + QB - 1) / QB;
+  const int64_t heads_per_task = average_heads ? p.heads : 1, groups = BH / heads_per_task;
+  const int64_t BK = std::min(kForwardKeyBlock, S), key_tiles = (S + BK - 1) / BK;
+  const int64_t k_tile_size = padded_to_panels<acc_t>(BK) * D, v_tile_size = BK * padded_to_panels<acc_t>(Dv);
+  // Score rows span every key; each tile's product is written at its column offset.
+  const int64_t ld_p = padded_to_panels<acc_t>(S), ld_acc = padded_to_panels<acc_t>(Dv);
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  const acc_t inv_heads = acc_t(1) / static_cast<acc_t>(heads_per_task);
+
+  at::Tensor packed = at::empty({BH * key_tiles * (k_tile_size + v_tile_size)}, lse.options());
+  acc_t* k_packed = packed.data_ptr<acc_t>();
+  acc_t* v_packed = k_packed + BH * key_tiles * k_tile_size;
+  at::parallel_for(0, BH * key_tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t bh = t / key_tiles, b = bh / p.heads, h = bh % p.heads, j0 = t % key_tiles * BK;
+      const int64_t full = std::min(BK, S - j0);
+      ctx.pack_keys_transposed(k_packed + t * k_tile_size, b, h, j0, full);
+      pack_panels(ctx.v.at(b, h, j0), full, Dv, ctx.v.s2, ctx.v.s3, v_packed + t * v_tile_size);
+    }
+  });
+
+  for_each_task(groups * q_blocks, 2.0 * BH * p.q_len * S * (D + Dv), [&](int64_t) {
+    auto scratch = std::make_shared<std::vector<acc_t>>(QB * D + QB * ld_p + QB * ld_acc + 3 * QB +
+                                                        (in_place ? 0 : QB * S));
+    return [&, scratch](int64_t task) {
+      acc_t* qs = scratch->data();
+      acc_t* probs = qs + QB * D;  // the block's scores, then its unnormalised probabilities
+      acc_t* acc = probs + QB * ld_p;
+      acc_t* row_max = acc + QB * ld_acc;
+      acc_t* row_sum = row_max + QB;
+      acc_t* tile_max = row_sum + QB;
+      acc_t* row_buffer = tile_max + QB;  // half types: the rows' weights in acc_t
+      const int64_t qb = task % q_blocks, group = task / q_blocks;
+      const int64_t i0 = qb * QB, rows = std::min(QB, p.q_len - i0);
+      const int64_t j_end = ctx.key_end(i0 + rows);  // later keys are hidden from every row
+      auto target = [&](int64_t r) -> acc_t* {
+        if constexpr (in_place) {
+          return w + (group * p.q_len + i0 + r) * S;
+        } else {
+          return row_buffer + r * S;
+        }
+      };
+      for (int64_t bh = group * heads_per_task; bh < (group + 1) * heads_per_task; ++bh) {
+        const int64_t b = bh / p.heads, h = bh % p.heads;
+        const bool first_head = bh == group * heads_per_task;
+        // The queries times scale * log2(e), as in the forward: the products are the scores.
+        scaled_rows(ctx.q, b, h, i0, rows, D, ctx.score_scale, qs);
+        std::fill(row_max, row_max + rows, neg_inf);
+        for (int64_t j0 = 0; j0 < j_end; j0 += BK) {
+          const Panels<acc_t> k_panels{k_packed + (bh * key_tiles + j0 / BK) * k_tile_size, D};
+          ctx.scores(probs + j0, ld_p, qs, D, k_panels, b, h, i0, rows, j0, std::min(BK, j_end - j0), tile_max);
+          for (int64_t r = 0; r < rows; ++r) {
+            // A NaN score (from a NaN or inf input) must reach the output, as in the forward.
+            row_max[r] = std::isnan(tile_max[r]) ? tile_max[r] : std::max(row_max[r], tile_max[r]);
+          }
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          acc_t* s = probs + r * ld_p;
+          if (row_max[r] == neg_inf) {  // the row sees no key: output, weights 0, logsumexp -inf
+            std::fill(s, s + j_end, acc_t(0));
+            row_sum[r] = 0;
+            continue;
+          }
+          row_sum[r] = exp2_and_sum(s, j_end, row_max[r]);
+          if (p.dropout_p > 0) ctx.dropout_row(s, b, h, i0 + r, 0, j_end);
+        }
+        std::fill(acc, acc + rows * ld_acc, acc_t(0));
+        for (int64_t j0 = 0; j0 < j_end; j0 += BK) {
+          const int64_t cols = std::min(BK, j_end - j0);
+          const Panels<acc_t> v_panels{v_packed + (bh * key_tiles + j0 / BK) * v_tile_size, std::min(BK, S - j0)};
+          gemm_packed<acc_t>(rows, Dv, cols, probs + j0, ld_p, 1, v_panels, acc, ld_acc, true,
+                             ctx.visible_key_depth(i0, j0, cols));
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          const bool empty = row_sum[r] == acc_t(0);
+          const acc_t inv_sum = empty ? acc_t(0) : acc_t(1) / row_sum[r];
+          store_row(o.at(b, h, i0 + r), o.s3, acc + r * ld_acc, Dv, inv_sum);
+          // Back from log2 units: lse = ln 2 * (max + log2(sum)).
+          lse_data[bh * p.q_len + i0 + r] = empty ? neg_inf : (row_max[r] + std::log2(row_sum[r])) / ctx.kLog2e;
+          acc_t* dst = target(r);
+          add_scaled_row(dst, probs + r * ld_p, j_end, inv_sum * inv_heads, !first_head);
+          if (first_head) std::fill(dst + j_end, dst + S, acc_t(0));
+        }
+      }
+      if constexpr (!in_place) {
+        for (int64_t r = 0; r < rows; ++r) {
+          store_row(w + (group * p.q_len + i0 + r) * S, 1, row_buffer + r * S, S, acc_t(1));
+        }
+      }
+    };
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_with_weights_cpu(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const std::optional<at::Tensor>& bias,
+    double dropout_p, bool is_causal, bool bottom_right, std::optional<double> scale,
+    const std::optional<at::Tensor>& dropout_seed, bool average_heads) {
+  const auto p = check_attention_args("qkv.attention_with_weights", query, key, value, bias, dropout_p, is_causal,
+                                      bottom_right, scale, dropout_seed);
+  if (p.q_len < kMinRowsForPanels || p.kv_len == 0 || p.heads == 0) {
+    // Decoding: packing every head's K and V would cost more than computing Q K^T twice.
+    return attention_then_weights(query, key, value, bias, dropout_p, is_causal, bottom_right, scale,
+                                  dropout_seed, average_heads);
+  }
+  at::Tensor out = empty_attention_output(query, p);
+  at::Tensor lse = empty_logsumexp(query, p);
+  at::Tensor weights = empty_attention_weights(query, p, average_heads);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "qkv_attention_with_weights_cpu",
+                                  [&] {
+                                    attention_with_weights_cpu_impl<scalar_t>(p, query, key, value, bias,
+                                                                              average_heads, out, lse, weights);
+                                  });
+  return {out, lse, weights};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qkv, CPU, m) {
+  m.impl("attention_weights", &attention_weights_cpu);
+  m.impl("attention_with_weights", &attention_with_weights_cpu);
+}
+
+}  // namespace qkv
