@@ -10,10 +10,10 @@ from reference import reference_attention, reference_probs, tolerance
 attention = torch.ops.qkv.attention
 
 
-def make_qkv(B, H, L, S, D, Dv=None, dtype=torch.float32):
+def make_qkv(B, H, L, S, D, Dv=None, dtype=torch.float32, requires_grad=False):
     Dv = D if Dv is None else Dv
-    return (torch.randn(B, H, L, D, dtype=dtype), torch.randn(B, H, S, D, dtype=dtype),
-            torch.randn(B, H, S, Dv, dtype=dtype))
+    return tuple(torch.randn(*shape, dtype=dtype, requires_grad=requires_grad)
+                 for shape in ((B, H, L, D), (B, H, S, D), (B, H, S, Dv)))
 
 
 SHAPES = [  # B, H, L, S, D, Dv
@@ -111,12 +111,22 @@ def test_bottom_right_with_more_queries_than_keys_hides_leading_rows():
                                **tolerance(torch.float32))
 
 
-def test_empty_sizes():
-    q, k, v = make_qkv(2, 2, 0, 5, 8)
-    assert attention(q, k, v)[0].shape == (2, 2, 0, 8)
-    q, k, v = make_qkv(2, 2, 4, 0, 8)
+@pytest.mark.parametrize("B,H,L,S", [(2, 2, 0, 5), (2, 2, 4, 0), (0, 2, 10, 12), (2, 0, 10, 12), (0, 0, 0, 0)])
+def test_empty_sizes(B, H, L, S):
+    # Every op, forward and backward, with nothing to attend over or nobody attending: right
+    # shapes, zeros where rows see no key, and no crash (an empty batch or head count used to
+    # divide by zero when the CPU forward split its work).
+    q, k, v = make_qkv(B, H, L, S, 8, requires_grad=True)
     out, lse = attention(q, k, v)
+    assert out.shape == (B, H, L, 8) and lse.shape == (B, H, L)
     assert (out == 0).all() and torch.isneginf(lse).all()
+    out.sum().backward()
+    assert q.grad.shape == q.shape and k.grad.shape == k.shape and (v.grad == 0).all()
+    for average_heads in (False, True):
+        weights = torch.ops.qkv.attention_weights(q, k, None, lse, 0.0, False, False, None, None, average_heads)
+        fused = torch.ops.qkv.attention_with_weights(q, k, v, None, 0.0, False, False, None, None, average_heads)
+        assert weights.shape == ((B, L, S) if average_heads else (B, H, L, S)) == fused[2].shape
+        assert (weights == 0).all() and (fused[2] == 0).all() and (fused[0] == 0).all()
 
 
 def test_long_sequence():

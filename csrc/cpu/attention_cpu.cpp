@@ -137,6 +137,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
                                       bottom_right, scale, dropout_seed);
   at::Tensor out = empty_attention_output(query, p);
   at::Tensor lse = empty_logsumexp(query, p);
+  if (p.batch * p.heads == 0) return {out, lse};  // no (b, h): empty outputs, and no tasks to split
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "qkv_attention_cpu", [&] {
     attention_forward_cpu_impl<scalar_t>(p, query, key, value, bias, out, lse);
   });
@@ -351,7 +352,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
   at::Tensor grad_k = empty_token_major(key, p.head_dim);
   at::Tensor grad_v = empty_token_major(value, p.v_head_dim);
   at::Tensor grad_bias = empty_grad_bias(bias, bias_requires_grad, query);
-  if (p.q_len == 0 || p.kv_len == 0) {  // nothing attends: every gradient is zero
+  if (p.q_len == 0 || p.kv_len == 0 || p.batch * p.heads == 0) {  // nothing attends: every gradient is zero
     grad_q.zero_(), grad_k.zero_(), grad_v.zero_(), grad_bias.zero_();
     return {grad_q, grad_k, grad_v, grad_bias};
   }
