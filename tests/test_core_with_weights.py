@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 from reference import causal_hidden, reference_attention, reference_probs, tolerance
 
@@ -56,6 +57,20 @@ def test_matches_reference(B, H, L, S, D, Dv, is_causal, bottom_right, average_h
     torch.testing.assert_close(out.double(), reference_attention(q, k, v, bias, is_causal, bottom_right), **tol)
     torch.testing.assert_close(weights.double(), probs.mean(1) if average_heads else probs, **tol)
     torch.testing.assert_close(lse.double(), reference_lse(q, k, bias, is_causal, bottom_right), **tol)
+
+
+@settings(max_examples=25, deadline=None)
+@given(B=st.integers(1, 2), H=st.integers(1, 3), L=st.integers(1, 60), S=st.integers(1, 300),
+       D=st.integers(1, 40), causal=st.booleans(), bottom_right=st.booleans(), with_bias=st.booleans(),
+       average_heads=st.booleans())
+def test_random_shapes_property(B, H, L, S, D, causal, bottom_right, with_bias, average_heads):
+    q, k, v = make_qkv(B, H, L, S, D, dtype=F64)
+    bias = torch.randn(H, L, S, dtype=F64) if with_bias else None
+    out, _, weights = ops.attention_with_weights(q, k, v, bias, 0.0, causal, bottom_right, None, None,
+                                                 average_heads)
+    probs = reference_probs(q, k, bias, causal, bottom_right)
+    torch.testing.assert_close(out, probs @ v, **tolerance(F64))
+    torch.testing.assert_close(weights, probs.mean(1) if average_heads else probs, **tolerance(F64))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
