@@ -165,6 +165,10 @@ at::Tensor draw_dropout_seed() {
   return at::randint(int64_t(1) << 62, {1}, at::TensorOptions().dtype(at::kLong));
 }
 
+at::Tensor dropout_seed_tensor(uint64_t seed) {
+  return at::full({1}, static_cast<int64_t>(seed), at::TensorOptions().dtype(at::kLong));
+}
+
 // ---- Meta kernels: shapes and strides only -------------------------------------------
 
 namespace {

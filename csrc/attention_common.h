@@ -60,5 +60,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_then_weights(
 
 // Draws a fresh seed from torch's default CPU generator (honours torch.manual_seed).
 at::Tensor draw_dropout_seed();
+// The seed a call settled on (`AttentionParams::dropout_seed`) as the tensor the ops take, so
+// that a call passing work on to other ops does not draw a second one.
+at::Tensor dropout_seed_tensor(uint64_t seed);
 
 }  // namespace qkv

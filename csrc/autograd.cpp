@@ -181,7 +181,8 @@ class AttentionWithWeightsFunction : public torch::autograd::Function<AttentionW
       std::tie(dq, dk, dv, dbias) = output_backward(ctx, grads[0], saved[0], saved[1], saved[2], saved[3], saved[4],
                                                     saved[5], saved[6], bias_grad);
     }
-    if (grads[2].defined()) {
+    // The weights do not depend on value: their backward runs only for query, key or bias.
+    if (grads[2].defined() && (ctx->needs_input_grad(0) || ctx->needs_input_grad(1) || bias_grad)) {
       auto [wdq, wdk, wdbias] = weights_backward(ctx, grads[2], saved[0], saved[1], saved[3], saved[5], saved[6],
                                                  ctx->saved_data["average_heads"].toBool(), bias_grad);
       dq = sum_defined(dq, wdq);

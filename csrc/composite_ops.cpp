@@ -173,9 +173,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_then_weights(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const OptTensor& bias,
     double dropout_p, bool is_causal, bool bottom_right, std::optional<double> scale, const OptTensor& dropout_seed,
     bool average_heads) {
-  // Both ops must drop the same probabilities: draw the seed once (fake tensors need none).
+  // Checked here so errors name this op. Both ops must drop the same probabilities: the seed
+  // the check settled on (drawn when none was given; fake tensors need none) goes to both.
+  const auto p = check_attention_args("qkv.attention_with_weights", query, key, value, bias, dropout_p, is_causal,
+                                      bottom_right, scale, dropout_seed);
   OptTensor seed = dropout_seed;
-  if (dropout_p > 0.0 && !(seed.has_value() && seed->defined()) && !query.is_meta()) seed = draw_dropout_seed();
+  if (dropout_p > 0.0 && !(seed.has_value() && seed->defined()) && !query.is_meta()) {
+    seed = dropout_seed_tensor(p.dropout_seed);
+  }
   auto [out, lse] = qkv::attention(query, key, value, bias, dropout_p, is_causal, bottom_right, scale, seed);
   at::Tensor weights = qkv::attention_weights(query, key, bias, lse, dropout_p, is_causal, bottom_right, scale, seed,
                                               average_heads);

@@ -74,14 +74,17 @@ def test_random_shapes_property(B, H, L, S, D, causal, bottom_right, with_bias, 
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
-def test_dtypes(dtype):
+@pytest.mark.parametrize("average_heads", [False, True])
+def test_dtypes(dtype, average_heads):
+    # Half types sum heads in a float row buffer; float and double in the output itself.
     q, k, v = make_qkv(2, 3, 50, 300, 24, dtype=dtype)
     bias = torch.randn(50, 300, dtype=dtype)
-    out, lse, weights = ops.attention_with_weights(q, k, v, bias, 0.0, True, True, None, None, True)
+    out, lse, weights = ops.attention_with_weights(q, k, v, bias, 0.0, True, True, None, None, average_heads)
     assert out.dtype == weights.dtype == dtype
     assert lse.dtype == (F64 if dtype == F64 else torch.float32)
+    probs = reference_probs(q, k, bias, True, True)
     torch.testing.assert_close(out.double(), reference_attention(q, k, v, bias, True, True), **tolerance(dtype))
-    torch.testing.assert_close(weights.double(), reference_probs(q, k, bias, True, True).mean(1), **tolerance(dtype))
+    torch.testing.assert_close(weights.double(), probs.mean(1) if average_heads else probs, **tolerance(dtype))
 
 
 def test_strided_and_expanded_inputs():
@@ -129,9 +132,10 @@ def test_nan_query_row_reaches_output_and_weights():
 
 @pytest.mark.parametrize("L", [3, 50])  # the two-op path, the fused kernel
 @pytest.mark.parametrize("average_heads", [False, True])
-def test_dropout_matches_the_two_ops(L, average_heads):
-    q, k, v = make_qkv(2, 3, L, 270, 16)
-    bias = torch.randn(3, 1, 270)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_matches_the_two_ops(L, average_heads, dtype):
+    q, k, v = make_qkv(2, 3, L, 270, 16, dtype=dtype)
+    bias = torch.randn(3, 1, 270, dtype=dtype)
     seed = torch.tensor([1234])
     out, lse, weights = ops.attention_with_weights(q, k, v, bias, 0.3, True, False, None, seed, average_heads)
     want_out, want_lse = ops.attention(q, k, v, bias, 0.3, True, False, None, seed)
@@ -194,9 +198,41 @@ def test_unused_weights_cost_no_backward():
     assert "qkv::attention_backward" in names and "qkv::attention_weights_backward" not in names
 
 
-def test_bad_input_names_the_op_and_argument():
-    q, k, v = make_qkv(1, 2, 20, 30, 8)
+@pytest.mark.parametrize("L", [2, 30])  # the two-op path, the fused kernel
+@pytest.mark.parametrize("inference", [False, True])
+def test_dropout_draws_exactly_one_seed(L, inference):
+    # One draw from torch's generator per call, whichever path runs and whoever draws it (the
+    # autograd layer, the kernel's argument check, or the two-op path): the weights match the
+    # output, and seeded runs stay reproducible.
+    q, k, v = make_qkv(1, 2, L, 40, 8)
+
+    def next_draw_after(call):
+        torch.manual_seed(7)
+        with torch.inference_mode(inference):
+            call()
+        return torch.randint(0, 2**62, (1,))
+
+    got = next_draw_after(lambda: ops.attention_with_weights(q, k, v, None, 0.5, False))
+    assert torch.equal(got, next_draw_after(lambda: torch.randint(0, 2**62, (1,))))
+
+
+def test_only_value_needing_grad_skips_the_weights_backward():
+    q, k, _ = make_qkv(1, 2, 20, 30, 8)
+    v = torch.randn(1, 2, 30, 8, requires_grad=True)
+    out, _, weights = ops.attention_with_weights(q, k, v, None, 0.0, False)
+    with torch.profiler.profile() as prof:
+        (out.sum() + weights.sum()).backward()
+    names = {event.name for event in prof.events()}
+    assert "qkv::attention_backward" in names and "qkv::attention_weights_backward" not in names
+    assert v.grad is not None
+
+
+@pytest.mark.parametrize("L", [2, 20])  # errors name this op on both paths
+def test_bad_input_names_the_op_and_argument(L):
+    q, k, v = make_qkv(1, 2, L, 30, 8)
     with pytest.raises(RuntimeError, match=r"qkv.attention_with_weights: .*value"):
         ops.attention_with_weights(q, k, v[:, :, :29])
     with pytest.raises(RuntimeError, match=r"qkv.attention_with_weights: .*dropout_p"):
         ops.attention_with_weights(q, k, v, None, 1.5)
+    with pytest.raises(RuntimeError, match=r"qkv.attention_with_weights: .*value"):
+        ops.attention_with_weights(q.to("meta"), k.to("meta"), v[:, :, :29].to("meta"))

@@ -234,9 +234,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_with_weights_cpu(
   const auto p = check_attention_args("qkv.attention_with_weights", query, key, value, bias, dropout_p, is_causal,
                                       bottom_right, scale, dropout_seed);
   if (p.q_len < kMinRowsForPanels || p.kv_len == 0 || p.heads == 0) {
-    // Decoding: packing every head's K and V would cost more than computing Q K^T twice.
+    // Decoding: packing every head's K and V would cost more than computing Q K^T twice. The
+    // seed already settled on goes along, so none is drawn twice.
     return attention_then_weights(query, key, value, bias, dropout_p, is_causal, bottom_right, scale,
-                                  dropout_seed, average_heads);
+                                  dropout_p > 0.0 ? dropout_seed_tensor(p.dropout_seed) : dropout_seed,
+                                  average_heads);
   }
   at::Tensor out = empty_attention_output(query, p);
   at::Tensor lse = empty_logsumexp(query, p);
