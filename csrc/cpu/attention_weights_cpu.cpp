@@ -12,18 +12,87 @@
 namespace qkv {
 namespace {
 
+// ---- what both kernels share -----------------------------------------------------------
+
+// K^T (and, with values, V) of every (b, h), packed key tile by key tile before the tasks
+// start: a task covers one query block, and packing per task took 18% of the weights op.
+// The buffer is the size of K (and V) in acc_t.
+template <typename scalar_t>
+struct PackedKeyTiles {
+  using acc_t = at::opmath_type<scalar_t>;
+  int64_t key_block, kv_len, head_dim, tiles, k_tile_size, v_tile_size;
+  at::Tensor buffer;
+  acc_t* k_data;
+  acc_t* v_data;
+
+  PackedKeyTiles(const TileContext<scalar_t>& ctx, int64_t key_block_, bool with_values)
+      : key_block(key_block_),
+        kv_len(ctx.p.kv_len),
+        head_dim(ctx.p.head_dim),
+        tiles((kv_len + key_block - 1) / key_block),
+        k_tile_size(padded_to_panels<acc_t>(key_block) * head_dim),
+        v_tile_size(with_values ? key_block * padded_to_panels<acc_t>(ctx.p.v_head_dim) : 0) {
+    const int64_t BH = ctx.p.batch * ctx.p.heads, heads = ctx.p.heads;
+    buffer = at::empty({BH * tiles * (k_tile_size + v_tile_size)},
+                       at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    k_data = buffer.data_ptr<acc_t>();
+    v_data = k_data + BH * tiles * k_tile_size;
+    at::parallel_for(0, BH * tiles, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t bh = t / tiles, b = bh / heads, h = bh % heads, j0 = t % tiles * key_block;
+        const int64_t cols = std::min(key_block, kv_len - j0);
+        ctx.pack_keys_transposed(k_data + t * k_tile_size, b, h, j0, cols);
+        if (with_values) {
+          pack_panels(ctx.v.at(b, h, j0), cols, ctx.p.v_head_dim, ctx.v.s2, ctx.v.s3, v_data + t * v_tile_size);
+        }
+      }
+    });
+  }
+
+  // The packed tile holding key j0 (a multiple of key_block) of slice bh.
+  Panels<acc_t> keys(int64_t bh, int64_t j0) const {
+    return {k_data + (bh * tiles + j0 / key_block) * k_tile_size, head_dim};
+  }
+  Panels<acc_t> values(int64_t bh, int64_t j0) const {
+    return {v_data + (bh * tiles + j0 / key_block) * v_tile_size, std::min(key_block, kv_len - j0)};
+  }
+};
+
+// One task's rows of the weights, where its heads are summed: the contiguous output itself
+// for float and double, or an acc_t row buffer that finish() converts into it (half types).
+template <typename scalar_t>
+struct WeightsRows {
+  using acc_t = at::opmath_type<scalar_t>;
+  static constexpr bool in_place = std::is_same_v<acc_t, scalar_t>;
+  scalar_t* first;  // the task's first output row
+  int64_t cols;
+  acc_t* buffer;    // rows x cols, half types only
+
+  static int64_t buffer_size(int64_t rows, int64_t cols) { return in_place ? 0 : rows * cols; }
+
+  acc_t* row(int64_t r) const {
+    if constexpr (in_place) {
+      return first + r * cols;
+    } else {
+      return buffer + r * cols;
+    }
+  }
+  void finish(int64_t rows) const {
+    if constexpr (!in_place) {
+      for (int64_t r = 0; r < rows; ++r) store_row(first + r * cols, 1, buffer + r * cols, cols, acc_t(1));
+    }
+  }
+};
+
 // ---- the weights from a logsumexp ------------------------------------------------------
 
 // Per task: one query block of one (b, h), or, with average_heads, of every head of one b,
-// summed into the output rows (or a float row buffer for half types) so the (B, H, L, S)
-// tensor never exists. K^T is packed once per (b, h) up front, not once per query block.
+// summed into the task's WeightsRows so the (B, H, L, S) tensor never exists.
 template <typename scalar_t>
 void attention_weights_cpu_impl(const AttentionParams& p, const at::Tensor& query, const at::Tensor& key,
                                 const std::optional<at::Tensor>& bias, const at::Tensor& lse, bool average_heads,
                                 at::Tensor& weights) {
   using acc_t = at::opmath_type<scalar_t>;
-  // Float and double weights are summed in place; half types go through an acc_t row buffer.
-  constexpr bool in_place = std::is_same_v<acc_t, scalar_t>;
   const TileContext<scalar_t> ctx(p, query, key, key, bias);
   const at::Tensor lse_c = lse.contiguous();
   const acc_t* lse_data = lse_c.const_data_ptr<acc_t>();
@@ -33,35 +102,19 @@ void attention_weights_cpu_impl(const AttentionParams& p, const at::Tensor& quer
   const int64_t heads_per_task = average_heads ? p.heads : 1;
   const int64_t groups = BH / heads_per_task;
   const int64_t BK = std::min(kForwardKeyBlock, std::max<int64_t>(S, 1));
-  const int64_t ld_s = padded_to_panels<acc_t>(BK), key_tiles = (S + BK - 1) / BK, k_tile_size = ld_s * D;
+  const int64_t ld_s = padded_to_panels<acc_t>(BK);
   // Averaging folds 1/H into the exponent: 2^(s - log2(e) lse - log2(H)) = P / H.
   const acc_t log2_heads = static_cast<acc_t>(std::log2(static_cast<double>(heads_per_task)));
-
-  at::Tensor k_packed_t = at::empty({BH * key_tiles * k_tile_size}, lse_c.options());
-  acc_t* k_packed = k_packed_t.data_ptr<acc_t>();
-  at::parallel_for(0, BH * key_tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t bh = t / key_tiles, j0 = t % key_tiles * BK;
-      ctx.pack_keys_transposed(k_packed + t * k_tile_size, bh / p.heads, bh % p.heads, j0, std::min(BK, S - j0));
-    }
-  });
+  const PackedKeyTiles<scalar_t> packed(ctx, BK, /*with_values=*/false);
 
   for_each_task(groups * q_blocks, 2.0 * BH * p.q_len * S * D, [&](int64_t) {
-    auto scratch = std::make_shared<std::vector<acc_t>>(QB * D + QB * ld_s + (in_place ? 0 : QB * S));
+    auto scratch = std::make_shared<std::vector<acc_t>>(QB * D + QB * ld_s + WeightsRows<scalar_t>::buffer_size(QB, S));
     return [&, scratch](int64_t task) {
       acc_t* qs = scratch->data();
       acc_t* st = qs + QB * D;
-      acc_t* row_buffer = st + QB * ld_s;  // half types: the rows' weights in acc_t
       const int64_t qb = task % q_blocks, group = task / q_blocks;
       const int64_t i0 = qb * QB, rows = std::min(QB, p.q_len - i0);
-      // Row r of this task's weights, from key j0 on: the output itself or the row buffer.
-      auto target = [&](int64_t r, int64_t j0) -> acc_t* {
-        if constexpr (in_place) {
-          return w + (group * p.q_len + i0 + r) * S + j0;
-        } else {
-          return row_buffer + r * S + j0;
-        }
-      };
+      const WeightsRows<scalar_t> target{w + (group * p.q_len + i0) * S, S, st + QB * ld_s};
       for (int64_t bh = group * heads_per_task; bh < (group + 1) * heads_per_task; ++bh) {
         const int64_t b = bh / p.heads, h = bh % p.heads;
         const bool first_head = bh == group * heads_per_task;
@@ -69,29 +122,25 @@ void attention_weights_cpu_impl(const AttentionParams& p, const at::Tensor& quer
         scaled_rows(ctx.q, b, h, i0, rows, D, ctx.score_scale, qs);
         for (int64_t j0 = 0; j0 < S; j0 += BK) {
           const int64_t cols = std::min(BK, S - j0);
-          const Panels<acc_t> k_panels{k_packed + (bh * key_tiles + j0 / BK) * k_tile_size, D};
-          ctx.scores(st, ld_s, qs, D, k_panels, b, h, i0, rows, j0, cols);
+          ctx.scores(st, ld_s, qs, D, packed.keys(bh, j0), b, h, i0, rows, j0, cols);
           for (int64_t r = 0; r < rows; ++r) {
             acc_t* prob = st + r * ld_s;
             const acc_t row_lse = lse_data[bh * p.q_len + i0 + r];
             if (row_lse == -std::numeric_limits<acc_t>::infinity()) {
               std::fill(prob, prob + cols, acc_t(0));  // the row sees no key: weights 0
             } else if (p.dropout_p == 0) {
-              exp2_into(target(r, j0), prob, cols, row_lse * TileContext<scalar_t>::kLog2e + log2_heads, !first_head);
+              exp2_into(target.row(r) + j0, prob, cols, row_lse * TileContext<scalar_t>::kLog2e + log2_heads,
+                        !first_head);
               continue;
             } else {
               exp2_and_sum(prob, cols, row_lse * TileContext<scalar_t>::kLog2e + log2_heads);
               ctx.dropout_row(prob, b, h, i0 + r, j0, cols);
             }
-            add_scaled_row(target(r, j0), prob, cols, acc_t(1), !first_head);
+            add_scaled_row(target.row(r) + j0, prob, cols, acc_t(1), !first_head);
           }
         }
       }
-      if constexpr (!in_place) {
-        for (int64_t r = 0; r < rows; ++r) {
-          store_row(w + (group * p.q_len + i0 + r) * S, 1, row_buffer + r * S, S, acc_t(1));
-        }
-      }
+      target.finish(rows);
     };
   });
 }
@@ -121,14 +170,12 @@ constexpr int64_t kFusedQueryBlock = 24;
 // Per task: one query block of one (b, h), or, with average_heads, of every head of one b.
 // Each head's scores against every key the block may see are held whole (rows x S), so
 // the softmax is exact with no running maximum and its probabilities feed both P V and the
-// weights. K^T and V are packed once per (b, h) up front.
+// weights.
 template <typename scalar_t>
 void attention_with_weights_cpu_impl(const AttentionParams& p, const at::Tensor& query, const at::Tensor& key,
                                      const at::Tensor& value, const std::optional<at::Tensor>& bias,
                                      bool average_heads, at::Tensor& out, at::Tensor& lse, at::Tensor& weights) {
   using acc_t = at::opmath_type<scalar_t>;
-  // Float and double weights are summed in place; half types go through an acc_t row buffer.
-  constexpr bool in_place = std::is_same_v<acc_t, scalar_t>;
   const TileContext<scalar_t> ctx(p, query, key, value, bias);
   const MutableStrided4<scalar_t> o(out);
   acc_t* lse_data = lse.data_ptr<acc_t>();  // contiguous (B, H, L)
@@ -136,28 +183,17 @@ void attention_with_weights_cpu_impl(const AttentionParams& p, const at::Tensor&
   const int64_t D = p.head_dim, Dv = p.v_head_dim, S = p.kv_len, BH = p.batch * p.heads;
   const int64_t QB = std::min(kFusedQueryBlock, p.q_len), q_blocks = (p.q_len + QB - 1) / QB;
   const int64_t heads_per_task = average_heads ? p.heads : 1, groups = BH / heads_per_task;
-  const int64_t BK = std::min(kForwardKeyBlock, S), key_tiles = (S + BK - 1) / BK;
-  const int64_t k_tile_size = padded_to_panels<acc_t>(BK) * D, v_tile_size = BK * padded_to_panels<acc_t>(Dv);
+  const int64_t BK = std::min(kForwardKeyBlock, S);
   // Score rows span every key; each tile's product is written at its column offset.
   const int64_t ld_p = padded_to_panels<acc_t>(S), ld_acc = padded_to_panels<acc_t>(Dv);
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   const acc_t inv_heads = acc_t(1) / static_cast<acc_t>(heads_per_task);
 
-  at::Tensor packed = at::empty({BH * key_tiles * (k_tile_size + v_tile_size)}, lse.options());
-  acc_t* k_packed = packed.data_ptr<acc_t>();
-  acc_t* v_packed = k_packed + BH * key_tiles * k_tile_size;
-  at::parallel_for(0, BH * key_tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t bh = t / key_tiles, b = bh / p.heads, h = bh % p.heads, j0 = t % key_tiles * BK;
-      const int64_t full = std::min(BK, S - j0);
-      ctx.pack_keys_transposed(k_packed + t * k_tile_size, b, h, j0, full);
-      pack_panels(ctx.v.at(b, h, j0), full, Dv, ctx.v.s2, ctx.v.s3, v_packed + t * v_tile_size);
-    }
-  });
+  const PackedKeyTiles<scalar_t> packed(ctx, BK, /*with_values=*/true);
 
   for_each_task(groups * q_blocks, 2.0 * BH * p.q_len * S * (D + Dv), [&](int64_t) {
     auto scratch = std::make_shared<std::vector<acc_t>>(QB * D + QB * ld_p + QB * ld_acc + 3 * QB +
-                                                        (in_place ? 0 : QB * S));
+                                                        WeightsRows<scalar_t>::buffer_size(QB, S));
     return [&, scratch](int64_t task) {
       acc_t* qs = scratch->data();
       acc_t* probs = qs + QB * D;  // the block's scores, then its unnormalised probabilities
@@ -165,17 +201,10 @@ void attention_with_weights_cpu_impl(const AttentionParams& p, const at::Tensor&
       acc_t* row_max = acc + QB * ld_acc;
       acc_t* row_sum = row_max + QB;
       acc_t* tile_max = row_sum + QB;
-      acc_t* row_buffer = tile_max + QB;  // half types: the rows' weights in acc_t
       const int64_t qb = task % q_blocks, group = task / q_blocks;
       const int64_t i0 = qb * QB, rows = std::min(QB, p.q_len - i0);
       const int64_t j_end = ctx.key_end(i0 + rows);  // later keys are hidden from every row
-      auto target = [&](int64_t r) -> acc_t* {
-        if constexpr (in_place) {
-          return w + (group * p.q_len + i0 + r) * S;
-        } else {
-          return row_buffer + r * S;
-        }
-      };
+      const WeightsRows<scalar_t> target{w + (group * p.q_len + i0) * S, S, tile_max + QB};
       for (int64_t bh = group * heads_per_task; bh < (group + 1) * heads_per_task; ++bh) {
         const int64_t b = bh / p.heads, h = bh % p.heads;
         const bool first_head = bh == group * heads_per_task;
@@ -183,8 +212,8 @@ void attention_with_weights_cpu_impl(const AttentionParams& p, const at::Tensor&
         scaled_rows(ctx.q, b, h, i0, rows, D, ctx.score_scale, qs);
         std::fill(row_max, row_max + rows, neg_inf);
         for (int64_t j0 = 0; j0 < j_end; j0 += BK) {
-          const Panels<acc_t> k_panels{k_packed + (bh * key_tiles + j0 / BK) * k_tile_size, D};
-          ctx.scores(probs + j0, ld_p, qs, D, k_panels, b, h, i0, rows, j0, std::min(BK, j_end - j0), tile_max);
+          ctx.scores(probs + j0, ld_p, qs, D, packed.keys(bh, j0), b, h, i0, rows, j0, std::min(BK, j_end - j0),
+                     tile_max);
           for (int64_t r = 0; r < rows; ++r) {
             // A NaN score (from a NaN or inf input) must reach the output, as in the forward.
             row_max[r] = std::isnan(tile_max[r]) ? tile_max[r] : std::max(row_max[r], tile_max[r]);
@@ -203,8 +232,7 @@ void attention_with_weights_cpu_impl(const AttentionParams& p, const at::Tensor&
         std::fill(acc, acc + rows * ld_acc, acc_t(0));
         for (int64_t j0 = 0; j0 < j_end; j0 += BK) {
           const int64_t cols = std::min(BK, j_end - j0);
-          const Panels<acc_t> v_panels{v_packed + (bh * key_tiles + j0 / BK) * v_tile_size, std::min(BK, S - j0)};
-          gemm_packed<acc_t>(rows, Dv, cols, probs + j0, ld_p, 1, v_panels, acc, ld_acc, true,
+          gemm_packed<acc_t>(rows, Dv, cols, probs + j0, ld_p, 1, packed.values(bh, j0), acc, ld_acc, true,
                              ctx.visible_key_depth(i0, j0, cols));
         }
         for (int64_t r = 0; r < rows; ++r) {
@@ -213,16 +241,12 @@ void attention_with_weights_cpu_impl(const AttentionParams& p, const at::Tensor&
           store_row(o.at(b, h, i0 + r), o.s3, acc + r * ld_acc, Dv, inv_sum);
           // Back from log2 units: lse = ln 2 * (max + log2(sum)).
           lse_data[bh * p.q_len + i0 + r] = empty ? neg_inf : (row_max[r] + std::log2(row_sum[r])) / ctx.kLog2e;
-          acc_t* dst = target(r);
+          acc_t* dst = target.row(r);
           add_scaled_row(dst, probs + r * ld_p, j_end, inv_sum * inv_heads, !first_head);
           if (first_head) std::fill(dst + j_end, dst + S, acc_t(0));
         }
       }
-      if constexpr (!in_place) {
-        for (int64_t r = 0; r < rows; ++r) {
-          store_row(w + (group * p.q_len + i0 + r) * S, 1, row_buffer + r * S, S, acc_t(1));
-        }
-      }
+      target.finish(rows);
     };
   });
 }
