@@ -156,6 +156,17 @@ void check_logsumexp_for_weights(const char* op, const at::Tensor& query, const 
               query.device(), "; got ", describe(logsumexp));
 }
 
+AttentionParams check_attention_weights_args(const at::Tensor& query, const at::Tensor& key,
+                                             const std::optional<at::Tensor>& bias, const at::Tensor& logsumexp,
+                                             double dropout_p, bool is_causal, bool bottom_right,
+                                             std::optional<double> scale,
+                                             const std::optional<at::Tensor>& dropout_seed) {
+  const auto p = check_attention_args("qkv.attention_weights", query, key, key, bias, dropout_p, is_causal,
+                                      bottom_right, scale, dropout_seed);
+  check_logsumexp_for_weights("qkv.attention_weights", query, logsumexp, p);
+  return p;
+}
+
 at::Tensor empty_logsumexp(const at::Tensor& query, const AttentionParams& p) {
   const auto acc = query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   return at::empty({p.batch, p.heads, p.q_len}, query.options().dtype(acc));
@@ -200,9 +211,8 @@ at::Tensor attention_weights_meta(const at::Tensor& query, const at::Tensor& key
                                   double dropout_p, bool is_causal, bool bottom_right,
                                   std::optional<double> scale,
                                   const std::optional<at::Tensor>& dropout_seed, bool average_heads) {
-  const auto p = check_attention_args("qkv.attention_weights", query, key, key, bias, dropout_p,
-                                      is_causal, bottom_right, scale, dropout_seed);
-  check_logsumexp_for_weights("qkv.attention_weights", query, logsumexp, p);
+  const auto p = check_attention_weights_args(query, key, bias, logsumexp, dropout_p, is_causal, bottom_right, scale,
+                                              dropout_seed);
   return empty_attention_weights(query, p, average_heads);
 }
 

@@ -38,6 +38,13 @@ void check_backward_args(const char* op, const at::Tensor& query, const at::Tens
                          const at::Tensor& out, const at::Tensor& logsumexp, const AttentionParams& p);
 void check_logsumexp_for_weights(const char* op, const at::Tensor& query, const at::Tensor& logsumexp,
                                  const AttentionParams& p);
+// check_attention_args and check_logsumexp_for_weights for qkv.attention_weights (key is
+// also the value), the checks every device kernel of that op starts with.
+AttentionParams check_attention_weights_args(const at::Tensor& query, const at::Tensor& key,
+                                             const std::optional<at::Tensor>& bias, const at::Tensor& logsumexp,
+                                             double dropout_p, bool is_causal, bool bottom_right,
+                                             std::optional<double> scale,
+                                             const std::optional<at::Tensor>& dropout_seed);
 
 // A (B, H, L, last_dim) tensor shaped like `like` but stored as (B, L, H, last_dim): the
 // layout of outputs and gradients, so merging heads afterwards needs no copy.

@@ -132,9 +132,8 @@ at::Tensor attention_weights_cuda(const at::Tensor& query, const at::Tensor& key
                                   double dropout_p, bool is_causal, bool bottom_right,
                                   std::optional<double> scale, const std::optional<at::Tensor>& dropout_seed,
                                   bool average_heads) {
-  const auto p = check_attention_args("qkv.attention_weights", query, key, key, bias, dropout_p, is_causal,
-                                      bottom_right, scale, dropout_seed);
-  check_logsumexp_for_weights("qkv.attention_weights", query, logsumexp, p);
+  const auto p = check_attention_weights_args(query, key, bias, logsumexp, dropout_p, is_causal, bottom_right, scale,
+                                              dropout_seed);
   check_cuda_limits("qkv.attention_weights", query, p);
   const c10::cuda::CUDAGuard device_guard(query.device());
   if (average_heads) {
