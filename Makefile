@@ -8,7 +8,7 @@ export MAX_JOBS ?= 2
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 STAMP_DEPS := $(VENV)/.deps-installed
-EXT_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py
+EXT_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') csrc/sources.txt setup.py
 
 .PHONY: all venv build test test-python test-cpp bench bench-quick clean cuda-check
 

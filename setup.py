@@ -10,7 +10,6 @@ Environment switches:
 Install into your own environment with `pip install --no-build-isolation .` so the build
 uses your installed torch (pip's isolated build would download an unpinned one).
 """
-import glob
 import os
 
 from setuptools import setup
@@ -31,8 +30,18 @@ def _cuda_wanted() -> bool:
     return available
 
 
-def _sources(*patterns):
-    return sorted(p for pattern in patterns for p in glob.glob(os.path.join("csrc", pattern)))
+def read_source_list(path=os.path.join("csrc", "sources.txt")):
+    """csrc/sources.txt, the one source list (CMake reads it too): {group: [path, ...]}."""
+    groups = {}
+    with open(os.path.join(ROOT, path)) as f:
+        for number, line in enumerate(f, 1):
+            fields = line.split("#", 1)[0].split()
+            if not fields:
+                continue
+            if len(fields) != 2:
+                raise ValueError(f"{path}:{number}: expected `<group> <path>`, got {line.strip()!r}")
+            groups.setdefault(fields[0], []).append(fields[1])
+    return groups
 
 
 def build_extension():
@@ -41,7 +50,10 @@ def build_extension():
     cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
     cxx_flags += ["-std=c++20", "-fopenmp", "-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2",
                   "-DCPU_CAPABILITY=AVX2"]
-    sources = _sources("*.cpp", "cpu/*.cpp")
+    groups = read_source_list()
+    # core and cpu_kernel share today's AVX2 flags; per-group (per-ISA) flags come with the
+    # CPU ISA dispatch work.
+    sources = groups["core"] + groups["cpu_kernel"] + groups["python"]
     kwargs = dict(
         name="qkv._C",
         sources=sources,
@@ -54,7 +66,7 @@ def build_extension():
             os.environ["TORCH_CUDA_ARCH_LIST"] = archs
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         nvcc_flags = ["-O3", "-std=c++20", "--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo"]
-        kwargs["sources"] = sources + _sources("cuda/*.cu", "cuda/*.cpp")
+        kwargs["sources"] = sources + groups["cuda"]
         return cpp_extension.CUDAExtension(
             extra_compile_args={"cxx": cxx_flags + ["-DQKV_WITH_CUDA"], "nvcc": nvcc_flags},
             **kwargs,
