@@ -6,16 +6,20 @@ Environment switches:
   QKV_CUDA_ARCHS="8.0;9.0"  CUDA architectures (TORCH_CUDA_ARCH_LIST is honoured too)
   MAX_JOBS=N                parallel compile jobs (torch.utils.cpp_extension)
   QKV_DEBUG=1               -O0 -g build
+  QKV_VERBOSE_BUILD=1       print the full link record (always written to <build_temp>/link-command.txt)
 
 Install into your own environment with `pip install --no-build-isolation .` so the build
 uses your installed torch (pip's isolated build would download an unpinned one).
 """
 import os
+import sys
 
 from setuptools import setup
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+from shared_cxx_runtime import with_shared_cxx_runtime  # noqa: E402
 
 
 def _cuda_wanted() -> bool:
@@ -78,5 +82,6 @@ setup(
     package_dir={"": "python"},
     packages=["qkv"],
     ext_modules=[build_extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    # Links against the shared C++ runtime torch uses, and records the link (see the module).
+    cmdclass={"build_ext": with_shared_cxx_runtime(cpp_extension.BuildExtension).with_options(use_ninja=True)},
 )
