@@ -14,7 +14,7 @@ uses your installed torch (pip's isolated build would download an unpinned one).
 import os
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -80,7 +80,7 @@ def build_extension():
 
 setup(
     package_dir={"": "python"},
-    packages=["qkv"],
+    packages=find_packages("python"),  # qkv and qkv.bench
     ext_modules=[build_extension()],
     # Links against the shared C++ runtime torch uses, and records the link (see the module).
     cmdclass={"build_ext": with_shared_cxx_runtime(cpp_extension.BuildExtension).with_options(use_ninja=True)},
