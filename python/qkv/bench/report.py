@@ -59,6 +59,7 @@ def flat_rows(run: RunResult) -> list[dict]:
             row[f"{name}_gflops"] = _num(s.gflops, 2) if s else None
             row[f"{name}_peak_mib"] = _num(s.peak_bytes / MIB, 2) if s and s.peak_bytes is not None else None
             row[f"{name}_max_error"] = _finite(s.max_error) if s else None
+            row[f"{name}_status"] = s.status if s else None
         row["qkv_pct_of_matmul"] = _num(100 * r.fraction_of_matmul, 1) if r.fraction_of_matmul else None
         row["matmul_gflops"] = _num(r.matmul_gflops, 1)
         for name in refs:
@@ -117,6 +118,23 @@ def _mib(nbytes: int | None) -> str:
     return "-" if nbytes is None else f"{nbytes / MIB:.1f}"
 
 
+def _left_out(r: CaseResult, name: str) -> str | None:
+    """What a summary cell shows for a side that was skipped or failed, or None if it ran."""
+    side = r.sides.get(name)
+    if side is None or side.status in ("ok", "wrong"):
+        return None
+    if side.status == "skipped":
+        return "skipped"
+    return "OOM" if "OutOfMemoryError" in side.message or "out of memory" in side.message else "error"
+
+
+def _left_out_lines(run: RunResult) -> list[str]:
+    """One line per side that a case lost (skipped before running, or failed), with the reason."""
+    return [f"{r.case.name}: {s.name} {s.message if s.message.startswith('skipped') else 'left out: ' + s.message}"
+            for r in run.results if r.status != "skipped"
+            for s in r.sides.values() if s.status in ("skipped", "error") and not (is_qkv_side(s.name) and r.status != "ok")]
+
+
 def _short(name: str) -> str:
     base, one_thread = split_thread_suffix(name)
     short = {MATMUL: "mm", "sdpa_math": "math", "torch_mha": "torch", "torch_mha_weights": "torch(w)", "sdpa_flash": "flash",
@@ -155,9 +173,9 @@ def summary_tables(run: RunResult) -> list[tuple[str, list[str], list[list[str]]
             pct = "-" if r.fraction_of_matmul is None else f"{100 * r.fraction_of_matmul:.0f}%"
             rows.append(
                 [r.case.name, r.case.shape, _ms(qkv.median_s)]
-                + [_ratio(r.speedups.get(s)) for s in refs]
+                + [_left_out(r, s) or _ratio(r.speedups.get(s)) for s in refs]
                 + [rate, pct, _mib(qkv.peak_bytes)]
-                + [_ratio(r.memory_ratios.get(s)) for s in refs]
+                + [_left_out(r, s) or _ratio(r.memory_ratios.get(s)) for s in refs]
                 + ["-" if qkv.max_error is None else f"{qkv.max_error:.0e}"]
             )
         tables.append((title, header, rows))
@@ -246,7 +264,8 @@ def format_markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 LEGEND = (
-    "x <ref>: time(ref) / time(qkv), median of per-round ratios (above 1: qkv is faster). "
+    "x <ref>: time(ref) / time(qkv), median of per-round ratios (above 1: qkv is faster); OOM, error or "
+    "skipped: that reference ran out of memory, failed, or was skipped as too large (see 'Sides left out'). "
     "mem x <ref>: peak(ref) / peak(qkv) (above 1: qkv uses less memory; '-' when both peaks are "
     "under 1 MiB). % mm: qkv's throughput as a share of a large torch.mm timed in the same rounds. "
     "qkv err: max error relative to a float64 reference. x torch(w) (training): torch's module with its "
@@ -295,6 +314,9 @@ def format_terminal(run: RunResult) -> str:
     skipped = _skipped_line(run)
     if skipped:
         parts.append(skipped)
+    left_out = _left_out_lines(run)
+    if left_out:
+        parts.append("Sides left out:\n" + "\n".join("  " + line for line in left_out))
     for r in run.failed:
         parts.append(("FAILED: " if r.status == "wrong" else "ERROR: ") + r.message)
     section = targets_section(run)
@@ -315,6 +337,9 @@ def write_markdown(run: RunResult, path: Path, plots: list[Path] | None = None) 
     skipped = _skipped_line(run)
     if skipped:
         parts.append(skipped)
+    left_out = _left_out_lines(run)
+    if left_out:
+        parts.append("**Sides left out**:\n\n" + "\n".join("- " + line for line in left_out))
     for r in run.failed:
         parts.append(("**FAILED**: " if r.status == "wrong" else "**ERROR**: ") + r.message)
     section = targets_section(run)
