@@ -10,7 +10,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 STAMP_DEPS := $(VENV)/.deps-installed
 EXT_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') csrc/sources.txt setup.py
 
-.PHONY: all venv build test test-python test-cpp bench bench-quick clean cuda-check
+.PHONY: all venv build test test-python test-cpp bench bench-quick clean cuda-check gpu-check
 
 all: build
 
@@ -57,6 +57,12 @@ bench-quick: build
 # needs nvcc, no GPU. See scripts/cuda_build_check.sh and docs/cuda.md.
 cuda-check:
 	scripts/cuda_build_check.sh
+
+# On a machine with a GPU (no network needed, no venv: $(PYTHON)'s own torch): build for that GPU,
+# run the CUDA tests (a crash fails one test), the GPU benchmark and Nsight Compute; results in
+# benchmarks/results/<machine>/. See scripts/gpu_check.sh and docs/cuda.md.
+gpu-check:
+	PYTHON=$(PYTHON) scripts/gpu_check.sh
 
 clean:
 	rm -rf build python/qkv/_C*.so python/qkv/.built tests/cpp/build
