@@ -42,7 +42,7 @@ test-cpp: $(STAMP_DEPS)
 	@test -f /usr/include/gtest/gtest.h || { echo "Installing GoogleTest (libgtest-dev)"; \
 	  (apt-get update -qq && apt-get install -y -qq libgtest-dev) >/dev/null || \
 	  { echo "could not install libgtest-dev; install GoogleTest and rerun"; exit 1; }; }
-	cmake -S . -B $(CMAKE_BUILD) -DQKV_BUILD_TESTS=ON -DCMAKE_BUILD_TYPE=Release \
+	cmake -S . -B $(CMAKE_BUILD) -DQKV_BUILD_TESTS=ON -DCMAKE_BUILD_TYPE=Release -DPython3_EXECUTABLE=$(abspath $(PY)) \
 	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" >/dev/null
 	cmake --build $(CMAKE_BUILD) -j $(MAX_JOBS)
 	cd $(CMAKE_BUILD) && ctest --output-on-failure

@@ -68,7 +68,9 @@ def run_recorded_link(cmd, record_path, libstdcxx_source):
     """Runs the link `cmd` without static-runtime arguments, writes the record, checks the result."""
     cmd = [str(a) for a in cmd]
     dropped = [a for a in cmd if is_static_runtime_arg(a)]
-    kept = [a for a in cmd if not is_static_runtime_arg(a)] + ["-v", "-Wl,--trace"]
+    kept = [a for a in cmd if not is_static_runtime_arg(a)]
+    if sys.platform.startswith("linux"):  # GNU ld / lld: the driver's and the linker's own account
+        kept += ["-v", "-Wl,--trace"]
     proc = subprocess.run(kept, capture_output=True, text=True)
     output = proc.stdout + proc.stderr
     runtime_inputs = [line.strip() for line in proc.stdout.splitlines() if "stdc++" in line]
@@ -108,6 +110,8 @@ def with_shared_cxx_runtime(build_ext_class):
     class SharedCxxRuntimeBuildExt(build_ext_class):
         def build_extension(self, ext):
             compiler = self.compiler
+            if compiler.compiler_type != "unix" or sys.platform == "darwin":
+                return super().build_extension(ext)  # libstdc++ is a Linux (GNU toolchain) matter
             driver = (getattr(compiler, "compiler_cxx", None) or ["c++"])[0]
             libstdcxx = loaded_libstdcxx()
             source = f"{libstdcxx} (loaded in the build process)"
