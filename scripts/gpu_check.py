@@ -88,7 +88,7 @@ def run_tests(out: str, pytest_args: list[str], workers: int) -> int:
     log_path, xml_path = Path(out + ".log"), Path(out + ".xml")
     base = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rfE", *pytest_args]
     if importlib.util.find_spec("pytest_timeout") is not None:
-        base.append("--timeout=600")  # a hung test fails instead of eating the session
+        base.append("--timeout=300")  # a hung test fails instead of eating the session
     with open(log_path, "w") as log:
         if has_xdist():
             cmd = base + ["-n", str(workers), f"--junitxml={xml_path}"]

@@ -14,7 +14,8 @@
 # Exit status: 0 when the build, the tests and the benchmark passed; 1 otherwise; 2 without a GPU.
 #
 # Environment: PYTHON (default python3), MAX_JOBS (default: all cores), QKV_TEST_WORKERS (pytest-xdist
-# workers, default 8), QKV_GPU_CHECK_OUT / OUT (where to copy the files), QKV_GPU_CHECK_NCU=0 (skip ncu).
+# workers, default 8), QKV_GPU_CHECK_TEST_TIMEOUT (seconds for all tests, default 600),
+# QKV_GPU_CHECK_OUT / OUT (where to copy the files), QKV_GPU_CHECK_NCU=0 (skip ncu).
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -32,7 +33,10 @@ SUMMARY="$RESULTS/gpu-check-summary.txt"
 JOBS="${MAX_JOBS:-$(nproc)}"
 {
   echo "gpu-check on $GPU_NAME ($MACHINE), torch $TORCH_VERSION, python $("$PY" -c 'import sys; print(sys.version.split()[0])'), $(nproc) cores"
-  echo "qkv revision: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (uncommitted changes)')"
+  if revision="$(git rev-parse --short HEAD 2>/dev/null)"; then
+    git diff --quiet HEAD 2>/dev/null || revision+=" (with uncommitted changes)"
+  fi
+  echo "qkv revision: ${revision:-unknown (not a git checkout)}"
 } >"$SUMMARY"
 status=0
 
@@ -56,8 +60,9 @@ fi
 # ---- 2. tests ---------------------------------------------------------------------------------
 if [[ "$build" == OK ]]; then
   echo "gpu-check: tests/test_cuda.py, tests/test_errors_in_child.py ($(elapsed))"
-  PYTHONPATH="$ROOT/python" "${HELPER[@]}" run-tests "$RESULTS/gpu-check-tests" \
-    -q tests/test_cuda.py tests/test_errors_in_child.py
+  # timeout signals the whole process group (pytest and its workers) if the tests hang
+  PYTHONPATH="$ROOT/python" timeout "${QKV_GPU_CHECK_TEST_TIMEOUT:-600}" "${HELPER[@]}" run-tests \
+    "$RESULTS/gpu-check-tests" -q tests/test_cuda.py tests/test_errors_in_child.py
   tests_rc=$?
   if [[ -f "$RESULTS/gpu-check-tests.xml" ]]; then
     { echo -n "tests ($(elapsed)): "; "${HELPER[@]}" test-summary "$RESULTS/gpu-check-tests.xml"; } >>"$SUMMARY"
