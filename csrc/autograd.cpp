@@ -21,7 +21,8 @@ using OptTensor = std::optional<at::Tensor>;
 
 OptTensor saved_optional(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
-// With dropout, the forward and the backward must see the same mask: fix the seed here.
+// With dropout, the forward and the backward must see the same mask: fix the seed here (a
+// 0-dim CPU int64 tensor, saved for the backward and for the weights).
 OptTensor ensure_seed(double dropout_p, const OptTensor& seed) {
   if (dropout_p > 0.0 && !(seed.has_value() && seed->defined())) return draw_dropout_seed();
   return seed;
@@ -61,10 +62,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weights_backward(AutogradContext*
                                                                 const at::Tensor& seed, bool average_heads,
                                                                 bool bias_grad) {
   // The mean over heads spreads its gradient evenly over the per-head weights.
+  // (Symbolic sizes: tracing with dynamic shapes must not pin them.)
   const at::Tensor per_head =
-      average_heads ? grad_weights.div(static_cast<double>(query.size(1)))
+      average_heads ? grad_weights.div(c10::Scalar(query.sym_size(1)))
                           .unsqueeze(1)
-                          .expand({query.size(0), query.size(1), query.size(2), key.size(2)})
+                          .expand_symint(
+                              {query.sym_size(0), query.sym_size(1), query.sym_size(2), key.sym_size(2)})
                     : grad_weights;
   static const auto backward_op =
       c10::Dispatcher::singleton()

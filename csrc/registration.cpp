@@ -1,6 +1,7 @@
 // Every qkv operator schema, in one place. Kernels are registered per dispatch key in the
-// files that implement them: cpu/, cuda/, attention_common.cpp (Meta), autograd.cpp
-// (Autograd) and mission_ops.cpp (the composite mission ops).
+// files that implement them: cpu/, cuda/, meta_kernels.cpp (Meta), autograd.cpp (Autograd),
+// composite_ops.cpp (the core ops composed of others) and projection_ops.cpp (the projection
+// ops: whole attention layers).
 #include <torch/library.h>
 
 TORCH_LIBRARY(qkv, m) {
@@ -9,6 +10,10 @@ TORCH_LIBRARY(qkv, m) {
   // nothing, whose output is 0). `bias` is additive and broadcasts to (B, H, L, S).
   // Causal hides key j from query i when j > i (top-left) or j > i + S - L (bottom_right).
   // Dropout keeps each probability by a counter-based hash of (dropout_seed, b, h, i, j).
+  // dropout_seed is a 0-dim int64 CPU tensor whatever the inputs' device (read on the host;
+  // fake tensors accept it beside inputs of any device); with dropout_p > 0 and none given,
+  // one is drawn from torch's default generator. The backward and weights ops replay a mask
+  // when given the same seed.
   m.def(
       "attention(Tensor query, Tensor key, Tensor value, Tensor? bias=None, float dropout_p=0.0, "
       "bool is_causal=False, bool bottom_right=False, float? scale=None, Tensor? dropout_seed=None) "
@@ -39,7 +44,9 @@ TORCH_LIBRARY(qkv, m) {
       "Tensor? dropout_seed, bool bias_requires_grad) "
       "-> (Tensor grad_query, Tensor grad_key, Tensor grad_bias)");
 
-  // The mission ops, batch-first (N, L, E): project, attend, project back.
+  // The projection ops: whole attention layers on batch-first (N, L, E) tensors that
+  // project, attend and project back (MultiheadAttention's packed in-projection, causal
+  // self-attention, cross-attention with kdim).
   m.def(
       "multi_head_attention(Tensor query, Tensor key, Tensor value, int num_heads, "
       "Tensor in_proj_weight, Tensor? in_proj_bias, Tensor out_proj_weight, Tensor? out_proj_bias, "

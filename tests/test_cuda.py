@@ -261,7 +261,7 @@ def test_gradcheck_float64(causal, bias_kind):
 def test_gradcheck_float64_with_dropout():
     shape = Shape(1, 2, 6, 8, 5, 5)
     q, k, v = (t.requires_grad_() for t in make_qkv(shape, torch.float64, seed=17))
-    seed = torch.tensor([12345], dtype=torch.int64)
+    seed = torch.tensor(12345)
     assert torch.autograd.gradcheck(
         lambda q, k, v: ops.attention(q, k, v, None, 0.3, True, False, None, seed)[0], (q, k, v), eps=1e-6, atol=1e-5)
 
@@ -424,10 +424,10 @@ def test_mixed_devices_are_a_clear_error():
         ops.attention(q, q, q, torch.zeros(4, 4))
 
 
-# ---- the mission ops ----------------------------------------------------------------------------
+# ---- the projection ops -------------------------------------------------------------------------
 
 
-def mission_weights(E: int, kdim: int, dtype, seed: int = 47):
+def projection_weights(E: int, kdim: int, dtype, seed: int = 47):
     g = torch.Generator().manual_seed(seed)
 
     def rand(*size):
@@ -438,14 +438,14 @@ def mission_weights(E: int, kdim: int, dtype, seed: int = 47):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_mission_ops_match_cpu(dtype):
+def test_projection_ops_match_cpu(dtype):
     N, L, S, E, kdim, heads = 2, 13, 17, 32, 24, 4
     g = torch.Generator().manual_seed(53)
     x = torch.randn(N, L, E, generator=g, dtype=dtype)
     mem = torch.randn(N, S, kdim, generator=g, dtype=dtype)
     kv = torch.randn(N, S, E, generator=g, dtype=dtype)
     attn_bias = torch.randn(L, S, generator=g, dtype=dtype)
-    w = mission_weights(E, kdim, dtype)
+    w = projection_weights(E, kdim, dtype)
     tol = dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
 
     def both(fn, *tensors):
@@ -462,11 +462,11 @@ def test_mission_ops_match_cpu(dtype):
          w["out_proj_bias"])
 
 
-def test_mission_op_gradients_match_cpu():
+def test_projection_op_gradients_match_cpu():
     N, L, E, heads = 2, 11, 32, 2
     g = torch.Generator().manual_seed(59)
     x = torch.randn(N, L, E, generator=g, dtype=torch.float64)
-    w = mission_weights(E, E, torch.float64)
+    w = projection_weights(E, E, torch.float64)
     params = [x, w["in_proj_weight"], w["in_proj_bias"], w["out_proj_weight"], w["out_proj_bias"]]
 
     def grads(device):

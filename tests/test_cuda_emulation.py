@@ -66,7 +66,7 @@ def emulated_forward(ops, q, k, v, bias=None, dropout_p=0.0, is_causal=False, bo
 
 def cpu_forward(q, k, v, bias=None, dropout_p=0.0, is_causal=False, bottom_right=False, scale=None, seed=0):
     return torch.ops.qkv.attention(q, k, v, bias, dropout_p, is_causal, bottom_right, scale,
-                                   torch.tensor([seed], dtype=torch.int64))
+                                   torch.tensor(seed, dtype=torch.int64))
 
 
 def assert_close_to_cpu_kernel(name, got, want, dtype):
@@ -153,7 +153,7 @@ def test_dropout_matches_cpu_kernel(emulated, kernel, dtype):
         scale, offset = resolved(q, k, None, False)
         w = emulated.weights(q, k, expand_bias(bias, q, k), want_lse, scale, True, offset, p, seed)
         w_cpu = torch.ops.qkv.attention_weights(q, k, bias, want_lse, p, True, False, None,
-                                                torch.tensor([seed], dtype=torch.int64))
+                                                torch.tensor(seed, dtype=torch.int64))
         probs, _ = reference_probs(q, k, bias, True, False)
         visible = probs > 0
         assert torch.equal((w == 0) & visible, (w_cpu == 0) & visible)
@@ -238,7 +238,7 @@ def test_backward_with_dropout(emulated, dtype, bias_kind):
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64).to(dtype)
     got = emulated_backward(emulated, grad_out, q, k, v, bias, out, lse, p, True, True, seed, True)
     want = torch.ops.qkv.attention_backward(grad_out, q, k, v, bias, out, lse, p, True, True, None,
-                                            torch.tensor([seed], dtype=torch.int64), True)
+                                            torch.tensor(seed, dtype=torch.int64), True)
     for name, g, w in zip(("dq", "dk", "dv", "dbias"), got, want):
         assert_close_to_cpu_kernel(name, g, w, dtype)
 
@@ -261,7 +261,7 @@ def test_tensor_core_backward(emulated, dtype, D, causal, shape_ls):
         got = emulated_backward(emulated, grad_out, q, k, v, b, out, lse, p, is_causal, bottom_right, seed, False,
                                 kernel="mma")
         want = torch.ops.qkv.attention_backward(grad_out, q, k, v, b, out, lse, p, is_causal, bottom_right, None,
-                                                torch.tensor([seed], dtype=torch.int64), False)
+                                                torch.tensor(seed, dtype=torch.int64), False)
         for name, g, w in zip(("dq", "dk", "dv"), got[:3], want[:3]):
             assert g.stride() == w.stride(), name
             assert_close_to_cpu_kernel(name, g, w, dtype)

@@ -347,7 +347,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
     const std::optional<at::Tensor>& dropout_seed, bool bias_requires_grad) {
   const auto p = check_attention_args("qkv.attention_backward", query, key, value, bias, dropout_p,
                                       is_causal, bottom_right, scale, dropout_seed);
-  check_backward_args("qkv.attention_backward", query, grad_out, out, logsumexp, p);
+  check_backward_args("qkv.attention_backward", query, grad_out, out, logsumexp, p, dropout_p, dropout_seed);
   at::Tensor grad_q = empty_token_major(query, p.head_dim);
   at::Tensor grad_k = empty_token_major(key, p.head_dim);
   at::Tensor grad_v = empty_token_major(value, p.v_head_dim);

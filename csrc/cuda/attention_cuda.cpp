@@ -87,7 +87,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cu
     const std::optional<at::Tensor>& dropout_seed, bool bias_requires_grad) {
   const auto p = check_attention_args("qkv.attention_backward", query, key, value, bias, dropout_p,
                                       is_causal, bottom_right, scale, dropout_seed);
-  check_backward_args("qkv.attention_backward", query, grad_out, out, logsumexp, p);
+  check_backward_args("qkv.attention_backward", query, grad_out, out, logsumexp, p, dropout_p, dropout_seed);
   check_cuda_limits("qkv.attention_backward", query, p);
   const c10::cuda::CUDAGuard device_guard(query.device());
   at::Tensor grad_q = empty_token_major(query, p.head_dim);
@@ -139,8 +139,9 @@ at::Tensor attention_weights_cuda(const at::Tensor& query, const at::Tensor& key
   if (average_heads) {
     // The CPU kernel sums heads in place; here the per-head weights are built, then averaged.
     if (p.heads == 0) return empty_attention_weights(query, p, true).zero_();
+    // The seed this call settled on goes along, so none is drawn twice.
     return attention_weights_cuda(query, key, bias, logsumexp, dropout_p, is_causal, bottom_right, scale,
-                                  dropout_seed, false)
+                                  dropout_p > 0.0 ? dropout_seed_tensor(p.dropout_seed) : dropout_seed, false)
         .mean(1);
   }
   at::Tensor weights = empty_attention_weights(query, p, false);

@@ -6,7 +6,8 @@ Python API:
 - :class:`MultiheadAttention`: drop-in replacement for ``torch.nn.MultiheadAttention``;
   :func:`convert` swaps it into an existing model.
 - :class:`SelfAttention`, :class:`CausalSelfAttention`, :class:`CrossAttention`: batch-first
-  modules on the mission ops.
+  modules, each on one projection op (``torch.ops.qkv.multi_head_attention``,
+  ``masked_self_attention``, ``cross_attention``: project, attend, project back in one op).
 - :mod:`qkv.functional`: ``multi_head_attention_forward`` and ``scaled_dot_product_attention``.
 """
 import torch

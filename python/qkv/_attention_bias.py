@@ -17,12 +17,15 @@ __all__ = ["draw_dropout_seed", "masked_out_to_bias", "attend_to_bias", "add_bia
 
 
 def draw_dropout_seed() -> Tensor:
-    """A fresh one-element int64 CPU seed from torch's default generator.
+    """A fresh dropout seed from torch's default generator: a 0-dim int64 CPU tensor.
 
-    Honours ``torch.manual_seed``. Passing the same seed to ``qkv.attention`` and
-    ``qkv.attention_weights`` makes the returned weights exactly the ones the output used.
+    That is the ops' seed contract whatever the inputs' device: the kernels read it on the host,
+    and fake tensors (torch.compile, opcheck) accept a 0-dim CPU tensor beside CUDA inputs.
+    Honours ``torch.manual_seed``. Drawn once per call, and passing the same seed to
+    ``qkv.attention`` and ``qkv.attention_weights`` makes the returned weights exactly the ones
+    the output used.
     """
-    return torch.randint(0, 2**62, (1,), dtype=torch.int64)
+    return torch.randint(0, 2**62, (), dtype=torch.int64)
 
 
 def masked_out_to_bias(mask: Tensor | None, name: str, dtype: torch.dtype) -> Tensor | None:

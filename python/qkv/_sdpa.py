@@ -111,7 +111,8 @@ def scaled_dot_product_attention(
         bias = attend_to_bias(attn_mask, query.dtype)
         if len(batch) > 2 and bias.dim() > 3:
             # The batch dims are folded into one below; a mask that varies along them follows.
-            bias = bias.expand(weights_shape).reshape(-1, *weights_shape[-3:])
+            # (Sizes spelled out: with L or S = 0 a -1 could not be inferred.)
+            bias = bias.expand(weights_shape).reshape(math.prod(weights_shape[:-3]), *weights_shape[-3:])
 
     q4, k4, v4 = (_to_4d(t, batch) for t in (query, key, value))
     seed = draw_dropout_seed() if dropout_p > 0.0 else None

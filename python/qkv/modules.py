@@ -4,8 +4,8 @@
   constructor, attributes, parameters and their order, seed-for-seed identical initialisation,
   forward, outputs and errors).
 - :class:`SelfAttention`, :class:`CausalSelfAttention`, :class:`CrossAttention`: lean batch-first
-  modules, each backed by one mission op (``torch.ops.qkv.multi_head_attention``,
-  ``masked_self_attention``, ``cross_attention``). Their parameters carry MultiheadAttention's
+  modules, each backed by one projection op, a whole attention layer in one op
+  (``torch.ops.qkv.multi_head_attention``, ``masked_self_attention``, ``cross_attention``). Their parameters carry MultiheadAttention's
   names, so weights copy across with ``load_state_dict``.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from torch.nn.parameter import Parameter
 
 from . import _C  # noqa: F401  (registers torch.ops.qkv.*)
 from ._attention_bias import add_biases, draw_dropout_seed, masked_out_to_bias
-from .functional import mha_forward
+from .functional import _mha_forward
 
 __all__ = ["MultiheadAttention", "SelfAttention", "CausalSelfAttention", "CrossAttention"]
 
@@ -229,7 +229,7 @@ class MultiheadAttention(nn.Module):
                 "or use qkv.convert, which turns its nested-tensor path off)"
             )
         separate = not self._qkv_same_embed_dim
-        return mha_forward(
+        return _mha_forward(
             query,
             key,
             value,

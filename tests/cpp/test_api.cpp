@@ -85,7 +85,7 @@ TEST(QkvApi, FullyMaskedRowsGiveZerosAndZeroGradients) {
   EXPECT_TRUE(q.grad().index({0, 0, 2}).eq(0).all().item<bool>());
 }
 
-TEST(QkvApi, MissionOpsMatchComposedReference) {
+TEST(QkvApi, ProjectionOpsMatchComposedReference) {
   torch::manual_seed(3);
   const int64_t N = 2, L = 6, S = 9, E = 8, H = 2, kdim = 5;
   auto x = randn({N, L, E}), memory = randn({N, S, kdim});

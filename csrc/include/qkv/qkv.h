@@ -4,9 +4,12 @@
 // autograd exactly as the Python API does.
 //
 // Conventions: the core op takes (batch, heads, seq, head_dim) tensors with any strides;
-// the mission ops take batch-first (batch, seq, embed) tensors. `bias` / `attn_bias` are
-// additive float tensors that broadcast to (batch, heads, query_len, key_len); use -inf
-// to hide a key. A query row that can see no key outputs zeros (never NaN).
+// the projection ops (multi_head_attention, masked_self_attention, cross_attention: whole
+// attention layers that project, attend and project back) take batch-first (batch, seq,
+// embed) tensors. `bias` / `attn_bias` are additive float tensors that broadcast to
+// (batch, heads, query_len, key_len); use -inf to hide a key. A query row that can see no
+// key outputs zeros (never NaN). `dropout_seed` is a 0-dim int64 CPU tensor whatever the
+// inputs' device (torch::tensor(seed)).
 #include <ATen/core/Tensor.h>
 
 #include <optional>
@@ -17,7 +20,7 @@ namespace qkv {
 // softmax(scale * Q K^T + bias) V, flash-style: no (L x S) matrix is materialised.
 // Returns (out (B, H, L, Dv), logsumexp (B, H, L)). Causal alignment is top-left like
 // torch's SDPA unless `bottom_right`. With dropout_p > 0 and no dropout_seed, a seed is
-// drawn from torch's default generator.
+// drawn from torch's default generator; the backward replays that mask.
 std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& query, const at::Tensor& key,
                                              const at::Tensor& value,
                                              const std::optional<at::Tensor>& bias = std::nullopt,
