@@ -89,6 +89,8 @@ __device__ __forceinline__ void copy_async_16(void* dst, const void* src, bool v
 __device__ __forceinline__ void copy_async_commit() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.commit_group;\n" ::: "memory");
+#elif defined(QKV_CUDA_EMULATION)
+  ::qkv_emu::copy_commit();
 #endif
 }
 
@@ -96,6 +98,8 @@ template <int kPending>
 __device__ __forceinline__ void copy_async_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+#elif defined(QKV_CUDA_EMULATION)
+  ::qkv_emu::copy_wait(kPending);
 #endif
 }
 
