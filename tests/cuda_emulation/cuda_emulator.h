@@ -133,6 +133,13 @@ inline void yield_to_scheduler() {
   std::abort();  // never resumed
 }
 
+// The shared-window address (__cvta_generic_to_shared) of a pointer into the block's shared
+// memory, and back: byte offsets from the start of the dynamic shared memory.
+inline uint32_t shared_address(const void* p) {
+  return static_cast<uint32_t>(static_cast<const unsigned char*>(p) - g_block->shared.data());
+}
+inline unsigned char* shared_pointer(uint32_t address) { return g_block->shared.data() + address; }
+
 // A 16-byte-aligned range of the block's shared memory, or fail().
 inline void check_shared_16(const void* address, const char* what) {
   Block& b = *g_block;
@@ -335,14 +342,15 @@ inline void copy_wait(int pending) {
 }
 
 // ldmatrix.sync.aligned.m8n8.x{kCount}{.trans}.shared.b16, warp-collective. Lanes 8i .. 8i+7 give
-// the addresses of the 8 rows (16 bytes each) of matrix i (for x1 only lanes 0-7 are read, for x2
+// the shared addresses of the 8 rows (16 bytes each) of matrix i (for x1 only lanes 0-7 are read, for x2
 // lanes 0-15). Register i of lane l receives, from matrix i, row l/4, columns 2(l%4) and 2(l%4)+1
 // -- with .trans rows 2(l%4) and 2(l%4)+1 of column l/4 -- the first in the low 16 bits.
 template <int kCount, bool kTrans>
-void ldmatrix(uint32_t* regs, const void* row_address) {
+void ldmatrix(uint32_t* regs, uint32_t address) {
   Block& b = *g_block;
   const int w = b.current / kWarpSize, lane = b.current % kWarpSize;
   const int copy = staging_copy();
+  const void* row_address = shared_pointer(address);
   if (lane < 8 * kCount) check_shared_16(row_address, "ldmatrix row");
   const void** staged = &b.ldsm_rows[copy * b.threads + w * kWarpSize];
   staged[lane] = row_address;
