@@ -248,3 +248,33 @@ def test_emulated_ldmatrix_feeds_mma_correctly(emulated):
     want = a.float() @ b.float()
     for route in range(4):
         assert torch.equal(got[route], want), f"route {route}"
+
+
+@pytest.mark.parametrize("rows", [32, 64, 128])
+@pytest.mark.parametrize("cols", [64, 96, 128, 256])
+def test_swizzle_is_a_conflict_free_bijection(emulated, rows, cols):
+    """fa2::SmemTile's addresses (the C++ function itself): every 16-byte chunk of the tile at its
+    own aligned place, and no shared-memory bank conflict in the three access patterns the kernels
+    use: an ldmatrix phase (8 consecutive rows at one chunk), a 16-byte copy phase (8 consecutive
+    threads, page by page as load_tile_async and store_tile walk) and a warp's 32-bit fragment
+    stores (rows g of an 8-row block, words t of one chunk)."""
+    address = emulated.swizzle_probe(rows, cols)
+    chunks = cols // 8
+    flat = address.flatten().tolist()
+    assert sorted(flat) == list(range(0, rows * cols * 2, 16)), "a bijection onto the tile's 16-byte chunks"
+
+    def group(a):  # which 16-byte bank group (of 8) a chunk lands in
+        return (a >> 4) % 8
+
+    for r0 in range(0, rows, 8):
+        for c in range(chunks):
+            assert len({group(address[r0 + i, c].item()) for i in range(8)}) == 8, f"ldmatrix rows {r0}+, chunk {c}"
+            banks = {((address[r0 + g, c].item() + 4 * t) >> 2) % 32 for g in range(8) for t in range(4)}
+            assert len(banks) == 32, f"fragment stores rows {r0}+, chunk {c}"
+    page_chunks = (64 if cols % 64 == 0 else 32) // 8
+    per_page = rows * page_chunks
+    page_major = [((k % per_page) // page_chunks, (k // per_page) * page_chunks + k % page_chunks)
+                  for k in range(rows * chunks)]
+    for k0 in range(0, len(page_major), 8):
+        groups = {group(address[r, c].item()) for r, c in page_major[k0:k0 + 8]}
+        assert len(groups) == 8, f"copy threads {k0}..{k0 + 7}"

@@ -158,8 +158,15 @@ __global__ void __launch_bounds__(Tile::kThreads) fa2_backward_kernel(const Back
       copy_async_commit();
     }
 
-    // Row statistics of this warp's S rows (half 0: row g, half 1: row g + 8 of each m-tile). The
-    // fast path keeps lse in log2 units, +inf on rows that see nothing (so exp2(.. - inf) = 0).
+    float s[kSM / 16][kSN / 8][4], dp[kSM / 16][kSN / 8][4];
+    zero(s);
+    zero(dp);
+    warp_gemm<T, kSM, kSN, D, false, false, QTile, KVTile>(s, q_tile, s_m0, 0, k_smem, s_n0, 0, lane);
+    warp_gemm<T, kSM, kSN, D, false, false, QTile, KVTile>(dp, do_smem, s_m0, 0, v_smem, s_n0, 0, lane);
+
+    // Row statistics of this warp's S rows (half 0: row g, half 1: row g + 8 of each m-tile), read
+    // after the products so they hold no registers during them. The fast path keeps lse in log2
+    // units, +inf on rows that see nothing (so exp2(.. - inf) = 0).
     float row_lse[kSM / 16][2], row_delta[kSM / 16][2];
 #pragma unroll
     for (int mi = 0; mi < kSM / 16; ++mi) {
@@ -171,12 +178,6 @@ __global__ void __launch_bounds__(Tile::kThreads) fa2_backward_kernel(const Back
         row_delta[mi][half] = i < p.q_len ? delta[i] : 0.f;
       }
     }
-
-    float s[kSM / 16][kSN / 8][4], dp[kSM / 16][kSN / 8][4];
-    zero(s);
-    zero(dp);
-    warp_gemm<T, kSM, kSN, D, false, false, QTile, KVTile>(s, q_tile, s_m0, 0, k_smem, s_n0, 0, lane);
-    warp_gemm<T, kSM, kSN, D, false, false, QTile, KVTile>(dp, do_smem, s_m0, 0, v_smem, s_n0, 0, lane);
 
     // P (dropped out: P') over s, dS over dp.
     const int64_t warp_i0 = i0 + s_m0, warp_j0 = j0 + s_n0;

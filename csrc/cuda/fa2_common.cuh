@@ -180,19 +180,21 @@ __device__ __forceinline__ void load_tile_async(uint32_t tile, const uint16_t* b
   }
 }
 
-// Copies rows [0, valid_rows - row0) of a finished SmemTile to global memory as 16-byte stores
-// (coalesced: consecutive threads write consecutive chunks of a row). The tile must be complete
-// (a barrier after its last write).
+// Copies rows [0, valid_rows - row0) of a finished SmemTile to global memory as 16-byte stores,
+// walking the tile as load_tile_async does (a page row per kPageChunks consecutive threads:
+// conflict-free shared reads, 64 or 128 contiguous global bytes per group). The tile must be
+// complete (a barrier after its last write).
 template <int kRows, int kCols, int kThreads>
 __device__ __forceinline__ void store_tile(uint16_t* base, int64_t row_stride, int64_t row0, int64_t valid_rows,
                                            uint32_t tile, int tid) {
   using Tile = SmemTile<kRows, kCols>;
+  constexpr int kPerPage = kRows * Tile::kPageChunks;
   constexpr int kTotal = kRows * Tile::kChunks;
   static_assert(kTotal % kThreads == 0, "every thread stores the same number of chunks");
 #pragma unroll
   for (int it = 0; it < kTotal / kThreads; ++it) {
     const int k = tid + it * kThreads;
-    const int row = k / Tile::kChunks, chunk = k % Tile::kChunks;
+    const int row = (k % kPerPage) / Tile::kPageChunks, chunk = (k / kPerPage) * Tile::kPageChunks + k % Tile::kPageChunks;
     if (row0 + row < valid_rows) {
       *reinterpret_cast<uint4*>(base + (row0 + row) * row_stride + chunk * 8) =
           load_shared_16(Tile::address(tile, row, chunk));

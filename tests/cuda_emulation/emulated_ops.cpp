@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include <string>
+#include <utility>
 
 namespace {
 
@@ -392,9 +393,36 @@ at::Tensor ldmatrix_probe(const at::Tensor& a, const at::Tensor& b) {
   return results;
 }
 
+// The fa2 shared tiles' swizzled byte addresses (fa2::SmemTile::address, tile base 0): one per
+// 16-byte chunk, (rows, cols / 8) int64, for the tile shapes the fa2 kernels use.
+at::Tensor swizzle_probe(int64_t rows, int64_t cols) {
+  at::Tensor out = at::empty({rows, cols / 8}, at::TensorOptions().dtype(at::kLong));
+  bool found = false;
+  auto try_shape = [&](auto r, auto c) {
+    constexpr int R = decltype(r)::value, C = decltype(c)::value;
+    if (found || rows != R || cols != C) return;
+    found = true;
+    auto a = out.accessor<int64_t, 2>();
+    for (int row = 0; row < R; ++row) {
+      for (int chunk = 0; chunk < C / 8; ++chunk) a[row][chunk] = fa2::SmemTile<R, C>::address(0, row, chunk);
+    }
+  };
+  using std::integral_constant;
+  [&]<int... Rs>(std::integer_sequence<int, Rs...>) {
+    ((try_shape(integral_constant<int, Rs>{}, integral_constant<int, 64>{}),
+      try_shape(integral_constant<int, Rs>{}, integral_constant<int, 96>{}),
+      try_shape(integral_constant<int, Rs>{}, integral_constant<int, 128>{}),
+      try_shape(integral_constant<int, Rs>{}, integral_constant<int, 256>{})),
+     ...);
+  }(std::integer_sequence<int, 32, 64, 128>{});
+  TORCH_CHECK(found, "swizzle_probe: no tile ", rows, " x ", cols);
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(qkv_emulated, m) {
+  m.def("swizzle_probe(int rows, int cols) -> Tensor");
   m.def("barrier_probe(bool with_barrier) -> Tensor");
   m.def("ldmatrix_probe(Tensor a, Tensor b) -> Tensor");
   m.def("forward(Tensor q, Tensor k, Tensor v, Tensor? expanded_bias, float scale, bool is_causal, "
@@ -415,4 +443,5 @@ TORCH_LIBRARY_IMPL(qkv_emulated, CPU, m) {
 TORCH_LIBRARY_IMPL(qkv_emulated, CompositeExplicitAutograd, m) {
   m.impl("barrier_probe", &barrier_probe);
   m.impl("ldmatrix_probe", &ldmatrix_probe);
+  m.impl("swizzle_probe", &swizzle_probe);
 }
