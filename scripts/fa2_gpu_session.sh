@@ -9,7 +9,7 @@
 #   PHASES="race" scripts/fa2_gpu_session.sh              # optional: compute-sanitizer
 #
 # Phases (each with its own time limit, so one hang cannot eat the lease):
-#   build   QKV_CUDA=1 TORCH_CUDA_ARCH_LIST=<the device's> with -DQKV_FA2_TUNING, 16 jobs
+#   build   QKV_CUDA=1 QKV_CUDA_ARCHS=<the device's> with -DQKV_FA2_TUNING, 16 jobs
 #   sass    scripts/cuda_sass_check.py on the fresh build (registers, spills, HMMA/LDSM/LDGSTS)
 #   test    tests/test_cuda.py, the fa2 cases first (-x: the first failure stops), then the rest
 #   race    compute-sanitizer racecheck and memcheck on one forward+backward of each fa2 head dim
@@ -33,7 +33,7 @@ git log --oneline -1 | tee "$OUT/commit.txt"
 if phase build; then
   arch="$($PY -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')"
   log "build for sm_${arch/./} with the tuning tiles"
-  NVCC_APPEND_FLAGS="-DQKV_FA2_TUNING" QKV_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="${MAX_JOBS:-16}" \
+  NVCC_APPEND_FLAGS="-DQKV_FA2_TUNING" QKV_CUDA=1 QKV_CUDA_ARCHS="$arch" MAX_JOBS="${MAX_JOBS:-16}" \
     timeout 300 $PY setup.py -q build_ext --inplace >"$OUT/build.log" 2>&1 || { log "BUILD FAILED"; tail -30 "$OUT/build.log"; exit 1; }
   log "built"
 fi
