@@ -53,10 +53,12 @@ bench: build
 bench-quick: build
 	PYTHONPATH=$(CURDIR)/python $(PY) -m qkv.bench --quick $(BENCH_ARGS)
 
-# Compiles and links the CUDA extension against a CUDA build of torch (in .venv-cuda) and imports it;
-# needs nvcc, no GPU. See scripts/cuda_build_check.sh and docs/cuda.md.
+# Compiles and links the CUDA extension against a CUDA build of torch (in .venv-cuda) and imports it,
+# then checks the tensor-core kernels' machine code (scripts/cuda_sass_check.py); needs nvcc, no
+# GPU. See scripts/cuda_build_check.sh and docs/cuda.md.
 cuda-check:
 	scripts/cuda_build_check.sh
+	$${QKV_CUDA_VENV:-.venv-cuda}/bin/python scripts/cuda_sass_check.py $${QKV_CUDA_BUILD:-build/cuda-check}/lib/qkv
 
 # On a machine with a GPU (no network needed, no venv: $(PYTHON)'s own torch): build for that GPU,
 # run the CUDA tests (a crash fails one test), the GPU benchmark and Nsight Compute; results in

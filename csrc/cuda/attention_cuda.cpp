@@ -5,8 +5,10 @@
 // Dispatch: the tensor-core kernels (float16/bfloat16, head_dim == v_head_dim in {64, 128},
 // aligned rows, sm_80+; the backward also no bias gradient) when the call qualifies, else the
 // generic kernels. The environment variable QKV_CUDA_KERNEL overrides this per call: "generic"
-// always takes the generic kernels, "mma" requires the tensor-core kernels (an error if the call
-// does not qualify); tests use both to check each path against the same reference.
+// always takes the generic kernels, "mma" requires the tensor-core kernels and "fa2" the
+// FlashAttention-2-class kernels (an error if the call does not qualify); tests use each to check
+// every path against the same reference. fa2 stays opt-in until tests/test_cuda.py passes with it
+// on a GPU. Its backward sums dQ in a fixed order when torch.use_deterministic_algorithms is on.
 #include "../attention_common.h"
 #include "kernel_args.h"
 #include "kernel_params.h"
@@ -33,14 +35,16 @@ void check_cuda_limits(const char* op, const at::Tensor& query, const AttentionP
               p.head_dim, " and ", p.v_head_dim);
 }
 
-enum class KernelChoice { Auto, Generic, Mma };
+enum class KernelChoice { Auto, Generic, Mma, Fa2 };
 
 KernelChoice kernel_choice() {
   const char* value = std::getenv("QKV_CUDA_KERNEL");
   if (value == nullptr || std::strcmp(value, "") == 0 || std::strcmp(value, "auto") == 0) return KernelChoice::Auto;
   if (std::strcmp(value, "generic") == 0) return KernelChoice::Generic;
   if (std::strcmp(value, "mma") == 0) return KernelChoice::Mma;
-  TORCH_CHECK(false, "qkv: the environment variable QKV_CUDA_KERNEL must be auto, generic or mma; got '", value, "'");
+  if (std::strcmp(value, "fa2") == 0) return KernelChoice::Fa2;
+  TORCH_CHECK(false, "qkv: the environment variable QKV_CUDA_KERNEL must be auto, generic, mma or fa2; got '", value,
+              "'");
 }
 
 int device_major(const at::Tensor& t) {
@@ -65,6 +69,16 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(
   const ForwardArgs args = forward_args(p, query, key, value, expanded_bias, out, lse);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(query.get_device()).stream();
   const KernelChoice choice = kernel_choice();
+  if (choice == KernelChoice::Fa2) {
+    TORCH_CHECK(fa2_forward_supported(args, device_major(query)),
+                "qkv.attention: QKV_CUDA_KERNEL=fa2, but this call does not qualify for the fa2 kernels (they need "
+                "float16/bfloat16, head_dim == value_head_dim in {64, 96, 128, 256}, unit-stride rows with "
+                "8-element-aligned strides and 16-byte-aligned data, and compute capability 8.0+); got ",
+                query.scalar_type(), ", head dims ", p.head_dim, "/", p.v_head_dim, ", query strides ", query.strides(),
+                ", key strides ", key.strides(), ", value strides ", value.strides());
+    launch_fa2_forward(args, stream);
+    return {out, lse};
+  }
   const bool use_mma = choice != KernelChoice::Generic && mma_forward_supported(args, device_major(query));
   TORCH_CHECK(use_mma || choice != KernelChoice::Mma,
               "qkv.attention: QKV_CUDA_KERNEL=mma, but this call does not qualify for the tensor-core kernel "
@@ -107,10 +121,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cu
 
   BiasGradBuffer bias_grad;
   if (want_bias_grad) bias_grad = bias_grad_buffer(*bias, p, acc_dtype);
-  const BackwardArgs args = backward_args(p, grad_out, query, key, value, expanded_bias, out, lse, delta, grad_q,
-                                          grad_k, grad_v, want_bias_grad ? &bias_grad : nullptr);
+  BackwardArgs args = backward_args(p, grad_out, query, key, value, expanded_bias, out, lse, delta, grad_q, grad_k,
+                                    grad_v, want_bias_grad ? &bias_grad : nullptr);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(query.get_device()).stream();
   const KernelChoice choice = kernel_choice();
+  if (choice == KernelChoice::Fa2) {
+    TORCH_CHECK(fa2_backward_supported(args, device_major(query)),
+                "qkv.attention_backward: QKV_CUDA_KERNEL=fa2, but this call does not qualify for the fa2 kernels "
+                "(they need float16/bfloat16, head_dim == value_head_dim in {64, 96, 128, 256}, unit-stride rows "
+                "with 8-element-aligned strides and 16-byte-aligned data for query, key, value and grad_out, and "
+                "compute capability 8.0+); got ", query.scalar_type(), ", head dims ", p.head_dim, "/",
+                p.v_head_dim, ", grad_out strides ", grad_out.strides());
+    const at::Tensor dq_accum = at::zeros({p.batch, p.heads, p.q_len, p.head_dim}, query.options().dtype(at::kFloat));
+    at::Tensor semaphores;
+    if (at::globalContext().deterministicAlgorithms()) {
+      semaphores = at::zeros({fa2_backward_semaphores(args.shape)}, query.options().dtype(at::kInt));
+      args.dq_semaphore = semaphores.data_ptr<int>();
+    }
+    args.dq_accum = dq_accum.data_ptr<float>();
+    launch_fa2_backward(args, stream);
+    if (want_bias_grad) grad_bias.copy_(bias_grad.sum.view(bias->sizes()));
+    return {grad_q, grad_k, grad_v, grad_bias};
+  }
   const bool use_mma = choice != KernelChoice::Generic && mma_backward_supported(args, device_major(query));
   TORCH_CHECK(use_mma || choice != KernelChoice::Mma,
               "qkv.attention_backward: QKV_CUDA_KERNEL=mma, but this call does not qualify for the tensor-core "

@@ -64,6 +64,11 @@ struct BackwardArgs {
   // bias's own (broadcast) shape; strides are 0 on the dimensions the bias broadcasts over.
   void* grad_bias = nullptr;  // nullptr: not wanted
   int64_t grad_bias_s0 = 0, grad_bias_s1 = 0, grad_bias_s2 = 0, grad_bias_s3 = 0;
+  // Scratch of the fa2 backward, allocated by the caller when it takes that path: dQ summed in
+  // float32, zeroed, contiguous (B, H, L, head_dim); and for the deterministic order of that sum,
+  // fa2_backward_semaphores(shape) zeroed ints (nullptr: atomics in any order).
+  float* dq_accum = nullptr;
+  int* dq_semaphore = nullptr;
 };
 
 // The largest head_dim / v_head_dim the CUDA kernels handle (accumulators live in registers).
@@ -82,5 +87,14 @@ bool mma_forward_supported(const ForwardArgs& args, int device_major);
 void launch_mma_forward(const ForwardArgs& args, cudaStream_t stream);
 bool mma_backward_supported(const BackwardArgs& args, int device_major);
 void launch_mma_backward(const BackwardArgs& args, cudaStream_t stream);
+
+// FlashAttention-2-class kernels (fa2_*.cuh; sm_80+) for float16/bfloat16 with head_dim ==
+// v_head_dim in {64, 96, 128, 256} and 16-byte-aligned rows, with bias, its gradient, dropout and
+// both causal alignments. Opt-in (QKV_CUDA_KERNEL=fa2) until tests/test_cuda.py passes on a GPU.
+bool fa2_forward_supported(const ForwardArgs& args, int device_major);
+void launch_fa2_forward(const ForwardArgs& args, cudaStream_t stream);
+bool fa2_backward_supported(const BackwardArgs& args, int device_major);
+int64_t fa2_backward_semaphores(const ProblemShape& shape);
+void launch_fa2_backward(const BackwardArgs& args, cudaStream_t stream);
 
 }  // namespace qkv::cuda
