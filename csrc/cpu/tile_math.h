@@ -37,32 +37,34 @@ inline __m256 exp2_nonpositive(__m256 x) {
   return _mm256_andnot_ps(too_small, result);
 }
 
-// x = 2^(x - shift) in place; returns the sum. 2^-inf = 0 covers masked entries.
+// x = 2^((x - shift) * mul) in place; returns the sum. 2^-inf = 0 covers masked entries.
+// `mul` is 1 for scores in log2 units and log2(e) for scores in natural units (tile_context.h):
+// subtracting before scaling keeps large finite scores finite.
 template <typename acc_t>
-acc_t exp2_and_sum(acc_t* x, int64_t n, acc_t shift) {
+acc_t exp2_and_sum(acc_t* x, int64_t n, acc_t shift, acc_t mul = acc_t(1)) {
   acc_t sum = 0;
   for (int64_t i = 0; i < n; ++i) {
-    x[i] = std::exp2(x[i] - shift);
+    x[i] = std::exp2((x[i] - shift) * mul);
     sum += x[i];
   }
   return sum;
 }
 
 template <>
-inline float exp2_and_sum<float>(float* x, int64_t n, float shift) {
-  const __m256 vshift = _mm256_set1_ps(shift);
+inline float exp2_and_sum<float>(float* x, int64_t n, float shift, float mul) {
+  const __m256 vshift = _mm256_set1_ps(shift), vmul = _mm256_set1_ps(mul);
   __m256 sum0 = _mm256_setzero_ps(), sum1 = _mm256_setzero_ps();  // two chains hide the add latency
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    const __m256 e0 = exp2_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(x + i), vshift));
-    const __m256 e1 = exp2_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(x + i + 8), vshift));
+    const __m256 e0 = exp2_nonpositive(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), vshift), vmul));
+    const __m256 e1 = exp2_nonpositive(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i + 8), vshift), vmul));
     _mm256_storeu_ps(x + i, e0);
     _mm256_storeu_ps(x + i + 8, e1);
     sum0 = _mm256_add_ps(sum0, e0);
     sum1 = _mm256_add_ps(sum1, e1);
   }
   for (; i + 8 <= n; i += 8) {
-    const __m256 e = exp2_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(x + i), vshift));
+    const __m256 e = exp2_nonpositive(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), vshift), vmul));
     _mm256_storeu_ps(x + i, e);
     sum0 = _mm256_add_ps(sum0, e);
   }
@@ -71,27 +73,27 @@ inline float exp2_and_sum<float>(float* x, int64_t n, float shift) {
   float sum = 0.f;
   for (float lane : lanes) sum += lane;
   for (; i < n; ++i) {
-    x[i] = std::exp2(x[i] - shift);
+    x[i] = std::exp2((x[i] - shift) * mul);
     sum += x[i];
   }
   return sum;
 }
 
-// dst = 2^(x - shift) (accumulate: dst += ...): a row of probabilities written or added to a sum
-// without a pass over a temporary row.
+// dst = 2^((x - shift) * mul) (accumulate: dst += ...): a row of probabilities written or added
+// to a sum without a pass over a temporary row. `mul` as in exp2_and_sum.
 template <typename acc_t>
-void exp2_into(acc_t* dst, const acc_t* x, int64_t n, acc_t shift, bool accumulate) {
+void exp2_into(acc_t* dst, const acc_t* x, int64_t n, acc_t shift, acc_t mul, bool accumulate) {
   int64_t i = 0;
   if constexpr (std::is_same_v<acc_t, float>) {
-    const __m256 vshift = _mm256_set1_ps(shift);
+    const __m256 vshift = _mm256_set1_ps(shift), vmul = _mm256_set1_ps(mul);
     for (; i + 8 <= n; i += 8) {
-      __m256 e = exp2_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(x + i), vshift));
+      __m256 e = exp2_nonpositive(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), vshift), vmul));
       if (accumulate) e = _mm256_add_ps(e, _mm256_loadu_ps(dst + i));
       _mm256_storeu_ps(dst + i, e);
     }
   }
   for (; i < n; ++i) {
-    const acc_t e = std::exp2(x[i] - shift);
+    const acc_t e = std::exp2((x[i] - shift) * mul);
     dst[i] = accumulate ? dst[i] + e : e;
   }
 }
