@@ -120,6 +120,7 @@ struct Avx2<float> {
   static reg load(const float* p) { return _mm256_loadu_ps(p); }
   static reg broadcast(const float* p) { return _mm256_broadcast_ss(p); }
   static reg fmadd(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
+  static reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
   static void store(float* p, reg x) { _mm256_storeu_ps(p, x); }
   static reg max(reg a, reg b) { return _mm256_max_ps(a, b); }
 };
@@ -130,6 +131,7 @@ struct Avx2<double> {
   static reg load(const double* p) { return _mm256_loadu_pd(p); }
   static reg broadcast(const double* p) { return _mm256_broadcast_sd(p); }
   static reg fmadd(reg a, reg b, reg c) { return _mm256_fmadd_pd(a, b, c); }
+  static reg add(reg a, reg b) { return _mm256_add_pd(a, b); }
   static void store(double* p, reg x) { _mm256_storeu_pd(p, x); }
   static reg max(reg a, reg b) { return _mm256_max_pd(a, b); }
 };
@@ -137,6 +139,9 @@ struct Avx2<double> {
 // C[MR x W] = A[MR x k] . panel[k x W] (+ C when accumulating), in registers:
 // 2 * MR accumulators, 2 panel loads and MR broadcasts per step of k. With kRowMax, also
 // vmax[i] = max(vmax[i], row i of C) lane-wise (V lanes per row), while C is in registers.
+// Accumulating adds C to the finished product, not the product's terms to C one by one: a sum
+// over many calls (P V over key tiles, dV over query blocks) then rounds like a sum of tile
+// partials, whose error grows with the number of tiles instead of the number of terms.
 template <typename acc_t, int MR, bool kAccumulate, bool kRowMax = false>
 inline void micro_kernel(int64_t k, const acc_t* a, int64_t rsa, int64_t csa, const acc_t* panel, acc_t* c,
                          int64_t ldc, acc_t* vmax = nullptr) {
@@ -144,10 +149,7 @@ inline void micro_kernel(int64_t k, const acc_t* a, int64_t rsa, int64_t csa, co
   constexpr int64_t V = kPanelWidth<acc_t> / 2;
   typename R::reg lo[MR], hi[MR];
 #pragma GCC unroll 6
-  for (int i = 0; i < MR; ++i) {
-    lo[i] = kAccumulate ? R::load(c + i * ldc) : R::zero();
-    hi[i] = kAccumulate ? R::load(c + i * ldc + V) : R::zero();
-  }
+  for (int i = 0; i < MR; ++i) lo[i] = hi[i] = R::zero();
   for (int64_t p = 0; p < k; ++p) {
     const typename R::reg b0 = R::load(panel + p * 2 * V), b1 = R::load(panel + p * 2 * V + V);
     const acc_t* ap = a + p * csa;
@@ -160,6 +162,10 @@ inline void micro_kernel(int64_t k, const acc_t* a, int64_t rsa, int64_t csa, co
   }
 #pragma GCC unroll 6
   for (int i = 0; i < MR; ++i) {
+    if constexpr (kAccumulate) {
+      lo[i] = R::add(R::load(c + i * ldc), lo[i]);
+      hi[i] = R::add(R::load(c + i * ldc + V), hi[i]);
+    }
     R::store(c + i * ldc, lo[i]);
     R::store(c + i * ldc + V, hi[i]);
     if constexpr (kRowMax) R::store(vmax + i * V, R::max(R::load(vmax + i * V), R::max(lo[i], hi[i])));
@@ -287,7 +293,8 @@ void gemm_nt_dots(int64_t m, int64_t n, int64_t k, const acc_t* a, int64_t lda, 
   }
 }
 
-// C (m x n) += A (m x k) . B (k x n) as axpys over the rows of B.
+// C (m x n) += A (m x k) . B (k x n) as axpys over the rows of B; the product is added to C
+// when finished, as in micro_kernel.
 template <typename acc_t>
 void gemm_nn_axpys(int64_t m, int64_t n, int64_t k, const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb,
                    acc_t* c, int64_t ldc) {
@@ -297,8 +304,7 @@ void gemm_nn_axpys(int64_t m, int64_t n, int64_t k, const acc_t* a, int64_t lda,
     acc_t* ci = c + i * ldc;
     int64_t j = 0;
     for (; j + 4 * V <= n; j += 4 * V) {  // four independent accumulators hide the FMA latency
-      Vec c0 = Vec::loadu(ci + j), c1 = Vec::loadu(ci + j + V), c2 = Vec::loadu(ci + j + 2 * V),
-          c3 = Vec::loadu(ci + j + 3 * V);
+      Vec c0(acc_t(0)), c1(acc_t(0)), c2(acc_t(0)), c3(acc_t(0));
       for (int64_t p = 0; p < k; ++p) {
         const Vec x(a[i * lda + p]);
         const acc_t* bp = b + p * ldb + j;
@@ -307,17 +313,20 @@ void gemm_nn_axpys(int64_t m, int64_t n, int64_t k, const acc_t* a, int64_t lda,
         c2 = at::vec::fmadd(x, Vec::loadu(bp + 2 * V), c2);
         c3 = at::vec::fmadd(x, Vec::loadu(bp + 3 * V), c3);
       }
-      c0.store(ci + j), c1.store(ci + j + V), c2.store(ci + j + 2 * V), c3.store(ci + j + 3 * V);
+      (Vec::loadu(ci + j) + c0).store(ci + j);
+      (Vec::loadu(ci + j + V) + c1).store(ci + j + V);
+      (Vec::loadu(ci + j + 2 * V) + c2).store(ci + j + 2 * V);
+      (Vec::loadu(ci + j + 3 * V) + c3).store(ci + j + 3 * V);
     }
     for (; j + V <= n; j += V) {
-      Vec acc = Vec::loadu(ci + j);
+      Vec acc(acc_t(0));
       for (int64_t p = 0; p < k; ++p) acc = at::vec::fmadd(Vec(a[i * lda + p]), Vec::loadu(b + p * ldb + j), acc);
-      acc.store(ci + j);
+      (Vec::loadu(ci + j) + acc).store(ci + j);
     }
     for (; j < n; ++j) {
-      acc_t d = ci[j];
+      acc_t d = 0;
       for (int64_t p = 0; p < k; ++p) d += a[i * lda + p] * b[p * ldb + j];
-      ci[j] = d;
+      ci[j] += d;
     }
   }
 }
