@@ -44,7 +44,7 @@ void attention_forward_cpu_impl(const AttentionParams& p, const at::Tensor& quer
   const double flops = 2.0 * BH * p.q_len * p.kv_len * (D + Dv);
   for_each_task(BH * groups, flops, [&](int64_t) {
     auto scratch = std::make_shared<std::vector<acc_t>>(QB * D + key_tiles * (k_tile_size + v_tile_size) +
-                                                        BK * (D + Dv) + QB * ld_s + QB * ld_acc + 3 * QB);
+                                                        BK * (D + Dv) + QB * ld_s + 3 * QB * ld_acc + 4 * QB);
     return [&, scratch](int64_t task) {
       acc_t* qs = scratch->data();
       acc_t* k_packed = qs + QB * D;
@@ -52,10 +52,15 @@ void attention_forward_cpu_impl(const AttentionParams& p, const at::Tensor& quer
       acc_t* k_rows = v_packed + key_tiles * v_tile_size;  // converted K and V rows for few-row blocks
       acc_t* v_rows = k_rows + BK * D;
       acc_t* st = v_rows + BK * Dv;
+      // P V: `acc` sums a partial of kForwardTilesPerPartial key tiles, then goes into the
+      // compensated sum (out_sum, out_err); the row sums are compensated tile by tile.
       acc_t* acc = st + QB * ld_s;
-      acc_t* row_max = acc + QB * ld_acc;
+      acc_t* out_sum = acc + QB * ld_acc;
+      acc_t* out_err = out_sum + QB * ld_acc;
+      acc_t* row_max = out_err + QB * ld_acc;
       acc_t* row_sum = row_max + QB;
-      acc_t* tile_max = row_sum + QB;
+      acc_t* row_sum_err = row_sum + QB;
+      acc_t* tile_max = row_sum_err + QB;
       const int64_t bh = task % BH, group = task / BH, b = bh / p.heads, h = bh % p.heads;
       int64_t tiles_packed = 0;  // key tiles are needed in prefix order
 
@@ -63,11 +68,18 @@ void attention_forward_cpu_impl(const AttentionParams& p, const at::Tensor& quer
         const int64_t i0 = qb * QB, rows = std::min(QB, p.q_len - i0);
         // Below this many query rows (decoding), packing K and V would cost as much as using them.
         const bool few_rows = rows < kMinRowsForPanels;
-        // The queries times scale * log2(e): the products come out as scores, no pass over them.
+        // The queries times score_scale: the products come out as scores, no pass over them.
         scaled_rows(ctx.q, b, h, i0, rows, D, ctx.score_scale, qs);
-        std::fill(acc, acc + rows * ld_acc, acc_t(0));
+        for (acc_t* sum : {acc, out_sum, out_err}) std::fill(sum, sum + rows * ld_acc, acc_t(0));
         std::fill(row_max, row_max + rows, neg_inf);
         std::fill(row_sum, row_sum + rows, acc_t(0));
+        std::fill(row_sum_err, row_sum_err + rows, acc_t(0));
+        const auto add_partial = [&] {
+          for (int64_t r = 0; r < rows; ++r) {
+            add_compensated(out_sum + r * ld_acc, out_err + r * ld_acc, acc + r * ld_acc, Dv);
+          }
+          std::fill(acc, acc + rows * ld_acc, acc_t(0));
+        };
 
         const int64_t j_end = ctx.key_end(i0 + rows);
         for (int64_t j0 = 0; j0 < j_end; j0 += BK) {
@@ -102,12 +114,13 @@ void attention_forward_cpu_impl(const AttentionParams& p, const at::Tensor& quer
               continue;
             }
             if (new_max != row_max[r]) {  // rescale only when the running maximum moves
-              const acc_t correction = std::exp2(row_max[r] - new_max);
+              const acc_t correction = std::exp2((row_max[r] - new_max) * ctx.log2_per_unit);
               row_sum[r] *= correction;
-              scale_row(acc + r * ld_acc, Dv, correction);
+              row_sum_err[r] *= correction;
+              for (acc_t* sum : {acc, out_sum, out_err}) scale_row(sum + r * ld_acc, Dv, correction);
               row_max[r] = new_max;
             }
-            row_sum[r] += exp2_and_sum(s, cols, new_max);
+            add_compensated(row_sum[r], row_sum_err[r], exp2_and_sum(s, cols, new_max, ctx.log2_per_unit));
             if (p.dropout_p > 0) ctx.dropout_row(s, b, h, i0 + r, j0, cols);
           }
           if (few_rows) {
@@ -116,13 +129,17 @@ void attention_forward_cpu_impl(const AttentionParams& p, const at::Tensor& quer
             gemm_packed<acc_t>(rows, Dv, cols, st, ld_s, 1, v_panels, acc, ld_acc, true,
                                ctx.visible_key_depth(i0, j0, cols));
           }
+          if (tile % kForwardTilesPerPartial == kForwardTilesPerPartial - 1) add_partial();
         }
+        add_partial();
 
         for (int64_t r = 0; r < rows; ++r) {
-          const bool empty = row_sum[r] == acc_t(0);
-          store_row(o.at(b, h, i0 + r), o.s3, acc + r * ld_acc, Dv, empty ? acc_t(0) : acc_t(1) / row_sum[r]);
-          // Back from log2 units: lse = ln 2 * (max + log2(sum)).
-          lse_data[bh * p.q_len + i0 + r] = empty ? neg_inf : (row_max[r] + std::log2(row_sum[r])) / ctx.kLog2e;
+          const acc_t sum = row_sum[r] + row_sum_err[r];
+          const bool empty = sum == acc_t(0);
+          acc_t* out_row = out_sum + r * ld_acc;
+          add_scaled_row(out_row, out_err + r * ld_acc, Dv, acc_t(1), true);
+          store_row(o.at(b, h, i0 + r), o.s3, out_row, Dv, empty ? acc_t(0) : acc_t(1) / sum);
+          lse_data[bh * p.q_len + i0 + r] = empty ? neg_inf : ctx.logsumexp(row_max[r], sum);
         }
       }
     };
@@ -146,9 +163,26 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
 
 // ---- backward ---------------------------------------------------------------------------
 
-// Accumulates dS into the bias gradient. When the bias broadcasts over batch or heads,
-// several (b, h) tasks hit the same elements, so each worker owns a private copy that is
-// summed at the end; otherwise tasks own disjoint slices of one buffer.
+// The bias's sizes as 4-D and the strides of its gradient, a dense (B', H', L', S') buffer of those
+// sizes: zero on the dimensions the bias broadcasts over.
+struct BiasGradLayout {
+  int64_t sizes[4] = {1, 1, 1, 1}, strides[4] = {0, 0, 0, 0}, numel = 1;
+  BiasGradLayout(const AttentionParams& p, const at::Tensor& bias) {
+    const int64_t offset = 4 - bias.dim();
+    for (int64_t d = 0; d < bias.dim(); ++d) sizes[offset + d] = bias.size(d);
+    const int64_t full[4] = {p.batch, p.heads, p.q_len, p.kv_len};
+    for (int64_t d = 3; d >= 0; --d) {
+      strides[d] = sizes[d] == 1 && full[d] != 1 ? 0 : numel;
+      numel *= sizes[d];
+    }
+  }
+  // A bias with one key column adds the same amount to every score of a row (RowShiftBiasGrad).
+  bool shifts_rows() const { return sizes[3] == 1; }
+};
+
+// Accumulates dS into the gradient of a bias with a column per key. When the bias broadcasts
+// over batch or heads, several (b, h) tasks hit the same elements, so each worker owns a
+// private copy that is summed at the end; otherwise tasks own disjoint slices of one buffer.
 template <typename acc_t>
 struct BiasGradAccumulator {
   bool active = false, per_thread = false;  // per_thread: one copy per worker
@@ -156,23 +190,14 @@ struct BiasGradAccumulator {
   int64_t copy_numel = 0;
   at::Tensor buffer;  // (copies, numel of bias) in acc_t
 
-  BiasGradAccumulator(const AttentionParams& p, const std::optional<at::Tensor>& bias, bool wanted,
-                      bool tasks_split_keys, int64_t workers) {
+  BiasGradAccumulator(const AttentionParams& p, const std::optional<at::Tensor>& bias, bool wanted, int64_t workers) {
     if (!wanted || !p.has_bias) return;
+    const BiasGradLayout layout(p, *bias);
+    if (layout.shifts_rows()) return;  // RowShiftBiasGrad's
     active = true;
-    int64_t sizes[4] = {1, 1, 1, 1};
-    const int64_t offset = 4 - bias->dim();
-    for (int64_t d = 0; d < bias->dim(); ++d) sizes[offset + d] = bias->size(d);
-    const int64_t full[4] = {p.batch, p.heads, p.q_len, p.kv_len};
-    int64_t stride = 1;
-    for (int64_t d = 3; d >= 0; --d) {
-      strides[d] = sizes[d] == 1 && full[d] != 1 ? 0 : stride;
-      stride *= sizes[d];
-    }
-    copy_numel = stride;
-    // Tasks that split keys share query rows, so a bias broadcast over keys is shared too.
-    per_thread = (sizes[0] == 1 && p.batch > 1) || (sizes[1] == 1 && p.heads > 1) ||
-                 (tasks_split_keys && sizes[3] == 1 && p.kv_len > 1);
+    std::copy(layout.strides, layout.strides + 4, strides);
+    copy_numel = layout.numel;
+    per_thread = (layout.sizes[0] == 1 && p.batch > 1) || (layout.sizes[1] == 1 && p.heads > 1);
     const int64_t copies = per_thread ? std::max<int64_t>(workers, 1) : 1;
     buffer = at::zeros({copies, copy_numel}, bias->options().dtype(c10::CppTypeToScalarType<acc_t>::value));
   }
@@ -183,14 +208,82 @@ struct BiasGradAccumulator {
 
   void add_tile(acc_t* copy, const acc_t* ds, int64_t ld, int64_t b, int64_t h, int64_t i0, int64_t rows,
                 int64_t j0, int64_t cols) const {
-    for (int64_t r = 0; r < rows; ++r) {
-      acc_t* g = copy + b * strides[0] + h * strides[1] + (i0 + r) * strides[2] + j0 * strides[3];
+    acc_t* g = copy + b * strides[0] + h * strides[1] + i0 * strides[2] + j0 * strides[3];
+    if (strides[2] == 0) {
+      // Broadcast over query rows: the tile's rows are summed first, so that a column's sum over
+      // every query is one of tile partials, not of L single terms.
+      acc_t column_sums[kBackwardKeyBlock];
+      for (int64_t r = 0; r < rows; ++r) add_scaled_row(column_sums, ds + r * ld, cols, acc_t(1), r > 0);
+      for (int64_t c = 0; c < cols; ++c) g[c * strides[3]] += column_sums[c];
+      return;
+    }
+    for (int64_t r = 0; r < rows; ++r, g += strides[2]) {
       const acc_t* d = ds + r * ld;
       for (int64_t c = 0; c < cols; ++c) g[c * strides[3]] += d[c];
     }
   }
 
   at::Tensor result(const at::Tensor& bias) const { return buffer.sum(0).to(bias.scalar_type()).view(bias.sizes()); }
+};
+
+// The gradient of a bias with one key column (broadcast over keys: (L, 1), (B, H, L, 1), ...).
+// It adds the same amount to every score of a row, which the softmax ignores: its gradient
+// sum_j dS_ij = sum_j P_ij dP_ij - delta_i sum_j P_ij is zero in exact arithmetic. Summing the
+// tiles' dS would add up the error of delta = dO . O, taken from the rounded output (2^-11
+// relative in float16), times every key. Instead delta is taken from the same recomputed numbers,
+// as the P-weighted mean of dP, sum_j P_ij dP_ij / sum_j P_ij (the forward's output is normalised
+// by its row sum too), and the two terms cancel down to their rounding, as torch's do. Dropout
+// keeps the identity (dP is the masked one).
+template <typename acc_t>
+struct RowShiftBiasGrad {
+  bool active = false;
+  int64_t rows_per_chunk = 0;  // batch * heads * query_len
+  // (chunks, B * H, L, 4): sum_j P dP and its rounding error, sum_j P and its rounding error,
+  // over the keys of one chunk of key blocks.
+  at::Tensor sums;
+
+  RowShiftBiasGrad(const AttentionParams& p, const std::optional<at::Tensor>& bias, bool wanted, int64_t chunks) {
+    if (!wanted || !p.has_bias || !BiasGradLayout(p, *bias).shifts_rows()) return;
+    active = true;
+    rows_per_chunk = p.batch * p.heads * p.q_len;
+    sums = at::zeros({chunks * rows_per_chunk * 4}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  }
+
+  // The sums of slice bh's rows over the keys of `chunk`, 4 per row.
+  acc_t* sums_of(int64_t chunk, int64_t bh, int64_t q_len) const {
+    return sums.data_ptr<acc_t>() + (chunk * rows_per_chunk + bh * q_len) * 4;
+  }
+
+  // Adds a tile row's keys: probabilities `prob` and (dropout-masked) dP `dp`.
+  static void add_row(acc_t* row_sums, const acc_t* prob, const acc_t* dp, int64_t n) {
+    using Vec = at::vec::Vectorized<acc_t>;
+    const auto add = [](Vec a, Vec b) { return a + b; };
+    const acc_t p_dp = at::vec::map2_reduce_all<acc_t>([](Vec a, Vec b) { return a * b; }, add, prob, dp, n);
+    const acc_t p_sum = at::vec::reduce_all<acc_t>(add, prob, n);
+    add_compensated(row_sums[0], row_sums[1], p_dp);
+    add_compensated(row_sums[2], row_sums[3], p_sum);
+  }
+
+  // The gradient, in the bias's dtype and shape.
+  at::Tensor result(const AttentionParams& p, const at::Tensor& bias) const {
+    const BiasGradLayout layout(p, bias);
+    at::Tensor grad = at::zeros({layout.numel}, sums.options());
+    acc_t* g = grad.data_ptr<acc_t>();
+    const acc_t* s = sums.const_data_ptr<acc_t>();
+    const int64_t chunks = sums.numel() / std::max<int64_t>(rows_per_chunk * 4, 1);
+    for (int64_t row = 0; row < rows_per_chunk; ++row) {  // in order: rows that share an element add up the same way
+      acc_t p_dp = 0, p_sum = 0;
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+        const acc_t* r = s + (chunk * rows_per_chunk + row) * 4;
+        p_dp += r[0] + r[1];
+        p_sum += r[2] + r[3];
+      }
+      const int64_t i = row % p.q_len, bh = row / p.q_len, b = bh / p.heads, h = bh % p.heads;
+      const acc_t delta = p_sum == acc_t(0) ? acc_t(0) : p_dp / p_sum;  // a row that sees no key: 0
+      g[b * layout.strides[0] + h * layout.strides[1] + i * layout.strides[2]] += p_dp - delta * p_sum;
+    }
+    return grad.to(bias.scalar_type()).view(bias.sizes());
+  }
 };
 
 template <typename scalar_t>
@@ -205,6 +298,8 @@ void attention_backward_cpu_impl(const AttentionParams& p, const at::Tensor& gra
   const MutableStrided4<scalar_t> dq(grad_q), dk(grad_k), dv(grad_v);
   const at::Tensor lse_c = lse.contiguous();
   const acc_t* lse_data = lse_c.const_data_ptr<acc_t>();
+  const at::Tensor normalizers = lse_normalizers(ctx, lse_data);
+  const acc_t* normalizer_data = normalizers.defined() ? normalizers.const_data_ptr<acc_t>() : nullptr;
   const int64_t D = p.head_dim, Dv = p.v_head_dim, L = p.q_len, BH = p.batch * p.heads;
   constexpr int64_t BK = kBackwardKeyBlock, QB = kQueryBlock;
   const int64_t kv_blocks = (p.kv_len + BK - 1) / BK;
@@ -237,7 +332,8 @@ void attention_backward_cpu_impl(const AttentionParams& p, const at::Tensor& gra
   const double flops = 2.0 * BH * L * p.kv_len * (3 * D + 2 * Dv);
   const int64_t L_padded = (L + QB - 1) / QB * QB;
   const bool dout_in_place = reads_rows_in_place<acc_t>(dout, L, Dv);
-  BiasGradAccumulator<acc_t> bias_grad(p, bias, bias_requires_grad, shared_dq, worker_count(BH * chunks, flops));
+  BiasGradAccumulator<acc_t> bias_grad(p, bias, bias_requires_grad, worker_count(BH * chunks, flops));
+  const RowShiftBiasGrad<acc_t> row_shift_grad(p, bias, bias_requires_grad, chunks);
 
   for_each_task(BH * chunks, flops, [&](int64_t worker) {
     // Whole-slice panels (L rows): each task packs Q and dO once, not once per key block.
@@ -262,6 +358,7 @@ void attention_backward_cpu_impl(const AttentionParams& p, const at::Tensor& gra
       const acc_t* lse_row = lse_data + bh * L;
       const acc_t* delta_row = delta + bh * L;
       acc_t* dq_acc = shared_dq ? dq_partials.data_ptr<acc_t>() + (chunk * BH + bh) * L * ld_dq : local_dq;
+      acc_t* row_shift_sums = row_shift_grad.active ? row_shift_grad.sums_of(chunk, bh, L) : nullptr;
       if (!shared_dq) std::fill(dq_acc, dq_acc + L * ld_dq, acc_t(0));
       int64_t ldq, ldo;
       const acc_t* dot_all = tile_rows<acc_t>(dout, b, h, 0, L, Dv, do_rows, ldo);
@@ -276,7 +373,7 @@ void attention_backward_cpu_impl(const AttentionParams& p, const at::Tensor& gra
       // so contiguous ranges would leave one worker with most of the work.
       for (int64_t kb = chunk; kb < kv_blocks; kb += chunks) {
         const int64_t j0 = kb * BK, cols = std::min(BK, p.kv_len - j0);
-        // K^T times scale * log2(e): the products with Q are the scores themselves.
+        // K^T times score_scale: the products with Q are the scores themselves.
         const Panels<acc_t> kt_panels = ctx.pack_keys_transposed(kt_space, b, h, j0, cols);
         scale_row(kt_space, padded_to_panels<acc_t>(cols) * D, ctx.score_scale);
         const Panels<acc_t> k_panels = pack_panels(ctx.k.at(b, h, j0), cols, D, ctx.k.s2, ctx.k.s3, k_space);
@@ -289,7 +386,10 @@ void attention_backward_cpu_impl(const AttentionParams& p, const at::Tensor& gra
           const acc_t* dot = dot_all + i0 * ldo;
           const Panels<acc_t> q_panels{q_space + i0 * ld_dq, rows}, do_panels{do_space + i0 * ld_dv, rows};
           ctx.scores(st, BK, qt, ldq, kt_panels, b, h, i0, rows, j0, cols);
-          for (int64_t r = 0; r < rows; ++r) ctx.probabilities_row(st + r * BK, cols, lse_row[i0 + r]);
+          for (int64_t r = 0; r < rows; ++r) {
+            const acc_t normalizer = normalizer_data == nullptr ? acc_t(1) : normalizer_data[bh * L + i0 + r];
+            ctx.probabilities_row(st + r * BK, cols, lse_row[i0 + r], normalizer);
+          }
           // Under a causal mask the products below skip what the mask hides; the dP columns
           // they leave unwritten are zeroed per row.
           gemm_packed<acc_t>(rows, cols, Dv, dot, ldo, 1, vt_panels, dpt, BK, false,
@@ -300,6 +400,7 @@ void attention_backward_cpu_impl(const AttentionParams& p, const at::Tensor& gra
             const int64_t seen = ctx.visible_keys(i0 + r, j0, cols);
             // The forward used P' = P * keep / (1 - p): dP needs the same mask, dV needs P'.
             if (p.dropout_p > 0) ctx.dropout_row(dp, b, h, i0 + r, j0, seen);
+            if (row_shift_sums != nullptr) row_shift_grad.add_row(row_shift_sums + (i0 + r) * 4, prob, dp, seen);
             softmax_grad_row(dp, prob, seen, delta_row[i0 + r]);  // dS = P * (dP - delta)
             std::fill(dp + seen, dp + cols, acc_t(0));
             if (p.dropout_p > 0) ctx.dropout_row(prob, b, h, i0 + r, j0, cols);
@@ -338,6 +439,7 @@ void attention_backward_cpu_impl(const AttentionParams& p, const at::Tensor& gra
     });
   }
   if (bias_grad.active) grad_bias.copy_(bias_grad.result(*bias));
+  if (row_shift_grad.active) grad_bias.copy_(row_shift_grad.result(p, *bias));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(

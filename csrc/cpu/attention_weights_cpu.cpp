@@ -103,9 +103,12 @@ void attention_weights_cpu_impl(const AttentionParams& p, const at::Tensor& quer
   const int64_t groups = BH / heads_per_task;
   const int64_t BK = std::min(kForwardKeyBlock, std::max<int64_t>(S, 1));
   const int64_t ld_s = padded_to_panels<acc_t>(BK);
-  // Averaging folds 1/H into the exponent: 2^(s - log2(e) lse - log2(H)) = P / H.
-  const acc_t log2_heads = static_cast<acc_t>(std::log2(static_cast<double>(heads_per_task)));
+  // Averaging folds 1/H into the exponent: 2^((s - lse - log(H)) * log2_per_unit) = P / H, with
+  // lse and log(H) in score units.
+  const acc_t log_heads = static_cast<acc_t>(std::log2(static_cast<double>(heads_per_task))) / ctx.log2_per_unit;
   const PackedKeyTiles<scalar_t> packed(ctx, BK, /*with_values=*/false);
+  const at::Tensor normalizers = lse_normalizers(ctx, lse_data);
+  const acc_t* normalizer_data = normalizers.defined() ? normalizers.const_data_ptr<acc_t>() : nullptr;
 
   for_each_task(groups * q_blocks, 2.0 * BH * p.q_len * S * D, [&](int64_t) {
     auto scratch = std::make_shared<std::vector<acc_t>>(QB * D + QB * ld_s + WeightsRows<scalar_t>::buffer_size(QB, S));
@@ -118,7 +121,7 @@ void attention_weights_cpu_impl(const AttentionParams& p, const at::Tensor& quer
       for (int64_t bh = group * heads_per_task; bh < (group + 1) * heads_per_task; ++bh) {
         const int64_t b = bh / p.heads, h = bh % p.heads;
         const bool first_head = bh == group * heads_per_task;
-        // The queries times scale * log2(e), as in the forward: the products are the scores.
+        // The queries times score_scale, as in the forward: the products are the scores.
         scaled_rows(ctx.q, b, h, i0, rows, D, ctx.score_scale, qs);
         for (int64_t j0 = 0; j0 < S; j0 += BK) {
           const int64_t cols = std::min(BK, S - j0);
@@ -126,17 +129,18 @@ void attention_weights_cpu_impl(const AttentionParams& p, const at::Tensor& quer
           for (int64_t r = 0; r < rows; ++r) {
             acc_t* prob = st + r * ld_s;
             const acc_t row_lse = lse_data[bh * p.q_len + i0 + r];
+            const acc_t shift = ctx.lse_shift(row_lse) + log_heads;
+            const acc_t normalizer = normalizer_data == nullptr ? acc_t(1) : normalizer_data[bh * p.q_len + i0 + r];
             if (row_lse == -std::numeric_limits<acc_t>::infinity()) {
               std::fill(prob, prob + cols, acc_t(0));  // the row sees no key: weights 0
-            } else if (p.dropout_p == 0) {
-              exp2_into(target.row(r) + j0, prob, cols, row_lse * TileContext<scalar_t>::kLog2e + log2_heads,
-                        !first_head);
+            } else if (p.dropout_p == 0 && normalizer == acc_t(1)) {
+              exp2_into(target.row(r) + j0, prob, cols, shift, ctx.log2_per_unit, !first_head);
               continue;
             } else {
-              exp2_and_sum(prob, cols, row_lse * TileContext<scalar_t>::kLog2e + log2_heads);
-              ctx.dropout_row(prob, b, h, i0 + r, j0, cols);
+              exp2_and_sum(prob, cols, shift, ctx.log2_per_unit);
+              if (p.dropout_p > 0) ctx.dropout_row(prob, b, h, i0 + r, j0, cols);
             }
-            add_scaled_row(target.row(r) + j0, prob, cols, acc_t(1), !first_head);
+            add_scaled_row(target.row(r) + j0, prob, cols, normalizer, !first_head);
           }
         }
       }
@@ -191,15 +195,20 @@ void attention_with_weights_cpu_impl(const AttentionParams& p, const at::Tensor&
   const PackedKeyTiles<scalar_t> packed(ctx, BK, /*with_values=*/true);
 
   for_each_task(groups * q_blocks, 2.0 * BH * p.q_len * S * (D + Dv), [&](int64_t) {
-    auto scratch = std::make_shared<std::vector<acc_t>>(QB * D + QB * ld_p + QB * ld_acc + 3 * QB +
+    auto scratch = std::make_shared<std::vector<acc_t>>(QB * D + QB * ld_p + 3 * QB * ld_acc + 4 * QB +
                                                         WeightsRows<scalar_t>::buffer_size(QB, S));
     return [&, scratch](int64_t task) {
       acc_t* qs = scratch->data();
       acc_t* probs = qs + QB * D;  // the block's scores, then its unnormalised probabilities
+      // P V and the row sums are summed as in the forward: plain partials of
+      // kForwardTilesPerPartial key tiles in `acc`, compensated across partials.
       acc_t* acc = probs + QB * ld_p;
-      acc_t* row_max = acc + QB * ld_acc;
+      acc_t* out_sum = acc + QB * ld_acc;
+      acc_t* out_err = out_sum + QB * ld_acc;
+      acc_t* row_max = out_err + QB * ld_acc;
       acc_t* row_sum = row_max + QB;
-      acc_t* tile_max = row_sum + QB;
+      acc_t* row_sum_err = row_sum + QB;
+      acc_t* tile_max = row_sum_err + QB;
       const int64_t qb = task % q_blocks, group = task / q_blocks;
       const int64_t i0 = qb * QB, rows = std::min(QB, p.q_len - i0);
       const int64_t j_end = ctx.key_end(i0 + rows);  // later keys are hidden from every row
@@ -207,7 +216,7 @@ void attention_with_weights_cpu_impl(const AttentionParams& p, const at::Tensor&
       for (int64_t bh = group * heads_per_task; bh < (group + 1) * heads_per_task; ++bh) {
         const int64_t b = bh / p.heads, h = bh % p.heads;
         const bool first_head = bh == group * heads_per_task;
-        // The queries times scale * log2(e), as in the forward: the products are the scores.
+        // The queries times score_scale, as in the forward: the products are the scores.
         scaled_rows(ctx.q, b, h, i0, rows, D, ctx.score_scale, qs);
         std::fill(row_max, row_max + rows, neg_inf);
         for (int64_t j0 = 0; j0 < j_end; j0 += BK) {
@@ -220,26 +229,37 @@ void attention_with_weights_cpu_impl(const AttentionParams& p, const at::Tensor&
         }
         for (int64_t r = 0; r < rows; ++r) {
           acc_t* s = probs + r * ld_p;
+          row_sum[r] = row_sum_err[r] = 0;
           if (row_max[r] == neg_inf) {  // the row sees no key: output, weights 0, logsumexp -inf
             std::fill(s, s + j_end, acc_t(0));
-            row_sum[r] = 0;
             continue;
           }
-          row_sum[r] = exp2_and_sum(s, j_end, row_max[r]);
+          for (int64_t j0 = 0; j0 < j_end; j0 += BK) {
+            add_compensated(row_sum[r], row_sum_err[r],
+                            exp2_and_sum(s + j0, std::min(BK, j_end - j0), row_max[r], ctx.log2_per_unit));
+          }
           if (p.dropout_p > 0) ctx.dropout_row(s, b, h, i0 + r, 0, j_end);
         }
-        std::fill(acc, acc + rows * ld_acc, acc_t(0));
+        for (acc_t* sum : {acc, out_sum, out_err}) std::fill(sum, sum + rows * ld_acc, acc_t(0));
         for (int64_t j0 = 0; j0 < j_end; j0 += BK) {
           const int64_t cols = std::min(BK, j_end - j0);
           gemm_packed<acc_t>(rows, Dv, cols, probs + j0, ld_p, 1, packed.values(bh, j0), acc, ld_acc, true,
                              ctx.visible_key_depth(i0, j0, cols));
+          if (j0 / BK % kForwardTilesPerPartial == kForwardTilesPerPartial - 1 || j0 + BK >= j_end) {
+            for (int64_t r = 0; r < rows; ++r) {
+              add_compensated(out_sum + r * ld_acc, out_err + r * ld_acc, acc + r * ld_acc, Dv);
+            }
+            std::fill(acc, acc + rows * ld_acc, acc_t(0));
+          }
         }
         for (int64_t r = 0; r < rows; ++r) {
-          const bool empty = row_sum[r] == acc_t(0);
-          const acc_t inv_sum = empty ? acc_t(0) : acc_t(1) / row_sum[r];
-          store_row(o.at(b, h, i0 + r), o.s3, acc + r * ld_acc, Dv, inv_sum);
-          // Back from log2 units: lse = ln 2 * (max + log2(sum)).
-          lse_data[bh * p.q_len + i0 + r] = empty ? neg_inf : (row_max[r] + std::log2(row_sum[r])) / ctx.kLog2e;
+          const acc_t sum = row_sum[r] + row_sum_err[r];
+          const bool empty = sum == acc_t(0);
+          const acc_t inv_sum = empty ? acc_t(0) : acc_t(1) / sum;
+          acc_t* out_row = out_sum + r * ld_acc;
+          add_scaled_row(out_row, out_err + r * ld_acc, Dv, acc_t(1), true);
+          store_row(o.at(b, h, i0 + r), o.s3, out_row, Dv, inv_sum);
+          lse_data[bh * p.q_len + i0 + r] = empty ? neg_inf : ctx.logsumexp(row_max[r], sum);
           acc_t* dst = target.row(r);
           add_scaled_row(dst, probs + r * ld_p, j_end, inv_sum * inv_heads, !first_head);
           if (first_head) std::fill(dst + j_end, dst + S, acc_t(0));

@@ -5,6 +5,7 @@
 // attention_weights_cpu.cpp (the explicit weights).
 #include "../attention_common.h"
 #include "../kernels/dropout_hash.h"
+#include "compensated_sum.h"
 #include "packed_gemm.h"
 #include "tile_math.h"
 
@@ -32,6 +33,10 @@ constexpr int64_t kQueryBlock = 64;
 constexpr int64_t kBackwardKeyBlock = 128;
 // Query tiles with fewer rows read K and V in place instead of packing them.
 constexpr int64_t kMinRowsForPanels = 4;
+// The forward sums P V over this many key tiles (2048 keys) in a plain partial, then adds the
+// partial to the output rows with compensation (compensated_sum.h): accurate for any key count,
+// at the cost of one pass over the rows per partial.
+constexpr int64_t kForwardTilesPerPartial = 8;
 
 template <typename T>
 struct Strided4 {
@@ -132,26 +137,47 @@ struct TileContext {
   using acc_t = at::opmath_type<scalar_t>;
   const AttentionParams& p;
   Strided4<scalar_t> q, k, v;
-  const scalar_t* bias_data = nullptr;  // expanded (B, H, L, S) strides, zeros on broadcast dims
+  // The bias, in the query's dtype or float32: expanded (B, H, L, S) strides, zeros on broadcast dims.
+  const void* bias_data = nullptr;
+  bool bias_is_float = false;
   int64_t bias_s0 = 0, bias_s1 = 0, bias_s2 = 0, bias_s3 = 0;
   uint64_t keep_threshold = 0;
-  // Scores are kept in log2 units, s = log2(e) * (scale * q . k + bias), so that the softmax
-  // is 2^(s - max): the products are scaled by score_scale and the bias by kLog2e.
+  // Score units. Without a bias, scores are kept in log2 units, s = log2(e) * scale * q . k, so
+  // that the softmax is 2^(s - max) and the products come out as scores (one operand carries
+  // score_scale). With a bias they stay in natural units, s = scale * q . k + bias, and the
+  // softmax is 2^((s - max) * log2(e)): a large finite bias (Hugging Face masks are
+  // torch.finfo(dtype).min) times log2(e) would overflow to -inf and hide its key, where torch
+  // adds it as the finite number it is. Subtracting the maximum first keeps it finite.
   static constexpr double kLog2eDouble = 1.4426950408889634;
   static constexpr acc_t kLog2e = acc_t(kLog2eDouble);
-  acc_t score_scale = 0;
+  acc_t score_scale = 0;    // scale * log2(e), or scale (natural units)
+  acc_t log2_per_unit = 1;  // 1, or log2(e): 2^((s - max) * log2_per_unit) = e^(score - max score)
+  acc_t units_per_nat = 1;  // log2(e), or 1: a natural-log quantity (the logsumexp) in score units
 
   TileContext(const AttentionParams& params, const at::Tensor& query, const at::Tensor& key,
               const at::Tensor& value, const std::optional<at::Tensor>& bias)
       : p(params), q(query), k(key), v(value) {
+    const bool natural_units = p.has_bias;
     if (p.has_bias) {
       at::Tensor e = expand_bias(*bias, p);
-      bias_data = e.const_data_ptr<scalar_t>();
+      bias_is_float = e.scalar_type() == at::kFloat;
+      TORCH_CHECK(bias_is_float || e.scalar_type() == query.scalar_type(),
+                  "qkv: internal error: the CPU kernel got a ", e.scalar_type(), " bias for ", query.scalar_type(),
+                  " queries");
+      bias_data = e.const_data_ptr();
       bias_s0 = e.stride(0), bias_s1 = e.stride(1), bias_s2 = e.stride(2), bias_s3 = e.stride(3);
     }
     keep_threshold = dropout_threshold(p.dropout_p);
-    score_scale = static_cast<acc_t>(p.scale * kLog2eDouble);  // rounded once
+    score_scale = static_cast<acc_t>(natural_units ? p.scale : p.scale * kLog2eDouble);  // rounded once
+    log2_per_unit = natural_units ? kLog2e : acc_t(1);
+    units_per_nat = natural_units ? acc_t(1) : kLog2e;
   }
+
+  // The logsumexp (natural log) of a row whose scores have maximum `max` and sum(2^((s - max) *
+  // log2_per_unit)) = `sum`; finite whenever max is, in either unit.
+  acc_t logsumexp(acc_t max, acc_t sum) const { return (max + std::log2(sum) / log2_per_unit) / units_per_nat; }
+  // A logsumexp as the shift of this call's scores: 2^((s - shift) * log2_per_unit) is the probability.
+  acc_t lse_shift(acc_t lse) const { return lse * units_per_nat; }
 
   // One past the last key that any query row in [i0, i1) may see.
   int64_t key_end(int64_t i1) const {
@@ -195,7 +221,7 @@ struct TileContext {
     };
   }
 
-  // scores[r] = log2(e) * (scale * q_r . k + bias), -inf where causally hidden, and, unless
+  // scores[r] = scale * q_r . k (+ bias) in score units, -inf where causally hidden, and, unless
   // `row_max` is null, their row maxima; one of the operands already carries score_scale
   // (scaled queries or K^T). `k_panels` is K^T; ldo >= padded_to_panels(cols).
   void scores(acc_t* out, int64_t ldo, const acc_t* qt, int64_t ldq, Panels<acc_t> k_panels, int64_t b,
@@ -216,15 +242,24 @@ struct TileContext {
   }
 
   // Turns products that already carry score_scale into scores (see scores()): adds the bias
-  // (times log2(e)), hides masked keys; the row maxima go to `row_max` unless it is null.
+  // (natural units: added as it is), hides masked keys; the row maxima go to `row_max` unless it
+  // is null.
   void finish_scores(acc_t* out, int64_t ldo, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0,
                      int64_t cols, acc_t* row_max) const {
+    if (bias_is_float) {
+      finish_scores_with(static_cast<const float*>(bias_data), out, ldo, b, h, i0, rows, j0, cols, row_max);
+    } else {
+      finish_scores_with(static_cast<const scalar_t*>(bias_data), out, ldo, b, h, i0, rows, j0, cols, row_max);
+    }
+  }
+  template <typename bias_t>
+  void finish_scores_with(const bias_t* bias, acc_t* out, int64_t ldo, int64_t b, int64_t h, int64_t i0,
+                          int64_t rows, int64_t j0, int64_t cols, acc_t* row_max) const {
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t i = i0 + r;
-      const scalar_t* brow =
-          bias_data == nullptr ? nullptr : bias_data + b * bias_s0 + h * bias_s1 + i * bias_s2 + j0 * bias_s3;
+      const bias_t* brow = bias == nullptr ? nullptr : bias + b * bias_s0 + h * bias_s1 + i * bias_s2 + j0 * bias_s3;
       const acc_t m =
-          scale_bias_mask_max(out + r * ldo, cols, visible_keys(i, j0, cols), acc_t(1), brow, bias_s3, kLog2e);
+          scale_bias_mask_max(out + r * ldo, cols, visible_keys(i, j0, cols), acc_t(1), brow, bias_s3, acc_t(1));
       if (row_max != nullptr) row_max[r] = m;
     }
   }
@@ -238,15 +273,60 @@ struct TileContext {
     }
   }
 
-  // Turns a row of scores into probabilities 2^(s - log2(e) lse) = exp(natural score - lse)
-  // (all zero when lse = -inf).
-  static void probabilities_row(acc_t* s, int64_t cols, acc_t lse) {
+  // Turns a row of scores into probabilities exp(natural score - lse) (all zero when lse = -inf),
+  // times `normalizer` (see lse_normalizers).
+  void probabilities_row(acc_t* s, int64_t cols, acc_t lse, acc_t normalizer = acc_t(1)) const {
     if (lse == -std::numeric_limits<acc_t>::infinity()) {
       std::fill(s, s + cols, acc_t(0));
     } else {
-      exp2_and_sum(s, cols, lse * kLog2e);
+      exp2_and_sum(s, cols, lse_shift(lse), log2_per_unit);
+      if (normalizer != acc_t(1)) scale_row(s, cols, normalizer);
     }
   }
 };
+
+// Ops that rebuild probabilities from a logsumexp (the backward, attention_weights) take
+// exp(s - lse), which needs lse to the precision of the scores' differences. A row whose scores
+// are all huge (a row masked with torch.finfo(dtype).min on every key: its softmax is over equal
+// finite scores, the mean of V) has lse = max + log(sum) rounded to max: the log of the row sum is
+// lost and every probability comes out as 1. Those rows, where lse's rounding step exceeds 2^-10
+// (|lse| >= 2^13 in float32), get their row sum recomputed: this returns (B * H * L) multipliers
+// 1 / sum_j exp(s_ij - lse_i), 1 for every other row, or an undefined tensor when no row needs
+// one (the usual case: one pass over the logsumexp). The scores are computed as the forward
+// computes them.
+template <typename scalar_t>
+at::Tensor lse_normalizers(const TileContext<scalar_t>& ctx, const at::opmath_type<scalar_t>* lse) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const AttentionParams& p = ctx.p;
+  const acc_t large = acc_t(1.0 / 1024) / std::numeric_limits<acc_t>::epsilon();
+  std::vector<int64_t> rows;  // (b * H + h) * L + i
+  for (int64_t row = 0; row < p.batch * p.heads * p.q_len; ++row) {
+    if (std::isfinite(lse[row]) && std::abs(lse[row]) >= large) rows.push_back(row);
+  }
+  if (rows.empty()) return at::Tensor();
+  at::Tensor normalizers = at::ones({p.batch * p.heads * p.q_len},
+                                    at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  acc_t* out = normalizers.data_ptr<acc_t>();
+  const int64_t D = p.head_dim, BK = kForwardKeyBlock;
+  at::parallel_for(0, static_cast<int64_t>(rows.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> qs(D), k_rows(BK * D), scores(padded_to_panels<acc_t>(BK));
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t row = rows[n], bh = row / p.q_len, i = row % p.q_len, b = bh / p.heads, h = bh % p.heads;
+      scaled_rows(ctx.q, b, h, i, 1, D, ctx.score_scale, qs.data());
+      acc_t sum = 0, err = 0;
+      const int64_t j_end = ctx.key_end(i + 1);
+      for (int64_t j0 = 0; j0 < j_end; j0 += BK) {
+        const int64_t cols = std::min(BK, j_end - j0);
+        int64_t ldk = 0;
+        const acc_t* kt = tile_rows<acc_t>(ctx.k, b, h, j0, cols, D, k_rows.data(), ldk);
+        gemm_nt_dots<acc_t>(1, cols, D, qs.data(), D, kt, ldk, scores.data(), cols);
+        ctx.finish_scores(scores.data(), cols, b, h, i, 1, j0, cols, nullptr);
+        add_compensated(sum, err, exp2_and_sum(scores.data(), cols, ctx.lse_shift(lse[row]), ctx.log2_per_unit));
+      }
+      out[row] = acc_t(1) / (sum + err);
+    }
+  });
+  return normalizers;
+}
 
 }  // namespace qkv
