@@ -51,8 +51,11 @@ c10::SymBool broadcastable_to(c10::SymIntArrayRef sizes, const AttentionShape& s
 }
 
 void check_bias(const char* op, const at::Tensor& query, const at::Tensor& b, const AttentionShape& s) {
-  TORCH_CHECK(b.scalar_type() == query.scalar_type(), op, ": bias must be a floating tensor of the query's dtype ",
-              query.scalar_type(), " (convert boolean masks to 0/-inf first); got ", describe(b));
+  // float32 for any query: half-precision queries keep an additive mask in their accumulation
+  // type (1e5 or -1e9 would round to +-inf in float16).
+  TORCH_CHECK(b.scalar_type() == query.scalar_type() || b.scalar_type() == at::kFloat, op,
+              ": bias must be a floating tensor of the query's dtype ", query.scalar_type(),
+              " or float32 (convert boolean masks to 0/-inf first); got ", describe(b));
   TORCH_CHECK(b.device() == query.device(), op, ": bias must be on the query's device ", query.device(), "; got ",
               describe(b));
   TORCH_SYM_CHECK(broadcastable_to(b.sym_sizes(), s), op,
