@@ -10,6 +10,7 @@
 #include "qkv/qkv.h"
 
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <c10/core/SymFloat.h>
 #include <torch/library.h>
 
@@ -27,6 +28,10 @@ c10::SymFloat score_scale(std::optional<double> scale, const c10::SymInt& head_d
 
 // dL/dS for W = dropout(softmax(S)): with P the undropped probabilities and dP the gradient
 // reaching P (through the dropout mask), dS = P * (dP - rowsum(dP * P)).
+// Computed in the accumulation type (float32 for float16/bfloat16, as torch's math path does):
+// rowsum(dP * P) must cancel against the row's dP * P, which P rounded to float16 would not let it
+// (the gradient of a bias broadcast over keys, zero in theory, came out as 2^-11 noise). The bias
+// gradient comes back in the bias's dtype (a float32 bias may come with half queries).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_weights_backward_composite(
     const at::Tensor& grad_weights, const at::Tensor& query, const at::Tensor& key, const OptTensor& bias,
     const at::Tensor& logsumexp, double dropout_p, bool is_causal, bool bottom_right, std::optional<double> scale,
@@ -37,23 +42,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_weights_backward_compos
   check_tensor_arg(op, "grad_weights", grad_weights, query, query.scalar_type(), weights_shape);
   check_logsumexp_for_weights(op, query, logsumexp, s);
   check_replay_seed(op, dropout_p, dropout_seed);
+  const bool has_bias = bias.has_value() && bias->defined();
+  const auto acc_type = at::toOpMathType(query.scalar_type());
+  const at::Tensor q = query.to(acc_type), k = key.to(acc_type);  // exact; no copy when already acc_type
+  const OptTensor b = has_bias ? OptTensor(bias->to(acc_type)) : std::nullopt;
   const at::Tensor probs =
-      qkv::attention_weights(query, key, bias, logsumexp, 0.0, is_causal, bottom_right, scale, std::nullopt);
-  at::Tensor grad_probs = grad_weights;
+      qkv::attention_weights(q, k, b, logsumexp, 0.0, is_causal, bottom_right, scale, std::nullopt);
+  at::Tensor grad_probs = grad_weights.to(acc_type);
   if (dropout_p > 0.0) {
     // keep / (1 - p) per element, recovered from the dropped weights where P > 0 (where P is
     // 0 the factor does not matter: dS is 0 there).
     const at::Tensor dropped =
-        qkv::attention_weights(query, key, bias, logsumexp, dropout_p, is_causal, bottom_right, scale, dropout_seed);
-    grad_probs = grad_weights * at::where(probs > 0, dropped / probs, at::zeros_like(probs));
+        qkv::attention_weights(q, k, b, logsumexp, dropout_p, is_causal, bottom_right, scale, dropout_seed);
+    grad_probs = grad_probs * at::where(probs > 0, dropped / probs, at::zeros_like(probs));
   }
   const at::Tensor grad_scores = probs * (grad_probs - (grad_probs * probs).sum(-1, /*keepdim=*/true));
   const c10::Scalar factor(score_scale(scale, s.head_dim));
-  at::Tensor grad_q = at::matmul(grad_scores, key).mul(factor);
-  at::Tensor grad_k = at::matmul(grad_scores.transpose(-2, -1), query).mul(factor);
-  const bool has_bias = bias.has_value() && bias->defined();
-  at::Tensor grad_bias = bias_requires_grad && has_bias ? grad_scores.sum_to_size_symint(bias->sym_sizes()).clone()
-                                                        : empty_grad_bias(bias, false, query);
+  at::Tensor grad_q = at::matmul(grad_scores, k).mul(factor).to(query.scalar_type());
+  at::Tensor grad_k = at::matmul(grad_scores.transpose(-2, -1), q).mul(factor).to(query.scalar_type());
+  at::Tensor grad_bias = bias_requires_grad && has_bias
+                             ? grad_scores.sum_to_size_symint(bias->sym_sizes()).to(bias->scalar_type(), false, true)
+                             : empty_grad_bias(bias, false, query);
   return {grad_q, grad_k, grad_bias};
 }
 
