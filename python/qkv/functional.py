@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function
 
 from . import _C  # noqa: F401  (registers torch.ops.qkv.*)
-from ._attention_bias import add_biases, draw_dropout_seed
+from ._attention_bias import add_biases, bias_dtype, draw_dropout_seed
 from ._sdpa import scaled_dot_product_attention
 
 __all__ = ["multi_head_attention_forward", "scaled_dot_product_attention"]
@@ -413,7 +413,8 @@ def _masks_to_bias(
     dtype: torch.dtype,
 ) -> Tensor | None:
     """The canonical float masks as the one additive bias the kernel takes, at its broadcast shape:
-    (L, S) | (N, H, L, S) | (N, 1, 1, S) | their sum, of ``dtype``."""
+    (L, S) | (N, H, L, S) | (N, 1, 1, S) | their sum, for queries of ``dtype`` (in ``dtype``, or
+    float32 for float16/bfloat16 queries: see ``bias_dtype``)."""
     if key_padding_mask is not None:
         _check_key_padding_mask(key_padding_mask, src_len, bsz)
         key_padding_mask = key_padding_mask.view(bsz, 1, 1, src_len)
@@ -421,7 +422,9 @@ def _masks_to_bias(
         attn_mask = attn_mask.unflatten(0, (bsz, num_heads))
     bias = add_biases(attn_mask, key_padding_mask)
     if bias is not None:
-        bias = bias.to(dtype)  # float masks of another dtype, and autocast's reduced-precision q
+        # Float masks of another dtype, and autocast's reduced-precision q: float32 stays float32
+        # for half-precision q.
+        bias = bias.to(bias_dtype(dtype, bias.dtype))
     return bias
 
 
