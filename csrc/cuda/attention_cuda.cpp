@@ -47,6 +47,15 @@ KernelChoice kernel_choice() {
               "'");
 }
 
+// Per-row factors for the kernels that rebuild probabilities from a logsumexp (1 except where
+// lse lost the log of its row sum: kernel_params.h, LseNormalizerArgs).
+at::Tensor lse_normalizers(const AttentionParams& p, const at::Tensor& query, const at::Tensor& key,
+                           const at::Tensor& expanded_bias, const at::Tensor& lse_contiguous, cudaStream_t stream) {
+  at::Tensor normalizers = at::empty_like(lse_contiguous);
+  launch_lse_normalizers(lse_normalizer_args(p, query, key, expanded_bias, lse_contiguous, normalizers), stream);
+  return normalizers;
+}
+
 int device_major(const at::Tensor& t) {
   int major = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, t.get_device()));
@@ -118,20 +127,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cu
   const at::Tensor lse = logsumexp.contiguous();
   at::Tensor delta = at::empty({p.batch, p.heads, p.q_len}, query.options().dtype(acc_dtype));
   const at::Tensor expanded_bias = p.has_bias ? expand_bias(*bias, p) : at::Tensor();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(query.get_device()).stream();
+  const at::Tensor normalizers = lse_normalizers(p, query, key, expanded_bias, lse, stream);
 
   BiasGradBuffer bias_grad;
   if (want_bias_grad) bias_grad = bias_grad_buffer(*bias, p, acc_dtype);
-  BackwardArgs args = backward_args(p, grad_out, query, key, value, expanded_bias, out, lse, delta, grad_q, grad_k,
-                                    grad_v, want_bias_grad ? &bias_grad : nullptr);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(query.get_device()).stream();
+  BackwardArgs args = backward_args(p, grad_out, query, key, value, expanded_bias, out, lse, normalizers, delta, grad_q,
+                                    grad_k, grad_v, want_bias_grad ? &bias_grad : nullptr);
   const KernelChoice choice = kernel_choice();
   if (choice == KernelChoice::Fa2) {
     TORCH_CHECK(fa2_backward_supported(args, device_major(query)),
                 "qkv.attention_backward: QKV_CUDA_KERNEL=fa2, but this call does not qualify for the fa2 kernels "
                 "(they need float16/bfloat16, head_dim == value_head_dim in {64, 96, 128, 256}, unit-stride rows "
-                "with 8-element-aligned strides and 16-byte-aligned data for query, key, value and grad_out, and "
-                "compute capability 8.0+); got ", query.scalar_type(), ", head dims ", p.head_dim, "/",
-                p.v_head_dim, ", grad_out strides ", grad_out.strides());
+                "with 8-element-aligned strides and 16-byte-aligned data for query, key, value and grad_out, no "
+                "gradient for a bias with one key column, and compute capability 8.0+); got ", query.scalar_type(),
+                ", head dims ", p.head_dim, "/", p.v_head_dim, ", grad_out strides ", grad_out.strides(),
+                ", bias gradient wanted: ", want_bias_grad);
     const at::Tensor dq_accum = at::zeros({p.batch, p.heads, p.q_len, p.head_dim}, query.options().dtype(at::kFloat));
     at::Tensor semaphores;
     if (at::globalContext().deterministicAlgorithms()) {
@@ -180,8 +191,10 @@ at::Tensor attention_weights_cuda(const at::Tensor& query, const at::Tensor& key
   if (weights.numel() == 0) return weights;
   const at::Tensor lse = logsumexp.contiguous();
   const at::Tensor expanded_bias = p.has_bias ? expand_bias(*bias, p) : at::Tensor();
-  const WeightsArgs args = weights_args(p, query, key, expanded_bias, lse, weights);
-  launch_generic_weights(args, c10::cuda::getCurrentCUDAStream(query.get_device()).stream());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(query.get_device()).stream();
+  const at::Tensor normalizers = lse_normalizers(p, query, key, expanded_bias, lse, stream);
+  const WeightsArgs args = weights_args(p, query, key, expanded_bias, lse, normalizers, weights);
+  launch_generic_weights(args, stream);
   return weights;
 }
 

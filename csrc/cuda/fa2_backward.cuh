@@ -204,6 +204,11 @@ __global__ void __launch_bounds__(Tile::kThreads) fa2_backward_kernel(const Back
               float x = s[mi][nt][e] * scale;
               if (has_bias) x += bias_at<float, T>(args.bias, b, h, i, j);
               prob = exp2f((x - row_lse[mi][half]) * kLog2e);
+              // A row whose lse lost its row sum (kernel_params.h, LseNormalizerArgs): rare, and
+              // only with a bias, so the factor is read here rather than kept in registers.
+              if (lse_needs_normalizer(row_lse[mi][half])) {
+                prob *= lse_normalizer_at<float>(args.lse_normalizer, bh * p.q_len + i);
+              }
               float dpv = dp[mi][nt][e];
               prob_kept = prob;
               if (dropout && !dropout_keep(p.dropout_seed, dropout_index(p, bh, i, j), p.keep_threshold)) {

@@ -153,6 +153,9 @@ inline bool backward_supported(const BackwardArgs& args, int device_major) {
   for (const MutableView4* view : {&args.grad_q, &args.grad_k, &args.grad_v}) {
     if (!mma::rows_aligned(view->data, view->s0, view->s1, view->s2, view->s3, 8)) return false;
   }
+  // The gradient of a bias with one key column comes from row sums over every key (the generic
+  // dQ kernel's RowShiftSums); the fa2 backward, parallel over keys, only sums dS.
+  if (args.grad_bias != nullptr && (args.grad_bias_s3 == 0 || p.kv_len == 1)) return false;
   return true;
 }
 

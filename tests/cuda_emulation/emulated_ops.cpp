@@ -14,6 +14,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -208,6 +209,21 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
   return {out, lse};
 }
 
+// As the launcher's lse_normalizers (attention_cuda.cpp): the factors the kernels multiply exp(s - lse) by.
+at::Tensor lse_normalizers(const qkv::AttentionParams& p, const at::Tensor& q, const at::Tensor& k,
+                           const at::Tensor& expanded_bias, const at::Tensor& lse_contiguous) {
+  at::Tensor normalizers = at::empty_like(lse_contiguous);
+  if (p.batch * p.heads * p.q_len == 0) return normalizers;
+  const LseNormalizerArgs args = lse_normalizer_args(p, q, k, expanded_bias, lse_contiguous, normalizers);
+  dispatch_element_type(args.dtype, [&](auto type) {
+    using T = typename decltype(type)::type;
+    using Config = WeightsConfig<T>;
+    qkv_emu::launch(Config::blocks(args.shape), kThreads, Config::shared_bytes(args.shape),
+                    [&] { generic_lse_normalizer_kernel<T, Config::kRows>(args); });
+  });
+  return normalizers;
+}
+
 at::Tensor weights(const at::Tensor& q, const at::Tensor& k, const OptTensor& expanded_bias, const at::Tensor& lse,
                    double scale, bool is_causal, int64_t causal_offset, double dropout_p, int64_t seed) {
   const at::Tensor bias = expanded_bias.value_or(at::Tensor());
@@ -215,7 +231,8 @@ at::Tensor weights(const at::Tensor& q, const at::Tensor& k, const OptTensor& ex
   at::Tensor w = at::empty({p.batch, p.heads, p.q_len, p.kv_len}, q.options());
   if (w.numel() == 0) return w;
   const at::Tensor lse_c = lse.contiguous();
-  const WeightsArgs args = weights_args(p, q, k, bias, lse_c, w);
+  const at::Tensor normalizers = lse_normalizers(p, q, k, bias, lse_c);
+  const WeightsArgs args = weights_args(p, q, k, bias, lse_c, normalizers, w);
   dispatch_element_type(args.dtype, [&](auto type) {
     using T = typename decltype(type)::type;
     using Config = WeightsConfig<T>;
@@ -241,8 +258,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   at::Tensor delta = at::empty({p.batch, p.heads, p.q_len}, q.options().dtype(acc_dtype_of(q)));
   BiasGradBuffer bias_grad;
   if (want_bias_grad) bias_grad = bias_grad_buffer(*bias, p, acc_dtype_of(q));
-  const BackwardArgs args = backward_args(p, grad_out, q, k, v, expanded, out, lse_c, delta, grad_q, grad_k, grad_v,
-                                          want_bias_grad ? &bias_grad : nullptr);
+  const at::Tensor normalizers = lse_normalizers(p, q, k, expanded, lse_c);
+  const BackwardArgs args = backward_args(p, grad_out, q, k, v, expanded, out, lse_c, normalizers, delta, grad_q,
+                                          grad_k, grad_v, want_bias_grad ? &bias_grad : nullptr);
   if (is_fa2(kernel)) {
     fa2_backward(args, q, fa2_choice(kernel));
     if (want_bias_grad) grad_bias.copy_(bias_grad.sum.view(bias->sizes()));
