@@ -7,7 +7,8 @@
 TORCH_LIBRARY(qkv, m) {
   // Core attention, layout (batch, heads, seq, head_dim), any strides. Returns the output
   // and the per-row logsumexp of the scaled, biased scores (-inf for rows that attend to
-  // nothing, whose output is 0). `bias` is additive and broadcasts to (B, H, L, S).
+  // nothing, whose output is 0). `bias` is additive, in the query's dtype or float32, and
+  // broadcasts to (B, H, L, S); only -inf hides a key (finite values are added as they are).
   // Causal hides key j from query i when j > i (top-left) or j > i + S - L (bottom_right).
   // Dropout keeps each probability by a counter-based hash of (dropout_seed, b, h, i, j).
   // dropout_seed is a 0-dim int64 CPU tensor whatever the inputs' device (read on the host;

@@ -6,9 +6,10 @@
 // Conventions: the core op takes (batch, heads, seq, head_dim) tensors with any strides;
 // the projection ops (multi_head_attention, masked_self_attention, cross_attention: whole
 // attention layers that project, attend and project back) take batch-first (batch, seq,
-// embed) tensors. `bias` / `attn_bias` are additive float tensors that broadcast to
-// (batch, heads, query_len, key_len); use -inf to hide a key. A query row that can see no
-// key outputs zeros (never NaN). `dropout_seed` is a 0-dim int64 CPU tensor whatever the
+// embed) tensors. `bias` / `attn_bias` are additive float tensors (the query's dtype or
+// float32) that broadcast to (batch, heads, query_len, key_len); use -inf to hide a key
+// (finite values, however large, are added as numbers). A query row that can see no key
+// outputs zeros (never NaN). `dropout_seed` is a 0-dim int64 CPU tensor whatever the
 // inputs' device (torch::tensor(seed)).
 #include <ATen/core/Tensor.h>
 
