@@ -50,21 +50,27 @@ acc_t exp2_and_sum(acc_t* x, int64_t n, acc_t shift, acc_t mul = acc_t(1)) {
   return sum;
 }
 
-template <>
-inline float exp2_and_sum<float>(float* x, int64_t n, float shift, float mul) {
+namespace detail {
+// exp2_and_sum for float32; kScaled: mul != 1 (scores in natural units), else the multiply is skipped.
+template <bool kScaled>
+inline float exp2_and_sum_avx2(float* x, int64_t n, float shift, float mul) {
   const __m256 vshift = _mm256_set1_ps(shift), vmul = _mm256_set1_ps(mul);
+  const auto exponent = [&](const float* p) {
+    const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(p), vshift);
+    return kScaled ? _mm256_mul_ps(d, vmul) : d;
+  };
   __m256 sum0 = _mm256_setzero_ps(), sum1 = _mm256_setzero_ps();  // two chains hide the add latency
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    const __m256 e0 = exp2_nonpositive(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), vshift), vmul));
-    const __m256 e1 = exp2_nonpositive(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i + 8), vshift), vmul));
+    const __m256 e0 = exp2_nonpositive(exponent(x + i));
+    const __m256 e1 = exp2_nonpositive(exponent(x + i + 8));
     _mm256_storeu_ps(x + i, e0);
     _mm256_storeu_ps(x + i + 8, e1);
     sum0 = _mm256_add_ps(sum0, e0);
     sum1 = _mm256_add_ps(sum1, e1);
   }
   for (; i + 8 <= n; i += 8) {
-    const __m256 e = exp2_nonpositive(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), vshift), vmul));
+    const __m256 e = exp2_nonpositive(exponent(x + i));
     _mm256_storeu_ps(x + i, e);
     sum0 = _mm256_add_ps(sum0, e);
   }
@@ -77,6 +83,13 @@ inline float exp2_and_sum<float>(float* x, int64_t n, float shift, float mul) {
     sum += x[i];
   }
   return sum;
+}
+}  // namespace detail
+
+template <>
+inline float exp2_and_sum<float>(float* x, int64_t n, float shift, float mul) {
+  return mul == 1.f ? detail::exp2_and_sum_avx2<false>(x, n, shift, mul)
+                    : detail::exp2_and_sum_avx2<true>(x, n, shift, mul);
 }
 
 // dst = 2^((x - shift) * mul) (accumulate: dst += ...): a row of probabilities written or added
