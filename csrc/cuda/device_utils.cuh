@@ -98,13 +98,14 @@ __device__ __forceinline__ acc_t warp_sum(acc_t v) {
   return v;
 }
 
-// (sum, err) += x, err collecting the exact rounding error of the addition (TwoSum): for sums of
-// many partials (a row over every key tile), whose plain float error grows with their count.
+// (sum, err) += x with Kahan's compensation: err is the part of the true sum that sum could not
+// hold, carried into the next addition (sum + err is the value). For sums of many partials (a row
+// over every key tile), whose plain float error grows with their count. As csrc/cpu/compensated_sum.h.
 template <typename acc_t>
 __device__ __forceinline__ void add_compensated(acc_t& sum, acc_t& err, acc_t x) {
-  const acc_t t = sum + x;
-  const acc_t z = t - sum;
-  err += (sum - (t - z)) + (x - z);
+  const acc_t y = x + err;
+  const acc_t t = sum + y;
+  err = y - (t - sum);
   sum = t;
 }
 
