@@ -69,15 +69,18 @@ def select_kernel_path(monkeypatch, path: str) -> None:
     monkeypatch.setenv("QKV_CUDA_KERNEL", path)
 
 
-def forced_path_refuses(path: str, q, k, v, bias_grad: bool = False) -> bool:
+def forced_path_refuses(path: str, q, k, v, bias_grad: bool = False, bias_one_key_column: bool = False) -> bool:
     """Whether QKV_CUDA_KERNEL=path must refuse this call (forward, or backward with `bias_grad`):
     the mma and fa2 paths serve float16/bfloat16, their head dims, 16-byte-aligned unit-stride rows
-    (and mma no bias gradient). "auto" and "generic" serve everything; the CPU ignores the variable."""
+    (mma no bias gradient, fa2 none for a bias with one key column, which comes from row sums over
+    every key). "auto" and "generic" serve everything; the CPU ignores the variable."""
     if DEVICE != "cuda" or path not in FORCED_PATH_HEAD_DIMS:
         return False
     if q.dtype not in LOW_PRECISION or q.shape[-1] != v.shape[-1] or q.shape[-1] not in FORCED_PATH_HEAD_DIMS[path]:
         return True
     if path == "mma" and bias_grad:
+        return True
+    if path == "fa2" and bias_grad and bias_one_key_column:
         return True
 
     def rows_aligned(t):
@@ -303,7 +306,8 @@ def test_gradients_match_reference(shape, dtype, path, causal, bias_kind, monkey
     b = bias.detach().clone().requires_grad_() if bias is not None else None
     grad_out = torch.randn((shape.B, shape.H, shape.L, shape.Dv), generator=torch.Generator().manual_seed(2),
                            dtype=torch.float64).to(dtype).to(DEVICE)
-    if forced_path_refuses(path, q, k, v, bias_grad=b is not None):
+    one_key_column = b is not None and (b.shape[-1] == 1 or shape.S == 1)
+    if forced_path_refuses(path, q, k, v, bias_grad=b is not None, bias_one_key_column=one_key_column):
         with pytest.raises(RuntimeError, match="does not qualify"):
             out, _ = ops.attention(*leaves, b, 0.0, is_causal, bottom_right)
             torch.autograd.grad(out, leaves + ([b] if b is not None else []), grad_out)
