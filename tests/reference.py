@@ -101,6 +101,9 @@ def feature_reference(q, k, v, bias=None, is_causal=False, bottom_right=False, s
     """(out, lse) in float64 for every option of the core op; rows that see nothing: out 0, lse -inf.
     ``keep`` is an optional bool dropout mask over (B, H, L, S)."""
     scores = feature_scores(q, k, bias, is_causal, bottom_right, scale, window, softcap, alibi_slopes)
+    if scores.shape[-1] == 0:  # no keys at all: every row sees nothing
+        out = torch.zeros(*scores.shape[:-1], v.shape[-1], dtype=torch.float64)
+        return out, torch.full(scores.shape[:-1], float("-inf"), dtype=torch.float64)
     row_max = scores.amax(-1, keepdim=True)
     empty = torch.isneginf(row_max)
     probs = torch.exp(scores - torch.where(empty, torch.zeros_like(row_max), row_max))

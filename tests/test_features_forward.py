@@ -94,10 +94,10 @@ def test_rows_outside_every_window_output_zeros():
     q, k, v = make_inputs(2, 2, 1, 40, 10, 8)
     out = check(q, k, v, window=(3, 0), bottom_right=True)
     hidden_rows = ~visible_keys(40, 10, False, (3, 0), True).any(-1)
-    assert hidden_rows.sum() == 27 and (out[:, :, hidden_rows] == 0).all()
-    # A window right of every key, top-left: rows past S + left see nothing.
+    assert hidden_rows.sum() == 30 and (out[:, :, hidden_rows] == 0).all()
+    # Top-left, window (2, 2) over 10 keys: rows from 12 on see nothing.
     out = check(q, k, v, window=(2, 2))
-    assert (out[:, :, 13:] == 0).all()
+    assert (out[:, :, 12:] == 0).all() and (out[:, :, :12] != 0).any(-1).all()
 
 
 def test_key_blocks_outside_the_band_are_skipped():

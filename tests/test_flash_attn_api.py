@@ -209,7 +209,7 @@ def test_window_tuple_is_flash_attn_window_size():
 
 @pytest.mark.parametrize("kdim", [None, 24])
 def test_cross_attention_with_kv_heads(kdim):
-    module = qkv.CrossAttention(64, 8, kdim=kdim, num_kv_heads=4)
+    module = qkv.CrossAttention(64, 8, kdim=kdim, vdim=kdim, num_kv_heads=4)
     x, memory = torch.randn(2, 7, 64), torch.randn(2, 11, kdim or 64)
     torch.testing.assert_close(module(x, memory), module_reference(module, x, memory), **F32)
     if kdim:
@@ -226,8 +226,8 @@ def test_default_modules_keep_multihead_attention_parameters():
 @pytest.mark.parametrize("make,error,message", [
     (lambda: qkv.SelfAttention(64, 8, num_kv_heads=3), ValueError, r"num_heads \(8\) must be divisible by num_kv_heads \(3\)"),
     (lambda: qkv.SelfAttention(64, 8, num_kv_heads=0), ValueError, r"num_kv_heads must be positive"),
-    (lambda: qkv.CausalSelfAttention(64, 8, window=0), ValueError, r"window must be a positive int or a \(left, right\) pair"),
-    (lambda: qkv.SelfAttention(64, 8, window=(1, -3)), ValueError, r"window must be a positive int or a \(left, right\) pair"),
+    (lambda: qkv.CausalSelfAttention(64, 8, window=0), ValueError, r"window must be a positive int .* or a \(left, right\) pair of ints >= -1 .*; got"),
+    (lambda: qkv.SelfAttention(64, 8, window=(1, -3)), ValueError, r"window must be a positive int .* or a \(left, right\) pair of ints >= -1 .*; got"),
 ])
 def test_module_argument_errors(make, error, message):
     with pytest.raises(error, match=message):

@@ -140,8 +140,7 @@ def test_strided_packed_inputs():
     (lambda q, k, v, cq, ck: (q, k, v, torch.tensor([0, 5, 13], dtype=torch.int32), ck),
      r"cu_seqlens_q's last offset 13 is past query's 12 rows"),
     (lambda q, k, v, cq, ck: (q, k[:10], v[:10], cq, ck), r"cu_seqlens_k's last offset 14 is past key's 10 rows"),
-    (lambda q, k, v, cq, ck: (q, k[:, :1].expand(14, 3, 8), v, cq, ck),
-     r"value must have shape \(14, 3, value_head_dim\)"),
+    (lambda q, k, v, cq, ck: (q, k[:, :1], v, cq, ck), r"value must have shape \(14, 1, value_head_dim\)"),
     (lambda q, k, v, cq, ck: (q[:, :3], k[:, :2], v[:, :2], cq, ck), r"heads \(3\) must be divisible by .* \(2\)"),
     (lambda q, k, v, cq, ck: (q[None], k, v, cq, ck), r"query must be a 3-D tensor \(total_q, heads, head_dim\)"),
 ])
