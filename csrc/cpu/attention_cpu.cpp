@@ -123,10 +123,11 @@ struct ForwardOutputs {
   }
 };
 
-// Query blocks of kForwardQueryBlock rows of one (sequence, head): a task is a group of them
-// (interleaved, g, g + G, ..., so that under a causal mask groups cost the same). Its worker
-// packs K and V tile by tile as first needed, and every query block of the group reuses them;
-// key tiles outside a block's band are never touched.
+// Query blocks of kForwardQueryBlock rows of one (sequence, key/value head): a task is a group
+// of them (interleaved, g, g + G, ..., so that under a causal mask groups cost the same) for
+// every query head that reads the key head. Its worker packs K and V tile by tile as first
+// needed, and every query block of every head of the group reuses them; key tiles outside a
+// block's band are never touched.
 template <typename scalar_t>
 void forward_tiled(const TileContext<scalar_t>& ctx, const SequenceLayout& layout, const ForwardOutputs<scalar_t>& out,
                    const std::vector<std::array<int64_t, 4>>& tasks) {
@@ -151,46 +152,48 @@ void forward_tiled(const TileContext<scalar_t>& ctx, const SequenceLayout& layou
       acc_t* v_packed = k_packed + key_tiles * k_tile_size;
       acc_t* st = v_packed + key_tiles * v_tile_size;
       OnlineSoftmax<acc_t> softmax(st + QB * ld_s, QB, ld_acc, Dv);
-      const auto [b, h, group, groups] = tasks[task];
+      const auto [b, kh, group, groups] = tasks[task];
       const Sequence s = layout[b];
       const int64_t q_blocks = (s.q_len + QB - 1) / QB;
       std::fill(packed->begin(), packed->end(), char(0));
 
-      for (int64_t qb = group; qb < q_blocks; qb += groups) {
-        const int64_t i0 = qb * QB, rows = std::min(QB, s.q_len - i0);
-        // The queries times score_scale: the products come out as scores, no pass over them.
-        scaled_rows(ctx.q, s.tb, h, s.q0 + i0, rows, D, ctx.score_scale, qs);
-        softmax.reset(rows);
-        const int64_t j_begin = s.key_begin(i0) / BK * BK, j_end = s.key_end(i0 + rows - 1);
-        int64_t tiles_done = 0;
-        for (int64_t j0 = j_begin; j0 < j_end; j0 += BK) {
-          const int64_t cols = std::min(BK, j_end - j0), tile = j0 / BK;
-          // This tile's panels, packed whole: a later query block may see more of it.
-          const int64_t full = std::min(BK, s.kv_len - j0);
-          acc_t* k_space = k_packed + tile * k_tile_size;
-          acc_t* v_space = v_packed + tile * v_tile_size;
-          if (!(*packed)[tile]) {
-            ctx.pack_keys_transposed(k_space, s, h, j0, full);
-            ctx.pack_values(v_space, s, h, j0, full);
-            (*packed)[tile] = 1;
+      for (int64_t h = kh * ctx.group; h < (kh + 1) * ctx.group; ++h) {
+        for (int64_t qb = group; qb < q_blocks; qb += groups) {
+          const int64_t i0 = qb * QB, rows = std::min(QB, s.q_len - i0);
+          // The queries times score_scale: the products come out as scores, no pass over them.
+          scaled_rows(ctx.q, s.tb, h, s.q0 + i0, rows, D, ctx.score_scale, qs);
+          softmax.reset(rows);
+          const int64_t j_begin = s.key_begin(i0) / BK * BK, j_end = s.key_end(i0 + rows - 1);
+          int64_t tiles_done = 0;
+          for (int64_t j0 = j_begin; j0 < j_end; j0 += BK) {
+            const int64_t cols = std::min(BK, j_end - j0), tile = j0 / BK;
+            // This tile's panels, packed whole: a later query block may see more of it.
+            const int64_t full = std::min(BK, s.kv_len - j0);
+            acc_t* k_space = k_packed + tile * k_tile_size;
+            acc_t* v_space = v_packed + tile * v_tile_size;
+            if (!(*packed)[tile]) {
+              ctx.pack_keys_transposed(k_space, s, h, j0, full);
+              ctx.pack_values(v_space, s, h, j0, full);
+              (*packed)[tile] = 1;
+            }
+            // Each row's pass covers its product block's keys only (row_span): under a narrow
+            // window most of a tile is outside every row of a block.
+            ctx.scores(st, ld_s, qs, D, Panels<acc_t>{k_space, D}, s, h, i0, rows, j0, cols, softmax.tile_max,
+                       /*whole_rows=*/false);
+            for (int64_t r = 0; r < rows; ++r) {
+              const auto [begin, end] = ctx.row_span(s, i0, rows, j0, cols, r, false);
+              acc_t* row = st + r * ld_s;
+              softmax.update_row(r, row, begin, end, ctx.log2_per_unit);
+              if (p.dropout_p > 0) ctx.dropout_row(row + begin, s, h, i0 + r, j0 + begin, end - begin);
+            }
+            gemm_packed<acc_t>(rows, Dv, cols, st, ld_s, 1, Panels<acc_t>{v_space, full}, softmax.acc, ld_acc, true,
+                               ctx.visible_key_depth(s, i0, j0, cols));
+            if (++tiles_done % kForwardTilesPerPartial == 0) softmax.add_partial(rows);
           }
-          // Each row's pass covers its product block's keys only (row_span): under a narrow
-          // window most of a tile is outside every row of a block.
-          ctx.scores(st, ld_s, qs, D, Panels<acc_t>{k_space, D}, s, h, i0, rows, j0, cols, softmax.tile_max,
-                     /*whole_rows=*/false);
           for (int64_t r = 0; r < rows; ++r) {
-            const auto [begin, end] = ctx.row_span(s, i0, rows, j0, cols, r, false);
-            acc_t* row = st + r * ld_s;
-            softmax.update_row(r, row, begin, end, ctx.log2_per_unit);
-            if (p.dropout_p > 0) ctx.dropout_row(row + begin, s, h, i0 + r, j0 + begin, end - begin);
+            const auto [row, sum] = softmax.finish_row(r);
+            out.store(ctx, s, h, i0 + r, row, softmax.row_max[r], sum);
           }
-          gemm_packed<acc_t>(rows, Dv, cols, st, ld_s, 1, Panels<acc_t>{v_space, full}, softmax.acc, ld_acc, true,
-                             ctx.visible_key_depth(s, i0, j0, cols));
-          if (++tiles_done % kForwardTilesPerPartial == 0) softmax.add_partial(rows);
-        }
-        for (int64_t r = 0; r < rows; ++r) {
-          const auto [row, sum] = softmax.finish_row(r);
-          out.store(ctx, s, h, i0 + r, row, softmax.row_max[r], sum);
         }
       }
     };
@@ -298,7 +301,7 @@ void forward_decode(const TileContext<scalar_t>& ctx, const SequenceLayout& layo
     if (tasks[t].chunks > 1 && tasks[t].chunk == 0) firsts.push_back(t);
   }
   at::parallel_for(0, static_cast<int64_t>(firsts.size()), 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> row(Dv);
+    std::vector<acc_t> row(Dv), row_err(Dv), weighted(Dv);  // compensated: a million keys are 1024 chunks
     for (int64_t n = begin; n < end; ++n) {
       const Task& first = tasks[firsts[n]];
       const Sequence s = layout[first.b];
@@ -309,15 +312,18 @@ void forward_decode(const TileContext<scalar_t>& ctx, const SequenceLayout& layo
           max = std::isnan(m) ? m : std::max(max, m);
         }
         std::fill(row.begin(), row.end(), acc_t(0));
+        std::fill(row_err.begin(), row_err.end(), acc_t(0));
         acc_t sum = 0, err = 0;
         if (max != neg_inf) {
           for (int64_t c = 0; c < first.chunks; ++c) {
             const acc_t* part = partials.data() + (partial_offset[firsts[n] + c] + r) * partial_size;
             if (part[Dv + 1] == acc_t(0)) continue;  // this chunk saw nothing of the row
             const acc_t weight = std::exp2((part[Dv] - max) * ctx.log2_per_unit);
-            add_scaled_row(row.data(), part, Dv, weight, true);
+            add_scaled_row(weighted.data(), part, Dv, weight, false);
+            add_compensated(row.data(), row_err.data(), weighted.data(), Dv);
             add_compensated(sum, err, part[Dv + 1] * weight);
           }
+          add_scaled_row(row.data(), row_err.data(), Dv, acc_t(1), true);
         }
         out.store(ctx, s, first.kh * G + r / s.q_len, r % s.q_len, row.data(), max, sum + err);
       }
@@ -335,7 +341,7 @@ void attention_forward_cpu_impl(const AttentionParams& p, const SequenceLayout& 
   const TileContext<scalar_t> ctx(p, query, key, value, bias, alibi_slopes);
   const ForwardOutputs<scalar_t> outputs{MutableStrided4<scalar_t>(out), lse.data_ptr<acc_t>(), layout};
   const int64_t threads = at::get_num_threads();
-  std::vector<std::array<int64_t, 4>> tiled;  // (sequence, head, group, groups)
+  std::vector<std::array<int64_t, 4>> tiled;  // (sequence, key/value head, group, groups)
   std::vector<int64_t> decode;
   int64_t tiled_sequences = 0;
   for (int64_t b = 0; b < layout.count(); ++b) tiled_sequences += layout[b].q_len >= kMinRowsForPanels;
@@ -346,12 +352,12 @@ void attention_forward_cpu_impl(const AttentionParams& p, const SequenceLayout& 
       decode.push_back(b);
       continue;
     }
-    // Enough groups to keep every thread busy when there are few (sequence, head) pairs.
+    // Enough groups to keep every thread busy when there are few (sequence, key head) pairs.
     const int64_t q_blocks = (s.q_len + kForwardQueryBlock - 1) / kForwardQueryBlock;
-    const int64_t pairs = tiled_sequences * p.heads;
+    const int64_t kv_heads = p.heads / ctx.group, pairs = tiled_sequences * kv_heads;
     const int64_t groups = std::clamp<int64_t>((2 * threads + pairs - 1) / pairs, 1, q_blocks);
-    for (int64_t h = 0; h < p.heads; ++h) {
-      for (int64_t g = 0; g < groups; ++g) tiled.push_back({b, h, g, groups});
+    for (int64_t kh = 0; kh < kv_heads; ++kh) {
+      for (int64_t g = 0; g < groups; ++g) tiled.push_back({b, kh, g, groups});
     }
   }
   if (layout.is_packed()) {
@@ -540,8 +546,12 @@ void attention_backward_cpu_impl(const AttentionParams& p, const SequenceLayout&
     if (s.q_len > 0 && s.kv_len > 0) sequences.push_back(b);
     flops += 2.0 * p.heads * s.q_len * s.kv_len * (3 * D + 2 * Dv);
   }
-  const int64_t pairs = static_cast<int64_t>(sequences.size()) * KH;
-  const int64_t chunks = pairs >= 4 * threads ? 1 : std::min<int64_t>(kv_blocks, (4 * threads + pairs - 1) / std::max<int64_t>(pairs, 1));
+  // Enough tasks for every thread, and enough (sequence, query head) work units per thread to
+  // balance uneven tasks (causal): a task's work is its group's query heads.
+  const int64_t pairs = static_cast<int64_t>(sequences.size()) * KH, work_units = pairs * G;
+  const int64_t chunks_to_balance = work_units >= 4 * threads ? 1 : (4 * threads + work_units - 1) / std::max<int64_t>(work_units, 1);
+  const int64_t chunks_for_threads = (threads + pairs - 1) / std::max<int64_t>(pairs, 1);
+  const int64_t chunks = std::clamp<int64_t>(std::max(chunks_to_balance, chunks_for_threads), 1, std::max<int64_t>(kv_blocks, 1));
   const bool shared_dq = chunks > 1;
   const int64_t blocks_per_chunk = (kv_blocks + chunks - 1) / chunks;
   // Accumulator rows are padded to whole panels, the row stride gemm_packed writes with.
@@ -648,7 +658,11 @@ void attention_backward_cpu_impl(const AttentionParams& p, const SequenceLayout&
             ctx.scores(st, BK, qt, ldq, kt_panels, s, h, i0, rows, j0, cols, nullptr, /*whole_rows=*/true, cap_grad);
             for (int64_t r = 0; r < rows; ++r) {
               const acc_t normalizer = normalizer_row == nullptr ? acc_t(1) : normalizer_row[i0 + r];
-              ctx.probabilities_row(st + r * BK, cols, lse_row[i0 + r], normalizer);
+              const auto [begin, end] = s.visible(i0 + r, j0, cols);
+              acc_t* prob = st + r * BK;
+              std::fill(prob, prob + begin, acc_t(0));  // hidden keys: probability 0, no exp2 spent
+              std::fill(prob + end, prob + cols, acc_t(0));
+              ctx.probabilities_row(prob + begin, end - begin, lse_row[i0 + r], normalizer);
             }
             // The products below skip what the band hides; the dP columns they leave unwritten
             // are zeroed per row.

@@ -135,9 +135,11 @@ class Case:
         (thread pools, kernel caches) before a memory baseline is taken."""
         if self.level == "module":
             return replace(self, name=self.name + "-tiny", batch=1, q_len=8, kv_len=8)
-        if self.feature:  # the same head grouping and window, short sequences
-            return replace(self, name=self.name + "-tiny", batch=min(self.batch, 2), q_len=min(self.q_len, 8),
-                           kv_len=min(self.kv_len, 16), window=min(self.window, 4))
+        if self.feature:  # the same head grouping and window, short sequences (packed: self-attention)
+            q_len = min(self.q_len, 8)
+            kv_len = q_len if self.feature == "varlen" else min(self.kv_len, 16)
+            return replace(self, name=self.name + "-tiny", batch=min(self.batch, 2), q_len=q_len, kv_len=kv_len,
+                           window=min(self.window, 4))
         return replace(self, name=self.name + "-tiny", batch=1, heads=1, q_len=min(self.q_len, 8), kv_len=min(self.kv_len, 8))
 
     def to_dict(self) -> dict:
