@@ -136,3 +136,43 @@ def test_backward_skips_key_blocks_outside_the_band():
     assert not dq[:, :, 256:].isnan().any()
     assert not dk[:, :, 256:].isnan().any() and not dv[:, :, 256:].isnan().any()
     assert math.isnan(dq[0, 0, 0, 0].item())
+
+
+def test_gradcheck_weights_ops_with_every_option():
+    # attention_weights (its composite backward: grouped heads summed, softcap's derivative) and
+    # attention_with_weights (the fused CPU kernel) with every score option.
+    q, k, v = leaves(1, 4, 2, 5, 7, 3)
+    slopes = alibi_slopes(4)
+    options = (2, 1, 1.5, slopes)
+    seed = torch.tensor(11)
+
+    def weights(q, k):
+        _, lse = attention(q * 2, k, v, None, 0.2, True, True, None, seed, *options)
+        return torch.ops.qkv.attention_weights(q * 2, k, None, lse.detach(), 0.2, True, True, None, seed, False,
+                                               *options)
+
+    assert torch.autograd.gradcheck(weights, (q, k))
+
+    def fused(q, k, v):
+        out, _, w = torch.ops.qkv.attention_with_weights(q * 2, k, v, None, 0.0, False, True, None, None, True,
+                                                         *options)
+        return out, w
+
+    assert torch.autograd.gradcheck(fused, (q, k, v))
+
+
+@pytest.mark.parametrize("L", [2, 40])  # the two-op path (few rows), the fused CPU kernel
+def test_weights_with_every_option_match_reference(L):
+    from reference import feature_scores
+    q, k, v = leaves(2, 4, 2, L, 70, 8, dtype=torch.float32)
+    slopes = alibi_slopes(4, 2)
+    options = (20, 3, 4.0, slopes)
+    out, lse, w = torch.ops.qkv.attention_with_weights(q, k, v, None, 0.0, True, True, None, None, False, *options)
+    want_out, want_lse = feature_reference(q, k, v, is_causal=True, bottom_right=True, window=(20, 3), softcap=4.0,
+                                           alibi_slopes=slopes)
+    scores = feature_scores(q, k, None, True, True, None, (20, 3), 4.0, slopes)
+    want_w = torch.softmax(scores, -1).nan_to_num(0.0)
+    torch.testing.assert_close(out.double(), want_out, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(w.double(), want_w, atol=2e-5, rtol=2e-5)
+    averaged = torch.ops.qkv.attention_weights(q, k, None, lse, 0.0, True, True, None, None, True, *options)
+    torch.testing.assert_close(averaged.double(), want_w.mean(1), atol=2e-5, rtol=2e-5)
