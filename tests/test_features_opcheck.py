@@ -103,33 +103,23 @@ def test_opcheck_kvcache():
                           (q, k_cache, v_cache, None, None, None, False, 0.3, -1, -1, 0.0, None))
 
 
-class CountingBackend:
-    """aot_eager that counts the graphs it is given (one per compile, a recompile adds one)."""
-
-    def __init__(self):
-        self.graphs = 0
-
-    def __call__(self, gm, example_inputs):
-        self.graphs += 1
-        from torch._dynamo.backends.common import aot_autograd
-        from functorch.compile import make_boxed_func
-        return aot_autograd(fw_compiler=lambda g, _: make_boxed_func(g.forward))(gm, example_inputs)
-
-
 def assert_compiles_once(fn, make_inputs, lengths):
-    torch._dynamo.reset()
-    backend = CountingBackend()
-    compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend=backend)
-    for n in lengths:
-        inputs = make_inputs(n)
-        eager = fn(*inputs)
-        got = compiled(*inputs)
-        torch.testing.assert_close(got, eager)
-        leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
-        if leaves:
-            for g, e in zip(torch.autograd.grad(got.sum(), leaves), torch.autograd.grad(eager.sum(), leaves)):
-                torch.testing.assert_close(g, e)
-    assert backend.graphs == 1, f"{backend.graphs} graphs for sequence lengths {lengths}"
+    """One graph for every length (test_dynamic_shapes.py's counting: dynamo's unique graphs,
+    no duck sizing), with the eager results and gradients at each."""
+    from test_dynamic_shapes import compiled_once, counting_recompiles
+
+    compiled, graphs = compiled_once(fn)
+    with counting_recompiles():
+        for n in lengths:
+            inputs = make_inputs(n)
+            eager = fn(*inputs)
+            got = compiled(*inputs)
+            torch.testing.assert_close(got, eager)
+            leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+            if leaves:
+                for g, e in zip(torch.autograd.grad(got.sum(), leaves), torch.autograd.grad(eager.sum(), leaves)):
+                    torch.testing.assert_close(g, e)
+    assert graphs() == 1, f"{graphs()} graphs for sequence lengths {lengths}"
 
 
 def test_compile_flash_attn_func_dynamic():
