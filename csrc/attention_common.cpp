@@ -77,8 +77,11 @@ void check_dropout_seed(const char* op, const at::Tensor& query, const std::opti
 }
 
 void check_head_groups(const char* op, const c10::SymInt& heads, const c10::SymInt& kv_heads) {
-  TORCH_SYM_CHECK(kv_heads.sym_gt(0).sym_and((heads % kv_heads).sym_eq(0)).sym_or(heads.sym_eq(0)), op,
-                  ": query's heads (", heads, ") must be divisible by key's heads (", kv_heads,
+  // No key heads: only no query heads fit (and heads % 0 must not be evaluated).
+  const auto no_kv_heads = kv_heads.maybe_as_int();
+  const c10::SymBool divisible = no_kv_heads.has_value() && *no_kv_heads == 0 ? heads.sym_eq(0)
+                                                                             : (heads % kv_heads).sym_eq(0);
+  TORCH_SYM_CHECK(divisible, op, ": query's heads (", heads, ") must be divisible by key's heads (", kv_heads,
                   ") (grouped-query attention: query head h reads key/value head h // (heads / key heads))");
 }
 

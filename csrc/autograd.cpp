@@ -136,6 +136,16 @@ std::tuple<at::Tensor, at::Tensor> attention_autograd(const at::Tensor& query, c
   return {outs[0], outs[1]};
 }
 
+// The C++ signatures of attention_varlen and its backward (SymInt lengths: traced symbolically).
+using VarlenSignature = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                           const at::Tensor&, const at::Tensor&, c10::SymInt,
+                                                           c10::SymInt, double, bool, bool, std::optional<double>,
+                                                           const OptTensor&, int64_t, int64_t, double, const OptTensor&);
+using VarlenBackwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, const at::Tensor&, c10::SymInt, c10::SymInt, double, bool, bool, std::optional<double>,
+    const OptTensor&, int64_t, int64_t, double, const OptTensor&);
+
 // Packed variable-length sequences: the same kernel through attention_varlen(_backward).
 class AttentionVarlenFunction : public torch::autograd::Function<AttentionVarlenFunction> {
  public:
@@ -147,7 +157,7 @@ class AttentionVarlenFunction : public torch::autograd::Function<AttentionVarlen
                                const OptTensor& alibi_slopes) {
     at::AutoDispatchBelowADInplaceOrView guard;
     static const auto forward_op =
-        c10::Dispatcher::singleton().findSchemaOrThrow("qkv::attention_varlen", "").typed<decltype(attention_varlen_op)>();
+        c10::Dispatcher::singleton().findSchemaOrThrow("qkv::attention_varlen", "").typed<VarlenSignature>();
     auto [out, lse] = forward_op.call(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                       dropout_p, is_causal, bottom_right, scale, dropout_seed, window_left,
                                       window_right, softcap, alibi_slopes);
@@ -165,7 +175,7 @@ class AttentionVarlenFunction : public torch::autograd::Function<AttentionVarlen
     if (!grads[0].defined()) return variable_list(16);
     static const auto backward_op = c10::Dispatcher::singleton()
                                         .findSchemaOrThrow("qkv::attention_varlen_backward", "")
-                                        .typed<decltype(attention_varlen_backward_op)>();
+                                        .typed<VarlenBackwardSignature>();
     auto [dq, dk, dv] = backward_op.call(
         grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], saved[6],
         ctx->saved_data["max_seqlen_q"].toSymInt(), ctx->saved_data["max_seqlen_k"].toSymInt(),
@@ -177,17 +187,6 @@ class AttentionVarlenFunction : public torch::autograd::Function<AttentionVarlen
     result[0] = dq, result[1] = dk, result[2] = dv;
     return result;
   }
-
-  // The ops' C++ signatures, for the typed dispatcher handles above.
-  static std::tuple<at::Tensor, at::Tensor> attention_varlen_op(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                                const at::Tensor&, const at::Tensor&, c10::SymInt,
-                                                                c10::SymInt, double, bool, bool, std::optional<double>,
-                                                                const OptTensor&, int64_t, int64_t, double,
-                                                                const OptTensor&);
-  static std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward_op(
-      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-      const at::Tensor&, const at::Tensor&, c10::SymInt, c10::SymInt, double, bool, bool, std::optional<double>,
-      const OptTensor&, int64_t, int64_t, double, const OptTensor&);
 };
 
 std::tuple<at::Tensor, at::Tensor> attention_varlen_autograd(

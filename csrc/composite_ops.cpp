@@ -65,7 +65,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_weights_backward_compos
   // The weights are already a (B, H, L, S) tensor here: grouped key heads are repeated for the
   // products and their gradients summed back over each group.
   // (A view when there is one query head per key head.)
-  const c10::SymInt group = s.heads / s.kv_heads;
+  const auto no_kv_heads = s.kv_heads.maybe_as_int();  // (no heads at all: nothing to divide)
+  const c10::SymInt group = no_kv_heads.has_value() && *no_kv_heads == 0 ? c10::SymInt(1) : s.heads / s.kv_heads;
   const at::Tensor k_heads = k.unsqueeze(2).expand_symint({s.batch, s.kv_heads, group, s.kv_len, s.head_dim}).flatten(1, 2);
   at::Tensor grad_x = grad_scores;  // through softcap's tanh: d(c tanh(x / c))/dx = 1 - tanh^2
   if (softcap > 0) {
