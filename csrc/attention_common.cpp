@@ -11,7 +11,6 @@
 #include <sstream>
 
 namespace qkv {
-namespace {
 
 std::string describe(const at::Tensor& t) {
   std::ostringstream s;
@@ -23,6 +22,8 @@ std::string describe(const at::Tensor& t) {
 bool is_supported_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
+
+namespace {
 
 void check_4d(const char* op, const char* name, const at::Tensor& t, const char* layout) {
   TORCH_CHECK(t.defined(), op, ": ", name, " must be a tensor; got None");
@@ -75,13 +76,63 @@ void check_dropout_seed(const char* op, const at::Tensor& query, const std::opti
               describe(s));
 }
 
+void check_head_groups(const char* op, const c10::SymInt& heads, const c10::SymInt& kv_heads) {
+  // No key heads: only no query heads fit (and heads % 0 must not be evaluated).
+  const auto no_kv_heads = kv_heads.maybe_as_int();
+  const c10::SymBool divisible = no_kv_heads.has_value() && *no_kv_heads == 0 ? heads.sym_eq(0)
+                                                                             : (heads % kv_heads).sym_eq(0);
+  TORCH_SYM_CHECK(divisible, op, ": query's heads (", heads, ") must be divisible by key's heads (", kv_heads,
+                  ") (grouped-query attention: query head h reads key/value head h // (heads / key heads))");
+}
+
+void check_score_options(const char* op, const at::Tensor& query, const AttentionShape& s, int64_t window_left,
+                         int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+  TORCH_CHECK(window_left >= -1, op, ": window_left must be -1 (unbounded) or >= 0; got ", window_left);
+  TORCH_CHECK(window_right >= -1, op, ": window_right must be -1 (unbounded) or >= 0; got ", window_right);
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0, op, ": softcap must be a finite number >= 0 (0: off); got ",
+              softcap);
+  if (!alibi_slopes.has_value() || !alibi_slopes->defined()) return;
+  const at::Tensor& a = *alibi_slopes;
+  const bool kind_ok = (a.dim() == 1 || a.dim() == 2) && a.scalar_type() == at::kFloat && a.device() == query.device();
+  c10::SymBool shape_ok = false;
+  if (kind_ok) {
+    shape_ok = a.dim() == 1 ? a.sym_size(0).sym_eq(s.heads)
+                            : a.sym_size(0).sym_eq(s.batch).sym_and(a.sym_size(1).sym_eq(s.heads));
+  }
+  TORCH_SYM_CHECK(shape_ok, op, ": alibi_slopes must be a float32 tensor of shape (", s.heads, ") or (", s.batch, ", ",
+                  s.heads, ") on ", query.device(), "; got ", describe(a));
+}
+
+void set_score_options(AttentionParams& p, bool is_causal, bool bottom_right, int64_t window_left,
+                       int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+  p.is_causal = is_causal;
+  p.bottom_right = bottom_right;
+  p.window_left = window_left;
+  p.window_right = window_right;
+  p.softcap = softcap;
+  p.has_alibi = alibi_slopes.has_value() && alibi_slopes->defined();
+}
+
+bool uses_score_options(const AttentionParams& p) {
+  return p.kv_heads != p.heads || p.window_left >= 0 || (!p.is_causal && p.window_right >= 0) || p.softcap > 0 ||
+         p.has_alibi;
+}
+
+uint64_t settle_dropout_seed(const at::Tensor& query, double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
+  if (dropout_p <= 0.0 || query.is_meta()) return 0;
+  return static_cast<uint64_t>(
+      (dropout_seed.has_value() && dropout_seed->defined() ? *dropout_seed : draw_dropout_seed()).item<int64_t>());
+}
+
 AttentionShape check_attention_inputs(const char* op, const at::Tensor& query, const at::Tensor& key,
                                       const at::Tensor& value, const std::optional<at::Tensor>& bias,
                                       double dropout_p, std::optional<double> scale,
-                                      const std::optional<at::Tensor>& dropout_seed) {
+                                      const std::optional<at::Tensor>& dropout_seed, int64_t window_left,
+                                      int64_t window_right, double softcap,
+                                      const std::optional<at::Tensor>& alibi_slopes) {
   check_4d(op, "query", query, "(batch, heads, query_len, head_dim)");
-  check_4d(op, "key", key, "(batch, heads, key_len, head_dim)");
-  check_4d(op, "value", value, "(batch, heads, key_len, value_head_dim)");
+  check_4d(op, "key", key, "(batch, key_heads, key_len, head_dim)");
+  check_4d(op, "value", value, "(batch, key_heads, key_len, value_head_dim)");
   TORCH_CHECK(is_supported_dtype(query.scalar_type()), op,
               ": query must be float32, float64, float16 or bfloat16; got ", describe(query));
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"key", key}, {"value", value}}) {
@@ -91,14 +142,14 @@ AttentionShape check_attention_inputs(const char* op, const at::Tensor& query, c
                 query.device(), "; got ", describe(t));
   }
   AttentionShape s(query.sym_size(0), query.sym_size(1), query.sym_size(2), key.sym_size(2), query.sym_size(3),
-                   value.sym_size(3));
-  TORCH_SYM_CHECK(key.sym_size(0).sym_eq(s.batch).sym_and(key.sym_size(1).sym_eq(s.heads))
-                      .sym_and(key.sym_size(3).sym_eq(s.head_dim)),
-                  op, ": key must have shape (", s.batch, ", ", s.heads, ", key_len, ", s.head_dim,
-                  ") to match query ", query.sym_sizes(), "; got ", describe(key));
-  TORCH_SYM_CHECK(value.sym_size(0).sym_eq(s.batch).sym_and(value.sym_size(1).sym_eq(s.heads))
+                   value.sym_size(3), key.sym_size(1));
+  TORCH_SYM_CHECK(key.sym_size(0).sym_eq(s.batch).sym_and(key.sym_size(3).sym_eq(s.head_dim)), op,
+                  ": key must have shape (", s.batch, ", key_heads, key_len, ", s.head_dim, ") to match query ",
+                  query.sym_sizes(), "; got ", describe(key));
+  check_head_groups(op, s.heads, s.kv_heads);
+  TORCH_SYM_CHECK(value.sym_size(0).sym_eq(s.batch).sym_and(value.sym_size(1).sym_eq(s.kv_heads))
                       .sym_and(value.sym_size(2).sym_eq(s.kv_len)),
-                  op, ": value must have shape (", s.batch, ", ", s.heads, ", ", s.kv_len,
+                  op, ": value must have shape (", s.batch, ", ", s.kv_heads, ", ", s.kv_len,
                   ", value_head_dim) to match key ", key.sym_sizes(), "; got ", describe(value));
   if (bias.has_value() && bias->defined()) check_bias(op, query, *bias, s);
 
@@ -107,6 +158,7 @@ AttentionShape check_attention_inputs(const char* op, const at::Tensor& query, c
     TORCH_CHECK(std::isfinite(*scale), op, ": scale must be a finite number; got ", *scale);
   }
   check_dropout_seed(op, query, dropout_seed);
+  check_score_options(op, query, s, window_left, window_right, softcap, alibi_slopes);
   return s;
 }
 
@@ -114,8 +166,11 @@ AttentionParams check_attention_args(const char* op, const at::Tensor& query, co
                                      const at::Tensor& value, const std::optional<at::Tensor>& bias,
                                      double dropout_p, bool is_causal, bool bottom_right,
                                      std::optional<double> scale,
-                                     const std::optional<at::Tensor>& dropout_seed) {
-  check_attention_inputs(op, query, key, value, bias, dropout_p, scale, dropout_seed);
+                                     const std::optional<at::Tensor>& dropout_seed, int64_t window_left,
+                                     int64_t window_right, double softcap,
+                                     const std::optional<at::Tensor>& alibi_slopes) {
+  check_attention_inputs(op, query, key, value, bias, dropout_p, scale, dropout_seed, window_left, window_right,
+                         softcap, alibi_slopes);
   // Device kernels get real tensors: their sizes are plain integers.
   AttentionParams p;
   p.batch = query.size(0);
@@ -124,17 +179,15 @@ AttentionParams check_attention_args(const char* op, const at::Tensor& query, co
   p.head_dim = query.size(3);
   p.kv_len = key.size(2);
   p.v_head_dim = value.size(3);
+  p.kv_heads = key.size(1);
   p.has_bias = bias.has_value() && bias->defined();
   p.dropout_p = dropout_p;
   p.scale = scale.has_value() ? *scale : p.head_dim > 0 ? 1.0 / std::sqrt(static_cast<double>(p.head_dim)) : 1.0;
-  p.is_causal = is_causal;
   p.causal_offset = bottom_right ? p.kv_len - p.q_len : 0;
+  set_score_options(p, is_causal, bottom_right, window_left, window_right, softcap, alibi_slopes);
   // The seed is settled here, once per call: the one given (a CPU tensor, read without a
   // device sync), or a fresh draw. Shape-only (meta) calls read and draw none.
-  if (dropout_p > 0.0 && !query.is_meta()) {
-    p.dropout_seed = static_cast<uint64_t>(
-        (dropout_seed.has_value() && dropout_seed->defined() ? *dropout_seed : draw_dropout_seed()).item<int64_t>());
-  }
+  p.dropout_seed = settle_dropout_seed(query, dropout_p, dropout_seed);
   return p;
 }
 
@@ -173,8 +226,11 @@ void check_logsumexp_for_weights(const char* op, const at::Tensor& query, const 
 AttentionShape check_attention_weights_inputs(const at::Tensor& query, const at::Tensor& key,
                                               const std::optional<at::Tensor>& bias, const at::Tensor& logsumexp,
                                               double dropout_p, std::optional<double> scale,
-                                              const std::optional<at::Tensor>& dropout_seed) {
-  auto s = check_attention_inputs("qkv.attention_weights", query, key, key, bias, dropout_p, scale, dropout_seed);
+                                              const std::optional<at::Tensor>& dropout_seed, int64_t window_left,
+                                              int64_t window_right, double softcap,
+                                              const std::optional<at::Tensor>& alibi_slopes) {
+  auto s = check_attention_inputs("qkv.attention_weights", query, key, key, bias, dropout_p, scale, dropout_seed,
+                                  window_left, window_right, softcap, alibi_slopes);
   check_logsumexp_for_weights("qkv.attention_weights", query, logsumexp, s);
   return s;
 }
@@ -183,9 +239,11 @@ AttentionParams check_attention_weights_args(const at::Tensor& query, const at::
                                              const std::optional<at::Tensor>& bias, const at::Tensor& logsumexp,
                                              double dropout_p, bool is_causal, bool bottom_right,
                                              std::optional<double> scale,
-                                             const std::optional<at::Tensor>& dropout_seed) {
+                                             const std::optional<at::Tensor>& dropout_seed, int64_t window_left,
+                                             int64_t window_right, double softcap,
+                                             const std::optional<at::Tensor>& alibi_slopes) {
   auto p = check_attention_args("qkv.attention_weights", query, key, key, bias, dropout_p, is_causal, bottom_right,
-                                scale, dropout_seed);
+                                scale, dropout_seed, window_left, window_right, softcap, alibi_slopes);
   check_logsumexp_for_weights("qkv.attention_weights", query, logsumexp, p);
   return p;
 }

@@ -15,45 +15,67 @@
 
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <tuple>
 
 namespace qkv {
 
 struct AttentionParams {
   int64_t batch = 0, heads = 0, q_len = 0, kv_len = 0, head_dim = 0, v_head_dim = 0;
+  // Key/value heads: query head h reads key/value head h / (heads / kv_heads) (grouped-query
+  // attention; kv_heads == heads without it).
+  int64_t kv_heads = 0;
   double scale = 1.0;
   bool is_causal = false;
   // Key j is hidden from query i when j > i + causal_offset (0: top-left, S - L: bottom-right).
   int64_t causal_offset = 0;
+  // Alignment of the causal mask, the window and the ALiBi distances: bottom-right (flash-attn's)
+  // measures from i + S - L, top-left from i.
+  bool bottom_right = false;
+  // Query i sees keys [i + offset - window_left, i + offset + window_right]; -1 is unbounded
+  // (is_causal bounds the right side at 0 whatever window_right says).
+  int64_t window_left = -1, window_right = -1;
+  // Scores s become softcap * tanh(s / softcap) before ALiBi, the bias and the masks (0: off).
+  double softcap = 0.0;
+  // ALiBi adds -slope[b, h] * |i + offset - j| (slopes float32 (H,) or (B, H)).
+  bool has_alibi = false;
   double dropout_p = 0.0;
   uint64_t dropout_seed = 0;
   bool has_bias = false;
 };
 
-// The sizes of one call: query (batch, heads, q_len, head_dim), key (.., kv_len, head_dim),
-// value (.., kv_len, v_head_dim).
+// The sizes of one call: query (batch, heads, q_len, head_dim), key (batch, kv_heads, kv_len,
+// head_dim), value (batch, kv_heads, kv_len, v_head_dim).
 struct AttentionShape {
-  c10::SymInt batch, heads, q_len, kv_len, head_dim, v_head_dim;
+  c10::SymInt batch, heads, q_len, kv_len, head_dim, v_head_dim, kv_heads;
 
   AttentionShape(c10::SymInt batch, c10::SymInt heads, c10::SymInt q_len, c10::SymInt kv_len,
-                 c10::SymInt head_dim, c10::SymInt v_head_dim)
+                 c10::SymInt head_dim, c10::SymInt v_head_dim, c10::SymInt kv_heads)
       : batch(std::move(batch)), heads(std::move(heads)), q_len(std::move(q_len)), kv_len(std::move(kv_len)),
-        head_dim(std::move(head_dim)), v_head_dim(std::move(v_head_dim)) {}
+        head_dim(std::move(head_dim)), v_head_dim(std::move(v_head_dim)), kv_heads(std::move(kv_heads)) {}
   // NOLINTNEXTLINE(google-explicit-constructor): a device kernel's params are a (concrete) shape.
   AttentionShape(const AttentionParams& p)
-      : AttentionShape(p.batch, p.heads, p.q_len, p.kv_len, p.head_dim, p.v_head_dim) {}
+      : AttentionShape(p.batch, p.heads, p.q_len, p.kv_len, p.head_dim, p.v_head_dim, p.kv_heads) {}
 };
 
 // ---- checks ---------------------------------------------------------------------------------
 // `op` is the op name used as the message prefix, e.g. "qkv.attention". Every message names
 // the argument, what was expected and what came.
 
-// Every check of query/key/value/bias/dropout_p/scale/dropout_seed, on symbolic sizes: what the
-// Meta kernels run. Does not read the seed.
+// "a 3-D Float tensor of shape [2, 5, 8] on cpu": how messages show a tensor that came.
+std::string describe(const at::Tensor& t);
+// float32, float64, float16 or bfloat16: the dtypes the kernels take.
+bool is_supported_dtype(at::ScalarType t);
+
+// Every check of query/key/value/bias/dropout_p/scale/dropout_seed and the score options, on
+// symbolic sizes: what the Meta kernels run. Does not read the seed. key and value may have
+// fewer heads than the query (a divisor of its heads: grouped-query attention).
 AttentionShape check_attention_inputs(const char* op, const at::Tensor& query, const at::Tensor& key,
                                       const at::Tensor& value, const std::optional<at::Tensor>& bias,
                                       double dropout_p, std::optional<double> scale,
-                                      const std::optional<at::Tensor>& dropout_seed);
+                                      const std::optional<at::Tensor>& dropout_seed, int64_t window_left = -1,
+                                      int64_t window_right = -1, double softcap = 0.0,
+                                      const std::optional<at::Tensor>& alibi_slopes = std::nullopt);
 
 // check_attention_inputs, then the concrete params a device kernel needs, with the dropout seed
 // settled: the one given, or, with dropout_p > 0 and none given, a fresh draw.
@@ -61,7 +83,28 @@ AttentionParams check_attention_args(const char* op, const at::Tensor& query, co
                                      const at::Tensor& value, const std::optional<at::Tensor>& bias,
                                      double dropout_p, bool is_causal, bool bottom_right,
                                      std::optional<double> scale,
-                                     const std::optional<at::Tensor>& dropout_seed);
+                                     const std::optional<at::Tensor>& dropout_seed, int64_t window_left = -1,
+                                     int64_t window_right = -1, double softcap = 0.0,
+                                     const std::optional<at::Tensor>& alibi_slopes = std::nullopt);
+
+// The options of issue 17 (docs/flash-attn-api.md): window_left/right >= -1, softcap finite and
+// >= 0, alibi_slopes a float32 (heads,) or (batch, heads) tensor on the query's device.
+void check_score_options(const char* op, const at::Tensor& query, const AttentionShape& shape, int64_t window_left,
+                         int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes);
+// Stores them, checked, in a device kernel's params.
+void set_score_options(AttentionParams& p, bool is_causal, bool bottom_right, int64_t window_left,
+                       int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes);
+
+// "query's heads (H) must be divisible by key's heads (Hk)": grouped-query attention.
+void check_head_groups(const char* op, const c10::SymInt& heads, const c10::SymInt& kv_heads);
+
+// Whether a call uses any option of issue 17 (grouped heads, a window, softcap, ALiBi): the
+// kernels that lack them (CUDA) refuse such calls by name.
+bool uses_score_options(const AttentionParams& p);
+
+// The seed a device kernel uses: the one given (a CPU tensor, read without a device sync), or
+// a fresh draw with dropout_p > 0; 0 without dropout or on meta tensors.
+uint64_t settle_dropout_seed(const at::Tensor& query, double dropout_p, const std::optional<at::Tensor>& dropout_seed);
 
 // The dropout seed contract: absent, or a 0-dim int64 tensor on the CPU (a seed of any other
 // device would have to be read back first; a 0-dim CPU tensor is also the one kind of tensor
@@ -90,12 +133,16 @@ void check_logsumexp_for_weights(const char* op, const at::Tensor& query, const 
 AttentionShape check_attention_weights_inputs(const at::Tensor& query, const at::Tensor& key,
                                               const std::optional<at::Tensor>& bias, const at::Tensor& logsumexp,
                                               double dropout_p, std::optional<double> scale,
-                                              const std::optional<at::Tensor>& dropout_seed);
+                                              const std::optional<at::Tensor>& dropout_seed, int64_t window_left = -1,
+                                              int64_t window_right = -1, double softcap = 0.0,
+                                              const std::optional<at::Tensor>& alibi_slopes = std::nullopt);
 AttentionParams check_attention_weights_args(const at::Tensor& query, const at::Tensor& key,
                                              const std::optional<at::Tensor>& bias, const at::Tensor& logsumexp,
                                              double dropout_p, bool is_causal, bool bottom_right,
                                              std::optional<double> scale,
-                                             const std::optional<at::Tensor>& dropout_seed);
+                                             const std::optional<at::Tensor>& dropout_seed, int64_t window_left = -1,
+                                             int64_t window_right = -1, double softcap = 0.0,
+                                             const std::optional<at::Tensor>& alibi_slopes = std::nullopt);
 
 // ---- layouts ----------------------------------------------------------------------------------
 
@@ -130,6 +177,7 @@ at::Tensor dropout_seed_tensor(uint64_t seed);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_then_weights(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const std::optional<at::Tensor>& bias,
     double dropout_p, bool is_causal, bool bottom_right, std::optional<double> scale,
-    const std::optional<at::Tensor>& dropout_seed, bool average_heads);
+    const std::optional<at::Tensor>& dropout_seed, bool average_heads, int64_t window_left = -1,
+    int64_t window_right = -1, double softcap = 0.0, const std::optional<at::Tensor>& alibi_slopes = std::nullopt);
 
 }  // namespace qkv

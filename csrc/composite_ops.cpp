@@ -35,9 +35,11 @@ c10::SymFloat score_scale(std::optional<double> scale, const c10::SymInt& head_d
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_weights_backward_composite(
     const at::Tensor& grad_weights, const at::Tensor& query, const at::Tensor& key, const OptTensor& bias,
     const at::Tensor& logsumexp, double dropout_p, bool is_causal, bool bottom_right, std::optional<double> scale,
-    const OptTensor& dropout_seed, bool bias_requires_grad) {
+    const OptTensor& dropout_seed, bool bias_requires_grad, int64_t window_left, int64_t window_right,
+    double softcap, const OptTensor& alibi_slopes) {
   const char* op = "qkv.attention_weights_backward";
-  const auto s = check_attention_inputs(op, query, key, key, bias, dropout_p, scale, dropout_seed);
+  const auto s = check_attention_inputs(op, query, key, key, bias, dropout_p, scale, dropout_seed, window_left,
+                                        window_right, softcap, alibi_slopes);
   const c10::SymInt weights_shape[] = {s.batch, s.heads, s.q_len, s.kv_len};
   check_tensor_arg(op, "grad_weights", grad_weights, query, query.scalar_type(), weights_shape);
   check_logsumexp_for_weights(op, query, logsumexp, s);
@@ -46,20 +48,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_weights_backward_compos
   const auto acc_type = at::toOpMathType(query.scalar_type());
   const at::Tensor q = query.to(acc_type), k = key.to(acc_type);  // exact; no copy when already acc_type
   const OptTensor b = has_bias ? OptTensor(bias->to(acc_type)) : std::nullopt;
-  const at::Tensor probs =
-      qkv::attention_weights(q, k, b, logsumexp, 0.0, is_causal, bottom_right, scale, std::nullopt);
+  const at::Tensor probs = qkv::attention_weights(q, k, b, logsumexp, 0.0, is_causal, bottom_right, scale,
+                                                  std::nullopt, false, window_left, window_right, softcap,
+                                                  alibi_slopes);
   at::Tensor grad_probs = grad_weights.to(acc_type);
   if (dropout_p > 0.0) {
     // keep / (1 - p) per element, recovered from the dropped weights where P > 0 (where P is
     // 0 the factor does not matter: dS is 0 there).
-    const at::Tensor dropped =
-        qkv::attention_weights(q, k, b, logsumexp, dropout_p, is_causal, bottom_right, scale, dropout_seed);
+    const at::Tensor dropped = qkv::attention_weights(q, k, b, logsumexp, dropout_p, is_causal, bottom_right, scale,
+                                                      dropout_seed, false, window_left, window_right, softcap,
+                                                      alibi_slopes);
     grad_probs = grad_probs * at::where(probs > 0, dropped / probs, at::zeros_like(probs));
   }
   const at::Tensor grad_scores = probs * (grad_probs - (grad_probs * probs).sum(-1, /*keepdim=*/true));
   const c10::Scalar factor(score_scale(scale, s.head_dim));
-  at::Tensor grad_q = at::matmul(grad_scores, k).mul(factor).to(query.scalar_type());
-  at::Tensor grad_k = at::matmul(grad_scores.transpose(-2, -1), q).mul(factor).to(query.scalar_type());
+  // The weights are already a (B, H, L, S) tensor here: grouped key heads are repeated for the
+  // products and their gradients summed back over each group.
+  // (A view when there is one query head per key head.)
+  const auto no_kv_heads = s.kv_heads.maybe_as_int();  // (no heads at all: nothing to divide)
+  const c10::SymInt group = no_kv_heads.has_value() && *no_kv_heads == 0 ? c10::SymInt(1) : s.heads / s.kv_heads;
+  const at::Tensor k_heads = k.unsqueeze(2).expand_symint({s.batch, s.kv_heads, group, s.kv_len, s.head_dim}).flatten(1, 2);
+  at::Tensor grad_x = grad_scores;  // through softcap's tanh: d(c tanh(x / c))/dx = 1 - tanh^2
+  if (softcap > 0) {
+    const at::Tensor t = at::tanh(at::matmul(q, k_heads.transpose(-2, -1)).mul(factor).div(softcap));
+    grad_x = grad_scores * (1 - t * t);
+  }
+  at::Tensor grad_q = at::matmul(grad_x, k_heads).mul(factor).to(query.scalar_type());
+  at::Tensor grad_k = at::matmul(grad_x.transpose(-2, -1), q).mul(factor);
+  grad_k = grad_k.unflatten_symint(1, {s.kv_heads, group}).sum(2).to(query.scalar_type());
   at::Tensor grad_bias = bias_requires_grad && has_bias
                              ? grad_scores.sum_to_size_symint(bias->sym_sizes()).to(bias->scalar_type(), false, true)
                              : empty_grad_bias(bias, false, query);
@@ -71,16 +87,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_weights_backward_compos
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_then_weights(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const OptTensor& bias,
     double dropout_p, bool is_causal, bool bottom_right, std::optional<double> scale, const OptTensor& dropout_seed,
-    bool average_heads) {
+    bool average_heads, int64_t window_left, int64_t window_right, double softcap, const OptTensor& alibi_slopes) {
   // Checked here so errors name this op.
-  check_attention_inputs("qkv.attention_with_weights", query, key, value, bias, dropout_p, scale, dropout_seed);
+  check_attention_inputs("qkv.attention_with_weights", query, key, value, bias, dropout_p, scale, dropout_seed,
+                         window_left, window_right, softcap, alibi_slopes);
   // Both ops must drop the same probabilities: one seed, drawn here when none was given, goes
   // to both (shape-only calls need none).
   OptTensor seed = dropout_seed;
   if (dropout_p > 0.0 && !(seed.has_value() && seed->defined()) && !query.is_meta()) seed = draw_dropout_seed();
-  auto [out, lse] = qkv::attention(query, key, value, bias, dropout_p, is_causal, bottom_right, scale, seed);
+  auto [out, lse] = qkv::attention(query, key, value, bias, dropout_p, is_causal, bottom_right, scale, seed,
+                                   window_left, window_right, softcap, alibi_slopes);
   at::Tensor weights = qkv::attention_weights(query, key, bias, lse, dropout_p, is_causal, bottom_right, scale, seed,
-                                              average_heads);
+                                              average_heads, window_left, window_right, softcap, alibi_slopes);
   return {out, lse, weights};
 }
 

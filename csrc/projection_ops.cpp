@@ -68,6 +68,20 @@ at::Tensor split_heads(const at::Tensor& x, int64_t num_heads) {
   return x.unflatten_symint(-1, {num_heads, x.sym_size(-1) / num_heads}).transpose(1, 2);
 }
 
+// Columns [start, start + heads * head_dim) of a projection's output as (N, heads, T, head_dim).
+at::Tensor heads_of(const at::Tensor& projected, const c10::SymInt& start, int64_t heads, const c10::SymInt& head_dim) {
+  return split_heads(projected.narrow_symint(-1, start, head_dim * heads), heads);
+}
+
+// The key/value head count: num_kv_heads (grouped-query attention) or num_heads.
+int64_t kv_heads_of(const char* op, int64_t num_heads, std::optional<int64_t> num_kv_heads) {
+  if (!num_kv_heads.has_value()) return num_heads;
+  TORCH_CHECK(*num_kv_heads > 0, op, ": num_kv_heads must be positive; got ", *num_kv_heads);
+  TORCH_CHECK(num_heads % *num_kv_heads == 0, op, ": num_heads (", num_heads, ") must be divisible by num_kv_heads (",
+              *num_kv_heads, ")");
+  return *num_kv_heads;
+}
+
 // Rows [start, start + length) of a packed projection weight or bias, if there is one.
 at::Tensor rows_of(const at::Tensor& packed, const c10::SymInt& start, const c10::SymInt& length) {
   return packed.narrow_symint(0, start, length);
@@ -82,23 +96,29 @@ OptTensor rows_of(const OptTensor& packed, const c10::SymInt& start, const c10::
 at::Tensor attend_and_project(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               const at::Tensor& out_proj_weight, const OptTensor& out_proj_bias,
                               const OptTensor& attn_bias, bool is_causal, double dropout_p,
-                              const OptTensor& dropout_seed) {
+                              const OptTensor& dropout_seed, int64_t window_left = -1, int64_t window_right = -1) {
   auto [out, lse] = qkv::attention(q, k, v, attn_bias, dropout_p, is_causal, /*bottom_right=*/false,
-                                   std::nullopt, dropout_seed);
+                                   std::nullopt, dropout_seed, window_left, window_right);
   return at::linear(out.transpose(1, 2).flatten(2), out_proj_weight, out_proj_bias);
 }
 
-// multi_head_attention, and masked_self_attention through it; `op` names the op in errors.
+// multi_head_attention, and masked_self_attention through it; `op` names the op in errors. With
+// num_kv_heads (grouped-query attention) the packed weight's key and value rows are
+// num_kv_heads * head_dim each.
 at::Tensor packed_projection_attention(const char* op, const at::Tensor& query, const at::Tensor& key,
                                        const at::Tensor& value, int64_t num_heads, const at::Tensor& in_proj_weight,
                                        const OptTensor& in_proj_bias, const at::Tensor& out_proj_weight,
                                        const OptTensor& out_proj_bias, const OptTensor& attn_bias, bool is_causal,
-                                       double dropout_p, const OptTensor& dropout_seed) {
+                                       double dropout_p, const OptTensor& dropout_seed,
+                                       std::optional<int64_t> num_kv_heads, int64_t window_left,
+                                       int64_t window_right) {
   check_batch_first(op, "query", query);
   check_batch_first(op, "key", key);
   check_batch_first(op, "value", value);
   const c10::SymInt E = query.sym_size(2);
   check_head_count(op, E, num_heads);
+  const int64_t Hk = kv_heads_of(op, num_heads, num_kv_heads);
+  const c10::SymInt D = E / num_heads, kvE = D * Hk;
   TORCH_SYM_CHECK(key.sym_size(2).sym_eq(E).sym_and(value.sym_size(2).sym_eq(E)), op,
                   ": key and value must have embed_dim ", E, " (use cross_attention for kdim/vdim); got key ",
                   key.sym_sizes(), " and value ", value.sym_sizes());
@@ -109,60 +129,65 @@ at::Tensor packed_projection_attention(const char* op, const at::Tensor& query, 
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"key", key}, {"value", value}}) {
     check_on_device(op, name, t, query);
   }
-  check_weight(op, "in_proj_weight", in_proj_weight, query, 3 * E, E);
-  check_bias_vector(op, "in_proj_bias", in_proj_bias, query, 3 * E);
+  check_weight(op, "in_proj_weight", in_proj_weight, query, E + 2 * kvE, E);
+  check_bias_vector(op, "in_proj_bias", in_proj_bias, query, E + 2 * kvE);
   check_weight(op, "out_proj_weight", out_proj_weight, query, E, E);
   check_bias_vector(op, "out_proj_bias", out_proj_bias, query, E);
   check_attention_extras(op, query, attn_bias, dropout_seed);
 
   at::Tensor q, k, v;
   if (query.is_same(key) && key.is_same(value)) {
-    // Self-attention: one (E -> 3E) GEMM; q, k, v are strided views of its output.
-    const auto heads = split_heads(at::linear(query, in_proj_weight, in_proj_bias), 3 * num_heads);
-    q = heads.narrow(1, 0, num_heads);
-    k = heads.narrow(1, num_heads, num_heads);
-    v = heads.narrow(1, 2 * num_heads, num_heads);
+    // Self-attention: one (E -> E + 2 kvE) GEMM; q, k, v are strided views of its output.
+    const at::Tensor projected = at::linear(query, in_proj_weight, in_proj_bias);
+    q = heads_of(projected, 0, num_heads, D);
+    k = heads_of(projected, E, Hk, D);
+    v = heads_of(projected, E + kvE, Hk, D);
   } else {
     q = split_heads(at::linear(query, rows_of(in_proj_weight, 0, E), rows_of(in_proj_bias, 0, E)), num_heads);
     if (key.is_same(value)) {
-      const auto heads = split_heads(
-          at::linear(key, rows_of(in_proj_weight, E, 2 * E), rows_of(in_proj_bias, E, 2 * E)), 2 * num_heads);
-      k = heads.narrow(1, 0, num_heads);
-      v = heads.narrow(1, num_heads, num_heads);
+      const at::Tensor projected =
+          at::linear(key, rows_of(in_proj_weight, E, 2 * kvE), rows_of(in_proj_bias, E, 2 * kvE));
+      k = heads_of(projected, 0, Hk, D);
+      v = heads_of(projected, kvE, Hk, D);
     } else {
-      k = split_heads(at::linear(key, rows_of(in_proj_weight, E, E), rows_of(in_proj_bias, E, E)), num_heads);
-      v = split_heads(at::linear(value, rows_of(in_proj_weight, 2 * E, E), rows_of(in_proj_bias, 2 * E, E)),
-                      num_heads);
+      k = split_heads(at::linear(key, rows_of(in_proj_weight, E, kvE), rows_of(in_proj_bias, E, kvE)), Hk);
+      v = split_heads(at::linear(value, rows_of(in_proj_weight, E + kvE, kvE), rows_of(in_proj_bias, E + kvE, kvE)),
+                      Hk);
     }
   }
-  return attend_and_project(q, k, v, out_proj_weight, out_proj_bias, attn_bias, is_causal, dropout_p, dropout_seed);
+  return attend_and_project(q, k, v, out_proj_weight, out_proj_bias, attn_bias, is_causal, dropout_p, dropout_seed,
+                            window_left, window_right);
 }
 
 at::Tensor multi_head_attention_op(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                                    int64_t num_heads, const at::Tensor& in_proj_weight, const OptTensor& in_proj_bias,
                                    const at::Tensor& out_proj_weight, const OptTensor& out_proj_bias,
                                    const OptTensor& attn_bias, bool is_causal, double dropout_p,
-                                   const OptTensor& dropout_seed) {
+                                   const OptTensor& dropout_seed, std::optional<int64_t> num_kv_heads,
+                                   int64_t window_left, int64_t window_right) {
   return packed_projection_attention("qkv.multi_head_attention", query, key, value, num_heads, in_proj_weight,
                                      in_proj_bias, out_proj_weight, out_proj_bias, attn_bias, is_causal, dropout_p,
-                                     dropout_seed);
+                                     dropout_seed, num_kv_heads, window_left, window_right);
 }
 
 at::Tensor masked_self_attention_op(const at::Tensor& x, int64_t num_heads, const at::Tensor& in_proj_weight,
                                     const OptTensor& in_proj_bias, const at::Tensor& out_proj_weight,
                                     const OptTensor& out_proj_bias, const OptTensor& attn_bias, double dropout_p,
-                                    const OptTensor& dropout_seed) {
+                                    const OptTensor& dropout_seed, std::optional<int64_t> num_kv_heads,
+                                    int64_t window_left) {
   const char* op = "qkv.masked_self_attention";
   check_batch_first(op, "x", x);
   return packed_projection_attention(op, x, x, x, num_heads, in_proj_weight, in_proj_bias, out_proj_weight,
-                                     out_proj_bias, attn_bias, /*is_causal=*/true, dropout_p, dropout_seed);
+                                     out_proj_bias, attn_bias, /*is_causal=*/true, dropout_p, dropout_seed,
+                                     num_kv_heads, window_left, -1);
 }
 
 at::Tensor cross_attention_op(const at::Tensor& query, const at::Tensor& memory, int64_t num_heads,
                               const at::Tensor& q_proj_weight, const at::Tensor& k_proj_weight,
                               const at::Tensor& v_proj_weight, const OptTensor& in_proj_bias,
                               const at::Tensor& out_proj_weight, const OptTensor& out_proj_bias,
-                              const OptTensor& attn_bias, double dropout_p, const OptTensor& dropout_seed) {
+                              const OptTensor& attn_bias, double dropout_p, const OptTensor& dropout_seed,
+                              std::optional<int64_t> num_kv_heads) {
   const char* op = "qkv.cross_attention";
   check_batch_first(op, "query", query);
   check_batch_first(op, "memory", memory);
@@ -171,16 +196,18 @@ at::Tensor cross_attention_op(const at::Tensor& query, const at::Tensor& memory,
   check_on_device(op, "memory", memory, query);
   const c10::SymInt E = query.sym_size(2), kdim = memory.sym_size(2);
   check_head_count(op, E, num_heads);
+  const int64_t Hk = kv_heads_of(op, num_heads, num_kv_heads);
+  const c10::SymInt kvE = E / num_heads * Hk;
   check_weight(op, "q_proj_weight", q_proj_weight, query, E, E);
-  check_weight(op, "k_proj_weight", k_proj_weight, query, E, kdim);
-  check_weight(op, "v_proj_weight", v_proj_weight, query, E, kdim);
-  check_bias_vector(op, "in_proj_bias", in_proj_bias, query, 3 * E);
+  check_weight(op, "k_proj_weight", k_proj_weight, query, kvE, kdim);
+  check_weight(op, "v_proj_weight", v_proj_weight, query, kvE, kdim);
+  check_bias_vector(op, "in_proj_bias", in_proj_bias, query, E + 2 * kvE);
   check_weight(op, "out_proj_weight", out_proj_weight, query, E, E);
   check_bias_vector(op, "out_proj_bias", out_proj_bias, query, E);
   check_attention_extras(op, query, attn_bias, dropout_seed);
   const at::Tensor q = split_heads(at::linear(query, q_proj_weight, rows_of(in_proj_bias, 0, E)), num_heads);
-  const at::Tensor k = split_heads(at::linear(memory, k_proj_weight, rows_of(in_proj_bias, E, E)), num_heads);
-  const at::Tensor v = split_heads(at::linear(memory, v_proj_weight, rows_of(in_proj_bias, 2 * E, E)), num_heads);
+  const at::Tensor k = split_heads(at::linear(memory, k_proj_weight, rows_of(in_proj_bias, E, kvE)), Hk);
+  const at::Tensor v = split_heads(at::linear(memory, v_proj_weight, rows_of(in_proj_bias, E + kvE, kvE)), Hk);
   return attend_and_project(q, k, v, out_proj_weight, out_proj_bias, attn_bias, /*is_causal=*/false, dropout_p,
                             dropout_seed);
 }

@@ -12,7 +12,7 @@ def qkv_tensors(dtype=torch.float32):
 
 @pytest.mark.parametrize("make_args,message", [
     (lambda q, k, v: (q[0], k, v), r"query must be a 4-D tensor .* got a 3-D"),
-    (lambda q, k, v: (q, k[..., :6], v), r"key must have shape \(2, 3, key_len, 8\) .* got"),
+    (lambda q, k, v: (q, k[..., :6], v), r"key must have shape \(2, key_heads, key_len, 8\) .* got"),
     (lambda q, k, v: (q, k, v[:, :, :6]), r"value must have shape \(2, 3, 7, value_head_dim\)"),
     (lambda q, k, v: (q, k[:1], v), r"key must have shape"),
     (lambda q, k, v: (q, k.double(), v), r"key must have the query's dtype Float; got .*Double"),

@@ -22,7 +22,7 @@ CASES = {
     "wrong dtype": ("ops.attention(q, q.double(), q)",
                     r"key must have the query's dtype Float; got a 4-D Double tensor of shape \[2, 3, 5, 8\]"),
     "wrong shape": ("ops.attention(q, q[..., :6], q)",
-                    r"key must have shape \(2, 3, key_len, 8\) to match query \[2, 3, 5, 8\]; got a 4-D Float tensor of shape \[2, 3, 5, 6\]"),
+                    r"key must have shape \(2, key_heads, key_len, 8\) to match query \[2, 3, 5, 8\]; got a 4-D Float tensor of shape \[2, 3, 5, 6\]"),
     "dropout out of range": ("ops.attention(q, q, q, None, 1.5)", r"dropout_p must be in \[0, 1\]; got 1.5"),
 }
 CUDA_CASES = {

@@ -14,13 +14,13 @@ namespace {
 
 // ---- what both kernels share -----------------------------------------------------------
 
-// K^T (and, with values, V) of every (b, h), packed key tile by key tile before the tasks
-// start: a task covers one query block, and packing per task took 18% of the weights op.
-// The buffer is the size of K (and V) in acc_t.
+// K^T (and, with values, V) of every (b, key head), packed key tile by key tile before the
+// tasks start: a task covers one query block, and packing per task took 18% of the weights op.
+// The buffer is the size of K (and V) in acc_t; query head h reads key head h / group.
 template <typename scalar_t>
 struct PackedKeyTiles {
   using acc_t = at::opmath_type<scalar_t>;
-  int64_t key_block, kv_len, head_dim, tiles, k_tile_size, v_tile_size;
+  int64_t key_block, kv_len, head_dim, tiles, k_tile_size, v_tile_size, kv_heads, group;
   at::Tensor buffer;
   acc_t* k_data;
   acc_t* v_data;
@@ -31,30 +31,34 @@ struct PackedKeyTiles {
         head_dim(ctx.p.head_dim),
         tiles((kv_len + key_block - 1) / key_block),
         k_tile_size(padded_to_panels<acc_t>(key_block) * head_dim),
-        v_tile_size(with_values ? key_block * padded_to_panels<acc_t>(ctx.p.v_head_dim) : 0) {
-    const int64_t BH = ctx.p.batch * ctx.p.heads, heads = ctx.p.heads;
-    buffer = at::empty({BH * tiles * (k_tile_size + v_tile_size)},
+        v_tile_size(with_values ? key_block * padded_to_panels<acc_t>(ctx.p.v_head_dim) : 0),
+        kv_heads(ctx.p.heads / ctx.group),
+        group(ctx.group) {
+    const int64_t BKH = ctx.p.batch * kv_heads;
+    buffer = at::empty({BKH * tiles * (k_tile_size + v_tile_size)},
                        at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
     k_data = buffer.data_ptr<acc_t>();
-    v_data = k_data + BH * tiles * k_tile_size;
-    at::parallel_for(0, BH * tiles, 1, [&](int64_t begin, int64_t end) {
+    v_data = k_data + BKH * tiles * k_tile_size;
+    const SequenceLayout layout = SequenceLayout::dense(ctx.p);
+    at::parallel_for(0, BKH * tiles, 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
-        const int64_t bh = t / tiles, b = bh / heads, h = bh % heads, j0 = t % tiles * key_block;
+        const int64_t bkh = t / tiles, j0 = t % tiles * key_block;
+        const Sequence s = layout[bkh / kv_heads];
+        const int64_t h = bkh % kv_heads * group;  // a query head of this key head
         const int64_t cols = std::min(key_block, kv_len - j0);
-        ctx.pack_keys_transposed(k_data + t * k_tile_size, b, h, j0, cols);
-        if (with_values) {
-          pack_panels(ctx.v.at(b, h, j0), cols, ctx.p.v_head_dim, ctx.v.s2, ctx.v.s3, v_data + t * v_tile_size);
-        }
+        ctx.pack_keys_transposed(k_data + t * k_tile_size, s, h, j0, cols);
+        if (with_values) ctx.pack_values(v_data + t * v_tile_size, s, h, j0, cols);
       }
     });
   }
 
-  // The packed tile holding key j0 (a multiple of key_block) of slice bh.
-  Panels<acc_t> keys(int64_t bh, int64_t j0) const {
-    return {k_data + (bh * tiles + j0 / key_block) * k_tile_size, head_dim};
+  // The packed tile holding key j0 (a multiple of key_block) that query head h of batch b reads.
+  Panels<acc_t> keys(int64_t b, int64_t h, int64_t j0) const {
+    return {k_data + ((b * kv_heads + h / group) * tiles + j0 / key_block) * k_tile_size, head_dim};
   }
-  Panels<acc_t> values(int64_t bh, int64_t j0) const {
-    return {v_data + (bh * tiles + j0 / key_block) * v_tile_size, std::min(key_block, kv_len - j0)};
+  Panels<acc_t> values(int64_t b, int64_t h, int64_t j0) const {
+    return {v_data + ((b * kv_heads + h / group) * tiles + j0 / key_block) * v_tile_size,
+            std::min(key_block, kv_len - j0)};
   }
 };
 
@@ -90,10 +94,11 @@ struct WeightsRows {
 // summed into the task's WeightsRows so the (B, H, L, S) tensor never exists.
 template <typename scalar_t>
 void attention_weights_cpu_impl(const AttentionParams& p, const at::Tensor& query, const at::Tensor& key,
-                                const std::optional<at::Tensor>& bias, const at::Tensor& lse, bool average_heads,
-                                at::Tensor& weights) {
+                                const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& alibi_slopes,
+                                const at::Tensor& lse, bool average_heads, at::Tensor& weights) {
   using acc_t = at::opmath_type<scalar_t>;
-  const TileContext<scalar_t> ctx(p, query, key, key, bias);
+  const TileContext<scalar_t> ctx(p, query, key, key, bias, alibi_slopes);
+  const SequenceLayout layout = SequenceLayout::dense(p);
   const at::Tensor lse_c = lse.contiguous();
   const acc_t* lse_data = lse_c.const_data_ptr<acc_t>();
   scalar_t* w = weights.data_ptr<scalar_t>();  // contiguous (B, H, L, S) or (B, L, S)
@@ -107,7 +112,7 @@ void attention_weights_cpu_impl(const AttentionParams& p, const at::Tensor& quer
   // lse and log(H) in score units.
   const acc_t log_heads = static_cast<acc_t>(std::log2(static_cast<double>(heads_per_task))) / ctx.log2_per_unit;
   const PackedKeyTiles<scalar_t> packed(ctx, BK, /*with_values=*/false);
-  const at::Tensor normalizers = lse_normalizers(ctx, lse_data);
+  const at::Tensor normalizers = lse_normalizers(ctx, layout, lse_data);
   const acc_t* normalizer_data = normalizers.defined() ? normalizers.const_data_ptr<acc_t>() : nullptr;
 
   for_each_task(groups * q_blocks, 2.0 * BH * p.q_len * S * D, [&](int64_t) {
@@ -120,12 +125,13 @@ void attention_weights_cpu_impl(const AttentionParams& p, const at::Tensor& quer
       const WeightsRows<scalar_t> target{w + (group * p.q_len + i0) * S, S, st + QB * ld_s};
       for (int64_t bh = group * heads_per_task; bh < (group + 1) * heads_per_task; ++bh) {
         const int64_t b = bh / p.heads, h = bh % p.heads;
+        const Sequence s = layout[b];
         const bool first_head = bh == group * heads_per_task;
         // The queries times score_scale, as in the forward: the products are the scores.
         scaled_rows(ctx.q, b, h, i0, rows, D, ctx.score_scale, qs);
         for (int64_t j0 = 0; j0 < S; j0 += BK) {
           const int64_t cols = std::min(BK, S - j0);
-          ctx.scores(st, ld_s, qs, D, packed.keys(bh, j0), b, h, i0, rows, j0, cols);
+          ctx.scores(st, ld_s, qs, D, packed.keys(b, h, j0), s, h, i0, rows, j0, cols);
           for (int64_t r = 0; r < rows; ++r) {
             acc_t* prob = st + r * ld_s;
             const acc_t row_lse = lse_data[bh * p.q_len + i0 + r];
@@ -138,7 +144,7 @@ void attention_weights_cpu_impl(const AttentionParams& p, const at::Tensor& quer
               continue;
             } else {
               exp2_and_sum(prob, cols, shift, ctx.log2_per_unit);
-              if (p.dropout_p > 0) ctx.dropout_row(prob, b, h, i0 + r, j0, cols);
+              if (p.dropout_p > 0) ctx.dropout_row(prob, s, h, i0 + r, j0, cols);
             }
             add_scaled_row(target.row(r) + j0, prob, cols, normalizer, !first_head);
           }
@@ -153,13 +159,14 @@ at::Tensor attention_weights_cpu(const at::Tensor& query, const at::Tensor& key,
                                  const std::optional<at::Tensor>& bias, const at::Tensor& logsumexp,
                                  double dropout_p, bool is_causal, bool bottom_right,
                                  std::optional<double> scale, const std::optional<at::Tensor>& dropout_seed,
-                                 bool average_heads) {
+                                 bool average_heads, int64_t window_left, int64_t window_right, double softcap,
+                                 const std::optional<at::Tensor>& alibi_slopes) {
   const auto p = check_attention_weights_args(query, key, bias, logsumexp, dropout_p, is_causal, bottom_right, scale,
-                                              dropout_seed);
+                                              dropout_seed, window_left, window_right, softcap, alibi_slopes);
   at::Tensor weights = empty_attention_weights(query, p, average_heads);
   if (p.heads == 0) return weights.zero_();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "qkv_attention_weights_cpu", [&] {
-    attention_weights_cpu_impl<scalar_t>(p, query, key, bias, logsumexp, average_heads, weights);
+    attention_weights_cpu_impl<scalar_t>(p, query, key, bias, alibi_slopes, logsumexp, average_heads, weights);
   });
   return weights;
 }
@@ -177,9 +184,11 @@ constexpr int64_t kFusedQueryBlock = 24;
 template <typename scalar_t>
 void attention_with_weights_cpu_impl(const AttentionParams& p, const at::Tensor& query, const at::Tensor& key,
                                      const at::Tensor& value, const std::optional<at::Tensor>& bias,
-                                     bool average_heads, at::Tensor& out, at::Tensor& lse, at::Tensor& weights) {
+                                     const std::optional<at::Tensor>& alibi_slopes, bool average_heads,
+                                     at::Tensor& out, at::Tensor& lse, at::Tensor& weights) {
   using acc_t = at::opmath_type<scalar_t>;
-  const TileContext<scalar_t> ctx(p, query, key, value, bias);
+  const TileContext<scalar_t> ctx(p, query, key, value, bias, alibi_slopes);
+  const SequenceLayout layout = SequenceLayout::dense(p);
   const MutableStrided4<scalar_t> o(out);
   acc_t* lse_data = lse.data_ptr<acc_t>();  // contiguous (B, H, L)
   scalar_t* w = weights.data_ptr<scalar_t>();  // contiguous (B, H, L, S) or (B, L, S)
@@ -211,16 +220,18 @@ void attention_with_weights_cpu_impl(const AttentionParams& p, const at::Tensor&
       acc_t* tile_max = row_sum_err + QB;
       const int64_t qb = task % q_blocks, group = task / q_blocks;
       const int64_t i0 = qb * QB, rows = std::min(QB, p.q_len - i0);
-      const int64_t j_end = ctx.key_end(i0 + rows);  // later keys are hidden from every row
+      // Later keys are hidden from every row (the band's end is the same for every batch).
+      const int64_t j_end = layout[0].key_end(i0 + rows - 1);
       const WeightsRows<scalar_t> target{w + (group * p.q_len + i0) * S, S, tile_max + QB};
       for (int64_t bh = group * heads_per_task; bh < (group + 1) * heads_per_task; ++bh) {
         const int64_t b = bh / p.heads, h = bh % p.heads;
+        const Sequence s = layout[b];
         const bool first_head = bh == group * heads_per_task;
         // The queries times score_scale, as in the forward: the products are the scores.
         scaled_rows(ctx.q, b, h, i0, rows, D, ctx.score_scale, qs);
         std::fill(row_max, row_max + rows, neg_inf);
         for (int64_t j0 = 0; j0 < j_end; j0 += BK) {
-          ctx.scores(probs + j0, ld_p, qs, D, packed.keys(bh, j0), b, h, i0, rows, j0, std::min(BK, j_end - j0),
+          ctx.scores(probs + j0, ld_p, qs, D, packed.keys(b, h, j0), s, h, i0, rows, j0, std::min(BK, j_end - j0),
                      tile_max);
           for (int64_t r = 0; r < rows; ++r) {
             // A NaN score (from a NaN or inf input) must reach the output, as in the forward.
@@ -228,23 +239,23 @@ void attention_with_weights_cpu_impl(const AttentionParams& p, const at::Tensor&
           }
         }
         for (int64_t r = 0; r < rows; ++r) {
-          acc_t* s = probs + r * ld_p;
+          acc_t* row = probs + r * ld_p;
           row_sum[r] = row_sum_err[r] = 0;
           if (row_max[r] == neg_inf) {  // the row sees no key: output, weights 0, logsumexp -inf
-            std::fill(s, s + j_end, acc_t(0));
+            std::fill(row, row + j_end, acc_t(0));
             continue;
           }
           for (int64_t j0 = 0; j0 < j_end; j0 += BK) {
             add_compensated(row_sum[r], row_sum_err[r],
-                            exp2_and_sum(s + j0, std::min(BK, j_end - j0), row_max[r], ctx.log2_per_unit));
+                            exp2_and_sum(row + j0, std::min(BK, j_end - j0), row_max[r], ctx.log2_per_unit));
           }
-          if (p.dropout_p > 0) ctx.dropout_row(s, b, h, i0 + r, 0, j_end);
+          if (p.dropout_p > 0) ctx.dropout_row(row, s, h, i0 + r, 0, j_end);
         }
         for (acc_t* sum : {acc, out_sum, out_err}) std::fill(sum, sum + rows * ld_acc, acc_t(0));
         for (int64_t j0 = 0; j0 < j_end; j0 += BK) {
           const int64_t cols = std::min(BK, j_end - j0);
-          gemm_packed<acc_t>(rows, Dv, cols, probs + j0, ld_p, 1, packed.values(bh, j0), acc, ld_acc, true,
-                             ctx.visible_key_depth(i0, j0, cols));
+          gemm_packed<acc_t>(rows, Dv, cols, probs + j0, ld_p, 1, packed.values(b, h, j0), acc, ld_acc, true,
+                             ctx.visible_key_depth(s, i0, j0, cols));
           if (j0 / BK % kForwardTilesPerPartial == kForwardTilesPerPartial - 1 || j0 + BK >= j_end) {
             for (int64_t r = 0; r < rows; ++r) {
               add_compensated(out_sum + r * ld_acc, out_err + r * ld_acc, acc + r * ld_acc, Dv);
@@ -273,15 +284,17 @@ void attention_with_weights_cpu_impl(const AttentionParams& p, const at::Tensor&
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_with_weights_cpu(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const std::optional<at::Tensor>& bias,
     double dropout_p, bool is_causal, bool bottom_right, std::optional<double> scale,
-    const std::optional<at::Tensor>& dropout_seed, bool average_heads) {
+    const std::optional<at::Tensor>& dropout_seed, bool average_heads, int64_t window_left, int64_t window_right,
+    double softcap, const std::optional<at::Tensor>& alibi_slopes) {
   const auto p = check_attention_args("qkv.attention_with_weights", query, key, value, bias, dropout_p, is_causal,
-                                      bottom_right, scale, dropout_seed);
+                                      bottom_right, scale, dropout_seed, window_left, window_right, softcap,
+                                      alibi_slopes);
   if (p.q_len < kMinRowsForPanels || p.kv_len == 0 || p.heads == 0) {
     // Decoding: packing every head's K and V would cost more than computing Q K^T twice. The
     // seed already settled on goes along, so none is drawn twice.
     return attention_then_weights(query, key, value, bias, dropout_p, is_causal, bottom_right, scale,
                                   dropout_p > 0.0 ? dropout_seed_tensor(p.dropout_seed) : dropout_seed,
-                                  average_heads);
+                                  average_heads, window_left, window_right, softcap, alibi_slopes);
   }
   at::Tensor out = empty_attention_output(query, p);
   at::Tensor lse = empty_logsumexp(query, p);
@@ -289,7 +302,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_with_weights_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "qkv_attention_with_weights_cpu",
                                   [&] {
                                     attention_with_weights_cpu_impl<scalar_t>(p, query, key, value, bias,
-                                                                              average_heads, out, lse, weights);
+                                                                              alibi_slopes, average_heads, out, lse,
+                                                                              weights);
                                   });
   return {out, lse, weights};
 }

@@ -97,11 +97,14 @@ Panels<acc_t> pack_panels(const src_t* src, int64_t k, int64_t n, int64_t sp, in
 }
 
 // The part of a product that a block of rows [i0, i0 + mr) of C needs, for masks that hide
-// a known region (causal): its first `cols` columns and the depth range [depth_begin,
-// depth_end) of the reduction. The caller guarantees that what is skipped is exactly zero
+// a known region (causal, windows): its columns [cols_begin, cols) and the depth range
+// [depth_begin, depth_end) of the reduction. The caller guarantees that what is skipped is exactly zero
 // (A is zero outside the depth range) or unused (columns beyond `cols` are left unwritten).
 struct RowBlockExtent {
   int64_t cols, depth_begin, depth_end;
+  // Columns before this one are not needed either (a window's band): the product starts at the
+  // panel that holds it and leaves the columns before that panel unwritten.
+  int64_t cols_begin = 0;
 };
 struct WholeProduct {
   RowBlockExtent operator()(int64_t, int64_t) const { return {INT64_MAX, 0, INT64_MAX}; }
@@ -200,7 +203,7 @@ void gemm_packed(int64_t m, int64_t n, int64_t k, const acc_t* a, int64_t rsa, i
     const int64_t cols = std::min(n, e.cols), p0 = std::clamp<int64_t>(e.depth_begin, 0, k);
     const int64_t depth = std::min(k, e.depth_end) - p0;
     if (depth <= 0 && kAccumulate) continue;
-    for (int64_t j0 = 0; j0 < cols; j0 += W) {
+    for (int64_t j0 = std::max<int64_t>(e.cols_begin, 0) / W * W; j0 < cols; j0 += W) {
       micro_kernel_rows<acc_t, kAccumulate>(mr, std::max<int64_t>(depth, 0), a + i0 * rsa + p0 * csa, rsa, csa,
                                             b.data + j0 * b.depth + p0 * W, c + i0 * ldc + j0, ldc);
     }

@@ -30,6 +30,11 @@ using namespace qkv::cuda;
 
 void check_cuda_limits(const char* op, const at::Tensor& query, const AttentionParams& p) {
   TORCH_CHECK(query.is_cuda(), op, ": the CUDA kernel got a query on ", query.device());
+  // Issue 17's options are implemented by the CPU kernels only so far: refuse, never ignore.
+  TORCH_CHECK(!uses_score_options(p), op,
+              ": grouped key/value heads, windows, softcap and ALiBi are not implemented by the CUDA kernels yet "
+              "(CPU only); got key heads ", p.kv_heads, " for ", p.heads, " query heads, window (", p.window_left,
+              ", ", p.window_right, "), softcap ", p.softcap, ", ALiBi ", p.has_alibi ? "on" : "off");
   TORCH_CHECK(p.head_dim <= kMaxHeadDim && p.v_head_dim <= kMaxHeadDim, op,
               ": on CUDA, head_dim and value_head_dim must be at most ", kMaxHeadDim, "; got ",
               p.head_dim, " and ", p.v_head_dim);
@@ -65,9 +70,11 @@ int device_major(const at::Tensor& t) {
 std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& bias, double dropout_p, bool is_causal, bool bottom_right,
-    std::optional<double> scale, const std::optional<at::Tensor>& dropout_seed) {
+    std::optional<double> scale, const std::optional<at::Tensor>& dropout_seed, int64_t window_left,
+    int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
   const auto p = check_attention_args("qkv.attention", query, key, value, bias, dropout_p, is_causal,
-                                      bottom_right, scale, dropout_seed);
+                                      bottom_right, scale, dropout_seed, window_left, window_right, softcap,
+                                      alibi_slopes);
   check_cuda_limits("qkv.attention", query, p);
   const c10::cuda::CUDAGuard device_guard(query.device());
   at::Tensor out = empty_attention_output(query, p);
@@ -107,9 +114,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cu
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& bias, const at::Tensor& out, const at::Tensor& logsumexp,
     double dropout_p, bool is_causal, bool bottom_right, std::optional<double> scale,
-    const std::optional<at::Tensor>& dropout_seed, bool bias_requires_grad) {
+    const std::optional<at::Tensor>& dropout_seed, bool bias_requires_grad, int64_t window_left,
+    int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
   const auto p = check_attention_args("qkv.attention_backward", query, key, value, bias, dropout_p,
-                                      is_causal, bottom_right, scale, dropout_seed);
+                                      is_causal, bottom_right, scale, dropout_seed, window_left, window_right,
+                                      softcap, alibi_slopes);
   check_backward_args("qkv.attention_backward", query, grad_out, out, logsumexp, p, dropout_p, dropout_seed);
   check_cuda_limits("qkv.attention_backward", query, p);
   const c10::cuda::CUDAGuard device_guard(query.device());
@@ -174,9 +183,10 @@ at::Tensor attention_weights_cuda(const at::Tensor& query, const at::Tensor& key
                                   const std::optional<at::Tensor>& bias, const at::Tensor& logsumexp,
                                   double dropout_p, bool is_causal, bool bottom_right,
                                   std::optional<double> scale, const std::optional<at::Tensor>& dropout_seed,
-                                  bool average_heads) {
+                                  bool average_heads, int64_t window_left, int64_t window_right, double softcap,
+                                  const std::optional<at::Tensor>& alibi_slopes) {
   const auto p = check_attention_weights_args(query, key, bias, logsumexp, dropout_p, is_causal, bottom_right, scale,
-                                              dropout_seed);
+                                              dropout_seed, window_left, window_right, softcap, alibi_slopes);
   check_cuda_limits("qkv.attention_weights", query, p);
   const c10::cuda::CUDAGuard device_guard(query.device());
   if (average_heads) {
@@ -184,7 +194,8 @@ at::Tensor attention_weights_cuda(const at::Tensor& query, const at::Tensor& key
     if (p.heads == 0) return empty_attention_weights(query, p, true).zero_();
     // The seed this call settled on goes along, so none is drawn twice.
     return attention_weights_cuda(query, key, bias, logsumexp, dropout_p, is_causal, bottom_right, scale,
-                                  dropout_p > 0.0 ? dropout_seed_tensor(p.dropout_seed) : dropout_seed, false)
+                                  dropout_p > 0.0 ? dropout_seed_tensor(p.dropout_seed) : dropout_seed, false,
+                                  window_left, window_right, softcap, alibi_slopes)
         .mean(1);
   }
   at::Tensor weights = empty_attention_weights(query, p, false);
@@ -198,12 +209,43 @@ at::Tensor attention_weights_cuda(const at::Tensor& query, const at::Tensor& key
   return weights;
 }
 
+// The packed and KV-cache doors run on the CPU kernels only so far.
+[[noreturn]] void not_on_cuda(const char* op) {
+  TORCH_CHECK(false, op, ": not implemented by the CUDA kernels yet (CPU only; see docs/flash-attn-api.md)");
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_varlen_cuda(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                         const at::Tensor&, const at::Tensor&, int64_t, int64_t, double,
+                                                         bool, bool, std::optional<double>,
+                                                         const std::optional<at::Tensor>&, int64_t, int64_t, double,
+                                                         const std::optional<at::Tensor>&) {
+  not_on_cuda("qkv.attention_varlen");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward_cuda(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, const at::Tensor&, int64_t, int64_t, double, bool, bool, std::optional<double>,
+    const std::optional<at::Tensor>&, int64_t, int64_t, double, const std::optional<at::Tensor>&) {
+  not_on_cuda("qkv.attention_varlen_backward");
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_kvcache_cuda(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                          const std::optional<at::Tensor>&,
+                                                          const std::optional<at::Tensor>&,
+                                                          const std::optional<at::Tensor>&, bool, std::optional<double>,
+                                                          int64_t, int64_t, double, const std::optional<at::Tensor>&) {
+  not_on_cuda("qkv.attention_kvcache");
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(qkv, CUDA, m) {
   m.impl("attention", &attention_forward_cuda);
   m.impl("attention_backward", &attention_backward_cuda);
   m.impl("attention_weights", &attention_weights_cuda);
+  m.impl("attention_varlen", &attention_varlen_cuda);
+  m.impl("attention_varlen_backward", &attention_varlen_backward_cuda);
+  m.impl("attention_kvcache", &attention_kvcache_cuda);
 }
 
 }  // namespace qkv

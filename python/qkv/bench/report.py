@@ -95,6 +95,8 @@ def write_json(run: RunResult, path: Path) -> Path:
     payload = {"meta": run.meta, "rows": flat_rows(run), "samples": samples}
     if run.meta.get(TARGETS_META):
         payload["targets"] = targets.to_json(targets.evaluate(run))
+    if run.meta.get(FEATURES_META):
+        payload["feature_targets"] = targets.to_json(targets.evaluate(run, targets.FEATURE_TARGETS))
     with open(path, "w") as f:
         json.dump(payload, f, indent=1, default=str, allow_nan=False)
         f.write("\n")
@@ -142,9 +144,10 @@ def _short(name: str) -> str:
     return short + " 1t" if one_thread else short
 
 
-# run.meta key: the run was asked for the issue 4 targets (--cases targets), so the outputs end
-# with their table.
+# run.meta keys: the run was asked for the issue 4 targets (--cases targets) or issue 17's
+# (--cases features), so the outputs end with their tables.
 TARGETS_META = "issue4_targets"
+FEATURES_META = "issue17_targets"
 
 
 def summary_tables(run: RunResult) -> list[tuple[str, list[str], list[list[str]]]]:
@@ -152,10 +155,12 @@ def summary_tables(run: RunResult) -> list[tuple[str, list[str], list[list[str]]
     tera = run.meta.get("device") == "cuda"
     unit = "TFLOP/s" if tera else "GFLOP/s"
     tables = []
-    for level, title in (("core", "Core attention (torch.ops.qkv.attention vs F.scaled_dot_product_attention)"),
-                         ("module", "Module (qkv.MultiheadAttention vs torch.nn.MultiheadAttention)")):
-        results = [r for r in run.results
-                   if r.case.level == level and r.status != "skipped" and not r.case.scaling_threads]
+    for level, feature, title in (
+            ("core", False, "Core attention (torch.ops.qkv.attention vs F.scaled_dot_product_attention)"),
+            ("core", True, "Features (issue 17: windows, GQA, packed batches, KV cache; sides in docs/benchmarks.md)"),
+            ("module", False, "Module (qkv.MultiheadAttention vs torch.nn.MultiheadAttention)")):
+        results = [r for r in run.results if r.case.level == level and bool(r.case.feature) == feature
+                   and r.status != "skipped" and not r.case.scaling_threads]
         if not results:
             continue
         refs = [s for s in side_order(results) if s != QKV]
@@ -211,13 +216,16 @@ def thread_scaling_table(run: RunResult) -> tuple[str, list[str], list[list[str]
     return ("Thread scaling (time at 1 thread / time at n threads, interleaved in one run)", header, rows)
 
 
-def targets_section(run: RunResult) -> tuple[str, list[str], list[list[str]], str] | None:
-    """(title, header, rows, summary) of the issue 4 targets table, when the run was asked for it."""
-    if not run.meta.get(TARGETS_META):
-        return None
-    rows = targets.evaluate(run)
-    header, body = targets.target_table(rows)
-    return "Issue 4 targets", header, body, targets.summary_line(rows)
+def targets_sections(run: RunResult) -> list[tuple[str, list[str], list[list[str]], str]]:
+    """(title, header, rows, summary) of each targets table the run was asked for."""
+    sections = []
+    for key, title, wanted in ((TARGETS_META, "Issue 4 targets", targets.TARGETS),
+                               (FEATURES_META, "Issue 17 targets (features)", targets.FEATURE_TARGETS)):
+        if run.meta.get(key):
+            rows = targets.evaluate(run, wanted)
+            header, body = targets.target_table(rows)
+            sections.append((title, header, body, targets.summary_line(rows)))
+    return sections
 
 
 def detail_tables(run: RunResult) -> list[tuple[str, list[str], list[list[str]]]]:
@@ -319,9 +327,7 @@ def format_terminal(run: RunResult) -> str:
         parts.append("Sides left out:\n" + "\n".join("  " + line for line in left_out))
     for r in run.failed:
         parts.append(("FAILED: " if r.status == "wrong" else "ERROR: ") + r.message)
-    section = targets_section(run)
-    if section:
-        title, header, rows, summary = section
+    for title, header, rows, summary in targets_sections(run):
         parts.append(f"{title} ({summary}; noisy shared machines: a ratio near its requirement may flip)\n"
                      + format_text_table(header, rows))
     return "\n\n".join(parts)
@@ -342,9 +348,7 @@ def write_markdown(run: RunResult, path: Path, plots: list[Path] | None = None) 
         parts.append("**Sides left out**:\n\n" + "\n".join("- " + line for line in left_out))
     for r in run.failed:
         parts.append(("**FAILED**: " if r.status == "wrong" else "**ERROR**: ") + r.message)
-    section = targets_section(run)
-    if section:
-        title, header, rows, summary = section
+    for title, header, rows, summary in targets_sections(run):
         parts.append(f"## {title}\n\n{summary}. Each ratio is from this run's interleaved rounds (speed, "
                      f"thread scaling) or per-side child processes (memory); requirements are in "
                      f"qkv/bench/targets.py.\n\n{format_markdown_table(header, rows)}")
