@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
+# transformers for tests/test_transformers_integration.py and examples/transformers (pinned: the
+# attention-function contract changes between releases; bump it on purpose, with those tests).
+TRANSFORMERS_VERSION ?= 5.18.0
 export MAX_JOBS ?= 2
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
@@ -21,7 +24,15 @@ $(STAMP_DEPS): pyproject.toml
 	$(PY) -m pip install -q setuptools wheel ninja numpy pytest hypothesis expecttest matplotlib tqdm scikit-learn
 	touch $@
 
-venv: $(STAMP_DEPS)
+# transformers without its optional dependency tree (never torch: --no-deps), plus the small
+# packages that importing its models and generate() need. A stamp per pin: a new pin reinstalls.
+STAMP_TRANSFORMERS := $(VENV)/.transformers-$(TRANSFORMERS_VERSION)
+$(STAMP_TRANSFORMERS): $(STAMP_DEPS)
+	$(PY) -m pip install -q --no-deps "transformers==$(TRANSFORMERS_VERSION)" "huggingface-hub==1.33.0" \
+	  "tokenizers==0.23.2" "safetensors==0.8.0" regex pyyaml httpx httpcore h11 anyio idna certifi
+	touch $@
+
+venv: $(STAMP_DEPS) $(STAMP_TRANSFORMERS)
 
 # In-place build of qkv._C; --no-build-isolation semantics: uses the venv's torch.
 python/qkv/.built: $(STAMP_DEPS) $(EXT_SOURCES)
@@ -32,8 +43,9 @@ build: python/qkv/.built
 
 test: test-python test-cpp
 
-test-python: build
-	PYTHONPATH=$(CURDIR)/python $(PY) -m pytest -q tests
+test-python: build $(STAMP_TRANSFORMERS)
+	PYTHONPATH=$(CURDIR)/python QKV_REQUIRE_TRANSFORMERS=1 QKV_TRANSFORMERS_VERSION=$(TRANSFORMERS_VERSION) \
+	  $(PY) -m pytest -q tests
 
 # LibTorch build through CMake (the path C++ users take) and the GoogleTest suite via ctest.
 CMAKE_BUILD := build/cmake

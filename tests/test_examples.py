@@ -1,6 +1,6 @@
 """The examples run: each smoke mode as a user would start it (it exits non-zero unless the
 loss falls), the seq2seq script under torchrun, DDP gradients equal to single-process ones,
-and the C++ example built against qkv installed with CMake."""
+the transformers and KV-cache examples, and the C++ example built against qkv installed with CMake."""
 from __future__ import annotations
 
 import importlib
@@ -56,6 +56,32 @@ def test_smoke_qkv_and_torch_start_from_the_same_loss(example: str) -> None:
     torch_output = _run([sys.executable, script, "--smoke", "--attention", "torch"], timeout=300)
     assert "summary: attention=qkv" in qkv_output and "summary: attention=torch" in torch_output
     assert _first_loss(qkv_output) == pytest.approx(_first_loss(torch_output), rel=1e-4)
+
+
+def _require_transformers() -> None:
+    """make test installs transformers and sets QKV_REQUIRE_TRANSFORMERS=1: there a missing
+    transformers fails; elsewhere the transformers example is skipped without it."""
+    if os.environ.get("QKV_REQUIRE_TRANSFORMERS") != "1" and importlib.util.find_spec("transformers") is None:
+        pytest.skip("transformers is not installed (make test installs it)")
+
+
+def test_transformers_example_smoke_qkv_and_sdpa_start_from_the_same_loss() -> None:
+    """A Mistral config (GQA, sliding window) trained with attn_implementation="qkv" and "sdpa":
+    both smoke runs see the loss fall, from the same first loss."""
+    _require_transformers()
+    script = str(EXAMPLES / "transformers" / "train.py")
+    qkv_output = _run([sys.executable, script, "--smoke", "--model", "mistral"], timeout=300)
+    sdpa_output = _run([sys.executable, script, "--smoke", "--model", "mistral", "--attention", "sdpa"], timeout=300)
+    assert "attn_implementation=qkv" in qkv_output and "summary: attention=qkv" in qkv_output
+    assert "attn_implementation=sdpa" in sdpa_output
+    assert _first_loss(qkv_output) == pytest.approx(_first_loss(sdpa_output), rel=1e-4)
+
+
+def test_kvcache_example_smoke_cached_logits_equal_recomputed() -> None:
+    output = _run([sys.executable, str(EXAMPLES / "kvcache" / "decode.py"), "--smoke"], timeout=300)
+    match = re.search(r"max \|logit difference\| ([0-9.e+-]+)", output)
+    assert match and float(match.group(1)) < 1e-4, output[-3000:]
+    assert "cached" in output and "recompute" in output
 
 
 def test_seq2seq_smoke_under_torchrun_with_two_processes() -> None:
