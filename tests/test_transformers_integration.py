@@ -38,9 +38,10 @@ def mistral() -> MistralConfig:
 
 
 def gemma2() -> Gemma2Config:
-    # Alternating sliding (5) and full layers, scores softcapped at 5: the reference is eager,
+    # Alternating sliding (5) and full layers, scores softcapped at 0.2 (about the size of the
+    # random model's scores, so the cap changes them): the reference is eager,
     # since transformers' sdpa drops the softcap.
-    return Gemma2Config(**SMALL, head_dim=16, sliding_window=5, attn_logit_softcapping=5.0,
+    return Gemma2Config(**SMALL, head_dim=16, sliding_window=5, attn_logit_softcapping=0.2,
                         final_logit_softcapping=None, query_pre_attn_scalar=16)
 
 
@@ -184,3 +185,12 @@ def test_transformers_is_the_pinned_version():
     if pinned is None:
         pytest.skip("QKV_TRANSFORMERS_VERSION is set by make test")
     assert transformers.__version__ == pinned
+
+
+def test_bad_inputs_name_the_problem():
+    q, k = torch.randn(2, 4, 6, 8), torch.randn(2, 2, 6, 8)
+    module = torch.nn.Module()
+    with pytest.raises(ValueError, match=r"2-D attention_mask must be \(batch, key_len\) = \(2, 6\); got \(2, 5\)"):
+        qkv_hf.qkv_attention_forward(module, q, k, k, torch.ones(2, 5, dtype=torch.bool))
+    with pytest.raises(NotImplementedError, match="position_bias"):
+        qkv_hf.qkv_attention_forward(module, q, k, k, None, position_bias=torch.zeros(1, 4, 6, 6))
