@@ -194,3 +194,15 @@ def test_bad_inputs_name_the_problem():
         qkv_hf.qkv_attention_forward(module, q, k, k, torch.ones(2, 5, dtype=torch.bool))
     with pytest.raises(NotImplementedError, match="position_bias"):
         qkv_hf.qkv_attention_forward(module, q, k, k, None, position_bias=torch.zeros(1, 4, 6, 6))
+
+
+def test_an_integer_key_padding_mask_means_what_a_bool_one_does():
+    q, k, v = torch.randn(2, 4, 6, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
+    tokens = torch.ones(2, 6, dtype=torch.long)
+    tokens[0, :2] = 0
+    module = torch.nn.Module()
+    want, _ = qkv_hf.qkv_attention_forward(module, q, k, v, tokens.bool())
+    got, _ = qkv_hf.qkv_attention_forward(module, q, k, v, tokens)
+    torch.testing.assert_close(got, want)
+    # Causal: queries 0 and 1 of sequence 0 see only padding, so they output zeros.
+    assert torch.equal(want[0, :2], torch.zeros_like(want[0, :2]))

@@ -21,6 +21,8 @@ Two registrations under one name (docs/transformers.md):
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -88,7 +90,8 @@ def qkv_attention_forward(
                     f"qkv attention: a 2-D attention_mask must be (batch, key_len) = {(key.size(0), key.size(2))}; "
                     f"got {tuple(attention_mask.shape)}"
                 )
-            bias = attend_to_bias(attention_mask[:, None, None, :], query.dtype)
+            # bool(): a 0/1 integer mask (the tokenizer's) means the same as transformers' bool one.
+            bias = attend_to_bias(attention_mask.bool()[:, None, None, :], query.dtype)
         causal = bool(is_causal)
         if causal and sliding_window is not None:
             window_left = int(sliding_window) - 1
@@ -118,7 +121,9 @@ def qkv_mask(
     """transformers' mask-function contract (``sdpa_mask``'s arguments): the compact mask
     :func:`qkv_attention_forward` builds the pattern from, or sdpa's full mask when the pattern is
     not one the kernel builds."""
-    from transformers.masking_utils import fast_all, prepare_padding_mask, sdpa_mask
+    from transformers.masking_utils import causal_mask_function, fast_all, prepare_padding_mask, sdpa_mask
+
+    mask_function = mask_function or causal_mask_function
 
     compact = (
         allow_is_causal_skip  # False when transformers overlays other patterns (packing, custom masks)
@@ -143,7 +148,7 @@ def _is_causal_pattern(mask_function) -> bool:
     (whose window the attention layers also pass as ``sliding_window``, as they do for flash-attn)."""
     from transformers import masking_utils as mu
 
-    if mask_function is None or mask_function is mu.causal_mask_function:
+    if mask_function is mu.causal_mask_function:
         return True
     # sliding_window_causal_mask_function(w) is and_masks(sliding_window_overlay(w), causal_mask_function).
     if getattr(mask_function, "__code__", None) is not _and_mask_code():
@@ -157,6 +162,7 @@ def _is_causal_pattern(mask_function) -> bool:
     )
 
 
+@functools.cache
 def _and_mask_code():
     from transformers import masking_utils as mu
 
