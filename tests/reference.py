@@ -11,7 +11,8 @@ references). Everything is computed on the inputs' device.
 - `dtype=` other than float64: a plain same-precision implementation (scores and P @ V rounded to
   the dtype, softmax in float32), against which reduced-precision kernels are judged as
   flash-attention's tests do (`assert_matches`): at most a small multiple of its error.
-- `tolerance(dtype)`: absolute/relative bounds for assert_close, per device and dtype.
+- `tolerance(dtype)`, `grad_tolerance(dtype)`: assert_close bounds for outputs and gradients, per
+  device and dtype (the device the test runs on).
 """
 from __future__ import annotations
 
@@ -52,6 +53,22 @@ def tolerance(dtype: torch.dtype, device=None) -> dict:
     test runs on, i.e. torch's default device, which conftest's `device` fixture sets)."""
     device = torch.get_default_device() if device is None else torch.device(device)
     return TOLERANCES[device.type][dtype]
+
+
+# Gradients sum over rows or keys: a few ulps of the dtype per term (absolute = relative bound).
+# CUDA: test_cuda.py's float32 bound on an H100; its float16/bfloat16 bounds are not calibrated
+# on a GPU yet (the tensor-core backward rounds P and dS to the input dtype).
+GRAD_TOLERANCES = {
+    "cpu": {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 6e-2, torch.float16: 1e-2},
+    "cuda": {torch.float64: 1e-9, torch.float32: 2e-4, torch.bfloat16: 6e-2, torch.float16: 2e-2},
+}
+
+
+def grad_tolerance(dtype: torch.dtype, device=None) -> dict:
+    """assert_close bounds for gradients of `dtype` computed on `device` (default: as tolerance)."""
+    device = torch.get_default_device() if device is None else torch.device(device)
+    bound = GRAD_TOLERANCES[device.type][dtype]
+    return dict(atol=bound, rtol=bound)
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:

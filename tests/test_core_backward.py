@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from reference import dropout_seed, reference_attention, reference_probs, tolerance
+from reference import dropout_seed, grad_tolerance, reference_attention, reference_probs, tolerance
 
 pytestmark = pytest.mark.usefixtures("device")  # cpu, and cuda when present (conftest.py)
 
@@ -61,11 +61,10 @@ def test_gradients_match_reference(dtype):
     ref_inputs = [t.detach().double().requires_grad_() for t in (q, k, v, bias)]
     want = torch.autograd.grad(reference_attention(*ref_inputs, is_causal=True, bottom_right=True),
                                ref_inputs, grad_out.double())
-    # Gradients sum over rows/keys, so allow a few ulps of the dtype per term.
-    tol = {torch.float32: 1e-4, torch.bfloat16: 6e-2, torch.float16: 1e-2}[dtype]
+    tol = grad_tolerance(dtype)  # gradients sum over rows/keys: a few ulps of the dtype per term
     for name, g, w in zip("q k v bias".split(), got, want):
         assert g.dtype == dtype and g.shape == w.shape
-        torch.testing.assert_close(g.double(), w, atol=tol, rtol=tol, msg=f"grad {name}")
+        torch.testing.assert_close(g.double(), w, **tol, msg=f"grad {name}")
 
 
 @pytest.mark.parametrize("B,H,L,S,D,Dv", [
@@ -84,9 +83,9 @@ def test_gradients_at_tile_boundaries(B, H, L, S, D, Dv, is_causal, bottom_right
     ref_inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
     want = torch.autograd.grad(reference_attention(*ref_inputs, is_causal=is_causal, bottom_right=bottom_right),
                                ref_inputs, grad_out.double())
-    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    tol = grad_tolerance(dtype)
     for name, g, w in zip("q k v".split(), got, want):
-        torch.testing.assert_close(g.double(), w, atol=tol, rtol=tol, msg=f"grad {name}")
+        torch.testing.assert_close(g.double(), w, **tol, msg=f"grad {name}")
 
 
 def test_fully_masked_rows_have_zero_gradient():
