@@ -187,9 +187,11 @@ def feature_reference(q, k, v, bias=None, is_causal=False, bottom_right=False, s
     accumulation type; rows that see nothing: out 0, lse -inf. ``keep`` is an optional bool
     dropout mask over (B, H, L, S). NaN-free under autograd (gradients of hidden rows are 0)."""
     scores = feature_scores(q, k, bias, is_causal, bottom_right, scale, window, softcap, alibi_slopes, dtype)
-    if scores.shape[-1] == 0:  # no keys at all: every row sees nothing
-        out = torch.zeros(*scores.shape[:-1], v.shape[-1], dtype=dtype, device=q.device)
-        return out, torch.full(scores.shape[:-1], float("-inf"), dtype=scores.dtype, device=q.device)
+    v = v.to(dtype).repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    if scores.shape[-1] == 0:  # no keys at all: every row sees nothing (out 0, lse -inf), kept in
+        # the autograd graph (empty scores @ empty values) so every input gets a zero gradient
+        return scores.to(dtype) @ v, torch.full(scores.shape[:-1], float("-inf"), dtype=scores.dtype,
+                                                device=q.device)
     row_max = scores.amax(-1, keepdim=True)
     empty = torch.isneginf(row_max)
     probs = torch.exp(scores - torch.where(empty, torch.zeros_like(row_max), row_max))
@@ -199,7 +201,6 @@ def feature_reference(q, k, v, bias=None, is_causal=False, bottom_right=False, s
     probs = probs.to(dtype)
     if keep is not None:  # dropout_p = 1 keeps nothing: 0, not 0 * inf
         probs = torch.where(keep.bool(), probs / (1.0 - dropout_p), 0.0) if dropout_p < 1 else probs * 0
-    v = v.to(dtype).repeat_interleave(q.shape[1] // v.shape[1], dim=1)
     return probs @ v, lse.squeeze(-1)
 
 
