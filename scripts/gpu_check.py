@@ -7,6 +7,8 @@
                          runs pytest so that a test that crashes its process fails alone: with
                          pytest-xdist (a crashed worker is replaced, its test reported as failed),
                          else in a resume-after-crash loop; writes OUT.xml (JUnit) and OUT.log
+  device-tests           the test files that run on every device (they declare conftest.py's
+                         `device` fixture), one a line: run with -m "not cpu" for their GPU runs
   test-summary XML       counts, then one line per failure or error
   ncu-metrics            reads `ncu --query-metrics` output on stdin, prints the --metrics list
   ncu-summary CSV        per-kernel table from `ncu --csv --page raw` output
@@ -81,6 +83,15 @@ def shell_quote(text: str) -> str:
 
 def has_xdist() -> bool:
     return importlib.util.find_spec("xdist") is not None
+
+
+DEVICE_FIXTURE = 'pytest.mark.usefixtures("device")'
+
+
+def device_test_files(tests: Path = ROOT / "tests") -> list[str]:
+    """The test modules parametrized over the device (tests/conftest.py), relative to ROOT: the
+    core suite, which `make gpu-check` runs on the GPU beside tests/test_cuda.py."""
+    return [str(f.relative_to(ROOT)) for f in sorted(tests.glob("test_*.py")) if DEVICE_FIXTURE in f.read_text()]
 
 
 def run_tests(out: str, pytest_args: list[str], workers: int) -> int:
@@ -242,6 +253,9 @@ def main(argv: list[str]) -> int:
         return device()
     if command == "run-tests":
         return run_tests(args[0], args[1:], workers=int(os.environ.get("QKV_TEST_WORKERS", "8")))
+    if command == "device-tests":
+        print("\n".join(device_test_files()))
+        return 0
     if command == "test-summary":
         counts, lines = test_summary(args[0])
         print("\n".join([counts, *lines]))

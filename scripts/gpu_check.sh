@@ -4,7 +4,8 @@
 #  1. builds qkv._C in place with CUDA for this GPU's own architecture (gpu_check.py device),
 #     with every core, against this python's torch; saves the link command and the check that the
 #     library uses the shared C++ runtime;
-#  2. runs tests/test_cuda.py and tests/test_errors_in_child.py so that a test that crashes its
+#  2. runs tests/test_cuda.py, tests/test_errors_in_child.py and the cuda runs of the core tests
+#     (every file parametrized over the device, -m "not cpu") so that a test that crashes its
 #     process fails alone (pytest-xdist workers, or a resume-after-crash loop), one line per failure;
 #  3. runs `python -m qkv.bench --device cuda --quick`;
 #  4. when ncu is present, profiles each qkv kernel once (scripts/gpu_profile_kernels.py) and
@@ -59,10 +60,11 @@ fi
 
 # ---- 2. tests ---------------------------------------------------------------------------------
 if [[ "$build" == OK ]]; then
-  echo "gpu-check: tests/test_cuda.py, tests/test_errors_in_child.py ($(elapsed))"
+  mapfile -t device_tests < <("${HELPER[@]}" device-tests)
+  echo "gpu-check: tests/test_cuda.py, tests/test_errors_in_child.py, cuda runs of ${#device_tests[@]} core test files ($(elapsed))"
   # timeout signals the whole process group (pytest and its workers) if the tests hang
   PYTHONPATH="$ROOT/python" timeout "${QKV_GPU_CHECK_TEST_TIMEOUT:-600}" "${HELPER[@]}" run-tests \
-    "$RESULTS/gpu-check-tests" -q tests/test_cuda.py tests/test_errors_in_child.py
+    "$RESULTS/gpu-check-tests" -q -m "not cpu" tests/test_cuda.py tests/test_errors_in_child.py "${device_tests[@]}"
   tests_rc=$?
   if [[ -f "$RESULTS/gpu-check-tests.xml" ]]; then
     { echo -n "tests ($(elapsed)): "; "${HELPER[@]}" test-summary "$RESULTS/gpu-check-tests.xml"; } >>"$SUMMARY"

@@ -18,6 +18,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from reference import seeded_generator
+
+pytestmark = pytest.mark.usefixtures("device")  # cpu, and cuda when present (conftest.py)
+
 attention = torch.ops.qkv.attention
 
 
@@ -44,7 +48,7 @@ def relative_error(got, want):
 @pytest.mark.parametrize("log2_S", [16, 20])
 def test_long_key_sequence_error_does_not_grow(log2_S, L):
     S, D = 1 << log2_S, 32
-    g = torch.Generator().manual_seed(log2_S * 10 + L)
+    g = seeded_generator(log2_S * 10 + L)
     q = torch.randn(1, 1, L, D, generator=g) * 0.5
     k = windows(torch.randn(S + D, generator=g), S, D)
     v = windows(torch.rand(S + D, generator=g) + 0.5, S, D)  # positive: every partial sum grows
@@ -62,7 +66,7 @@ def test_many_identical_keys_give_their_value(L):
     """2^22 copies of one key and value: every probability is equal and the output is the value.
     A single float32 accumulator stopped growing long before (4% off at 2^22)."""
     S, D = 1 << 22, 64
-    g = torch.Generator().manual_seed(L)
+    g = seeded_generator(L)
     q = torch.randn(1, 1, L, D, generator=g)
     k = torch.randn(D, generator=g).as_strided((1, 1, S, D), (0, 0, 0, 1))
     v = (torch.rand(D, generator=g) + 0.5).as_strided((1, 1, S, D), (0, 0, 0, 1))
@@ -101,7 +105,7 @@ def test_long_backward_reductions():
     """L = S = 4096: dV and dK sum over every query, dQ over every key. Measured: qkv out 4.1e-7,
     dk 1.2e-6, dv 7.5e-7; torch 4.6e-7, 1.4e-6, 9.8e-7; one float32 accumulator 4.5e-6, 4.6e-6, 2.4e-6."""
     n, D = 4096, 64
-    g = torch.Generator().manual_seed(7)
+    g = seeded_generator(7)
     q, k = (torch.randn(1, 2, n, D, generator=g) for _ in range(2))
     v = torch.rand(1, 2, n, D, generator=g) + 0.5
     grad_out = torch.randn(1, 2, n, D, generator=g)
@@ -121,7 +125,7 @@ KEY_BROADCAST_SHAPES = [(64, 1), (2, 1, 64, 1), (1, 1)]
 
 
 def zero_gradient_inputs(dtype, bias_shape, value_mean):
-    g = torch.Generator().manual_seed(11)
+    g = seeded_generator(11)
     B, H, L, S, D = 2, 4, 64, 300, 64
     q, k = (torch.randn(B, H, n, D, generator=g).to(dtype) for n in (L, S))
     v = (torch.randn(B, H, S, D, generator=g) + value_mean).to(dtype)
@@ -152,7 +156,7 @@ def test_key_broadcast_bias_gradient_through_the_weights(dtype):
     """The same through the weights (need_weights=True): their backward works in float32 for
     half inputs, as torch's math path does."""
     q, k, _, bias, _ = zero_gradient_inputs(dtype, (64, 1), 0.0)
-    grad_w = torch.randn(2, 4, 64, 300, generator=torch.Generator().manual_seed(12)).to(dtype)
+    grad_w = torch.randn(2, 4, 64, 300, generator=seeded_generator(12)).to(dtype)
     lse = attention(q, k, k, bias)[1]
     ours = bias_gradient(lambda q, k, v, b: torch.ops.qkv.attention_weights(q, k, b, lse), q, k, k, bias, grad_w)
     acc = torch.float64 if dtype == torch.float64 else torch.float32

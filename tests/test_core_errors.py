@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+pytestmark = pytest.mark.usefixtures("device")  # cpu, and cuda when present (conftest.py)
+
 attention = torch.ops.qkv.attention
 SEED_ERROR = r"dropout_seed must be a 0-dim int64 tensor on the CPU"
 
@@ -23,10 +25,10 @@ def qkv_tensors(dtype=torch.float32):
     (lambda q, k, v: (q, k, v, None, 1.5), r"dropout_p must be in \[0, 1\]; got 1.5"),
     (lambda q, k, v: (q, k, v, None, -0.1), r"dropout_p must be in \[0, 1\]"),
     (lambda q, k, v: (q, k, v, None, 0.0, False, False, float("nan")), r"scale must be a finite number"),
-    (lambda q, k, v: (q, k, v, None, 0.1, False, False, None, torch.tensor(1.0)), SEED_ERROR + ".*Float"),
-    (lambda q, k, v: (q, k, v, None, 0.1, False, False, None, torch.tensor([1, 2])), SEED_ERROR + ".*1-D"),
+    (lambda q, k, v: (q, k, v, None, 0.1, False, False, None, torch.tensor(1.0, device="cpu")), SEED_ERROR + ".*Float"),
+    (lambda q, k, v: (q, k, v, None, 0.1, False, False, None, torch.tensor([1, 2], device="cpu")), SEED_ERROR + ".*1-D"),
     # The old one-element 1-D form: fake tensors reject it beside CUDA inputs.
-    (lambda q, k, v: (q, k, v, None, 0.1, False, False, None, torch.tensor([1])), SEED_ERROR + r".*1-D Long tensor of shape \[1\]"),
+    (lambda q, k, v: (q, k, v, None, 0.1, False, False, None, torch.tensor([1], device="cpu")), SEED_ERROR + r".*1-D Long tensor of shape \[1\]"),
     # A meta seed with real inputs cannot be read: it used to give uninitialised outputs.
     (lambda q, k, v: (q, k, v, None, 0.1, False, False, None, torch.tensor(1, device="meta")), SEED_ERROR + ".*on meta"),
     (lambda q, k, v: (q, k, v, None, 0.0, False, False, None, torch.tensor(1, device="meta")), SEED_ERROR + ".*on meta"),

@@ -14,6 +14,10 @@ import math
 import pytest
 import torch
 
+from reference import seeded_generator
+
+pytestmark = pytest.mark.usefixtures("device")  # cpu, and cuda when present (conftest.py)
+
 attention = torch.ops.qkv.attention
 
 ALL_DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
@@ -83,7 +87,7 @@ CASES = [
 @pytest.mark.parametrize("dtype, mask_dtype, name, value", CASES)
 def test_large_finite_mask_values_stay_finite(dtype, mask_dtype, name, value, shape):
     B, H, L, S, D = shape
-    g = torch.Generator().manual_seed(L + S)
+    g = seeded_generator(L + S)
     q, k, v = (torch.randn(B, H, n, D, generator=g, dtype=torch.float64).to(dtype) for n in (L, S, S))
     bias = finite_mask((L, S), value, mask_dtype, g).requires_grad_()
     grad_out = torch.randn(B, H, L, D, generator=g, dtype=torch.float64).to(dtype)
@@ -105,7 +109,7 @@ def test_large_finite_mask_values_stay_finite(dtype, mask_dtype, name, value, sh
 @pytest.mark.parametrize("dtype, mask_dtype, name, value", CASES)
 def test_large_finite_mask_values_in_the_weights_ops(dtype, mask_dtype, name, value):
     """attention_with_weights (need_weights=True) and attention_weights from a logsumexp."""
-    g = torch.Generator().manual_seed(3)
+    g = seeded_generator(3)
     q, k, v = (torch.randn(2, 2, n, 8, generator=g, dtype=torch.float64).to(dtype) for n in (6, 9, 9))
     bias = finite_mask((2, 1, 6, 9), value, mask_dtype, g)
     out, lse, weights = torch.ops.qkv.attention_with_weights(q, k, v, bias)
@@ -121,7 +125,7 @@ def test_large_finite_mask_values_in_the_weights_ops(dtype, mask_dtype, name, va
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_float32_mask_with_half_queries(dtype):
     """1e5 and -1e9 are float32 values a float16 bias cannot hold: the op keeps them in float32."""
-    g = torch.Generator().manual_seed(4)
+    g = seeded_generator(4)
     q, k, v = (torch.randn(2, 2, n, 16, generator=g, dtype=torch.float64).to(dtype) for n in (12, 40, 40))
     bias = torch.randn(12, 40, generator=g, dtype=torch.float64).float()
     bias[:, 3] = 1e5  # dominates every row

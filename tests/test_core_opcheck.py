@@ -3,6 +3,10 @@ and torch.compile(fullgraph=True) through each op."""
 import pytest
 import torch
 
+from reference import dropout_seed
+
+pytestmark = pytest.mark.usefixtures("device")  # cpu, and cuda when present (conftest.py)
+
 
 def core_args(requires_grad, bias=True, dropout=0.0):
     q = torch.randn(2, 3, 10, 8, requires_grad=requires_grad)
@@ -17,7 +21,7 @@ def core_args(requires_grad, bias=True, dropout=0.0):
     (True, False, False, None, 0.0), (False, True, True, 0.5, 0.0), (True, True, False, None, 0.2)])
 def test_opcheck_attention(requires_grad, bias, is_causal, bottom_right, scale, dropout):
     q, k, v, b = core_args(requires_grad, bias)
-    seed = torch.tensor(17)
+    seed = dropout_seed(17)
     torch.library.opcheck(torch.ops.qkv.attention.default, (q, k, v, b, dropout, is_causal, bottom_right, scale, seed))
 
 
@@ -34,7 +38,7 @@ def backward_utils(requires_grad):
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_opcheck_attention_backward(requires_grad, dropout):
     q, k, v, b = core_args(False)
-    seed = torch.tensor(3)
+    seed = dropout_seed(3)
     out, lse = torch.ops.qkv.attention(q, k, v, b, dropout, True, False, None, seed)
     grad = torch.randn_like(out).requires_grad_(requires_grad)
     torch.library.opcheck(torch.ops.qkv.attention_backward.default,
@@ -46,7 +50,7 @@ def test_opcheck_attention_backward(requires_grad, dropout):
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_opcheck_attention_weights(requires_grad, dropout):
     q, k, v, b = core_args(requires_grad)
-    seed = torch.tensor(8)
+    seed = dropout_seed(8)
     _, lse = torch.ops.qkv.attention(q, k, v, b, dropout, False, False, None, seed)
     for average_heads in (False, True):
         torch.library.opcheck(torch.ops.qkv.attention_weights.default,
@@ -65,7 +69,7 @@ def test_opcheck_attention_with_weights(requires_grad, L, dropout):
     q, b = q[:, :, :L], b[:, :L]
     for average_heads in (False, True):
         torch.library.opcheck(torch.ops.qkv.attention_with_weights.default,
-                              (q, k, v, b, dropout, True, False, None, torch.tensor(5), average_heads))
+                              (q, k, v, b, dropout, True, False, None, dropout_seed(5), average_heads))
 
 
 def projection_args(requires_grad):
@@ -81,7 +85,7 @@ def test_opcheck_projection_ops(requires_grad, dropout):
     x, mem, w = projection_args(requires_grad)
     kpm = torch.zeros(2, 1, 1, 7)
     kpm[1, ..., -2:] = float("-inf")
-    seed = torch.tensor(11)
+    seed = dropout_seed(11)
     torch.library.opcheck(torch.ops.qkv.multi_head_attention.default,
                           (x, x, x, 4, w(48, 16), w(48), w(16, 16), w(16), kpm, False, dropout, seed))
     torch.library.opcheck(torch.ops.qkv.masked_self_attention.default,

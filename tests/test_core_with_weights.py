@@ -11,7 +11,9 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from reference import causal_hidden, reference_attention, reference_probs, tolerance
+from reference import causal_hidden, dropout_seed, reference_attention, reference_probs, tolerance
+
+pytestmark = pytest.mark.usefixtures("device")  # cpu, and cuda when present (conftest.py)
 
 ops = torch.ops.qkv
 F64 = torch.float64
@@ -136,7 +138,7 @@ def test_nan_query_row_reaches_output_and_weights():
 def test_dropout_matches_the_two_ops(L, average_heads, dtype):
     q, k, v = make_qkv(2, 3, L, 270, 16, dtype=dtype)
     bias = torch.randn(3, 1, 270, dtype=dtype)
-    seed = torch.tensor(1234)
+    seed = dropout_seed(1234)
     out, lse, weights = ops.attention_with_weights(q, k, v, bias, 0.3, True, False, None, seed, average_heads)
     want_out, want_lse = ops.attention(q, k, v, bias, 0.3, True, False, None, seed)
     want_weights = ops.attention_weights(q, k, bias, want_lse, 0.3, True, False, None, seed, average_heads)
@@ -165,7 +167,7 @@ def test_dropout_without_a_seed_drops_the_same_probabilities_in_out_and_weights(
 def test_gradcheck_through_out_and_weights(L, average_heads, dropout_p):
     q, k, v = make_qkv(1, 2, L, 30, 5, 4, dtype=F64, requires_grad=True)
     bias = torch.randn(2, L, 30, dtype=F64, requires_grad=True)
-    seed = torch.tensor(99)
+    seed = dropout_seed(99)
     w_grad = torch.randn((1, L, 30) if average_heads else (1, 2, L, 30), dtype=F64)
 
     def fn(q, k, v, bias):
@@ -210,10 +212,10 @@ def test_dropout_draws_exactly_one_seed(L, inference):
         torch.manual_seed(7)
         with torch.inference_mode(inference):
             call()
-        return torch.randint(0, 2**62, (1,))
+        return torch.randint(0, 2**62, (1,), device="cpu")
 
     got = next_draw_after(lambda: ops.attention_with_weights(q, k, v, None, 0.5, False))
-    assert torch.equal(got, next_draw_after(lambda: torch.randint(0, 2**62, (1,))))
+    assert torch.equal(got, next_draw_after(lambda: torch.randint(0, 2**62, (1,), device="cpu")))
 
 
 def test_only_value_needing_grad_skips_the_weights_backward():

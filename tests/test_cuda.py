@@ -1,10 +1,15 @@
-"""CUDA kernels of the qkv ops against plain float64 references.
+"""What only the CUDA kernels have, against the plain float64 references of reference.py: the kernel
+paths (QKV_CUDA_KERNEL = auto, generic, mma, fa2) and which calls each forced path must refuse,
+the tensor-core kernels of each head dim, fa2's deterministic backward, CUDA-only limits and
+errors, and agreement with the CPU kernels (dropout masks, projection ops).
+
+Everything else the ops promise is checked on the GPU by the core tests themselves, which run on
+every device (conftest.py's `device` fixture: test_core_*.py, test_features_*.py, test_varlen.py,
+test_kvcache.py); `make gpu-check` runs both (`-m "not cpu"`).
 
 Skipped when no GPU is available: this file tests a different machine. On a machine without a
 GPU, ``QKV_CUDA_TEST_DEVICE=cpu`` runs the same checks against the CPU kernels, which validates
 the references and tolerances of this file itself (the CUDA-only path switch is then a no-op).
-
-References, tolerances and input builders live in attention_reference.py.
 """
 from __future__ import annotations
 
@@ -15,12 +20,13 @@ import pytest
 import torch
 
 import qkv  # noqa: F401  (registers torch.ops.qkv)
-from attention_reference import (ALL_DTYPES, CAUSAL, LOW_PRECISION, SHAPES, Shape, assert_matches, draw_seed,
-                                 low_precision_reference, reference_attention, reference_grads, reference_probs,
-                                 seed_of)
-from attention_reference import make_bias as _make_bias
-from attention_reference import make_qkv as _make_qkv
+from reference import (ALL_DTYPES, CAUSAL, LOW_PRECISION, SHAPES, Shape, assert_matches, dropout_seed,
+                       feature_reference, low_precision_reference, reference_attention, reference_grads,
+                       reference_probs, seed_of)
+from reference import make_bias as _make_bias
+from reference import make_qkv as _make_qkv
 
+pytestmark = pytest.mark.cuda
 DEVICE = os.environ.get("QKV_CUDA_TEST_DEVICE", "cuda")
 if DEVICE == "cuda" and not torch.cuda.is_available():
     pytest.skip("no CUDA device: the CUDA kernels run on a GPU machine", allow_module_level=True)
@@ -37,9 +43,6 @@ DTYPE_PATHS = [
      for path in ("auto", "generic", "mma", "fa2")]
 # The head dims (head_dim == value_head_dim) each forced tensor-core path serves.
 FORCED_PATH_HEAD_DIMS = {"mma": (64, 128), "fa2": (64, 96, 128, 256)}
-
-
-# ---- references ---------------------------------------------------------------------------------
 
 
 # ---- inputs -------------------------------------------------------------------------------------
@@ -104,7 +107,7 @@ def test_forward_matches_reference(shape, dtype, path, causal, monkeypatch):
             ops.attention(q, k, v, None, 0.0, is_causal, bottom_right)
         return
     out, lse = ops.attention(q, k, v, None, 0.0, is_causal, bottom_right)
-    ref, ref_lse = reference_attention(q, k, v, None, is_causal, bottom_right)
+    ref, ref_lse = feature_reference(q, k, v, None, is_causal, bottom_right)
     assert out.device.type == DEVICE and out.dtype == dtype
     assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert_matches("out", out, ref, low_precision_reference(q, k, v, None, is_causal, bottom_right, dtype), dtype)
@@ -126,7 +129,7 @@ def test_forward_reads_strided_inputs(layout, dtype, path, shape, monkeypatch):
             ops.attention(q, k, v, None, 0.0, True, True)
         return
     out, _ = ops.attention(q, k, v, None, 0.0, True, True)
-    ref, _ = reference_attention(q, k, v, None, True, True)
+    ref = reference_attention(q, k, v, None, True, True)
     assert_matches("out", out, ref, low_precision_reference(q, k, v, None, True, True, dtype), dtype)
     # The output is a (B, H, L, Dv) view of (B, L, H, Dv) memory, exactly as the CPU and Meta kernels.
     assert out.transpose(1, 2).is_contiguous()
@@ -145,7 +148,7 @@ def test_forward_with_bias(kind, dtype, path, shape, monkeypatch):
             ops.attention(q, k, v, bias)
         return
     out, lse = ops.attention(q, k, v, bias)
-    ref, ref_lse = reference_attention(q, k, v, bias)
+    ref, ref_lse = feature_reference(q, k, v, bias)
     assert_matches("out", out, ref, low_precision_reference(q, k, v, bias, False, False, dtype), dtype)
     assert torch.equal(torch.isneginf(lse).cpu(), torch.isneginf(ref_lse).cpu())
 
@@ -172,7 +175,7 @@ def test_tensor_core_forward_is_taken_and_correct(dtype, path, D, layout, causal
         biases.append(full)
     for b in biases:
         out, lse = ops.attention(q, k, v, b, 0.0, is_causal, bottom_right)
-        ref, ref_lse = reference_attention(q, k, v, b, is_causal, bottom_right)
+        ref, ref_lse = feature_reference(q, k, v, b, is_causal, bottom_right)
         assert_matches("out", out, ref, low_precision_reference(q, k, v, b, is_causal, bottom_right, dtype), dtype)
         finite = torch.isfinite(ref_lse).cpu()
         assert torch.equal(torch.isfinite(lse).cpu(), finite)
@@ -191,7 +194,7 @@ def test_tensor_core_backward_is_taken_and_correct(dtype, path, D, causal, dropo
     shape = Shape(2, 3, 100, 150, D, D)
     q, k, v = make_qkv(shape, dtype, "token_major", seed=seed_of("bwd", D, causal))
     bias = make_bias("key_padding", shape, dtype)  # read; its gradient only on fa2 (mma computes none)
-    seed = draw_seed(31337)
+    seed = dropout_seed(31337)
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     if path == "fa2":
         bias = make_bias("rows_cols", shape, dtype).requires_grad_()
@@ -259,36 +262,6 @@ def test_tensor_core_forward_refuses_calls_it_cannot_serve(path, monkeypatch):
             out.sum().backward()
 
 
-def test_fully_masked_rows_give_zero_output_and_gradients():
-    shape = Shape(2, 2, 6, 4, 16, 16)
-    q, k, v = (t.requires_grad_() for t in make_qkv(shape, torch.float32, seed=9))
-    # bottom-right causal with L > S: the first L - S query rows see no key at all
-    out, lse = ops.attention(q, k, v, None, 0.0, True, True)
-    assert torch.equal(out[:, :, :2].detach().cpu(), torch.zeros(2, 2, 2, 16))
-    assert torch.isneginf(lse[:, :, :2]).all() and torch.isfinite(lse[:, :, 2:]).all()
-    out.sum().backward()
-    for t in (q, k, v):
-        assert torch.isfinite(t.grad).all()
-    assert torch.equal(q.grad[:, :, :2].cpu(), torch.zeros(2, 2, 2, 16))
-
-
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
-def test_empty_sequences(dtype):
-    q, k, v = make_qkv(Shape(2, 2, 5, 3, 8, 8), dtype)
-    out, lse = ops.attention(q, k[:, :, :0], v[:, :, :0])
-    assert torch.equal(out.cpu().double(), torch.zeros(2, 2, 5, 8, dtype=torch.float64))
-    assert torch.isneginf(lse).all()
-    out, lse = ops.attention(q[:, :, :0], k, v)
-    assert out.shape == (2, 2, 0, 8) and lse.shape == (2, 2, 0)
-
-
-def test_scale_argument():
-    q, k, v = make_qkv(Shape(1, 2, 10, 11, 32, 32), torch.float64)
-    out, _ = ops.attention(q, k, v, None, 0.0, False, False, 0.37)
-    ref, _ = reference_attention(q, k, v, scale=0.37)
-    assert_matches("out", out, ref, None, torch.float64)
-
-
 # ---- backward -----------------------------------------------------------------------------------
 
 
@@ -321,33 +294,6 @@ def test_gradients_match_reference(shape, dtype, path, causal, bias_kind, monkey
         assert_matches(name, g, r, lo, dtype)
 
 
-@pytest.mark.parametrize("causal", CAUSAL, ids=["full", "causal", "causal_bottom_right"])
-@pytest.mark.parametrize("bias_kind", ["none", "rows_cols", "key_padding", "per_head_row"])
-def test_gradcheck_float64(causal, bias_kind):
-    is_causal, bottom_right = causal
-    shape = Shape(2, 2, 5, 7, 6, 4)
-    q, k, v = (t.requires_grad_() for t in make_qkv(shape, torch.float64, seed=13))
-    bias = make_bias(bias_kind, shape, torch.float64)
-    inputs = (q, k, v)
-    if bias is not None and bias_kind != "key_padding":  # -inf entries have no finite-difference gradient
-        bias = bias.detach().clone().requires_grad_()
-        inputs = inputs + (bias,)
-
-    def fn(*args):
-        b = args[3] if len(args) > 3 else bias
-        return ops.attention(args[0], args[1], args[2], b, 0.0, is_causal, bottom_right)[0]
-
-    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
-
-
-def test_gradcheck_float64_with_dropout():
-    shape = Shape(1, 2, 6, 8, 5, 5)
-    q, k, v = (t.requires_grad_() for t in make_qkv(shape, torch.float64, seed=17))
-    seed = torch.tensor(12345)
-    assert torch.autograd.gradcheck(
-        lambda q, k, v: ops.attention(q, k, v, None, 0.3, True, False, None, seed)[0], (q, k, v), eps=1e-6, atol=1e-5)
-
-
 # ---- dropout ------------------------------------------------------------------------------------
 
 
@@ -356,14 +302,14 @@ def test_dropout_masks_identical_on_cpu_and_cuda(dtype):
     shape = Shape(2, 3, 37, 70, 64, 64)
     q, k, v = make_qkv(shape, dtype, seed=19)
     bias = make_bias("rows_cols", shape, dtype)
-    seed = draw_seed(987654321)
+    seed = dropout_seed(987654321)
     for is_causal, bottom_right in CAUSAL:
         _, lse = ops.attention(q, k, v, bias, 0.25, is_causal, bottom_right, None, seed)
         w_dev = ops.attention_weights(q, k, bias, lse, 0.25, is_causal, bottom_right, None, seed)
         qc, kc, bc = q.cpu(), k.cpu(), bias.cpu()
         _, lse_cpu = ops.attention(qc, kc, v.cpu(), bc, 0.25, is_causal, bottom_right, None, seed)
         w_cpu = ops.attention_weights(qc, kc, bc, lse_cpu, 0.25, is_causal, bottom_right, None, seed)
-        probs, _ = reference_probs(q, k, bias, is_causal, bottom_right)
+        probs = reference_probs(q, k, bias, is_causal, bottom_right)
         visible = (probs > 0).cpu()
         # Same hash, same seed: the same probabilities are dropped on both devices.
         assert torch.equal((w_dev.cpu() == 0) & visible, (w_cpu == 0) & visible)
@@ -376,16 +322,16 @@ def test_dropout_output_uses_the_weights_mask(dtype, path, monkeypatch):
     select_kernel_path(monkeypatch, path)
     shape = Shape(2, 2, 50, 130, 64, 64) if dtype in LOW_PRECISION else Shape(2, 2, 50, 130, 48, 40)
     q, k, v = make_qkv(shape, dtype, seed=23)
-    seed, p = draw_seed(4242), 0.4
+    seed, p = dropout_seed(4242), 0.4
     if forced_path_refuses(path, q, k, v):
         with pytest.raises(RuntimeError, match="does not qualify"):
             ops.attention(q, k, v, None, p, True, True, None, seed)
         return
     out, lse = ops.attention(q, k, v, None, p, True, True, None, seed)
     weights = ops.attention_weights(q, k, None, lse, p, True, True, None, seed)
-    probs, _ = reference_probs(q, k, None, True, True)
+    probs = reference_probs(q, k, None, True, True)
     keep = weights != 0
-    ref, _ = reference_attention(q, k, v, None, True, True, keep=keep, dropout_p=p)
+    ref = reference_attention(q, k, v, None, True, True, keep=keep, dropout_p=p)
     low = low_precision_reference(q, k, v, None, True, True, dtype, keep=keep, dropout_p=p)
     assert_matches("out", out, ref, low, dtype)
     # Kept weights are the probabilities scaled by 1 / (1 - p).
@@ -394,30 +340,12 @@ def test_dropout_output_uses_the_weights_mask(dtype, path, monkeypatch):
     torch.testing.assert_close(weights[kept].double().cpu(), (probs[kept] / (1 - p)).cpu(), rtol=tol, atol=tol)
 
 
-def test_dropout_statistics():
-    shape = Shape(4, 2, 256, 256, 32, 32)
-    q, k, v = make_qkv(shape, torch.float32, seed=29)
-    for p in (0.1, 0.5, 0.9):
-        _, lse = ops.attention(q, k, v, None, p, False, False, None, draw_seed(7))
-        w = ops.attention_weights(q, k, None, lse, p, False, False, None, draw_seed(7))
-        dropped = (w == 0).double().mean().item()
-        n = w.numel()
-        assert abs(dropped - p) < 6 * math.sqrt(p * (1 - p) / n) + 1e-9, f"p={p}: dropped fraction {dropped}"
-        # Unbiased: the expected row sum of the dropped-out weights is 1.
-        assert abs(w.double().sum(-1).mean().item() - 1.0) < 0.04  # about 6 standard deviations at p = 0.9
-    # A different seed gives a different mask.
-    _, lse = ops.attention(q, k, v, None, 0.5, False, False, None, draw_seed(1))
-    w1 = ops.attention_weights(q, k, None, lse, 0.5, False, False, None, draw_seed(1))
-    w2 = ops.attention_weights(q, k, None, lse, 0.5, False, False, None, draw_seed(2))
-    assert not torch.equal(w1 == 0, w2 == 0)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 def test_dropout_gradients_match_reference(dtype):
     shape = Shape(2, 2, 33, 47, 64, 64)
     q, k, v = make_qkv(shape, dtype, seed=31)
     bias = make_bias("rows_cols", shape, dtype)
-    seed, p = draw_seed(99), 0.3
+    seed, p = dropout_seed(99), 0.3
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     b = bias.detach().clone().requires_grad_()
     out, lse = ops.attention(*leaves, b, p, True, False, None, seed)
@@ -443,50 +371,10 @@ def test_attention_weights_match_reference(dtype, causal):
     bias = make_bias("per_head_row", shape, dtype)
     _, lse = ops.attention(q, k, v, bias, 0.0, is_causal, bottom_right)
     w = ops.attention_weights(q, k, bias, lse, 0.0, is_causal, bottom_right)
-    ref, _ = reference_probs(q, k, bias, is_causal, bottom_right)
-    low = reference_probs(q, k, bias, is_causal, bottom_right, dtype=dtype)[0] if dtype in LOW_PRECISION else None
+    ref = reference_probs(q, k, bias, is_causal, bottom_right)
+    low = reference_probs(q, k, bias, is_causal, bottom_right, dtype=dtype) if dtype in LOW_PRECISION else None
     assert w.is_contiguous() and w.shape == (2, 2, 45, 38)
     assert_matches("weights", w, ref, low, dtype)
-
-
-def test_attention_weights_gradients():
-    shape = Shape(1, 2, 6, 5, 4, 4)
-    q, k, _ = make_qkv(shape, torch.float64, seed=41)
-    bias = make_bias("rows_cols", shape, torch.float64).requires_grad_()
-    q.requires_grad_()
-    k.requires_grad_()
-
-    def fn(q, k, bias):
-        _, lse = ops.attention(q.detach(), k.detach(), k.detach(), bias.detach(), 0.0, True, False)
-        return ops.attention_weights(q, k, bias, lse, 0.0, True, False)
-
-    w = fn(q, k, bias)
-    ref, _ = reference_probs(q, k, bias, True, False)
-    gw = torch.randn_like(w)
-    got = torch.autograd.grad(w, (q, k, bias), gw)
-    want = torch.autograd.grad(ref, (q, k, bias), gw)
-    for g, r in zip(got, want):
-        torch.testing.assert_close(g, r, rtol=1e-8, atol=1e-10)
-
-
-# ---- opcheck ------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("requires_grad", [False, True])
-def test_opcheck(dtype, requires_grad):
-    shape = Shape(2, 2, 9, 11, 64, 64)
-    q, k, v = (t.requires_grad_(requires_grad) for t in make_qkv(shape, dtype, "token_major", seed=43))
-    bias = make_bias("rows_cols", shape, dtype).requires_grad_(requires_grad)
-    seed = draw_seed(5)
-    torch.library.opcheck(ops.attention.default, (q, k, v, bias, 0.0, True, False, None, None))
-    torch.library.opcheck(ops.attention.default, (q, k, v, None, 0.2, False, False, 0.5, seed))
-    out, lse = ops.attention(q.detach(), k.detach(), v.detach(), bias.detach(), 0.1, True, True, None, seed)
-    grad_out = torch.randn_like(out)
-    torch.library.opcheck(ops.attention_backward.default,
-                          (grad_out, q.detach(), k.detach(), v.detach(), bias.detach(), out, lse, 0.1, True, True, None,
-                           seed, True))
-    torch.library.opcheck(ops.attention_weights.default, (q, k, bias, lse, 0.1, True, True, None, seed))
 
 
 # ---- errors -------------------------------------------------------------------------------------

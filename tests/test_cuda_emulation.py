@@ -19,8 +19,8 @@ import pytest
 import torch
 
 import qkv  # noqa: F401  (registers torch.ops.qkv)
-from attention_reference import (ALL_DTYPES, CAUSAL, LOW_PRECISION, Shape, assert_matches, low_precision_reference,
-                                 make_bias, make_qkv, reference_attention, reference_grads, reference_probs, seed_of)
+from reference import (ALL_DTYPES, CAUSAL, LOW_PRECISION, Shape, assert_matches, low_precision_reference,
+                       make_bias, make_qkv, reference_attention, reference_grads, reference_probs, seed_of)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,7 +100,7 @@ def test_generic_forward(emulated, shape, dtype, causal):
     assert torch.equal(torch.isneginf(lse), torch.isneginf(want_lse))
     finite = torch.isfinite(want_lse)
     torch.testing.assert_close(lse[finite].double(), want_lse[finite].double(), rtol=1e-6, atol=1e-6)
-    ref, _ = reference_attention(q, k, v, None, is_causal, bottom_right)
+    ref = reference_attention(q, k, v, None, is_causal, bottom_right)
     assert_matches("out", out, ref, low_precision_reference(q, k, v, None, is_causal, bottom_right, dtype), dtype)
 
 
@@ -133,7 +133,7 @@ def test_tensor_core_forward(emulated, dtype, D, causal, shape_lsd):
         assert torch.equal(torch.isneginf(lse), torch.isneginf(want_lse))
         finite = torch.isfinite(want_lse)
         torch.testing.assert_close(lse[finite], want_lse[finite], rtol=1e-5, atol=1e-5)
-        ref, _ = reference_attention(q, k, v, b, is_causal, bottom_right)
+        ref = reference_attention(q, k, v, b, is_causal, bottom_right)
         assert_matches("out", out, ref, low_precision_reference(q, k, v, b, is_causal, bottom_right, dtype), dtype)
 
 
@@ -154,7 +154,7 @@ def test_dropout_matches_cpu_kernel(emulated, kernel, dtype):
         w = emulated.weights(q, k, expand_bias(bias, q, k), want_lse, scale, True, offset, p, seed)
         w_cpu = torch.ops.qkv.attention_weights(q, k, bias, want_lse, p, True, False, None,
                                                 torch.tensor(seed, dtype=torch.int64))
-        probs, _ = reference_probs(q, k, bias, True, False)
+        probs = reference_probs(q, k, bias, True, False)
         visible = probs > 0
         assert torch.equal((w == 0) & visible, (w_cpu == 0) & visible)
         assert_close_to_cpu_kernel("weights", w, w_cpu, dtype)
@@ -372,6 +372,6 @@ def test_long_key_sequence_generic_forward(emulated):
     k = torch.randn(S + D, generator=g, dtype=torch.float64).to(dtype).as_strided((1, 1, S, D), (0, 0, 1, 1))
     v = (torch.rand(S + D, generator=g, dtype=torch.float64) + 0.5).to(dtype).as_strided((1, 1, S, D), (0, 0, 1, 1))
     out, _ = emulated_forward(emulated, q, k, v)
-    ref, _ = reference_attention(q, k, v)
+    ref = reference_attention(q, k, v)
     err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
     assert err <= 1e-6, err

@@ -6,7 +6,9 @@ import math
 import pytest
 import torch
 
-from reference import alibi_slopes, feature_reference
+from reference import alibi_slopes, dropout_seed, feature_reference
+
+pytestmark = [pytest.mark.usefixtures("device"), pytest.mark.cuda_refuses]  # cuda: passes, or XFAIL on its refusal
 
 attention = torch.ops.qkv.attention
 
@@ -46,7 +48,7 @@ def test_gradcheck(H, Hk, L, S, options):
 
 def test_gradcheck_with_dropout_and_groups():
     q, k, v = leaves(2, 4, 2, 6, 9, 4)
-    seed = torch.tensor(1234)
+    seed = dropout_seed(1234)
     fn = lambda q, k, v: attention(q, k, v, None, 0.35, True, True, None, seed, 4, -1, 1.0, alibi_slopes(4))[0]
     assert torch.autograd.gradcheck(fn, (q, k, v))
 
@@ -124,6 +126,7 @@ def test_rows_that_see_nothing_get_zero_gradients():
     assert (dq[:, :, :20] == 0).all()  # rows 0..19: their bands end before key 0
 
 
+@pytest.mark.cpu_only("where NaN shows depends on the CPU backward tiles (64 x 128)")
 def test_backward_skips_key_blocks_outside_the_band():
     # As the forward: NaN in whole key blocks that no row of a block sees must not reach any
     # gradient of the rows and keys that never meet them (backward tiles: 64 rows x 128 keys).
@@ -144,7 +147,7 @@ def test_gradcheck_weights_ops_with_every_option():
     q, k, v = leaves(1, 4, 2, 5, 7, 3)
     slopes = alibi_slopes(4)
     options = (2, 1, 1.5, slopes)
-    seed = torch.tensor(11)
+    seed = dropout_seed(11)
 
     def weights(q, k):
         _, lse = attention(q * 2, k, v, None, 0.2, True, True, None, seed, *options)

@@ -8,7 +8,9 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from reference import alibi_slopes, feature_reference, tolerance, visible_keys
+from reference import alibi_slopes, dropout_seed, feature_reference, tolerance, visible_keys
+
+pytestmark = [pytest.mark.usefixtures("device"), pytest.mark.cuda_refuses]  # cuda: passes, or XFAIL on its refusal
 
 attention = torch.ops.qkv.attention
 
@@ -100,6 +102,7 @@ def test_rows_outside_every_window_output_zeros():
     assert (out[:, :, 12:] == 0).all() and (out[:, :, :12] != 0).any(-1).all()
 
 
+@pytest.mark.cpu_only("where NaN shows depends on the CPU forward tiles (128 x 256)")
 def test_key_blocks_outside_the_band_are_skipped():
     # Whole key blocks outside the band are never read: NaN keys there would poison a row whose
     # block was computed and masked afterwards (0 * NaN in P V), so finite rows prove the skip,
@@ -165,7 +168,7 @@ def test_reduced_precision(dtype):
 
 def test_dropout_is_replayed_by_the_weights_op():
     q, k, v = make_inputs(2, 4, 2, 40, 70, 8, dtype=torch.float64)
-    seed = torch.tensor(77)
+    seed = dropout_seed(77)
     options = (16, 4, 2.0, alibi_slopes(4))
     out, lse = attention(q, k, v, None, 0.3, True, True, None, seed, *options)
     weights = torch.ops.qkv.attention_weights(q, k, None, lse, 0.3, True, True, None, seed, False, *options)
@@ -196,7 +199,7 @@ def test_random_options_property(B, Hk, group, L, S, D, causal, bottom_right, le
     (lambda q, k, v: (q, k, v, None, 0.0, False, False, None, None, -1, -1, -0.5), r"softcap must be a finite number >= 0 \(0: off\); got -0.5"),
     (lambda q, k, v: (q, k, v, None, 0.0, False, False, None, None, -1, -1, float("inf")), r"softcap must be a finite number"),
     (lambda q, k, v: (q, k, v, None, 0.0, False, False, None, None, -1, -1, 0.0, torch.ones(3)),
-     r"alibi_slopes must be a float32 tensor of shape \(4\) or \(2, 4\) on cpu; got .*\[3\]"),
+     r"alibi_slopes must be a float32 tensor of shape \(4\) or \(2, 4\) on (cpu|cuda:\d+); got .*\[3\]"),
     (lambda q, k, v: (q, k, v, None, 0.0, False, False, None, None, -1, -1, 0.0, torch.ones(4, dtype=torch.float64)),
      r"alibi_slopes must be a float32 tensor"),
     (lambda q, k, v: (q, k, v, None, 0.0, False, False, None, None, -1, -1, 0.0, torch.ones(1, 4)),

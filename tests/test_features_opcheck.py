@@ -5,7 +5,9 @@ import pytest
 import torch
 
 import qkv
-from reference import alibi_slopes
+from reference import alibi_slopes, dropout_seed
+
+pytestmark = [pytest.mark.usefixtures("device"), pytest.mark.cuda_refuses]  # cuda: passes, or XFAIL on its refusal
 
 # The backward ops are once-differentiable: with requires_grad the AOT test that backprops
 # through them is left out (as in test_core_opcheck.py).
@@ -31,7 +33,7 @@ def core_args(requires_grad, option):
     q, k, v = core_inputs(requires_grad)
     bias = torch.randn(4, 10, 12, requires_grad=requires_grad) if has_bias else None
     slopes = {"heads": alibi_slopes(4), "batch_heads": alibi_slopes(4, 2), None: None}[alibi]
-    return (q, k, v, bias, dropout, causal, bottom_right, scale, torch.tensor(7), left, right, softcap, slopes)
+    return (q, k, v, bias, dropout, causal, bottom_right, scale, dropout_seed(7), left, right, softcap, slopes)
 
 
 @pytest.mark.parametrize("requires_grad", [False, True])
@@ -77,7 +79,7 @@ def varlen_args(requires_grad, dropout=0.0):
     q = torch.randn(10, 4, 8, requires_grad=requires_grad)
     k = torch.randn(14, 2, 8, requires_grad=requires_grad)
     v = torch.randn(14, 2, 6, requires_grad=requires_grad)
-    return (q, k, v, cu_q, cu_k, 7, 8, dropout, True, True, None, torch.tensor(3), 4, -1, 1.5, alibi_slopes(4))
+    return (q, k, v, cu_q, cu_k, 7, 8, dropout, True, True, None, dropout_seed(3), 4, -1, 1.5, alibi_slopes(4))
 
 
 @pytest.mark.parametrize("requires_grad", [False, True])

@@ -22,6 +22,13 @@ def test_the_scripts_parse():
         subprocess.run(["shellcheck", "-S", "warning", str(ROOT / "scripts" / "gpu_check.sh")], check=True)
 
 
+def test_the_gpu_check_runs_the_core_tests_on_the_device():
+    files = gpu_check.device_test_files()
+    for name in ("test_core_forward.py", "test_core_backward.py", "test_features_forward.py", "test_varlen.py"):
+        assert f"tests/{name}" in files
+    assert "tests/test_cuda.py" not in files and "tests/test_modules.py" not in files
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
 def test_without_a_gpu_the_script_stops_with_a_clear_message(tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], capture_output=True, text=True,
