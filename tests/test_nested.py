@@ -276,3 +276,41 @@ def test_nested_errors_name_the_argument():
         qkv.CausalSelfAttention(8, 2)(x, key_padding_mask=torch.zeros(2, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match="memory is a NestedTensor but x is not"):
         qkv.CrossAttention(8, 2)(dense, x)
+
+
+# ---- qkv.functional.scaled_dot_product_attention on jagged NestedTensors ---------------------
+
+
+def _jagged_heads(lengths, heads, features):
+    """torch's SDPA layout for NestedTensors: (B, H, ragged L, E), a jagged (B, ragged L, H, E) transposed."""
+    parts = [torch.randn(n, heads, features) for n in lengths]
+    return torch.nested.nested_tensor(parts, layout=torch.jagged).transpose(1, 2), parts
+
+
+@pytest.mark.parametrize("options", [{}, dict(is_causal=True), dict(enable_gqa=True, scale=0.3),
+                                     dict(is_causal=True, enable_gqa=True)], ids=str)
+def test_sdpa_jagged_matches_per_sequence_reference(options):
+    lengths, k_lengths = [4, 1, 7], [4, 1, 7]
+    gqa = options.get("enable_gqa", False)
+    query, qs = _jagged_heads(lengths, 4, 8)
+    key, ks = _jagged_heads(k_lengths, 2 if gqa else 4, 8)
+    value, vs = _jagged_heads(k_lengths, 2 if gqa else 4, 5)
+    out = qkv.functional.scaled_dot_product_attention(query, key, value, **options)
+    assert out.is_nested and out.layout == torch.jagged and out.shape[1] == 4
+    for got, q, k, v in zip(out.unbind(), qs, ks, vs):
+        want, _ = feature_reference(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                    is_causal=options.get("is_causal", False), scale=options.get("scale"))
+        torch.testing.assert_close(got.double(), want[0], atol=2e-6, rtol=2e-5)
+
+
+def test_sdpa_nested_errors():
+    query, _ = _jagged_heads([3, 2], 2, 4)
+    sdpa = qkv.functional.scaled_dot_product_attention
+    with pytest.raises(ValueError, match="attn_mask cannot be used with NestedTensor"):
+        sdpa(query, query, query, attn_mask=torch.ones(3, 3, dtype=torch.bool))
+    strided = torch.nested.nested_tensor([torch.randn(2, 3, 4), torch.randn(2, 2, 4)])
+    with pytest.raises(ValueError, match="must be jagged"):
+        sdpa(strided, strided, strided)
+    fewer, _ = _jagged_heads([3, 2], 1, 4)
+    with pytest.raises(ValueError, match="enable_gqa=True"):
+        sdpa(query, fewer, fewer)

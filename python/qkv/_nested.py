@@ -19,7 +19,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from ._attention_bias import draw_dropout_seed
 
-__all__ = ["Packed", "pack", "unpack", "check_nested_call", "packed_attention"]
+__all__ = ["Packed", "pack", "unpack", "check_nested_call", "packed_attention", "nested_sdpa"]
 
 
 @dataclass
@@ -37,11 +37,11 @@ class Packed:
         return max(self.lengths, default=0)
 
 
-def pack(nested: Tensor, name: str) -> Packed:
-    """Packs a ``(batch, ragged length, features)`` NestedTensor of either layout."""
-    if nested.dim() != 3:
-        raise ValueError(f"{name}: a NestedTensor input must be (batch, seq, features) with a ragged seq; got "
-                         f"{nested.dim()} dimensions")
+def pack(nested: Tensor, name: str, dims: int = 3) -> Packed:
+    """Packs a ``(batch, ragged length, features...)`` NestedTensor (``dims`` dimensions) of either layout."""
+    if nested.dim() != dims:
+        raise ValueError(f"{name}: a NestedTensor input must have {dims} dimensions, (batch, ragged seq, ...); got "
+                         f"{nested.dim()}")
     if nested.layout == torch.jagged:
         if nested._ragged_idx != 1:
             raise ValueError(f"{name}: the ragged dimension of a jagged NestedTensor must be dim 1 (the sequence); "
@@ -54,8 +54,8 @@ def pack(nested: Tensor, name: str) -> Packed:
             values, lengths = torch.cat(parts), [p.shape[0] for p in parts]
     else:
         parts = nested.unbind()
-        features = {p.shape[-1] for p in parts}
-        if any(p.dim() != 2 for p in parts) or len(features) > 1:
+        features = {p.shape[1:] for p in parts}
+        if len(features) > 1:
             raise ValueError(f"{name}: every sequence of a NestedTensor input must be (seq, features) with the same "
                              f"features; got shapes {[tuple(p.shape) for p in parts]}")
         values, lengths = torch.cat(parts), [p.shape[0] for p in parts]
@@ -140,3 +140,32 @@ def packed_attention(
         window[0], window[1])
     weights = weights.masked_fill(padded_row[:, None, :, None], 0.0)
     return out, (weights.mean(1) if average_attn_weights else weights)
+
+
+def nested_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None, dropout_p: float,
+                is_causal: bool, scale: float | None, enable_gqa: bool) -> Tensor:
+    """``scaled_dot_product_attention`` on jagged NestedTensors in torch's layout ``(B, H, ragged L, E)``
+    (a ``(B, ragged L, H, E)`` jagged tensor transposed): per-sequence attention through
+    ``attention_varlen``, is_causal top-left within each sequence. Returns ``(B, H, ragged L, Ev)``."""
+    tensors = {"query": query, "key": key, "value": value}
+    check_nested_call("qkv.functional.scaled_dot_product_attention", tensors, {"attn_mask": attn_mask})
+    for name, t in tensors.items():
+        if t.layout != torch.jagged or t.dim() != 4 or t._ragged_idx != 2:
+            raise ValueError(f"qkv.functional.scaled_dot_product_attention: NestedTensor {name} must be jagged "
+                             "(batch, heads, ragged seq, features), a (batch, ragged seq, heads, features) jagged "
+                             f"tensor transposed; got layout {t.layout} with {t.dim()} dimensions")
+    pq = pack(query.transpose(1, 2), "query", 4)
+    pk = pack(key.transpose(1, 2), "key", 4)
+    pv = pk if value is key else pack(value.transpose(1, 2), "value", 4)
+    if pk.lengths != pv.lengths:
+        raise ValueError(f"qkv.functional.scaled_dot_product_attention: key and value must have the same sequence "
+                         f"lengths; got {pk.lengths} and {pv.lengths}")
+    heads, kv_heads = pq.values.size(1), pk.values.size(1)
+    if heads != kv_heads and not enable_gqa:
+        raise ValueError(f"qkv.functional.scaled_dot_product_attention: query has {heads} heads and key {kv_heads}; "
+                         "pass enable_gqa=True for grouped-query attention")
+    seed = draw_dropout_seed() if dropout_p > 0.0 else None
+    out, _ = torch.ops.qkv.attention_varlen(
+        pq.values, pk.values, pv.values, pq.cu_seqlens, pk.cu_seqlens, pq.max_seqlen, pk.max_seqlen, dropout_p,
+        is_causal, False, scale, seed)
+    return unpack(out, pq).transpose(1, 2)
