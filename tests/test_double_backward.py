@@ -25,6 +25,18 @@ def leaves(*shapes):
     return [torch.randn(*s, dtype=F64, requires_grad=True) for s in shapes]
 
 
+class _OpRecorder(TorchDispatchMode):
+    """Records the ops dispatched while it is on (qkv.attention_backward: the flash kernel ran)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
 # Each case: (H, Hk, L, S, options); options are the core op's keyword arguments after value.
 CASES = {
     "plain": (2, 2, 3, 5, {}),
@@ -80,7 +92,10 @@ def test_composite_first_derivatives_equal_the_kernels(name):
     out = fn(*tensors)
     grad_out = torch.randn_like(out)
     kernel = torch.autograd.grad(out, tensors, grad_out)
-    composite = torch.autograd.grad(fn(*tensors), tensors, grad_out, create_graph=True)
+    out = fn(*tensors)
+    with _OpRecorder() as recorder:
+        composite = torch.autograd.grad(out, tensors, grad_out, create_graph=True)
+    assert "qkv.attention_backward" not in recorder.ops  # the composite ran, not the kernel
     assert all(g.requires_grad for g in composite)
     for got, want in zip(composite, kernel):
         torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
@@ -129,6 +144,22 @@ def test_gradgradcheck_multihead_attention(need_weights, config):
     assert gradgradcheck(fn, (query, key, value, params))
 
 
+@pytest.mark.parametrize("module", ["self_gqa_window", "causal", "cross"])
+def test_gradgradcheck_batch_first_modules(module):
+    if module == "self_gqa_window":
+        m = qkv.SelfAttention(4, 2, num_kv_heads=1, window=2, dtype=F64)
+    elif module == "causal":
+        m = qkv.CausalSelfAttention(4, 2, dtype=F64)
+    else:
+        m = qkv.CrossAttention(4, 2, kdim=3, vdim=3, dtype=F64)
+    x = torch.randn(2, 3, 4, dtype=F64, requires_grad=True)
+    memory = torch.randn(2, 5, 3, dtype=F64, requires_grad=True)
+    if module == "cross":
+        assert gradgradcheck(lambda x, memory: m(x, memory), (x, memory))
+    else:
+        assert gradgradcheck(lambda x: m(x), (x,))
+
+
 def test_second_derivatives_match_torch_multihead_attention():
     """A gradient penalty through qkv.MultiheadAttention equals torch's (float64, need_weights=True)."""
     torch.manual_seed(4)
@@ -147,16 +178,6 @@ def test_second_derivatives_match_torch_multihead_attention():
 
     for got, want in zip(penalty(ours), penalty(ref)):
         torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-9)
-
-
-class _OpRecorder(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.add(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
 
 
 def test_the_flash_backward_kernel_still_serves_first_order_gradients():
