@@ -191,6 +191,14 @@ class AttentionVarlenFunction : public torch::autograd::Function<AttentionVarlen
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     if (!grads[0].defined()) return variable_list(16);
+    if (second_order_requested()) {
+      auto g = differentiable_varlen_grads(grads[0], saved[0], saved[1], saved[2], saved[5], saved[6], saved[8],
+                                           saved_options(ctx),
+                                           {ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(2)});
+      variable_list result(16);
+      result[0] = g[0], result[1] = g[1], result[2] = g[2];
+      return result;
+    }
     static const auto backward_op = c10::Dispatcher::singleton()
                                         .findSchemaOrThrow("qkv::attention_varlen_backward", "")
                                         .typed<VarlenBackwardSignature>();

@@ -78,6 +78,39 @@ at::Tensor composite_probs(const at::Tensor& q, const at::Tensor& k, const at::T
   return p;
 }
 
+// The gradients of `outputs` (given theirs, `grads`) with respect to the wanted `inputs`, with a
+// graph (create_graph). `compute` builds the outputs from the inputs' fresh aliases: the gradient
+// of each argument alone even when one tensor is passed twice (attention(x, x, x)), and each
+// alias's graph leads back to its tensor.
+template <size_t N, typename Compute>
+std::vector<at::Tensor> gradients_with_graph(const std::array<const at::Tensor*, N>& inputs,
+                                             const std::array<bool, N>& wanted, Compute compute) {
+  std::vector<at::Tensor> aliases(N), wrt, result(N);
+  std::vector<size_t> slot;
+  for (const auto i : c10::irange(N)) {
+    const at::Tensor& t = *inputs[i];
+    if (!t.defined()) continue;
+    const bool grad = wanted[i] && t.requires_grad();
+    aliases[i] = grad ? t.view_as(t) : t;
+    if (grad) {
+      wrt.push_back(aliases[i]);
+      slot.push_back(i);
+    }
+  }
+  if (wrt.empty()) return result;
+  auto [outputs, grads] = compute(aliases);
+  if (outputs.empty()) return result;
+  const auto found = torch::autograd::grad(outputs, wrt, grads, /*retain_graph=*/true, /*create_graph=*/true,
+                                           /*allow_unused=*/true);
+  for (const auto n : c10::irange(wrt.size())) {
+    const at::Tensor& input = *inputs[slot[n]];
+    result[slot[n]] = found[n].defined() ? found[n].to(input.scalar_type()) : at::zeros_like(input);
+  }
+  return result;
+}
+
+using OutputsAndGrads = std::pair<std::vector<at::Tensor>, std::vector<at::Tensor>>;
+
 }  // namespace
 
 std::vector<at::Tensor> differentiable_attention_grads(const at::Tensor& grad_out, const at::Tensor& grad_weights,
@@ -87,42 +120,59 @@ std::vector<at::Tensor> differentiable_attention_grads(const at::Tensor& grad_ou
                                                        const at::Tensor& dropout_seed,
                                                        const at::Tensor& alibi_slopes, const CallOptions& options,
                                                        std::array<bool, 4> wanted) {
-  const at::Tensor* inputs[4] = {&query, &key, &value, &bias};
-  // Fresh aliases: the gradient of each argument alone, even when one tensor is passed twice
-  // (attention(x, x, x)); each alias's own graph leads back to its tensor.
-  std::vector<at::Tensor> aliases(4), wrt;
-  std::vector<int> slot;
-  for (const auto i : c10::irange(4)) {
-    const at::Tensor& t = *inputs[i];
-    if (!t.defined()) continue;
-    aliases[i] = wanted[i] && t.requires_grad() ? t.view_as(t) : t;
-    if (wanted[i] && t.requires_grad()) {
-      wrt.push_back(aliases[i]);
-      slot.push_back(i);
-    }
-  }
-  std::vector<at::Tensor> result(4);
-  if (wrt.empty()) return result;
   const auto acc = at::toOpMathType(query.scalar_type());
-  const at::Tensor q = aliases[0].to(acc), k = aliases[1].to(acc);
-  const at::Tensor probs = composite_probs(q, k, aliases[3], logsumexp, dropout_seed, alibi_slopes, options);
-  std::vector<at::Tensor> outputs, grads;
-  if (grad_out.defined() && value.defined()) {
-    outputs.push_back(at::matmul(probs, repeat_heads(aliases[2].to(acc), query.size(1))));
-    grads.push_back(grad_out.to(acc));
-  }
-  if (grad_weights.defined()) {
-    outputs.push_back(average_heads ? probs.mean(1) : probs);
-    grads.push_back(grad_weights.to(acc));
-  }
-  if (outputs.empty()) return result;
-  const auto found = torch::autograd::grad(outputs, wrt, grads, /*retain_graph=*/true, /*create_graph=*/true,
-                                           /*allow_unused=*/true);
-  for (const auto n : c10::irange(wrt.size())) {
-    const at::Tensor& input = *inputs[slot[n]];
-    result[slot[n]] = found[n].defined() ? found[n].to(input.scalar_type()) : at::zeros_like(input);
-  }
-  return result;
+  return gradients_with_graph<4>({&query, &key, &value, &bias}, wanted, [&](const std::vector<at::Tensor>& in) {
+    const at::Tensor probs =
+        composite_probs(in[0].to(acc), in[1].to(acc), in[3], logsumexp, dropout_seed, alibi_slopes, options);
+    OutputsAndGrads result;
+    if (grad_out.defined() && value.defined()) {
+      result.first.push_back(at::matmul(probs, repeat_heads(in[2].to(acc), query.size(1))));
+      result.second.push_back(grad_out.to(acc));
+    }
+    if (grad_weights.defined()) {
+      result.first.push_back(average_heads ? probs.mean(1) : probs);
+      result.second.push_back(grad_weights.to(acc));
+    }
+    return result;
+  });
+}
+
+std::vector<at::Tensor> differentiable_varlen_grads(const at::Tensor& grad_out, const at::Tensor& query,
+                                                    const at::Tensor& key, const at::Tensor& value,
+                                                    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                                    const at::Tensor& alibi_slopes, const CallOptions& options,
+                                                    std::array<bool, 3> wanted) {
+  // The packed op's dropout counter runs over (max_seqlen_q, max_seqlen_k) blocks, which the
+  // dense composite does not replay.
+  TORCH_CHECK(options.dropout_p == 0.0,
+              "qkv.attention_varlen: double backward (a gradient of a gradient) with dropout_p > 0 is not supported; "
+              "use dropout_p=0 or the padded qkv.attention");
+  const at::Tensor cu_q = cu_seqlens_q.to(at::kCPU, at::kLong), cu_k = cu_seqlens_k.to(at::kCPU, at::kLong);
+  const int64_t batch = cu_q.size(0) - 1;
+  const int64_t used_q = batch >= 0 ? cu_q[batch].item<int64_t>() : 0;
+  const auto acc = at::toOpMathType(query.scalar_type());
+  return gradients_with_graph<3>({&query, &key, &value}, wanted, [&](const std::vector<at::Tensor>& in) {
+    // (rows, heads, dim) -> (1, heads, rows, dim) per sequence, each through the dense composite.
+    const auto sequence = [&](const at::Tensor& t, int64_t start, int64_t end) {
+      return t.narrow(0, start, end - start).transpose(0, 1).unsqueeze(0).to(acc);
+    };
+    std::vector<at::Tensor> outs;
+    for (const auto b : c10::irange(batch)) {
+      const int64_t q0 = cu_q[b].item<int64_t>(), q1 = cu_q[b + 1].item<int64_t>();
+      const int64_t k0 = cu_k[b].item<int64_t>(), k1 = cu_k[b + 1].item<int64_t>();
+      const at::Tensor slopes =
+          alibi_slopes.defined() && alibi_slopes.dim() == 2 ? alibi_slopes[b] : alibi_slopes;
+      const at::Tensor probs = composite_probs(sequence(in[0], q0, q1), sequence(in[1], k0, k1), at::Tensor(),
+                                               at::Tensor(), at::Tensor(), slopes, options);
+      outs.push_back(at::matmul(probs, repeat_heads(sequence(in[2], k0, k1), query.size(1))).squeeze(0).transpose(0, 1));
+    }
+    OutputsAndGrads result;
+    if (!outs.empty() && used_q > 0) {
+      result.first.push_back(at::cat(outs));
+      result.second.push_back(grad_out.narrow(0, 0, used_q).to(acc));
+    }
+    return result;
+  });
 }
 
 }  // namespace qkv

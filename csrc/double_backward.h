@@ -38,4 +38,12 @@ std::vector<at::Tensor> differentiable_attention_grads(const at::Tensor& grad_ou
                                                        const at::Tensor& alibi_slopes, const CallOptions& options,
                                                        std::array<bool, 4> wanted);
 
+// The same for attention_varlen (packed (total, heads, dim) tensors, sequences by their offsets):
+// each sequence through the dense composite. Not with dropout (raises).
+std::vector<at::Tensor> differentiable_varlen_grads(const at::Tensor& grad_out, const at::Tensor& query,
+                                                    const at::Tensor& key, const at::Tensor& value,
+                                                    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                                    const at::Tensor& alibi_slopes, const CallOptions& options,
+                                                    std::array<bool, 3> wanted);
+
 }  // namespace qkv

@@ -196,10 +196,42 @@ def test_the_flash_backward_kernel_still_serves_first_order_gradients():
     assert "qkv.attention_backward" in recorder.ops and "aten._softmax" not in recorder.ops
 
 
-def test_varlen_double_backward_raises_a_clear_error():
+VARLEN_OPTIONS = {
+    "plain": {},
+    "causal_bottom_right_window": dict(is_causal=True, bottom_right=True, window=(2, -1)),
+    "causal_top_left_softcap": dict(is_causal=True, softcap=1.5),
+    "alibi_per_sequence_window": dict(alibi="per_batch", window=(1, 2), bottom_right=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(VARLEN_OPTIONS))
+def test_gradgradcheck_varlen(name):
+    """The packed op: sequences of different lengths (one with no keys), GQA, rows past the last offset."""
+    options = dict(VARLEN_OPTIONS[name])
+    cu_q = torch.tensor([0, 2, 6, 7], dtype=torch.int32)
+    cu_k = torch.tensor([0, 3, 5, 5], dtype=torch.int32)
+    q, k, v = leaves((8, 4, 3), (5, 2, 3), (5, 2, 2))
+    alibi = options.pop("alibi", None)
+    slopes = alibi_slopes(4, 3) * 4 if alibi else None
+    window = options.pop("window", (-1, -1))
+
+    def fn(q, k, v):
+        return torch.ops.qkv.attention_varlen(
+            q * 2.0, k, v, cu_q, cu_k, 4, 3, 0.0, options.get("is_causal", False), options.get("bottom_right", False),
+            None, None, window[0], window[1], options.get("softcap", 0.0), slopes)[0]
+
+    assert gradgradcheck(fn, (q, k, v))
+    out = fn(q, k, v)
+    grad_out = torch.randn_like(out)
+    kernel = torch.autograd.grad(out, (q, k, v), grad_out)
+    composite = torch.autograd.grad(fn(q, k, v), (q, k, v), grad_out, create_graph=True)
+    for got, want in zip(composite, kernel):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+
+
+def test_varlen_double_backward_with_dropout_raises_a_clear_error():
     q, k, v = leaves((5, 2, 3), (5, 2, 3), (5, 2, 3))
     cu = torch.tensor([0, 2, 5], dtype=torch.int32)
-    out, _ = torch.ops.qkv.attention_varlen(q, k, v, cu, cu, 3, 3)
-    (grad_q,) = torch.autograd.grad(out.sum(), q, create_graph=True)
-    with pytest.raises(RuntimeError, match="double backward .* is not supported"):
-        grad_q.sum().backward()
+    out, _ = torch.ops.qkv.attention_varlen(q, k, v, cu, cu, 3, 3, 0.2, False, False, None, torch.tensor(3))
+    with pytest.raises(RuntimeError, match="attention_varlen: double backward .* with dropout_p > 0 is not supported"):
+        torch.autograd.grad(out.sum(), q, create_graph=True)
