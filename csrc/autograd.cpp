@@ -2,6 +2,7 @@
 // gradients too. Forward and backward each call a registered op through the dispatcher,
 // so torch.compile traces both and every device kernel is reached the same way.
 #include "attention_common.h"
+#include "double_backward.h"
 #include "qkv/qkv.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -42,6 +43,16 @@ void save_options(AutogradContext* ctx, double dropout_p, bool is_causal, bool b
 }
 
 int64_t saved_int(AutogradContext* ctx, const char* name) { return ctx->saved_data[name].toInt(); }
+
+CallOptions saved_options(AutogradContext* ctx) {
+  return {ctx->saved_data["dropout_p"].toDouble(), ctx->saved_data["is_causal"].toBool(),
+          ctx->saved_data["bottom_right"].toBool(), ctx->saved_data["scale"].toOptional<double>(),
+          saved_int(ctx, "window_left"), saved_int(ctx, "window_right"), ctx->saved_data["softcap"].toDouble()};
+}
+
+// A backward that runs with grad mode on (create_graph=True) must itself be differentiable: it
+// takes the composite of double_backward.h instead of the flash backward kernel.
+bool second_order_requested() { return at::GradMode::is_enabled(); }
 
 // Gradients of (query, key, value, bias) reaching the output through the flash backward.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> output_backward(
@@ -118,6 +129,13 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     if (!grads[0].defined()) return variable_list(13);
     // Edges exist only for defined tensor inputs: bias is edge 3 when present.
     const bool bias_grad = saved[3].defined() && ctx->needs_input_grad(3);
+    if (second_order_requested()) {
+      auto g = differentiable_attention_grads(grads[0], {}, false, saved[0], saved[1], saved[2], saved[3], saved[5],
+                                              saved[6], saved[7], saved_options(ctx),
+                                              {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                                               ctx->needs_input_grad(2), bias_grad});
+      return {g[0], g[1], g[2], g[3], {}, {}, {}, {}, {}, {}, {}, {}, {}};
+    }
     auto [dq, dk, dv, dbias] = output_backward(ctx, grads[0], saved[0], saved[1], saved[2], saved[3], saved[4],
                                                saved[5], saved[6], saved[7], bias_grad);
     return {dq, dk, dv, bias_grad ? dbias : at::Tensor(), {}, {}, {}, {}, {}, {}, {}, {}, {}};
@@ -173,6 +191,14 @@ class AttentionVarlenFunction : public torch::autograd::Function<AttentionVarlen
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     if (!grads[0].defined()) return variable_list(16);
+    if (second_order_requested()) {
+      auto g = differentiable_varlen_grads(grads[0], saved[0], saved[1], saved[2], saved[5], saved[6], saved[8],
+                                           saved_options(ctx),
+                                           {ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(2)});
+      variable_list result(16);
+      result[0] = g[0], result[1] = g[1], result[2] = g[2];
+      return result;
+    }
     static const auto backward_op = c10::Dispatcher::singleton()
                                         .findSchemaOrThrow("qkv::attention_varlen_backward", "")
                                         .typed<VarlenBackwardSignature>();
@@ -223,6 +249,15 @@ class AttentionWeightsFunction : public torch::autograd::Function<AttentionWeigh
     const auto saved = ctx->get_saved_variables();
     if (!grads[0].defined()) return variable_list(14);
     const bool bias_grad = saved[2].defined() && ctx->needs_input_grad(2);  // bias is edge 2 when present
+    if (second_order_requested()) {
+      auto g = differentiable_attention_grads({}, grads[0], ctx->saved_data["average_heads"].toBool(), saved[0],
+                                              saved[1], at::Tensor(), saved[2], saved[3], saved[4], saved[5],
+                                              saved_options(ctx),
+                                              {ctx->needs_input_grad(0), ctx->needs_input_grad(1), false, bias_grad});
+      variable_list result(14);
+      result[0] = g[0], result[1] = g[1], result[2] = g[3];
+      return result;
+    }
     auto [dq, dk, dbias] = weights_backward(ctx, grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], saved[5],
                                             ctx->saved_data["average_heads"].toBool(), bias_grad);
     variable_list result(14);
@@ -268,6 +303,16 @@ class AttentionWithWeightsFunction : public torch::autograd::Function<AttentionW
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const bool bias_grad = saved[3].defined() && ctx->needs_input_grad(3);  // bias is edge 3 when present
+    if (second_order_requested()) {
+      auto g = differentiable_attention_grads(grads[0], grads[2], ctx->saved_data["average_heads"].toBool(), saved[0],
+                                              saved[1], saved[2], saved[3], saved[5], saved[6], saved[7],
+                                              saved_options(ctx),
+                                              {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                                               ctx->needs_input_grad(2), bias_grad});
+      variable_list result(14);
+      result[0] = g[0], result[1] = g[1], result[2] = g[2], result[3] = g[3];
+      return result;
+    }
     at::Tensor dq, dk, dv, dbias;
     if (grads[0].defined()) {
       std::tie(dq, dk, dv, dbias) = output_backward(ctx, grads[0], saved[0], saved[1], saved[2], saved[3], saved[4],

@@ -116,10 +116,14 @@ def test_expanded_grad_out_from_sum():
     torch.testing.assert_close(q.grad, want, **tolerance(torch.float64))
 
 
-def test_double_backward_raises_a_clear_error():
+def test_double_backward_of_the_backward_op_itself_raises_a_clear_error():
+    # The core op's own backward is differentiable (test_double_backward.py); the raw backward op,
+    # called directly, is differentiable once and says so.
     q, k, v = leaf(1, 1, 3, 4), leaf(1, 1, 5, 4), leaf(1, 1, 5, 4)
-    out, _ = attention(q, k, v)
-    (grad_q,) = torch.autograd.grad(out.sum(), q, create_graph=True)
+    out, lse = attention(q, k, v)
+    grad_out = torch.randn_like(out, requires_grad=True)
+    grad_q = torch.ops.qkv.attention_backward(grad_out, q, k, v, None, out.detach(), lse, 0.0, False, False, None,
+                                            None, False)[0]
     with pytest.raises(RuntimeError, match="double backward .* is not supported"):
         grad_q.sum().backward()
 

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from . import _C  # noqa: F401  (registers torch.ops.qkv.*)
 from ._attention_bias import attend_to_bias, draw_dropout_seed
+from ._nested import nested_sdpa
 
 __all__ = ["scaled_dot_product_attention"]
 
@@ -66,8 +67,13 @@ def scaled_dot_product_attention(
         ``(..., Hq, L, Ev)``, stored like the query (contiguous for a contiguous query; the
         ``(B, L, H, Ev)`` layout for a query that is a transposed ``(B, L, H, E)`` tensor).
 
+    Jagged NestedTensors ``(B, H, ragged L, E)`` (as torch takes them) run per sequence through
+    the packed kernel, without padding; ``attn_mask`` is not supported with them.
+
     Deliberate difference: a row that attends to no key gives zeros (never NaN).
     """
+    if query.is_nested or key.is_nested or value.is_nested:
+        return nested_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if query.dim() < 2 or key.dim() < 2 or value.dim() < 2:
         raise RuntimeError(
             "Expected query, key, and value to all be  at least 2 dimensional, but got query.dim: "

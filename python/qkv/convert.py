@@ -24,19 +24,13 @@ def convert(model: nn.Module) -> nn.Module:
     Only exact ``torch.nn.MultiheadAttention`` instances are converted: subclasses (for example
     torch.ao's quantizable one) may override ``forward`` and are left alone.
 
-    ``nn.TransformerEncoder`` modules whose layers end up with a qkv self-attention get their
-    nested-tensor inference path (``use_nested_tensor``) turned off: it would hand NestedTensors to
-    the attention, which qkv does not take.
+    ``nn.TransformerEncoder``'s nested-tensor inference path (``use_nested_tensor``) is kept: qkv
+    takes the NestedTensors it hands the attention (unpadded, through the varlen kernel).
     """
     replacements: dict[int, MultiheadAttention] = {}
     if type(model) is nn.MultiheadAttention:
         return _replacement(model, replacements)
     _convert_children(model, replacements)
-    for module in model.modules():
-        if isinstance(module, nn.TransformerEncoder) and any(
-            isinstance(getattr(layer, "self_attn", None), MultiheadAttention) for layer in module.layers
-        ):
-            module.use_nested_tensor = False
     return model
 
 

@@ -21,7 +21,8 @@ from torch.nn.parameter import Parameter
 
 from . import _C  # noqa: F401  (registers torch.ops.qkv.*)
 from ._attention_bias import add_biases, draw_dropout_seed, masked_out_to_bias
-from .functional import _mha_forward
+from ._nested import check_nested_call, pack, packed_attention, unpack
+from .functional import _mha_forward, _packed_in_projection
 
 __all__ = ["MultiheadAttention", "SelfAttention", "CausalSelfAttention", "CrossAttention"]
 
@@ -133,8 +134,11 @@ class MultiheadAttention(nn.Module):
         device, dtype: factory arguments for the parameters.
 
     Differences from torch, both deliberate: a query row that may attend to nothing outputs zeros
-    (torch: NaN on its general path); there is no fused inference fast path and no NestedTensor
-    input (the general path is the fast one here). Batch-first outputs are contiguous.
+    (torch: NaN on its general path); there is no fused inference fast path (the general path is the
+    fast one here). Batch-first outputs are contiguous. NestedTensor inputs (jagged or strided,
+    what nn.TransformerEncoder passes in inference) run unpadded through the varlen kernel, also in
+    training and for cross-attention (torch: its fused inference path only). Second derivatives
+    (``create_graph=True``) are supported.
     """
 
     __constants__ = ["batch_first"]
@@ -212,6 +216,9 @@ class MultiheadAttention(nn.Module):
             ``(attn_output, attn_weights)``: output in the query's layout; weights ``(N, L, S)`` /
             ``(N, num_heads, L, S)`` (unbatched: no ``N``) or ``None``.
         """
+        if query.is_nested or key.is_nested or value.is_nested:
+            return self._nested_forward(
+                query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal)
         is_batched = query.dim() == 3
         # As torch's module: canonicalise here (this is where the mismatched-mask warning comes from).
         key_padding_mask = F._canonical_mask(
@@ -229,12 +236,6 @@ class MultiheadAttention(nn.Module):
             target_type=query.dtype,
             check_other=False,
         )
-        if query.is_nested or key.is_nested or value.is_nested:
-            raise AssertionError(
-                "qkv.MultiheadAttention does not support NestedTensor input; pass padded tensors with a "
-                "key_padding_mask (with nn.TransformerEncoder, construct it with enable_nested_tensor=False, "
-                "or use qkv.convert, which turns its nested-tensor path off)"
-            )
         separate = not self._qkv_same_embed_dim
         return _mha_forward(
             query,
@@ -262,6 +263,49 @@ class MultiheadAttention(nn.Module):
             is_causal=is_causal,
             batch_first=self.batch_first and is_batched,
         )
+
+
+    def _nested_forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None,
+        need_weights: bool,
+        attn_mask: Tensor | None,
+        average_attn_weights: bool,
+        is_causal: bool,
+    ) -> tuple[Tensor, Tensor | None]:
+        """NestedTensor inputs (``(N, ragged L, E)``, jagged or strided; what nn.TransformerEncoder
+        passes in inference): packed, no padding, through the varlen kernel; the output is a
+        NestedTensor of the query's layout, the weights torch's padded ``(N, L, S)`` (see _nested.py)."""
+        name = "qkv.MultiheadAttention"
+        check_nested_call(name, {"query": query, "key": key, "value": value},
+                          {"key_padding_mask": key_padding_mask, "attn_mask": attn_mask, "is_causal": is_causal})
+        if self.bias_k is not None or self.add_zero_attn:
+            raise ValueError(f"{name}: add_bias_kv and add_zero_attn are not supported with NestedTensor inputs")
+        pq = pack(query, "query")
+        pk = pq if key is query else pack(key, "key")
+        pv = pk if value is key else pq if value is query else pack(value, "value")
+        if pk.lengths != pv.lengths:
+            raise ValueError(f"{name}: key and value must have the same sequence lengths; got {pk.lengths} and "
+                             f"{pv.lengths}")
+        for arg, packed, dim in (("query", pq, self.embed_dim), ("key", pk, self.kdim), ("value", pv, self.vdim)):
+            if packed.values.size(-1) != dim:
+                raise AssertionError(f"was expecting {arg} features of {dim}, but got {packed.values.size(-1)}")
+        if self._qkv_same_embed_dim:
+            q, k, v = _packed_in_projection(pq.values, pk.values, pv.values, self.in_proj_weight, self.in_proj_bias)
+        else:
+            b_q, b_k, b_v = (None,) * 3 if self.in_proj_bias is None else self.in_proj_bias.chunk(3)
+            q = F.linear(pq.values, self.q_proj_weight, b_q)
+            k = F.linear(pk.values, self.k_proj_weight, b_k)
+            v = F.linear(pv.values, self.v_proj_weight, b_v)
+        heads = (self.num_heads, self.head_dim)
+        out, weights = packed_attention(
+            pq, pk, q.unflatten(-1, heads), k.unflatten(-1, heads), v.unflatten(-1, heads),
+            self.dropout if self.training else 0.0, need_weights=need_weights,
+            average_attn_weights=average_attn_weights)
+        return unpack(F.linear(out.flatten(-2), self.out_proj.weight, self.out_proj.bias), pq), weights
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,6 +431,33 @@ class _BatchFirstAttention(nn.Module):
             kv_embed_dim=self.num_kv_heads * self.head_dim,
         )
 
+    def _nested_forward(
+        self, x: Tensor, memory: Tensor | None, masks: dict[str, Tensor | None], is_causal: bool = False,
+        window: tuple[int, int] = (-1, -1),
+    ) -> Tensor:
+        """NestedTensor ``x`` (and ``memory``): ``(N, ragged L, E)``, jagged or strided, packed without
+        padding through the varlen kernel; returns a NestedTensor of x's layout (see _nested.py)."""
+        name = f"qkv.{type(self).__name__}"
+        check_nested_call(name, {"x": x} if memory is None else {"x": x, "memory": memory}, masks)
+        px = pack(x, "x")
+        pm = px if memory is None else pack(memory, "memory")
+        kv_rows = self.num_kv_heads * self.head_dim
+        rows = [self.embed_dim, kv_rows, kv_rows]
+        b_q, b_k, b_v = (None,) * 3 if self.in_proj_bias is None else self.in_proj_bias.split(rows)
+        if memory is None:  # one GEMM for the three projections
+            q, k, v = F.linear(px.values, self.in_proj_weight, self.in_proj_bias).split(rows, -1)
+        else:
+            if self.in_proj_weight is not None:
+                w_q, w_k, w_v = self.in_proj_weight.split(rows)
+            else:
+                w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+            q, k, v = F.linear(px.values, w_q, b_q), F.linear(pm.values, w_k, b_k), F.linear(pm.values, w_v, b_v)
+        kv_heads = (self.num_kv_heads, self.head_dim)
+        out, _ = packed_attention(
+            px, pm, q.unflatten(-1, (self.num_heads, self.head_dim)), k.unflatten(-1, kv_heads),
+            v.unflatten(-1, kv_heads), self.dropout if self.training else 0.0, is_causal, window)
+        return unpack(F.linear(out.flatten(-2), self.out_proj.weight, self.out_proj.bias), px)
+
     def _dropout_args(self) -> tuple[float, Tensor | None]:
         p = self.dropout if self.training else 0.0
         return p, (draw_dropout_seed() if p > 0.0 else None)
@@ -439,7 +510,11 @@ class SelfAttention(_BatchFirstAttention):
     def forward(
         self, x: Tensor, key_padding_mask: Tensor | None = None, attn_mask: Tensor | None = None
     ) -> Tensor:
-        """Self-attention of ``x`` ``(N, L, E)``; returns ``(N, L, E)``."""
+        """Self-attention of ``x`` ``(N, L, E)``; returns ``(N, L, E)``. A NestedTensor ``x`` (no masks)
+        runs unpadded and returns a NestedTensor."""
+        if x.is_nested:
+            return self._nested_forward(x, None, {"key_padding_mask": key_padding_mask, "attn_mask": attn_mask},
+                                        window=_window_bounds(self.window))
         xb, batched = _as_batched(x, "x")
         n, length, _ = xb.shape
         bias = _attention_bias(
@@ -480,7 +555,11 @@ class CausalSelfAttention(_BatchFirstAttention):
         self.window = window
 
     def forward(self, x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
-        """Causal self-attention of ``x`` ``(N, L, E)``; returns ``(N, L, E)``."""
+        """Causal self-attention of ``x`` ``(N, L, E)``; returns ``(N, L, E)``. A NestedTensor ``x`` (no
+        mask) runs unpadded, each sequence causal on its own, and returns a NestedTensor."""
+        if x.is_nested:
+            return self._nested_forward(x, None, {"key_padding_mask": key_padding_mask}, is_causal=True,
+                                        window=(_window_bounds(self.window)[0], -1))
         xb, batched = _as_batched(x, "x")
         n, length, _ = xb.shape
         bias = _attention_bias(key_padding_mask, None, n, self.num_heads, length, length, _compute_dtype(x), batched)
@@ -535,7 +614,10 @@ class CrossAttention(_BatchFirstAttention):
         key_padding_mask: Tensor | None = None,
         attn_mask: Tensor | None = None,
     ) -> Tensor:
-        """Attention of ``x`` ``(N, L, E)`` over ``memory`` ``(N, S, kdim)``; returns ``(N, L, E)``."""
+        """Attention of ``x`` ``(N, L, E)`` over ``memory`` ``(N, S, kdim)``; returns ``(N, L, E)``.
+        NestedTensor ``x`` and ``memory`` (no masks) run unpadded and return a NestedTensor."""
+        if x.is_nested or memory.is_nested:
+            return self._nested_forward(x, memory, {"key_padding_mask": key_padding_mask, "attn_mask": attn_mask})
         xb, batched = _as_batched(x, "x")
         mb, memory_batched = _as_batched(memory, "memory")
         if memory_batched != batched:
