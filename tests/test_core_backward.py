@@ -7,6 +7,9 @@ from reference import reference_attention, reference_probs, tolerance
 attention = torch.ops.qkv.attention
 attention_weights = torch.ops.qkv.attention_weights
 
+# Every test runs on each copy of the CPU kernels this CPU has (conftest.cpu_capability).
+pytestmark = pytest.mark.usefixtures("cpu_capability")
+
 
 def leaf(*shape, dtype=torch.float64):
     return torch.randn(*shape, dtype=dtype, requires_grad=True)

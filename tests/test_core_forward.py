@@ -9,6 +9,9 @@ from reference import reference_attention, reference_probs, tolerance
 
 attention = torch.ops.qkv.attention
 
+# Every test runs on each copy of the CPU kernels this CPU has (conftest.cpu_capability).
+pytestmark = pytest.mark.usefixtures("cpu_capability")
+
 
 def make_qkv(B, H, L, S, D, Dv=None, dtype=torch.float32, requires_grad=False):
     Dv = D if Dv is None else Dv

@@ -13,6 +13,9 @@ from hypothesis import given, settings, strategies as st
 
 from reference import causal_hidden, reference_attention, reference_probs, tolerance
 
+# Every test runs on each copy of the CPU kernels this CPU has (conftest.cpu_capability).
+pytestmark = pytest.mark.usefixtures("cpu_capability")
+
 ops = torch.ops.qkv
 F64 = torch.float64
 

@@ -7,12 +7,13 @@
 // also converts half/bfloat16 to float32 and absorbs any strides; the left-hand operand is
 // read in place when it already is float32/float64 rows. Arithmetic accumulates in float32
 // (float64 stays float64 for gradcheck).
+#include "cpu_kernels.h"
 #include "tile_context.h"
 
 #include <ATen/Dispatch.h>
-#include <torch/library.h>
 
 namespace qkv {
+inline namespace CPU_CAPABILITY {  // this copy's instruction set (cpu_capability.h)
 namespace {
 
 // ---- forward ----------------------------------------------------------------------------
@@ -365,9 +366,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(qkv, CPU, m) {
-  m.impl("attention", &attention_forward_cpu);
-  m.impl("attention_backward", &attention_backward_cpu);
-}
+QKV_REGISTER_CPU_KERNEL(attention_cpu_kernel, attention_forward_cpu);
+QKV_REGISTER_CPU_KERNEL(attention_backward_cpu_kernel, attention_backward_cpu);
 
+}  // namespace CPU_CAPABILITY
 }  // namespace qkv

@@ -21,6 +21,7 @@
 #include <vector>
 
 namespace qkv {
+inline namespace CPU_CAPABILITY {
 
 // Tile sizes, swept with the benchmark on a Zen 3 (512 KiB L2 per core). Forward: a 128 x 256
 // score tile plus the packed K and V tiles stay in L2. Backward (and the weights op): 64
@@ -249,4 +250,5 @@ struct TileContext {
   }
 };
 
+}  // namespace CPU_CAPABILITY
 }  // namespace qkv
