@@ -7,6 +7,7 @@
 // also converts half/bfloat16 to float32 and absorbs any strides; the left-hand operand is
 // read in place when it already is float32/float64 rows. Arithmetic accumulates in float32
 // (float64 stays float64 for gradcheck).
+#include "backward_tasks.h"
 #include "cpu_kernels.h"
 #include "tile_context.h"
 
@@ -147,53 +148,6 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
 
 // ---- backward ---------------------------------------------------------------------------
 
-// Accumulates dS into the bias gradient. When the bias broadcasts over batch or heads,
-// several (b, h) tasks hit the same elements, so each worker owns a private copy that is
-// summed at the end; otherwise tasks own disjoint slices of one buffer.
-template <typename acc_t>
-struct BiasGradAccumulator {
-  bool active = false, per_thread = false;  // per_thread: one copy per worker
-  int64_t strides[4] = {0, 0, 0, 0};  // into one copy, zero on broadcast dims
-  int64_t copy_numel = 0;
-  at::Tensor buffer;  // (copies, numel of bias) in acc_t
-
-  BiasGradAccumulator(const AttentionParams& p, const std::optional<at::Tensor>& bias, bool wanted,
-                      bool tasks_split_keys, int64_t workers) {
-    if (!wanted || !p.has_bias) return;
-    active = true;
-    int64_t sizes[4] = {1, 1, 1, 1};
-    const int64_t offset = 4 - bias->dim();
-    for (int64_t d = 0; d < bias->dim(); ++d) sizes[offset + d] = bias->size(d);
-    const int64_t full[4] = {p.batch, p.heads, p.q_len, p.kv_len};
-    int64_t stride = 1;
-    for (int64_t d = 3; d >= 0; --d) {
-      strides[d] = sizes[d] == 1 && full[d] != 1 ? 0 : stride;
-      stride *= sizes[d];
-    }
-    copy_numel = stride;
-    // Tasks that split keys share query rows, so a bias broadcast over keys is shared too.
-    per_thread = (sizes[0] == 1 && p.batch > 1) || (sizes[1] == 1 && p.heads > 1) ||
-                 (tasks_split_keys && sizes[3] == 1 && p.kv_len > 1);
-    const int64_t copies = per_thread ? std::max<int64_t>(workers, 1) : 1;
-    buffer = at::zeros({copies, copy_numel}, bias->options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-  }
-
-  acc_t* copy_for_worker(int64_t worker) const {
-    return buffer.data_ptr<acc_t>() + (per_thread ? worker * copy_numel : 0);
-  }
-
-  void add_tile(acc_t* copy, const acc_t* ds, int64_t ld, int64_t b, int64_t h, int64_t i0, int64_t rows,
-                int64_t j0, int64_t cols) const {
-    for (int64_t r = 0; r < rows; ++r) {
-      acc_t* g = copy + b * strides[0] + h * strides[1] + (i0 + r) * strides[2] + j0 * strides[3];
-      const acc_t* d = ds + r * ld;
-      for (int64_t c = 0; c < cols; ++c) g[c * strides[3]] += d[c];
-    }
-  }
-
-  at::Tensor result(const at::Tensor& bias) const { return buffer.sum(0).to(bias.scalar_type()).view(bias.sizes()); }
-};
-
 template <typename scalar_t>
 void attention_backward_cpu_impl(const AttentionParams& p, const at::Tensor& grad_out, const at::Tensor& query,
                                  const at::Tensor& key, const at::Tensor& value,
@@ -209,20 +163,19 @@ void attention_backward_cpu_impl(const AttentionParams& p, const at::Tensor& gra
   const int64_t D = p.head_dim, Dv = p.v_head_dim, L = p.q_len, BH = p.batch * p.heads;
   constexpr int64_t BK = kBackwardKeyBlock, QB = kQueryBlock;
   const int64_t kv_blocks = (p.kv_len + BK - 1) / BK;
-  const int64_t threads = at::get_num_threads();
 
-  // Tasks are (batch * head, chunk of key blocks). With few (b, h) pairs the keys are split
-  // too so every thread has work; then each chunk accumulates its own dQ partial, summed in
-  // chunk order at the end (deterministic, whatever the thread count).
-  const int64_t chunks = BH >= 4 * threads ? 1 : std::min<int64_t>(kv_blocks, (4 * threads + BH - 1) / BH);
-  const bool shared_dq = chunks > 1;
+  // Tasks are (group of (b, h) pairs, chunk of key blocks), the split a function of the
+  // problem alone (backward_tasks.h): every thread has work when there are few pairs, and
+  // the gradients do not depend on the thread count.
+  const BackwardTasks tasks(p, bias, bias_requires_grad, kv_blocks);
+  const int64_t chunks = tasks.chunks;
   // Accumulator rows are padded to whole panels, the row stride gemm_packed writes with.
   const int64_t ld_dq = padded_to_panels<acc_t>(D), ld_dv = padded_to_panels<acc_t>(Dv);
-  at::Tensor dq_partials = at::zeros({shared_dq ? chunks : 1, shared_dq ? BH * L * ld_dq : 0},
-                                     at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  DqPartials<acc_t> dq_partials(BH, chunks, L, ld_dq);
+  BiasGradAccumulator<acc_t> bias_grad(p, bias, bias_requires_grad, chunks);
 
   // delta_i = dO_i . O_i (= rowsum(dP * P)), computed once per row.
-  at::Tensor delta_t = at::empty({BH, L}, dq_partials.options());
+  at::Tensor delta_t = at::empty({BH, L}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
   acc_t* delta = delta_t.data_ptr<acc_t>();
   at::parallel_for(0, BH * L, 256, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
@@ -238,15 +191,12 @@ void attention_backward_cpu_impl(const AttentionParams& p, const at::Tensor& gra
   const double flops = 2.0 * BH * L * p.kv_len * (3 * D + 2 * Dv);
   const int64_t L_padded = (L + QB - 1) / QB * QB;
   const bool dout_in_place = reads_rows_in_place<acc_t>(dout, L, Dv);
-  BiasGradAccumulator<acc_t> bias_grad(p, bias, bias_requires_grad, shared_dq, worker_count(BH * chunks, flops));
 
-  for_each_task(BH * chunks, flops, [&](int64_t worker) {
-    // Whole-slice panels (L rows): each task packs Q and dO once, not once per key block.
+  for_each_task(tasks.count(), flops, [&](int64_t) {
+    // Whole-slice panels (L rows): each task packs Q and dO once per pair, not once per key block.
     auto scratch = std::make_shared<std::vector<acc_t>>(QB * D + (dout_in_place ? 0 : L * Dv) + L_padded * (ld_dq + ld_dv) +
-                                                        BK * (D + ld_dq + Dv) + 2 * QB * BK + BK * (ld_dq + ld_dv) +
-                                                        (shared_dq ? 0 : L * ld_dq));
-    acc_t* bias_grad_copy = bias_grad.active ? bias_grad.copy_for_worker(worker) : nullptr;
-    return [&, scratch, bias_grad_copy](int64_t task) {
+                                                        BK * (D + ld_dq + Dv) + 2 * QB * BK + BK * (ld_dq + ld_dv) + D);
+    return [&, scratch](int64_t task) {
       acc_t* qs = scratch->data();               // query rows (when not read in place), for S
       acc_t* do_rows = qs + QB * D;              // dO rows (when not read in place), for dP
       acc_t* q_space = do_rows + (dout_in_place ? 0 : L * Dv);  // Q, per query block (rows x D) panels, for dK
@@ -258,86 +208,83 @@ void attention_backward_cpu_impl(const AttentionParams& p, const at::Tensor& gra
       acc_t* dpt = st + QB * BK;
       acc_t* dk_acc = dpt + QB * BK;
       acc_t* dv_acc = dk_acc + BK * ld_dq;
-      acc_t* local_dq = dv_acc + BK * ld_dv;
-      const int64_t bh = task / chunks, chunk = task % chunks, b = bh / p.heads, h = bh % p.heads;
-      const acc_t* lse_row = lse_data + bh * L;
-      const acc_t* delta_row = delta + bh * L;
-      acc_t* dq_acc = shared_dq ? dq_partials.data_ptr<acc_t>() + (chunk * BH + bh) * L * ld_dq : local_dq;
-      if (!shared_dq) std::fill(dq_acc, dq_acc + L * ld_dq, acc_t(0));
-      int64_t ldq, ldo;
-      const acc_t* dot_all = tile_rows<acc_t>(dout, b, h, 0, L, Dv, do_rows, ldo);
-      for (int64_t i0 = ctx.first_query_seeing(chunk * BK) / QB * QB; i0 < L; i0 += QB) {
-        const int64_t rows = std::min(QB, L - i0);
-        const acc_t* qt = tile_rows<acc_t>(ctx.q, b, h, i0, rows, D, qs, ldq);
-        pack_panels(qt, rows, D, ldq, int64_t(1), q_space + i0 * ld_dq);
-        pack_panels(dot_all + i0 * ldo, rows, Dv, ldo, int64_t(1), do_space + i0 * ld_dv);
-      }
-
-      // Chunks take interleaved key blocks: under a causal mask early keys see more queries,
-      // so contiguous ranges would leave one worker with most of the work.
-      for (int64_t kb = chunk; kb < kv_blocks; kb += chunks) {
-        const int64_t j0 = kb * BK, cols = std::min(BK, p.kv_len - j0);
-        // K^T times scale * log2(e): the products with Q are the scores themselves.
-        const Panels<acc_t> kt_panels = ctx.pack_keys_transposed(kt_space, b, h, j0, cols);
-        scale_row(kt_space, padded_to_panels<acc_t>(cols) * D, ctx.score_scale);
-        const Panels<acc_t> k_panels = pack_panels(ctx.k.at(b, h, j0), cols, D, ctx.k.s2, ctx.k.s3, k_space);
-        const Panels<acc_t> vt_panels = pack_panels(ctx.v.at(b, h, j0), Dv, cols, ctx.v.s3, ctx.v.s2, vt_space);
-        std::fill(dk_acc, dk_acc + cols * ld_dq, acc_t(0));
-        std::fill(dv_acc, dv_acc + cols * ld_dv, acc_t(0));
-        for (int64_t i0 = ctx.first_query_seeing(j0) / QB * QB; i0 < L; i0 += QB) {
+      acc_t* dq_row = dv_acc + BK * ld_dv;       // one row of the summed dQ partials
+      const int64_t group = tasks.group_of(task), chunk = tasks.chunk_of(task);
+      acc_t* bias_grad_copy = bias_grad.active ? bias_grad.copy_for_chunk(chunk) : nullptr;
+      for (int64_t m = 0; m < tasks.pairs_per_group; ++m) {
+        const int64_t bh = tasks.pair(p, group, m), b = bh / p.heads, h = bh % p.heads;
+        const acc_t* lse_row = lse_data + bh * L;
+        const acc_t* delta_row = delta + bh * L;
+        acc_t* dq_acc = dq_partials.take(bh, chunk);
+        int64_t ldq, ldo;
+        const acc_t* dot_all = tile_rows<acc_t>(dout, b, h, 0, L, Dv, do_rows, ldo);
+        for (int64_t i0 = ctx.first_query_seeing(chunk * BK) / QB * QB; i0 < L; i0 += QB) {
           const int64_t rows = std::min(QB, L - i0);
           const acc_t* qt = tile_rows<acc_t>(ctx.q, b, h, i0, rows, D, qs, ldq);
-          const acc_t* dot = dot_all + i0 * ldo;
-          const Panels<acc_t> q_panels{q_space + i0 * ld_dq, rows}, do_panels{do_space + i0 * ld_dv, rows};
-          ctx.scores(st, BK, qt, ldq, kt_panels, b, h, i0, rows, j0, cols);
-          for (int64_t r = 0; r < rows; ++r) ctx.probabilities_row(st + r * BK, cols, lse_row[i0 + r]);
-          // Under a causal mask the products below skip what the mask hides; the dP columns
-          // they leave unwritten are zeroed per row.
-          gemm_packed<acc_t>(rows, cols, Dv, dot, ldo, 1, vt_panels, dpt, BK, false,
-                             ctx.visible_key_columns(i0, j0, cols));  // dP = dO V^T
-          for (int64_t r = 0; r < rows; ++r) {
-            acc_t* prob = st + r * BK;
-            acc_t* dp = dpt + r * BK;
-            const int64_t seen = ctx.visible_keys(i0 + r, j0, cols);
-            // The forward used P' = P * keep / (1 - p): dP needs the same mask, dV needs P'.
-            if (p.dropout_p > 0) ctx.dropout_row(dp, b, h, i0 + r, j0, seen);
-            softmax_grad_row(dp, prob, seen, delta_row[i0 + r]);  // dS = P * (dP - delta)
-            std::fill(dp + seen, dp + cols, acc_t(0));
-            if (p.dropout_p > 0) ctx.dropout_row(prob, b, h, i0 + r, j0, cols);
+          pack_panels(qt, rows, D, ldq, int64_t(1), q_space + i0 * ld_dq);
+          pack_panels(dot_all + i0 * ldo, rows, Dv, ldo, int64_t(1), do_space + i0 * ld_dv);
+        }
+
+        // Chunks take interleaved key blocks: under a causal mask early keys see more queries,
+        // so contiguous ranges would leave one task with most of the work.
+        for (int64_t kb = chunk; kb < kv_blocks; kb += chunks) {
+          const int64_t j0 = kb * BK, cols = std::min(BK, p.kv_len - j0);
+          // K^T times scale * log2(e): the products with Q are the scores themselves.
+          const Panels<acc_t> kt_panels = ctx.pack_keys_transposed(kt_space, b, h, j0, cols);
+          scale_row(kt_space, padded_to_panels<acc_t>(cols) * D, ctx.score_scale);
+          const Panels<acc_t> k_panels = pack_panels(ctx.k.at(b, h, j0), cols, D, ctx.k.s2, ctx.k.s3, k_space);
+          const Panels<acc_t> vt_panels = pack_panels(ctx.v.at(b, h, j0), Dv, cols, ctx.v.s3, ctx.v.s2, vt_space);
+          std::fill(dk_acc, dk_acc + cols * ld_dq, acc_t(0));
+          std::fill(dv_acc, dv_acc + cols * ld_dv, acc_t(0));
+          for (int64_t i0 = ctx.first_query_seeing(j0) / QB * QB; i0 < L; i0 += QB) {
+            const int64_t rows = std::min(QB, L - i0);
+            const acc_t* qt = tile_rows<acc_t>(ctx.q, b, h, i0, rows, D, qs, ldq);
+            const acc_t* dot = dot_all + i0 * ldo;
+            const Panels<acc_t> q_panels{q_space + i0 * ld_dq, rows}, do_panels{do_space + i0 * ld_dv, rows};
+            ctx.scores(st, BK, qt, ldq, kt_panels, b, h, i0, rows, j0, cols);
+            for (int64_t r = 0; r < rows; ++r) ctx.probabilities_row(st + r * BK, cols, lse_row[i0 + r]);
+            // Under a causal mask the products below skip what the mask hides; the dP columns
+            // they leave unwritten are zeroed per row.
+            gemm_packed<acc_t>(rows, cols, Dv, dot, ldo, 1, vt_panels, dpt, BK, false,
+                               ctx.visible_key_columns(i0, j0, cols));  // dP = dO V^T
+            for (int64_t r = 0; r < rows; ++r) {
+              acc_t* prob = st + r * BK;
+              acc_t* dp = dpt + r * BK;
+              const int64_t seen = ctx.visible_keys(i0 + r, j0, cols);
+              // The forward used P' = P * keep / (1 - p): dP needs the same mask, dV needs P'.
+              if (p.dropout_p > 0) ctx.dropout_row(dp, b, h, i0 + r, j0, seen);
+              softmax_grad_row(dp, prob, seen, delta_row[i0 + r]);  // dS = P * (dP - delta)
+              std::fill(dp + seen, dp + cols, acc_t(0));
+              if (p.dropout_p > 0) ctx.dropout_row(prob, b, h, i0 + r, j0, cols);
+            }
+            const auto seeing = ctx.seeing_extent(i0, j0);
+            gemm_packed<acc_t>(cols, Dv, rows, st, 1, BK, do_panels, dv_acc, ld_dv, true, seeing);  // dV += P'^T dO
+            gemm_packed<acc_t>(cols, D, rows, dpt, 1, BK, q_panels, dk_acc, ld_dq, true, seeing);   // dK += dS^T Q
+            gemm_packed<acc_t>(rows, D, cols, dpt, BK, 1, k_panels, dq_acc + i0 * ld_dq, ld_dq, true,
+                               ctx.visible_key_depth(i0, j0, cols));  // dQ += dS K
+            if (bias_grad_copy != nullptr) bias_grad.add_tile(bias_grad_copy, dpt, BK, b, h, i0, rows, j0, cols);
           }
-          const auto seeing = ctx.seeing_extent(i0, j0);
-          gemm_packed<acc_t>(cols, Dv, rows, st, 1, BK, do_panels, dv_acc, ld_dv, true, seeing);  // dV += P'^T dO
-          gemm_packed<acc_t>(cols, D, rows, dpt, 1, BK, q_panels, dk_acc, ld_dq, true, seeing);   // dK += dS^T Q
-          gemm_packed<acc_t>(rows, D, cols, dpt, BK, 1, k_panels, dq_acc + i0 * ld_dq, ld_dq, true,
-                             ctx.visible_key_depth(i0, j0, cols));  // dQ += dS K
-          if (bias_grad_copy != nullptr) bias_grad.add_tile(bias_grad_copy, dpt, BK, b, h, i0, rows, j0, cols);
+          for (int64_t c = 0; c < cols; ++c) {
+            store_row(dk.at(b, h, j0 + c), dk.s3, dk_acc + c * ld_dq, D, acc_t(p.scale));
+            store_row(dv.at(b, h, j0 + c), dv.s3, dv_acc + c * ld_dv, Dv, acc_t(1));
+          }
         }
-        for (int64_t c = 0; c < cols; ++c) {
-          store_row(dk.at(b, h, j0 + c), dk.s3, dk_acc + c * ld_dq, D, acc_t(p.scale));
-          store_row(dv.at(b, h, j0 + c), dv.s3, dv_acc + c * ld_dv, Dv, acc_t(1));
+        // The last of this pair's chunks sums the dQ partials, in chunk order.
+        if (dq_partials.finish(bh)) {
+          for (int64_t i = 0; i < L; ++i) {
+            std::copy_n(dq_partials.partial(bh, 0) + i * ld_dq, D, dq_row);
+            for (int64_t c = 1; c < chunks; ++c) {
+              const acc_t* part = dq_partials.partial(bh, c) + i * ld_dq;
+              for (int64_t d = 0; d < D; ++d) dq_row[d] += part[d];
+            }
+            store_row(dq.at(b, h, i), dq.s3, dq_row, D, acc_t(p.scale));
+          }
+          dq_partials.release(bh);
         }
-      }
-      if (!shared_dq) {
-        for (int64_t i = 0; i < L; ++i) store_row(dq.at(b, h, i), dq.s3, dq_acc + i * ld_dq, D, acc_t(p.scale));
       }
     };
   });
 
-  if (shared_dq) {
-    const acc_t* partials = dq_partials.const_data_ptr<acc_t>();
-    at::parallel_for(0, BH * L, 64, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> row(D);
-      for (int64_t r = begin; r < end; ++r) {
-        std::fill(row.begin(), row.end(), acc_t(0));
-        for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-          const acc_t* part = partials + (chunk * BH * L + r) * ld_dq;
-          for (int64_t c = 0; c < D; ++c) row[c] += part[c];
-        }
-        const int64_t bh = r / L, i = r % L;
-        store_row(dq.at(bh / p.heads, bh % p.heads, i), dq.s3, row.data(), D, acc_t(p.scale));
-      }
-    });
-  }
   if (bias_grad.active) grad_bias.copy_(bias_grad.result(*bias));
 }
 

@@ -1,11 +1,12 @@
 #pragma once
 // What the CPU attention kernels share: tile sizes, strided views of (B, H, seq, dim)
-// tensors, row copies, the task scheduler and TileContext (one call's scores, masks and
-// dropout, tile by tile). Used by attention_cpu.cpp (forward, backward) and
+// tensors, row copies and TileContext (one call's scores, masks and dropout, tile by
+// tile); the task scheduler is in task_scheduler.h. Used by attention_cpu.cpp (forward, backward) and
 // attention_weights_cpu.cpp (the explicit weights).
 #include "../attention_common.h"
 #include "../kernels/dropout_hash.h"
 #include "packed_gemm.h"
+#include "task_scheduler.h"
 #include "tile_math.h"
 
 #include <ATen/ATen.h>
@@ -101,30 +102,6 @@ void store_row(scalar_t* dst, int64_t stride, const acc_t* src, int64_t n, acc_t
   } else {
     for (int64_t c = 0; c < n; ++c) dst[c * stride] = static_cast<scalar_t>(src[c] * mul);
   }
-}
-
-// Runs tasks [0, n) on W = min(n, threads) workers, worker w taking tasks w, w + W, ...
-// Round-robin interleaving balances uneven tasks (causal) while keeping which worker did
-// what fixed, so per-worker partial sums reduce in the same order on every run.
-// `make_worker(w)` runs once per worker and returns the callable that processes a task.
-// `flops` estimates the whole job: below ~64 kFLOP per worker, waking threads costs more
-// than it saves, so small problems run on fewer workers (one, for the tiniest).
-inline int64_t worker_count(int64_t n, double flops) {
-  constexpr double kMinFlopsPerWorker = 65536.0;
-  const int64_t by_work = std::max<int64_t>(1, static_cast<int64_t>(flops / kMinFlopsPerWorker));
-  return std::min<int64_t>({n, static_cast<int64_t>(at::get_num_threads()), by_work});
-}
-
-template <typename MakeWorker>
-void for_each_task(int64_t n, double flops, const MakeWorker& make_worker) {
-  const int64_t workers = worker_count(n, flops);
-  if (workers <= 0) return;
-  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t w = begin; w < end; ++w) {
-      auto work = make_worker(w);
-      for (int64_t t = w; t < n; t += workers) work(t);
-    }
-  });
 }
 
 // Everything the tile loops need to know about one call.
