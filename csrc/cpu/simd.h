@@ -41,11 +41,12 @@ struct Simd<float> {
   static reg max(reg a, reg b) { return _mm512_max_ps(a, b); }  // b when either is NaN
   static void pin(reg& x) { asm("" : "+v"(x)); }
   static float reduce_add(reg x) { return _mm512_reduce_add_ps(x); }
-  // 2^x for x <= 0; see exp2_nonpositive in tile_math.h for the method and its error.
+  static float reduce_max(reg x) { return _mm512_reduce_max_ps(x); }
+  // 2^x for x <= 0; see tile_math.h for the method and its error. vscalefps applies the
+  // exponent (the same bits as adding it to the exponent field, in one instruction); lanes
+  // below -126 (masked keys: -inf) are zeroed by the mask, NaN stays NaN.
   static reg exp2_nonpositive(reg x) {
-    const reg lowest = _mm512_set1_ps(-126.f);
-    const __mmask16 in_range = _mm512_cmp_ps_mask(x, lowest, _CMP_NLT_UQ);  // also true for NaN
-    x = _mm512_max_ps(lowest, x);  // this operand order keeps NaN
+    const __mmask16 in_range = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.f), _CMP_NLT_UQ);  // also true for NaN
     const reg n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const reg f = _mm512_sub_ps(x, n);
     reg poly = _mm512_set1_ps(0.0013218672247603536f);
@@ -54,9 +55,7 @@ struct Simd<float> {
     poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(0.24022237956523895f));
     poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(0.6931468844413757f));
     poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(1.f));
-    const __m512i exponent = _mm512_slli_epi32(_mm512_cvtps_epi32(n), 23);
-    const reg result = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(poly), exponent));
-    return _mm512_maskz_mov_ps(in_range, result);
+    return _mm512_maskz_scalef_ps(in_range, poly, n);
   }
 };
 
@@ -75,6 +74,7 @@ struct Simd<double> {
   static reg max(reg a, reg b) { return _mm512_max_pd(a, b); }
   static void pin(reg& x) { asm("" : "+v"(x)); }
   static double reduce_add(reg x) { return _mm512_reduce_add_pd(x); }
+  static double reduce_max(reg x) { return _mm512_reduce_max_pd(x); }
 };
 
 #elif defined(CPU_CAPABILITY_AVX2)
@@ -99,6 +99,11 @@ struct Simd<float> {
     float sum = 0.f;
     for (float lane : lanes) sum += lane;
     return sum;
+  }
+  static float reduce_max(reg x) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
   }
   static reg exp2_nonpositive(reg x) {
     const reg lowest = _mm256_set1_ps(-126.f);
@@ -137,6 +142,10 @@ struct Simd<double> {
     _mm256_store_pd(lanes, x);
     return (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
   }
+  static double reduce_max(reg x) {
+    const __m128d m = _mm_max_pd(_mm256_castpd256_pd128(x), _mm256_extractf128_pd(x, 1));
+    return _mm_cvtsd_f64(_mm_max_sd(m, _mm_unpackhi_pd(m, m)));
+  }
 };
 
 #else  // DEFAULT: portable C++ through ATen's Vectorized
@@ -157,6 +166,9 @@ struct Simd {
   static void pin(reg&) {}
   static T reduce_add(reg x) {
     return at::vec::vec_reduce_all<T>([](const reg& a, const reg& b) { return a + b; }, x);
+  }
+  static T reduce_max(reg x) {
+    return at::vec::vec_reduce_all<T>([](const reg& a, const reg& b) { return at::vec::maximum(a, b); }, x);
   }
   // std::exp2 per lane: 0 at -inf, NaN stays NaN (below -126 it may give a subnormal, not 0).
   static reg exp2_nonpositive(reg x) { return x.exp2(); }
