@@ -37,6 +37,11 @@ SHAPES = [  # B, H, L, S, D, Dv
     (1, 2, 3, 600, 20, 9),     # few query rows, several key tiles
     (1, 1, 4, 513, 24, 24),    # the first row count that packs
     (1, 4, 1000, 1000, 24, 8), # many query blocks share each packed key tile (causal: partly)
+    # The AVX-512 copy: forward 96 query rows x 512 keys, 12-row micro-kernel, panels of 32.
+    (1, 1, 95, 511, 31, 33),
+    (1, 2, 96, 512, 32, 32),
+    (2, 1, 97, 513, 65, 63),
+    (1, 1, 13, 700, 11, 12),   # one 12-row block and one row
 ]
 
 
