@@ -215,10 +215,14 @@ void attention_backward_cpu_impl(const AttentionParams& p, const at::Tensor& gra
         const int64_t bh = tasks.pair(p, group, m), b = bh / p.heads, h = bh % p.heads;
         const acc_t* lse_row = lse_data + bh * L;
         const acc_t* delta_row = delta + bh * L;
+        // The chunk's first key block writes its dQ partial from the first query block that
+        // sees it on (later blocks are seen by no earlier query); the rows before are zero.
         acc_t* dq_acc = dq_partials.take(bh, chunk);
+        const int64_t first_row = ctx.first_query_seeing(chunk * BK) / QB * QB;
+        std::fill(dq_acc, dq_acc + first_row * ld_dq, acc_t(0));
         int64_t ldq, ldo;
         const acc_t* dot_all = tile_rows<acc_t>(dout, b, h, 0, L, Dv, do_rows, ldo);
-        for (int64_t i0 = ctx.first_query_seeing(chunk * BK) / QB * QB; i0 < L; i0 += QB) {
+        for (int64_t i0 = first_row; i0 < L; i0 += QB) {
           const int64_t rows = std::min(QB, L - i0);
           const acc_t* qt = tile_rows<acc_t>(ctx.q, b, h, i0, rows, D, qs, ldq);
           pack_panels(qt, rows, D, ldq, int64_t(1), q_space + i0 * ld_dq);
@@ -260,8 +264,8 @@ void attention_backward_cpu_impl(const AttentionParams& p, const at::Tensor& gra
             const auto seeing = ctx.seeing_extent(i0, j0);
             gemm_packed<acc_t>(cols, Dv, rows, st, 1, BK, do_panels, dv_acc, ld_dv, true, seeing);  // dV += P'^T dO
             gemm_packed<acc_t>(cols, D, rows, dpt, 1, BK, q_panels, dk_acc, ld_dq, true, seeing);   // dK += dS^T Q
-            gemm_packed<acc_t>(rows, D, cols, dpt, BK, 1, k_panels, dq_acc + i0 * ld_dq, ld_dq, true,
-                               ctx.visible_key_depth(i0, j0, cols));  // dQ += dS K
+            gemm_packed<acc_t>(rows, D, cols, dpt, BK, 1, k_panels, dq_acc + i0 * ld_dq, ld_dq, kb != chunk,
+                               ctx.visible_key_depth(i0, j0, cols));  // dQ (+)= dS K
             if (bias_grad_copy != nullptr) bias_grad.add_tile(bias_grad_copy, dpt, BK, b, h, i0, rows, j0, cols);
           }
           for (int64_t c = 0; c < cols; ++c) {
