@@ -1,8 +1,8 @@
 #pragma once
 // What the CPU attention kernels share: tile sizes, strided views of (B, H, seq, dim)
-// tensors, row copies and TileContext (one call's scores, masks and dropout, tile by
-// tile); the task scheduler is in task_scheduler.h. Used by attention_cpu.cpp (forward, backward) and
-// attention_weights_cpu.cpp (the explicit weights).
+// tensors, row copies and TileContext (one call's scores, masks and dropout, tile by tile).
+// Used by attention_cpu.cpp (forward, backward) and attention_weights_cpu.cpp (the explicit
+// weights); the task scheduler is in task_scheduler.h.
 #include "../attention_common.h"
 #include "../kernels/dropout_hash.h"
 #include "packed_gemm.h"
