@@ -6,6 +6,7 @@ Environment switches:
   QKV_CUDA_ARCHS="8.0;9.0"  CUDA architectures (TORCH_CUDA_ARCH_LIST is honoured too)
   MAX_JOBS=N                parallel compile jobs (torch.utils.cpp_extension)
   QKV_DEBUG=1               -O0 -g build
+  QKV_VERBOSE_BUILD=1       print the full link record (always written to <build_temp>/link-command.txt)
 
 The CPU kernel translation units are compiled once per instruction set (portable, AVX2,
 AVX-512), each copy with its own flags; the library chooses one at load time
@@ -15,14 +16,16 @@ of the architecture, so the extension imports on any x86-64 CPU.
 Install into your own environment with `pip install --no-build-isolation .` so the build
 uses your installed torch (pip's isolated build would download an unpinned one).
 """
-import glob
 import os
 import platform
+import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+from shared_cxx_runtime import with_shared_cxx_runtime  # noqa: E402
 
 # The copies of the CPU kernels: (name, compiler flags). CPU_CAPABILITY names the inline
 # namespace of each copy (as in ATen, whose vector types follow the same macro), so no two
@@ -51,12 +54,25 @@ def _cuda_wanted() -> bool:
     return available
 
 
-def _sources(*patterns):
-    return sorted(p for pattern in patterns for p in glob.glob(os.path.join("csrc", pattern)))
+def read_source_list(path=os.path.join("csrc", "sources.txt")):
+    """csrc/sources.txt, the one source list (CMake reads it too): {group: [path, ...]}."""
+    groups = {}
+    with open(os.path.join(ROOT, path)) as f:
+        for number, line in enumerate(f, 1):
+            fields = line.split("#", 1)[0].split()
+            if not fields:
+                continue
+            if len(fields) != 2:
+                raise ValueError(f"{path}:{number}: expected `<group> <path>`, got {line.strip()!r}")
+            groups.setdefault(fields[0], []).append(fields[1])
+    return groups
 
 
-# The CPU kernel translation units, compiled once per CPU capability (the cpu_kernel group).
-CPU_KERNEL_SOURCES = ["csrc/cpu/attention_cpu.cpp", "csrc/cpu/attention_weights_cpu.cpp"]
+def _headers():
+    """Every header under csrc/: setuptools relinks the library when one is newer than it."""
+    return sorted(os.path.relpath(os.path.join(folder, name), ROOT)
+                  for folder, _, names in os.walk(os.path.join(ROOT, "csrc"))
+                  for name in names if name.endswith((".h", ".cuh")))
 
 
 class BuildExtension(cpp_extension.BuildExtension):
@@ -95,7 +111,10 @@ def build_extension():
     # per-capability copies of the CPU kernels (BuildExtension above).
     cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
     cxx_flags += ["-std=c++20", "-fopenmp"]
-    sources = [p for p in _sources("*.cpp", "cpu/*.cpp") if p not in CPU_KERNEL_SOURCES]
+    groups = read_source_list()
+    # core and python build once with the baseline flags; the cpu_kernel group is compiled once
+    # per capability by BuildExtension above.
+    sources = groups["core"] + groups["python"]
     kwargs = dict(
         name="qkv._C",
         sources=sources,
@@ -103,7 +122,7 @@ def build_extension():
         extra_link_args=["-fopenmp"],
         # setuptools relinks only when one of these is newer than the library; the copies'
         # objects are rebuilt by ninja from their own dependency files.
-        depends=CPU_KERNEL_SOURCES + _sources("*.h", "cpu/*.h", "kernels/*.h", "include/qkv/*.h"),
+        depends=groups["cpu_kernel"] + _headers(),
     )
     if _cuda_wanted():
         archs = os.environ.get("QKV_CUDA_ARCHS")
@@ -111,20 +130,21 @@ def build_extension():
             os.environ["TORCH_CUDA_ARCH_LIST"] = archs
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         nvcc_flags = ["-O3", "-std=c++20", "--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo"]
-        kwargs["sources"] = sources + _sources("cuda/*.cu", "cuda/*.cpp")
+        kwargs["sources"] = sources + groups["cuda"]
         ext = cpp_extension.CUDAExtension(
             extra_compile_args={"cxx": cxx_flags + ["-DQKV_WITH_CUDA"], "nvcc": nvcc_flags},
             **kwargs,
         )
     else:
         ext = cpp_extension.CppExtension(extra_compile_args={"cxx": cxx_flags}, **kwargs)
-    ext.cpu_kernel_sources = CPU_KERNEL_SOURCES
+    ext.cpu_kernel_sources = groups["cpu_kernel"]
     return ext
 
 
 setup(
     package_dir={"": "python"},
-    packages=["qkv"],
+    packages=find_packages("python"),  # qkv and qkv.bench
     ext_modules=[build_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    # Links against the shared C++ runtime torch uses, and records the link (see the module).
+    cmdclass={"build_ext": with_shared_cxx_runtime(BuildExtension).with_options(use_ninja=True)},
 )

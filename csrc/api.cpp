@@ -12,77 +12,87 @@ c10::TypedOperatorHandle<Signature> op(const char* name) {
 }
 
 using OptTensor = std::optional<at::Tensor>;
+using Pair = std::tuple<at::Tensor, at::Tensor>;
+using Triple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using T = const at::Tensor&;
+using OT = const OptTensor&;
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& query, const at::Tensor& key,
-                                             const at::Tensor& value, const OptTensor& bias, double dropout_p,
-                                             bool is_causal, bool bottom_right, std::optional<double> scale,
-                                             const OptTensor& dropout_seed) {
-  static const auto handle =
-      op<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                            const OptTensor&, double, bool, bool, std::optional<double>,
-                                            const OptTensor&)>("qkv::attention");
-  return handle.call(query, key, value, bias, dropout_p, is_causal, bottom_right, scale, dropout_seed);
+Pair attention(T query, T key, T value, OT bias, double dropout_p, bool is_causal, bool bottom_right,
+               std::optional<double> scale, OT dropout_seed, int64_t window_left, int64_t window_right, double softcap,
+               OT alibi_slopes) {
+  static const auto handle = op<Pair(T, T, T, OT, double, bool, bool, std::optional<double>, OT, int64_t, int64_t,
+                                     double, OT)>("qkv::attention");
+  return handle.call(query, key, value, bias, dropout_p, is_causal, bottom_right, scale, dropout_seed, window_left,
+                     window_right, softcap, alibi_slopes);
 }
 
-at::Tensor attention_weights(const at::Tensor& query, const at::Tensor& key, const OptTensor& bias,
-                             const at::Tensor& logsumexp, double dropout_p, bool is_causal, bool bottom_right,
-                             std::optional<double> scale, const OptTensor& dropout_seed, bool average_heads) {
+Pair attention_varlen(T query, T key, T value, T cu_seqlens_q, T cu_seqlens_k, int64_t max_seqlen_q,
+                      int64_t max_seqlen_k, double dropout_p, bool is_causal, bool bottom_right,
+                      std::optional<double> scale, OT dropout_seed, int64_t window_left, int64_t window_right,
+                      double softcap, OT alibi_slopes) {
   static const auto handle =
-      op<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, const at::Tensor&, double, bool,
-                    bool, std::optional<double>, const OptTensor&, bool)>("qkv::attention_weights");
+      op<Pair(T, T, T, T, T, c10::SymInt, c10::SymInt, double, bool, bool, std::optional<double>, OT, int64_t, int64_t,
+              double, OT)>("qkv::attention_varlen");
+  return handle.call(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, is_causal,
+                     bottom_right, scale, dropout_seed, window_left, window_right, softcap, alibi_slopes);
+}
+
+Pair attention_kvcache(T query, T k_cache, T v_cache, OT key, OT value, OT cache_seqlens, bool is_causal,
+                       std::optional<double> scale, int64_t window_left, int64_t window_right, double softcap,
+                       OT alibi_slopes) {
+  static const auto handle =
+      op<Pair(T, T, T, OT, OT, OT, bool, std::optional<double>, int64_t, int64_t, double, OT)>(
+          "qkv::attention_kvcache");
+  return handle.call(query, k_cache, v_cache, key, value, cache_seqlens, is_causal, scale, window_left, window_right,
+                     softcap, alibi_slopes);
+}
+
+at::Tensor attention_weights(T query, T key, OT bias, T logsumexp, double dropout_p, bool is_causal, bool bottom_right,
+                             std::optional<double> scale, OT dropout_seed, bool average_heads, int64_t window_left,
+                             int64_t window_right, double softcap, OT alibi_slopes) {
+  static const auto handle = op<at::Tensor(T, T, OT, T, double, bool, bool, std::optional<double>, OT, bool, int64_t,
+                                           int64_t, double, OT)>("qkv::attention_weights");
   return handle.call(query, key, bias, logsumexp, dropout_p, is_causal, bottom_right, scale, dropout_seed,
-                     average_heads);
+                     average_heads, window_left, window_right, softcap, alibi_slopes);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_with_weights(
-    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const OptTensor& bias, double dropout_p,
-    bool is_causal, bool bottom_right, std::optional<double> scale, const OptTensor& dropout_seed,
-    bool average_heads) {
-  static const auto handle =
-      op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                        const OptTensor&, double, bool, bool, std::optional<double>,
-                                                        const OptTensor&, bool)>("qkv::attention_with_weights");
-  return handle.call(query, key, value, bias, dropout_p, is_causal, bottom_right, scale, dropout_seed,
-                     average_heads);
+Triple attention_with_weights(T query, T key, T value, OT bias, double dropout_p, bool is_causal, bool bottom_right,
+                              std::optional<double> scale, OT dropout_seed, bool average_heads, int64_t window_left,
+                              int64_t window_right, double softcap, OT alibi_slopes) {
+  static const auto handle = op<Triple(T, T, T, OT, double, bool, bool, std::optional<double>, OT, bool, int64_t,
+                                       int64_t, double, OT)>("qkv::attention_with_weights");
+  return handle.call(query, key, value, bias, dropout_p, is_causal, bottom_right, scale, dropout_seed, average_heads,
+                     window_left, window_right, softcap, alibi_slopes);
 }
 
-at::Tensor multi_head_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-                                int64_t num_heads, const at::Tensor& in_proj_weight, const OptTensor& in_proj_bias,
-                                const at::Tensor& out_proj_weight, const OptTensor& out_proj_bias,
-                                const OptTensor& attn_bias, bool is_causal, double dropout_p,
-                                const OptTensor& dropout_seed) {
-  static const auto handle =
-      op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, const at::Tensor&,
-                    const OptTensor&, const at::Tensor&, const OptTensor&, const OptTensor&, bool, double,
-                    const OptTensor&)>("qkv::multi_head_attention");
+at::Tensor multi_head_attention(T query, T key, T value, int64_t num_heads, T in_proj_weight, OT in_proj_bias,
+                                T out_proj_weight, OT out_proj_bias, OT attn_bias, bool is_causal, double dropout_p,
+                                OT dropout_seed, std::optional<int64_t> num_kv_heads, int64_t window_left,
+                                int64_t window_right) {
+  static const auto handle = op<at::Tensor(T, T, T, int64_t, T, OT, T, OT, OT, bool, double, OT, std::optional<int64_t>,
+                                           int64_t, int64_t)>("qkv::multi_head_attention");
   return handle.call(query, key, value, num_heads, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias,
-                     attn_bias, is_causal, dropout_p, dropout_seed);
+                     attn_bias, is_causal, dropout_p, dropout_seed, num_kv_heads, window_left, window_right);
 }
 
-at::Tensor masked_self_attention(const at::Tensor& x, int64_t num_heads, const at::Tensor& in_proj_weight,
-                                 const OptTensor& in_proj_bias, const at::Tensor& out_proj_weight,
-                                 const OptTensor& out_proj_bias, const OptTensor& attn_bias, double dropout_p,
-                                 const OptTensor& dropout_seed) {
-  static const auto handle =
-      op<at::Tensor(const at::Tensor&, int64_t, const at::Tensor&, const OptTensor&, const at::Tensor&,
-                    const OptTensor&, const OptTensor&, double, const OptTensor&)>("qkv::masked_self_attention");
-  return handle.call(x, num_heads, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, attn_bias,
-                     dropout_p, dropout_seed);
+at::Tensor masked_self_attention(T x, int64_t num_heads, T in_proj_weight, OT in_proj_bias, T out_proj_weight,
+                                 OT out_proj_bias, OT attn_bias, double dropout_p, OT dropout_seed,
+                                 std::optional<int64_t> num_kv_heads, int64_t window_left) {
+  static const auto handle = op<at::Tensor(T, int64_t, T, OT, T, OT, OT, double, OT, std::optional<int64_t>, int64_t)>(
+      "qkv::masked_self_attention");
+  return handle.call(x, num_heads, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, attn_bias, dropout_p,
+                     dropout_seed, num_kv_heads, window_left);
 }
 
-at::Tensor cross_attention(const at::Tensor& query, const at::Tensor& memory, int64_t num_heads,
-                           const at::Tensor& q_proj_weight, const at::Tensor& k_proj_weight,
-                           const at::Tensor& v_proj_weight, const OptTensor& in_proj_bias,
-                           const at::Tensor& out_proj_weight, const OptTensor& out_proj_bias,
-                           const OptTensor& attn_bias, double dropout_p, const OptTensor& dropout_seed) {
-  static const auto handle =
-      op<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, const at::Tensor&, const at::Tensor&,
-                    const at::Tensor&, const OptTensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
-                    double, const OptTensor&)>("qkv::cross_attention");
+at::Tensor cross_attention(T query, T memory, int64_t num_heads, T q_proj_weight, T k_proj_weight, T v_proj_weight,
+                           OT in_proj_bias, T out_proj_weight, OT out_proj_bias, OT attn_bias, double dropout_p,
+                           OT dropout_seed, std::optional<int64_t> num_kv_heads) {
+  static const auto handle = op<at::Tensor(T, T, int64_t, T, T, T, OT, T, OT, OT, double, OT, std::optional<int64_t>)>(
+      "qkv::cross_attention");
   return handle.call(query, memory, num_heads, q_proj_weight, k_proj_weight, v_proj_weight, in_proj_bias,
-                     out_proj_weight, out_proj_bias, attn_bias, dropout_p, dropout_seed);
+                     out_proj_weight, out_proj_bias, attn_bias, dropout_p, dropout_seed, num_kv_heads);
 }
 
 }  // namespace qkv

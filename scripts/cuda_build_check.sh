@@ -4,12 +4,18 @@
 #  2. builds qkv._C with QKV_CUDA=1 for the archs in QKV_CUDA_ARCHS (default "8.0;9.0") into
 #     build/cuda-check (incremental: ninja reuses objects whose sources did not change),
 #  3. imports qkv from that build (no CUDA call happens at import) and checks that the core ops
-#     have CUDA kernels and that the CPU kernels of this build still run.
+#     have CUDA kernels and that the CPU kernels of this build still run; checks that qkv._C uses
+#     the shared C++ runtime (scripts/cxx_runtime_check.py),
+#  4. configures and builds the CMake library (libqkv, what LibTorch users link) with QKV_CUDA=ON
+#     for QKV_CMAKE_CUDA_ARCHS (default "9.0": step 2 already covers every arch) into
+#     build/cuda-check/cmake (incremental), checks its C++ runtime, loads it into torch and checks
+#     that it registers the CUDA kernels.
 #
 # Environment:
 #   QKV_CUDA_VENV     venv path (default .venv-cuda)
 #   QKV_CUDA_BUILD    build dir (default build/cuda-check)
 #   QKV_CUDA_ARCHS    CUDA archs (default "8.0;9.0")
+#   QKV_CMAKE_CUDA_ARCHS  CUDA archs of the CMake build (default "9.0")
 #   QKV_WHEEL_DIRS    colon-separated local wheel folders to install from with --no-index;
 #                     default: those of /opt/pypi-more/files, /opt/pypi/files, /opt/wheels that exist.
 #                     Set it to "" to install through pip's configured indexes (several GB download).
@@ -98,5 +104,36 @@ print(f"cuda-check: OK: {qkv._C.__file__} has CUDA kernels for attention, attent
       f"attention_weights; GPU present: {torch.cuda.is_available()}")
 EOF
 )
+"$PY" scripts/cxx_runtime_check.py "$LIB"/qkv/_C*.so
 t3=$(stamp)
-echo "cuda-check: venv $((t1 - t0)) s, build $((t2 - t1)) s, import check $((t3 - t2)) s, total $((t3 - t0)) s"
+
+# ---- 4. the CMake library with CUDA ----------------------------------------------------------
+CMAKE_BUILD="$BUILD/cmake"
+CMAKE_ARCHS="${QKV_CMAKE_CUDA_ARCHS:-9.0}"
+cmake_args=(-DQKV_CUDA=ON -DQKV_CUDA_ARCHS="$CMAKE_ARCHS" -DCMAKE_BUILD_TYPE=Release
+            -DCUDA_TOOLKIT_ROOT_DIR="$CUDA_HOME" -DCMAKE_CUDA_COMPILER="$CUDA_HOME/bin/nvcc"
+            -DCMAKE_PREFIX_PATH="$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)')")
+# torch's CMake config links NVRTC; a toolkit assembled from pip wheels may have it only in the venv.
+if ! ls "$CUDA_HOME"/lib64/libnvrtc.so* >/dev/null 2>&1; then
+  nvrtc="$(find "$VENV" -name 'libnvrtc.so*' -not -name '*builtins*' -not -name '*.alt.*' | head -n 1)"
+  [[ -n "$nvrtc" ]] && cmake_args+=(-DCUDA_nvrtc_LIBRARY="$(cd "$(dirname "$nvrtc")" && pwd)/$(basename "$nvrtc")")
+fi
+echo "cuda-check: building the CMake library with CUDA for archs $CMAKE_ARCHS into $CMAKE_BUILD"
+cmake -S . -B "$CMAKE_BUILD" "${cmake_args[@]}" >"$BUILD/cmake-configure.log" 2>&1 ||
+  { cat "$BUILD/cmake-configure.log"; exit 1; }
+grep -q "qkv: CUDA kernels ON" "$BUILD/cmake-configure.log"
+cmake --build "$CMAKE_BUILD" --target qkv -j "$MAX_JOBS"
+LIBQKV="$(cd "$CMAKE_BUILD" && pwd)/libqkv.so"
+"$PY" scripts/cxx_runtime_check.py "$LIBQKV"
+LIBQKV="$LIBQKV" "$PY" - <<'EOF'
+import os
+import torch
+torch.ops.load_library(os.environ["LIBQKV"])
+for op in ("attention", "attention_backward", "attention_weights"):
+    for key in ("CUDA", "CPU", "Meta"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"qkv::{op}", key), f"libqkv: qkv::{op} has no {key} kernel"
+print("cuda-check: OK: libqkv.so (CMake) has CUDA kernels for attention, attention_backward, attention_weights")
+EOF
+t4=$(stamp)
+echo "cuda-check: venv $((t1 - t0)) s, build $((t2 - t1)) s, import check $((t3 - t2)) s," \
+     "CMake build and check $((t4 - t3)) s, total $((t4 - t0)) s"

@@ -103,7 +103,7 @@ def reference_grads(q, k, v, bias, grad_out, is_causal, bottom_right, dtype, kee
 
 
 def draw_seed(value: int) -> torch.Tensor:
-    return torch.tensor([value], dtype=torch.int64)
+    return torch.tensor(value, dtype=torch.int64)
 
 
 # ---- inputs -------------------------------------------------------------------------------------

@@ -498,3 +498,105 @@ def test_thread_scaling_case_interleaves_one_and_two_threads():
     assert "qkv 1t/nt" in header and "mm 1t/nt" in header and rows[0][2] == "1 -> 2"
     flat = flat_rows(run)[0]
     assert flat["thread_scaling_qkv"] > 0 and flat["thread_scaling_matmul"] > 0 and "speedup_vs_qkv_1t" not in flat
+
+
+# ----- one side failing costs that side only (issue 14, defect 5) ---------------------------
+
+def _failing_after_first_call(side, exc):
+    """``side`` whose first call (the correctness check) works and whose timed calls raise."""
+    calls = []
+
+    def compute():
+        calls.append(1)
+        if len(calls) > 1:
+            raise exc
+        return side.compute()
+    return workloads.Side(side.name, compute, side.context, side.keep)
+
+
+@pytest.mark.parametrize("exc", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 16.00 GiB"),
+                                 RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED")])
+def test_a_reference_failing_while_timed_costs_only_that_reference(monkeypatch, tmp_path, exc):
+    from qkv.bench import runner
+
+    real = runner.make_sides
+
+    def make_sides(*args, **kwargs):
+        sides = real(*args, **kwargs)
+        sides["sdpa_math"] = _failing_after_first_call(sides["sdpa_math"], exc)
+        return sides
+    monkeypatch.setattr(runner, "make_sides", make_sides)
+    run = run_cases([micro(mode="fwd")], RunConfig(threads=1, timing=FAST, memory=False, matmul_n=64), progress=False)
+    (result,) = run.results
+    assert result.status == "ok", result.message
+    assert result.sides["qkv"].timing is not None and "sdpa" in result.speedups
+    math_side = result.sides["sdpa_math"]
+    assert math_side.status == "error" and type(exc).__name__ in math_side.message and "sdpa_math" not in result.speedups
+    table = format_terminal(run)
+    expected_cell = "OOM" if isinstance(exc, torch.OutOfMemoryError) else "error"
+    assert expected_cell in table.split("x <ref>:")[0]
+    assert f"micro-fwdbwd: sdpa_math left out: timing failed: {type(exc).__name__}" in table
+    paths = write_all(run, tmp_path, plots=False)
+    (row,) = json.loads(paths["json"].read_text())["rows"]
+    assert row["sdpa_math_status"] == "error" and type(exc).__name__ in row["message"]
+    assert row["speedup_vs_sdpa"] is not None
+
+
+def test_qkv_failing_while_timed_is_an_error_but_keeps_the_references(monkeypatch):
+    from qkv.bench import runner
+
+    real = runner.make_sides
+
+    def make_sides(*args, **kwargs):
+        sides = real(*args, **kwargs)
+        sides["qkv"] = _failing_after_first_call(sides["qkv"], torch.OutOfMemoryError("out of memory"))
+        return sides
+    monkeypatch.setattr(runner, "make_sides", make_sides)
+    run = run_cases([micro(mode="fwd")], RunConfig(threads=1, timing=FAST, memory=False, matmul_n=64), progress=False)
+    (result,) = run.results
+    assert result.status == "error" and "qkv timing failed: OutOfMemoryError" in result.message
+    assert result.sides["sdpa"].timing is not None and run.failed == [result]
+
+
+def test_a_side_estimated_beyond_the_free_memory_is_skipped_before_running(monkeypatch, tmp_path):
+    from qkv.bench import memory_budget, runner
+
+    case = micro(mode="fwdbwd", l=64, s=64)
+    qkv_need = memory_budget.estimate_bytes(case, "qkv", torch.float32, "cpu")
+    math_need = memory_budget.estimate_bytes(case, "sdpa_math", torch.float32, "cpu")
+    assert math_need > 2 * qkv_need  # the dense side needs the (B, H, L, S) buffers
+    monkeypatch.setattr(runner, "available_bytes", lambda device: (qkv_need + math_need) // 2)
+    built = []
+    real = runner.make_sides
+    monkeypatch.setattr(runner, "make_sides", lambda c, i, names, *a: built.append(names) or real(c, i, names, *a))
+    run = run_cases([case], RunConfig(threads=1, timing=FAST, memory=False, matmul_n=64), progress=False)
+    (result,) = run.results
+    assert result.status == "ok", result.message
+    assert "sdpa_math" not in built[0], "a skipped side must not run"
+    math_side = result.sides["sdpa_math"]
+    assert math_side.status == "skipped" and "GiB (estimate)" in math_side.message
+    assert result.sides["qkv"].timing is not None
+    table = format_terminal(run)
+    assert "skipped" in table.split("x <ref>:")[0] and "micro-fwdbwd: sdpa_math skipped: needs about" in table
+    (row,) = json.loads(write_all(run, tmp_path, plots=False)["json"].read_text())["rows"]
+    assert row["sdpa_math_status"] == "skipped"
+
+
+def test_a_case_whose_qkv_side_cannot_fit_is_skipped_with_the_reason(monkeypatch):
+    from qkv.bench import runner
+
+    monkeypatch.setattr(runner, "available_bytes", lambda device: 1)
+    run = run_cases([micro(mode="fwd")], RunConfig(threads=1, timing=FAST, memory=False, matmul_n=64), progress=False)
+    (result,) = run.results
+    assert result.status == "skipped" and "qkv skipped: needs about" in result.message
+    assert "Skipped 1 case(s) (qkv skipped: needs about" in format_terminal(run)
+
+
+def test_memory_estimates_grow_with_the_score_matrix_only_for_dense_sides():
+    from qkv.bench.memory_budget import GIB, estimate_bytes
+
+    # The case that ran out of memory on the H100: B1 H16 L16384 D128 bf16 causal fwd+bwd.
+    case = Case("d128-L16384-causal-fwdbwd", "d128-L16384", "core", "fwdbwd", 1, 16, 16384, 16384, 128, causal=True)
+    assert estimate_bytes(case, "qkv", torch.bfloat16, "cuda") < GIB
+    assert estimate_bytes(case, "sdpa_flash", torch.bfloat16, "cuda") < GIB
+    assert estimate_bytes(case, "sdpa_math", torch.bfloat16, "cuda") > 79 * GIB  # beyond an H100's 79 GiB

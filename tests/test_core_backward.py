@@ -35,7 +35,7 @@ def test_bias_gradient_reduces_over_broadcast_dims(bias_shape):
 
 def test_gradcheck_with_dropout_under_fixed_seed():
     q, k, v, bias = leaf(2, 2, 6, 4), leaf(2, 2, 9, 4), leaf(2, 2, 9, 4), leaf(6, 9)
-    seed = torch.tensor([1234])
+    seed = torch.tensor(1234)
     fn = lambda q, k, v, b: attention(q, k, v, b, 0.35, True, False, None, seed)[0]
     assert torch.autograd.gradcheck(fn, (q, k, v, bias))
 
@@ -43,7 +43,7 @@ def test_gradcheck_with_dropout_under_fixed_seed():
 def test_gradcheck_weights_op():
     q, k, bias = leaf(1, 2, 4, 3), leaf(1, 2, 5, 3), leaf(4, 5)
     v = torch.randn(1, 2, 5, 3, dtype=torch.float64)
-    seed = torch.tensor([7])
+    seed = torch.tensor(7)
 
     def weights(q, k, b):
         _, lse = attention(q, k, v, b, 0.25, True, True, None, seed)
@@ -132,7 +132,7 @@ def test_double_backward_raises_a_clear_error():
 def test_gradcheck_head_averaged_weights():
     q, k, bias = leaf(2, 3, 4, 3), leaf(2, 3, 5, 3), leaf(1, 3, 4, 5)
     v = torch.randn(2, 3, 5, 3, dtype=torch.float64)
-    seed = torch.tensor([9])
+    seed = torch.tensor(9)
 
     def averaged(q, k, b):
         _, lse = attention(q, k, v, b, 0.2, False, False, None, seed)

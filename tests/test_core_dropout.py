@@ -19,7 +19,7 @@ def inputs(L=64, S=96, D=16, dtype=torch.float64):
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
 def test_dropped_fraction_and_scaling(p):
     q, k, v = inputs()
-    seed = torch.tensor([99])
+    seed = torch.tensor(99)
     _, lse = attention(q, k, v, None, p, False, False, None, seed)
     weights = attention_weights(q, k, None, lse, p, False, False, None, seed)
     probs = reference_probs(q, k)
@@ -32,7 +32,7 @@ def test_dropped_fraction_and_scaling(p):
 
 def test_output_uses_the_returned_weights():
     q, k, v = inputs()
-    seed = torch.tensor([5])
+    seed = torch.tensor(5)
     out, lse = attention(q, k, v, None, 0.3, True, False, None, seed)
     weights = attention_weights(q, k, None, lse, 0.3, True, False, None, seed)
     torch.testing.assert_close(weights @ v, out, **tolerance(torch.float64))
@@ -40,15 +40,15 @@ def test_output_uses_the_returned_weights():
 
 def test_same_seed_same_result_different_seed_different_result():
     q, k, v = inputs(dtype=torch.float32)
-    a = attention(q, k, v, None, 0.2, False, False, None, torch.tensor([1]))[0]
-    b = attention(q, k, v, None, 0.2, False, False, None, torch.tensor([1]))[0]
-    c = attention(q, k, v, None, 0.2, False, False, None, torch.tensor([2]))[0]
+    a = attention(q, k, v, None, 0.2, False, False, None, torch.tensor(1))[0]
+    b = attention(q, k, v, None, 0.2, False, False, None, torch.tensor(1))[0]
+    c = attention(q, k, v, None, 0.2, False, False, None, torch.tensor(2))[0]
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
 def test_mask_does_not_depend_on_thread_count():
     q, k, v = inputs(L=130, S=200, dtype=torch.float32)
-    seed = torch.tensor([3])
+    seed = torch.tensor(3)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -76,7 +76,7 @@ def test_backward_replays_the_forward_mask():
     out, _ = attention(q, k, v, None, 0.5)
     grad_v = torch.autograd.grad(out.sum(), v)[0]
     torch.manual_seed(4)
-    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
+    seed = torch.randint(0, 2**62, (), dtype=torch.int64)
     _, lse = attention(q, k, v, None, 0.5, False, False, None, seed)
     weights = attention_weights(q, k, None, lse, 0.5, False, False, None, seed)
     torch.testing.assert_close(grad_v, weights.sum(-2).unsqueeze(-1).expand_as(v), **tolerance(torch.float64))
@@ -84,5 +84,5 @@ def test_backward_replays_the_forward_mask():
 
 def test_dropout_one_drops_everything():
     q, k, v = inputs(dtype=torch.float32)
-    out, _ = attention(q, k, v, None, 1.0, False, False, None, torch.tensor([0]))
+    out, _ = attention(q, k, v, None, 1.0, False, False, None, torch.tensor(0))
     assert (out == 0).all()

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 attention = torch.ops.qkv.attention
+SEED_ERROR = r"dropout_seed must be a 0-dim int64 tensor on the CPU"
 
 
 def qkv_tensors(dtype=torch.float32):
@@ -11,7 +12,7 @@ def qkv_tensors(dtype=torch.float32):
 
 @pytest.mark.parametrize("make_args,message", [
     (lambda q, k, v: (q[0], k, v), r"query must be a 4-D tensor .* got a 3-D"),
-    (lambda q, k, v: (q, k[..., :6], v), r"key must have shape \(2, 3, key_len, 8\) .* got"),
+    (lambda q, k, v: (q, k[..., :6], v), r"key must have shape \(2, key_heads, key_len, 8\) .* got"),
     (lambda q, k, v: (q, k, v[:, :, :6]), r"value must have shape \(2, 3, 7, value_head_dim\)"),
     (lambda q, k, v: (q, k[:1], v), r"key must have shape"),
     (lambda q, k, v: (q, k.double(), v), r"key must have the query's dtype Float; got .*Double"),
@@ -22,8 +23,13 @@ def qkv_tensors(dtype=torch.float32):
     (lambda q, k, v: (q, k, v, None, 1.5), r"dropout_p must be in \[0, 1\]; got 1.5"),
     (lambda q, k, v: (q, k, v, None, -0.1), r"dropout_p must be in \[0, 1\]"),
     (lambda q, k, v: (q, k, v, None, 0.0, False, False, float("nan")), r"scale must be a finite number"),
-    (lambda q, k, v: (q, k, v, None, 0.1, False, False, None, torch.tensor([1.0])), r"dropout_seed must be an int64 tensor with one element"),
-    (lambda q, k, v: (q, k, v, None, 0.1, False, False, None, torch.tensor([1, 2])), r"dropout_seed must be an int64 tensor"),
+    (lambda q, k, v: (q, k, v, None, 0.1, False, False, None, torch.tensor(1.0)), SEED_ERROR + ".*Float"),
+    (lambda q, k, v: (q, k, v, None, 0.1, False, False, None, torch.tensor([1, 2])), SEED_ERROR + ".*1-D"),
+    # The old one-element 1-D form: fake tensors reject it beside CUDA inputs.
+    (lambda q, k, v: (q, k, v, None, 0.1, False, False, None, torch.tensor([1])), SEED_ERROR + r".*1-D Long tensor of shape \[1\]"),
+    # A meta seed with real inputs cannot be read: it used to give uninitialised outputs.
+    (lambda q, k, v: (q, k, v, None, 0.1, False, False, None, torch.tensor(1, device="meta")), SEED_ERROR + ".*on meta"),
+    (lambda q, k, v: (q, k, v, None, 0.0, False, False, None, torch.tensor(1, device="meta")), SEED_ERROR + ".*on meta"),
 ])
 def test_attention_errors(make_args, message):
     with pytest.raises(RuntimeError, match=message):
@@ -72,7 +78,7 @@ def test_backward_op_checks_grad_out():
     (lambda x, w: torch.ops.qkv.cross_attention(x, torch.randn(2, 4, 5), 2, w(8, 8), w(8, 6), w(8, 5), None, w(8, 8), None),
      r"k_proj_weight must have shape \(8, 5\); got \[8, 6\]"),
 ])
-def test_mission_op_errors(call, message):
+def test_projection_op_errors(call, message):
     x = torch.randn(2, 4, 8)
     with pytest.raises(RuntimeError, match=message):
         call(x, lambda *s: torch.randn(*s))

@@ -179,7 +179,7 @@ def test_random_shapes_property(B, H, L, S, D, causal, bottom_right, with_bias):
 def test_head_averaged_weights_equal_the_mean_of_per_head_weights(dtype):
     q, k, v = make_qkv(2, 4, 70, 600, 8, dtype=dtype)
     bias = torch.randn(2, 1, 1, 600, dtype=dtype)
-    seed = torch.tensor([21])
+    seed = torch.tensor(21)
     _, lse = attention(q, k, v, bias, 0.1, True, True, None, seed)
     per_head = torch.ops.qkv.attention_weights(q, k, bias, lse, 0.1, True, True, None, seed)
     averaged = torch.ops.qkv.attention_weights(q, k, bias, lse, 0.1, True, True, None, seed, True)

@@ -17,7 +17,7 @@ def core_args(requires_grad, bias=True, dropout=0.0):
     (True, False, False, None, 0.0), (False, True, True, 0.5, 0.0), (True, True, False, None, 0.2)])
 def test_opcheck_attention(requires_grad, bias, is_causal, bottom_right, scale, dropout):
     q, k, v, b = core_args(requires_grad, bias)
-    seed = torch.tensor([17])
+    seed = torch.tensor(17)
     torch.library.opcheck(torch.ops.qkv.attention.default, (q, k, v, b, dropout, is_causal, bottom_right, scale, seed))
 
 
@@ -31,38 +31,44 @@ def backward_utils(requires_grad):
 
 
 @pytest.mark.parametrize("requires_grad", [False, True])
-def test_opcheck_attention_backward(requires_grad):
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_opcheck_attention_backward(requires_grad, dropout):
     q, k, v, b = core_args(False)
-    out, lse = torch.ops.qkv.attention(q, k, v, b, 0.1, True, False, None, torch.tensor([3]))
+    seed = torch.tensor(3)
+    out, lse = torch.ops.qkv.attention(q, k, v, b, dropout, True, False, None, seed)
     grad = torch.randn_like(out).requires_grad_(requires_grad)
     torch.library.opcheck(torch.ops.qkv.attention_backward.default,
-                          (grad, q, k, v, b, out, lse, 0.1, True, False, None, torch.tensor([3]), True),
+                          (grad, q, k, v, b, out, lse, dropout, True, False, None, seed, True),
                           test_utils=backward_utils(requires_grad))
 
 
 @pytest.mark.parametrize("requires_grad", [False, True])
-def test_opcheck_attention_weights(requires_grad):
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_opcheck_attention_weights(requires_grad, dropout):
     q, k, v, b = core_args(requires_grad)
-    seed = torch.tensor([8])
-    _, lse = torch.ops.qkv.attention(q, k, v, b, 0.2, False, False, None, seed)
-    torch.library.opcheck(torch.ops.qkv.attention_weights.default, (q, k, b, lse.detach(), 0.2, False, False, None, seed))
+    seed = torch.tensor(8)
+    _, lse = torch.ops.qkv.attention(q, k, v, b, dropout, False, False, None, seed)
+    for average_heads in (False, True):
+        torch.library.opcheck(torch.ops.qkv.attention_weights.default,
+                              (q, k, b, lse.detach(), dropout, False, False, None, seed, average_heads))
     grad = torch.randn(2, 3, 10, 12, requires_grad=requires_grad)
     torch.library.opcheck(torch.ops.qkv.attention_weights_backward.default,
-                          (grad, q.detach(), k.detach(), b.detach(), lse.detach(), 0.2, False, False, None, seed, True),
+                          (grad, q.detach(), k.detach(), b.detach(), lse.detach(), dropout, False, False, None, seed, True),
                           test_utils=backward_utils(requires_grad))
 
 
 @pytest.mark.parametrize("requires_grad", [False, True])
 @pytest.mark.parametrize("L", [2, 10])  # the two-op path, the fused CPU kernel
-def test_opcheck_attention_with_weights(requires_grad, L):
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_opcheck_attention_with_weights(requires_grad, L, dropout):
     q, k, v, b = core_args(requires_grad)
     q, b = q[:, :, :L], b[:, :L]
     for average_heads in (False, True):
         torch.library.opcheck(torch.ops.qkv.attention_with_weights.default,
-                              (q, k, v, b, 0.2, True, False, None, torch.tensor([5]), average_heads))
+                              (q, k, v, b, dropout, True, False, None, torch.tensor(5), average_heads))
 
 
-def mission_args(requires_grad):
+def projection_args(requires_grad):
     x = torch.randn(2, 7, 16, requires_grad=requires_grad)
     mem = torch.randn(2, 9, 12, requires_grad=requires_grad)
     w = lambda *s: (torch.randn(*s) * 0.2).requires_grad_(requires_grad)
@@ -70,20 +76,23 @@ def mission_args(requires_grad):
 
 
 @pytest.mark.parametrize("requires_grad", [False, True])
-def test_opcheck_mission_ops(requires_grad):
-    x, mem, w = mission_args(requires_grad)
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_opcheck_projection_ops(requires_grad, dropout):
+    x, mem, w = projection_args(requires_grad)
     kpm = torch.zeros(2, 1, 1, 7)
     kpm[1, ..., -2:] = float("-inf")
+    seed = torch.tensor(11)
     torch.library.opcheck(torch.ops.qkv.multi_head_attention.default,
-                          (x, x, x, 4, w(48, 16), w(48), w(16, 16), w(16), kpm))
-    torch.library.opcheck(torch.ops.qkv.masked_self_attention.default, (x, 2, w(48, 16), None, w(16, 16), None))
+                          (x, x, x, 4, w(48, 16), w(48), w(16, 16), w(16), kpm, False, dropout, seed))
+    torch.library.opcheck(torch.ops.qkv.masked_self_attention.default,
+                          (x, 2, w(48, 16), None, w(16, 16), None, None, dropout, seed))
     torch.library.opcheck(torch.ops.qkv.cross_attention.default,
-                          (x, mem, 4, w(16, 16), w(16, 12), w(16, 12), w(48), w(16, 16), w(16)))
+                          (x, mem, 4, w(16, 16), w(16, 12), w(16, 12), w(48), w(16, 16), w(16), None, dropout, seed))
 
 
 def test_compile_fullgraph_through_each_op():
     q, k, v, b = core_args(True)
-    x, mem, w = mission_args(True)
+    x, mem, w = projection_args(True)
     w_in, w_out, wq, wk, wv = w(48, 16), w(16, 16), w(16, 16), w(16, 12), w(16, 12)
 
     def model(q, k, v, b, x, mem):

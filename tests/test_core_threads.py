@@ -90,7 +90,7 @@ def test_backward_with_bias_gradient(shape, bias_shape):
 
 def test_backward_with_dropout():
     q, k, v = inputs(1, 2, 200, 600)
-    seed = torch.tensor([1234], dtype=torch.int64)
+    seed = torch.tensor(1234, dtype=torch.int64)
     out, lse = attention(q, k, v, None, 0.3, False, False, None, seed)
     grad = torch.randn_like(out)
     results = for_each_thread_count(

@@ -140,7 +140,7 @@ def test_nan_query_row_reaches_output_and_weights():
 def test_dropout_matches_the_two_ops(L, average_heads, dtype):
     q, k, v = make_qkv(2, 3, L, 270, 16, dtype=dtype)
     bias = torch.randn(3, 1, 270, dtype=dtype)
-    seed = torch.tensor([1234])
+    seed = torch.tensor(1234)
     out, lse, weights = ops.attention_with_weights(q, k, v, bias, 0.3, True, False, None, seed, average_heads)
     want_out, want_lse = ops.attention(q, k, v, bias, 0.3, True, False, None, seed)
     want_weights = ops.attention_weights(q, k, bias, want_lse, 0.3, True, False, None, seed, average_heads)
@@ -169,7 +169,7 @@ def test_dropout_without_a_seed_drops_the_same_probabilities_in_out_and_weights(
 def test_gradcheck_through_out_and_weights(L, average_heads, dropout_p):
     q, k, v = make_qkv(1, 2, L, 30, 5, 4, dtype=F64, requires_grad=True)
     bias = torch.randn(2, L, 30, dtype=F64, requires_grad=True)
-    seed = torch.tensor([99])
+    seed = torch.tensor(99)
     w_grad = torch.randn((1, L, 30) if average_heads else (1, 2, L, 30), dtype=F64)
 
     def fn(q, k, v, bias):

@@ -26,16 +26,17 @@ if DEVICE == "cuda" and not torch.cuda.is_available():
     pytest.skip("no CUDA device: the CUDA kernels run on a GPU machine", allow_module_level=True)
 
 ops = torch.ops.qkv
-# (dtype, kernel path): "auto" dispatches as in production (the tensor-core forward where the call
-# qualifies), "generic" forces the generic kernels; float32/float64 only have the generic kernels.
+# (dtype, kernel path), the path being a QKV_CUDA_KERNEL value: "auto" dispatches as in production
+# (the tensor-core forward where the call qualifies), "generic" forces the generic kernels, "mma"
+# and "fa2" force those tensor-core kernels, which refuse (raise) a call they cannot serve instead
+# of falling back; float32/float64 only have the generic kernels.
 DTYPE_PATHS = [
     pytest.param(torch.float32, "auto", id="float32"),
     pytest.param(torch.float64, "auto", id="float64"),
-    pytest.param(torch.float16, "auto", id="float16-auto"),
-    pytest.param(torch.float16, "generic", id="float16-generic"),
-    pytest.param(torch.bfloat16, "auto", id="bfloat16-auto"),
-    pytest.param(torch.bfloat16, "generic", id="bfloat16-generic"),
-]
+] + [pytest.param(dtype, path, id=f"{str(dtype)[6:]}-{path}") for dtype in LOW_PRECISION
+     for path in ("auto", "generic", "mma", "fa2")]
+# The head dims (head_dim == value_head_dim) each forced tensor-core path serves.
+FORCED_PATH_HEAD_DIMS = {"mma": (64, 128), "fa2": (64, 96, 128, 256)}
 
 
 # ---- references ---------------------------------------------------------------------------------
@@ -64,8 +65,28 @@ def poison_allocator():
 
 
 def select_kernel_path(monkeypatch, path: str) -> None:
-    """QKV_CUDA_KERNEL: "auto" (production dispatch), "generic" or "mma" (tensor-core forward required)."""
+    """QKV_CUDA_KERNEL: "auto" (production dispatch), "generic", "mma" or "fa2" (those kernels required)."""
     monkeypatch.setenv("QKV_CUDA_KERNEL", path)
+
+
+def forced_path_refuses(path: str, q, k, v, bias_grad: bool = False, bias_one_key_column: bool = False) -> bool:
+    """Whether QKV_CUDA_KERNEL=path must refuse this call (forward, or backward with `bias_grad`):
+    the mma and fa2 paths serve float16/bfloat16, their head dims, 16-byte-aligned unit-stride rows
+    (mma no bias gradient, fa2 none for a bias with one key column, which comes from row sums over
+    every key). "auto" and "generic" serve everything; the CPU ignores the variable."""
+    if DEVICE != "cuda" or path not in FORCED_PATH_HEAD_DIMS:
+        return False
+    if q.dtype not in LOW_PRECISION or q.shape[-1] != v.shape[-1] or q.shape[-1] not in FORCED_PATH_HEAD_DIMS[path]:
+        return True
+    if path == "mma" and bias_grad:
+        return True
+    if path == "fa2" and bias_grad and bias_one_key_column:
+        return True
+
+    def rows_aligned(t):
+        return t.stride(-1) == 1 and all(s % 8 == 0 for s in t.stride()[:-1]) and t.data_ptr() % 16 == 0
+
+    return not all(rows_aligned(t) for t in (q, k, v))
 
 
 # ---- forward ------------------------------------------------------------------------------------
@@ -78,6 +99,10 @@ def test_forward_matches_reference(shape, dtype, path, causal, monkeypatch):
     select_kernel_path(monkeypatch, path)
     is_causal, bottom_right = causal
     q, k, v = make_qkv(shape, dtype, seed=seed_of(shape, dtype, causal))
+    if forced_path_refuses(path, q, k, v):
+        with pytest.raises(RuntimeError, match="does not qualify"):
+            ops.attention(q, k, v, None, 0.0, is_causal, bottom_right)
+        return
     out, lse = ops.attention(q, k, v, None, 0.0, is_causal, bottom_right)
     ref, ref_lse = reference_attention(q, k, v, None, is_causal, bottom_right)
     assert out.device.type == DEVICE and out.dtype == dtype
@@ -96,6 +121,10 @@ def test_forward_matches_reference(shape, dtype, path, causal, monkeypatch):
 def test_forward_reads_strided_inputs(layout, dtype, path, shape, monkeypatch):
     select_kernel_path(monkeypatch, path)
     q, k, v = make_qkv(shape, dtype, layout, seed=seed_of(layout, shape))
+    if forced_path_refuses(path, q, k, v):
+        with pytest.raises(RuntimeError, match="does not qualify"):
+            ops.attention(q, k, v, None, 0.0, True, True)
+        return
     out, _ = ops.attention(q, k, v, None, 0.0, True, True)
     ref, _ = reference_attention(q, k, v, None, True, True)
     assert_matches("out", out, ref, low_precision_reference(q, k, v, None, True, True, dtype), dtype)
@@ -111,25 +140,37 @@ def test_forward_with_bias(kind, dtype, path, shape, monkeypatch):
     select_kernel_path(monkeypatch, path)
     q, k, v = make_qkv(shape, dtype, seed=seed_of(kind, shape))
     bias = make_bias(kind, shape, dtype)
+    if forced_path_refuses(path, q, k, v):
+        with pytest.raises(RuntimeError, match="does not qualify"):
+            ops.attention(q, k, v, bias)
+        return
     out, lse = ops.attention(q, k, v, bias)
     ref, ref_lse = reference_attention(q, k, v, bias)
     assert_matches("out", out, ref, low_precision_reference(q, k, v, bias, False, False, dtype), dtype)
     assert torch.equal(torch.isneginf(lse).cpu(), torch.isneginf(ref_lse).cpu())
 
 
+# (path, head dim) pairs each forced tensor-core path serves.
+PATH_HEAD_DIMS = [pytest.param(path, D, id=f"{path}-D{D}") for path, dims in FORCED_PATH_HEAD_DIMS.items() for D in dims]
+
+
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
-@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("path, D", PATH_HEAD_DIMS)
 @pytest.mark.parametrize("layout", ["contiguous", "token_major", "expanded"])
 @pytest.mark.parametrize("causal", CAUSAL, ids=["full", "causal", "causal_bottom_right"])
-def test_tensor_core_forward_is_taken_and_correct(dtype, D, layout, causal, monkeypatch):
+def test_tensor_core_forward_is_taken_and_correct(dtype, path, D, layout, causal, monkeypatch):
     if DEVICE != "cuda":
         pytest.skip("QKV_CUDA_KERNEL only steers the CUDA kernels")
-    select_kernel_path(monkeypatch, "mma")  # an error if the call did not qualify
+    select_kernel_path(monkeypatch, path)  # an error if the call did not qualify
     is_causal, bottom_right = causal
     shape = Shape(2, 3, 129, 200, D, D)
     q, k, v = make_qkv(shape, dtype, layout, seed=seed_of(D, layout, causal))
-    bias = make_bias("key_padding", shape, dtype)
-    for b in (None, bias):
+    biases = [None, make_bias("key_padding", shape, dtype)]
+    if path == "fa2":  # the general fa2 kernel: a bias per element, huge finite negative entries
+        full = make_bias("full", shape, dtype)
+        full[:, :, ::5] = torch.finfo(dtype).min
+        biases.append(full)
+    for b in biases:
         out, lse = ops.attention(q, k, v, b, 0.0, is_causal, bottom_right)
         ref, ref_lse = reference_attention(q, k, v, b, is_causal, bottom_right)
         assert_matches("out", out, ref, low_precision_reference(q, k, v, b, is_causal, bottom_right, dtype), dtype)
@@ -139,49 +180,83 @@ def test_tensor_core_forward_is_taken_and_correct(dtype, D, layout, causal, monk
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
-@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("path, D", PATH_HEAD_DIMS)
 @pytest.mark.parametrize("causal", CAUSAL, ids=["full", "causal", "causal_bottom_right"])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
-def test_tensor_core_backward_is_taken_and_correct(dtype, D, causal, dropout_p, monkeypatch):
+def test_tensor_core_backward_is_taken_and_correct(dtype, path, D, causal, dropout_p, monkeypatch):
     if DEVICE != "cuda":
         pytest.skip("QKV_CUDA_KERNEL only steers the CUDA kernels")
-    select_kernel_path(monkeypatch, "mma")  # forward and backward: an error if a call did not qualify
+    select_kernel_path(monkeypatch, path)  # forward and backward: an error if a call did not qualify
     is_causal, bottom_right = causal
     shape = Shape(2, 3, 100, 150, D, D)
     q, k, v = make_qkv(shape, dtype, "token_major", seed=seed_of("bwd", D, causal))
-    bias = make_bias("key_padding", shape, dtype)  # read, but no gradient wanted: the tensor-core backward
+    bias = make_bias("key_padding", shape, dtype)  # read; its gradient only on fa2 (mma computes none)
     seed = draw_seed(31337)
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    out, lse = ops.attention(*leaves, bias, dropout_p, is_causal, bottom_right, None, seed)
+    if path == "fa2":
+        bias = make_bias("rows_cols", shape, dtype).requires_grad_()
+        leaves.append(bias)
+    out, lse = ops.attention(*leaves[:3], bias, dropout_p, is_causal, bottom_right, None, seed)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(dtype).to(DEVICE)
     got = torch.autograd.grad(out, leaves, grad_out)
     keep = None
+    bias = bias.detach()
     if dropout_p > 0:
         keep = ops.attention_weights(q, k, bias, lse.detach(), dropout_p, is_causal, bottom_right, None, seed) != 0
     ref = reference_grads(q, k, v, bias, grad_out, is_causal, bottom_right, torch.float64, keep=keep, dropout_p=dropout_p)
     low = reference_grads(q, k, v, bias, grad_out, is_causal, bottom_right, dtype, keep=keep, dropout_p=dropout_p)
-    for name, g, r, lo in zip(("dq", "dk", "dv"), got, ref, low):
+    for name, g, r, lo in zip(("dq", "dk", "dv", "dbias"), got, ref, low):
         assert_matches(name, g, r, lo, dtype)
 
 
-def test_tensor_core_forward_refuses_calls_it_cannot_serve(monkeypatch):
+@pytest.mark.parametrize("D", [64, 128])
+def test_fa2_backward_is_deterministic_when_asked(D, monkeypatch):
+    """With torch.use_deterministic_algorithms(True) the fa2 backward adds dQ's parts in a fixed
+    order: gradients are bitwise identical across runs (many key blocks add into each dQ row)."""
     if DEVICE != "cuda":
         pytest.skip("QKV_CUDA_KERNEL only steers the CUDA kernels")
-    select_kernel_path(monkeypatch, "mma")
+    select_kernel_path(monkeypatch, "fa2")
+    shape = Shape(2, 4, 700, 1500, D, D)
+    q, k, v = make_qkv(shape, torch.bfloat16, "token_major", seed=seed_of("det", D))
+    grad_out = torch.randn((2, 4, 700, D), generator=torch.Generator().manual_seed(5)).bfloat16().to(DEVICE)
+
+    def grads():
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        out, _ = ops.attention(*leaves, None, 0.0, True, True)
+        return torch.autograd.grad(out, leaves, grad_out)
+
+    atomic = grads()
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = grads(), grads()
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for name, a, b, c in zip(("dq", "dk", "dv"), first, second, atomic):
+        assert torch.equal(a, b), f"{name} differs between two deterministic runs"
+        torch.testing.assert_close(a.float(), c.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("path", list(FORCED_PATH_HEAD_DIMS))
+def test_tensor_core_forward_refuses_calls_it_cannot_serve(path, monkeypatch):
+    if DEVICE != "cuda":
+        pytest.skip("QKV_CUDA_KERNEL only steers the CUDA kernels")
+    select_kernel_path(monkeypatch, path)
+    message = "does not qualify for the tensor-core kernel" if path == "mma" else "does not qualify for the fa2 kernels"
     for dtype, shape, layout in [(torch.float32, Shape(1, 2, 8, 8, 64, 64), "contiguous"),
-                                 (torch.float16, Shape(1, 2, 8, 8, 96, 96), "contiguous"),
+                                 (torch.float16, Shape(1, 2, 8, 8, 80, 80), "contiguous"),
                                  (torch.float16, Shape(1, 2, 8, 8, 64, 32), "contiguous"),
                                  (torch.float16, Shape(1, 2, 8, 8, 64, 64), "strided")]:
         q, k, v = make_qkv(shape, dtype, layout)
-        with pytest.raises(RuntimeError, match="does not qualify for the tensor-core kernel"):
+        with pytest.raises(RuntimeError, match=message):
             ops.attention(q, k, v)
-    # the tensor-core backward computes no bias gradient
-    shape = Shape(1, 2, 8, 8, 64, 64)
-    q, k, v = (t.requires_grad_() for t in make_qkv(shape, torch.float16))
-    bias = make_bias("full", shape, torch.float16).requires_grad_()
-    out, _ = ops.attention(q, k, v, bias)
-    with pytest.raises(RuntimeError, match="does not qualify for the tensor-core"):
-        out.sum().backward()
+    if path == "mma":  # the mma backward computes no bias gradient
+        shape = Shape(1, 2, 8, 8, 64, 64)
+        q, k, v = (t.requires_grad_() for t in make_qkv(shape, torch.float16))
+        bias = make_bias("full", shape, torch.float16).requires_grad_()
+        out, _ = ops.attention(q, k, v, bias)
+        with pytest.raises(RuntimeError, match="does not qualify for the tensor-core"):
+            out.sum().backward()
 
 
 def test_fully_masked_rows_give_zero_output_and_gradients():
@@ -229,8 +304,15 @@ def test_gradients_match_reference(shape, dtype, path, causal, bias_kind, monkey
     bias = make_bias(bias_kind, shape, dtype)
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     b = bias.detach().clone().requires_grad_() if bias is not None else None
+    grad_out = torch.randn((shape.B, shape.H, shape.L, shape.Dv), generator=torch.Generator().manual_seed(2),
+                           dtype=torch.float64).to(dtype).to(DEVICE)
+    one_key_column = b is not None and (b.shape[-1] == 1 or shape.S == 1)
+    if forced_path_refuses(path, q, k, v, bias_grad=b is not None, bias_one_key_column=one_key_column):
+        with pytest.raises(RuntimeError, match="does not qualify"):
+            out, _ = ops.attention(*leaves, b, 0.0, is_causal, bottom_right)
+            torch.autograd.grad(out, leaves + ([b] if b is not None else []), grad_out)
+        return
     out, _ = ops.attention(*leaves, b, 0.0, is_causal, bottom_right)
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(dtype).to(DEVICE)
     got = torch.autograd.grad(out, leaves + ([b] if b is not None else []), grad_out)
     ref = reference_grads(q, k, v, bias, grad_out, is_causal, bottom_right, torch.float64)
     low = reference_grads(q, k, v, bias, grad_out, is_causal, bottom_right, dtype) if dtype in LOW_PRECISION else [None] * 4
@@ -261,7 +343,7 @@ def test_gradcheck_float64(causal, bias_kind):
 def test_gradcheck_float64_with_dropout():
     shape = Shape(1, 2, 6, 8, 5, 5)
     q, k, v = (t.requires_grad_() for t in make_qkv(shape, torch.float64, seed=17))
-    seed = torch.tensor([12345], dtype=torch.int64)
+    seed = torch.tensor(12345)
     assert torch.autograd.gradcheck(
         lambda q, k, v: ops.attention(q, k, v, None, 0.3, True, False, None, seed)[0], (q, k, v), eps=1e-6, atol=1e-5)
 
@@ -295,6 +377,10 @@ def test_dropout_output_uses_the_weights_mask(dtype, path, monkeypatch):
     shape = Shape(2, 2, 50, 130, 64, 64) if dtype in LOW_PRECISION else Shape(2, 2, 50, 130, 48, 40)
     q, k, v = make_qkv(shape, dtype, seed=23)
     seed, p = draw_seed(4242), 0.4
+    if forced_path_refuses(path, q, k, v):
+        with pytest.raises(RuntimeError, match="does not qualify"):
+            ops.attention(q, k, v, None, p, True, True, None, seed)
+        return
     out, lse = ops.attention(q, k, v, None, p, True, True, None, seed)
     weights = ops.attention_weights(q, k, None, lse, p, True, True, None, seed)
     probs, _ = reference_probs(q, k, None, True, True)
@@ -424,10 +510,10 @@ def test_mixed_devices_are_a_clear_error():
         ops.attention(q, q, q, torch.zeros(4, 4))
 
 
-# ---- the mission ops ----------------------------------------------------------------------------
+# ---- the projection ops -------------------------------------------------------------------------
 
 
-def mission_weights(E: int, kdim: int, dtype, seed: int = 47):
+def projection_weights(E: int, kdim: int, dtype, seed: int = 47):
     g = torch.Generator().manual_seed(seed)
 
     def rand(*size):
@@ -438,14 +524,14 @@ def mission_weights(E: int, kdim: int, dtype, seed: int = 47):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_mission_ops_match_cpu(dtype):
+def test_projection_ops_match_cpu(dtype):
     N, L, S, E, kdim, heads = 2, 13, 17, 32, 24, 4
     g = torch.Generator().manual_seed(53)
     x = torch.randn(N, L, E, generator=g, dtype=dtype)
     mem = torch.randn(N, S, kdim, generator=g, dtype=dtype)
     kv = torch.randn(N, S, E, generator=g, dtype=dtype)
     attn_bias = torch.randn(L, S, generator=g, dtype=dtype)
-    w = mission_weights(E, kdim, dtype)
+    w = projection_weights(E, kdim, dtype)
     tol = dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
 
     def both(fn, *tensors):
@@ -462,11 +548,11 @@ def test_mission_ops_match_cpu(dtype):
          w["out_proj_bias"])
 
 
-def test_mission_op_gradients_match_cpu():
+def test_projection_op_gradients_match_cpu():
     N, L, E, heads = 2, 11, 32, 2
     g = torch.Generator().manual_seed(59)
     x = torch.randn(N, L, E, generator=g, dtype=torch.float64)
-    w = mission_weights(E, E, torch.float64)
+    w = projection_weights(E, E, torch.float64)
     params = [x, w["in_proj_weight"], w["in_proj_bias"], w["out_proj_weight"], w["out_proj_bias"]]
 
     def grads(device):

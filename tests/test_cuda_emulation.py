@@ -66,7 +66,7 @@ def emulated_forward(ops, q, k, v, bias=None, dropout_p=0.0, is_causal=False, bo
 
 def cpu_forward(q, k, v, bias=None, dropout_p=0.0, is_causal=False, bottom_right=False, scale=None, seed=0):
     return torch.ops.qkv.attention(q, k, v, bias, dropout_p, is_causal, bottom_right, scale,
-                                   torch.tensor([seed], dtype=torch.int64))
+                                   torch.tensor(seed, dtype=torch.int64))
 
 
 def assert_close_to_cpu_kernel(name, got, want, dtype):
@@ -153,7 +153,7 @@ def test_dropout_matches_cpu_kernel(emulated, kernel, dtype):
         scale, offset = resolved(q, k, None, False)
         w = emulated.weights(q, k, expand_bias(bias, q, k), want_lse, scale, True, offset, p, seed)
         w_cpu = torch.ops.qkv.attention_weights(q, k, bias, want_lse, p, True, False, None,
-                                                torch.tensor([seed], dtype=torch.int64))
+                                                torch.tensor(seed, dtype=torch.int64))
         probs, _ = reference_probs(q, k, bias, True, False)
         visible = probs > 0
         assert torch.equal((w == 0) & visible, (w_cpu == 0) & visible)
@@ -238,7 +238,7 @@ def test_backward_with_dropout(emulated, dtype, bias_kind):
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64).to(dtype)
     got = emulated_backward(emulated, grad_out, q, k, v, bias, out, lse, p, True, True, seed, True)
     want = torch.ops.qkv.attention_backward(grad_out, q, k, v, bias, out, lse, p, True, True, None,
-                                            torch.tensor([seed], dtype=torch.int64), True)
+                                            torch.tensor(seed, dtype=torch.int64), True)
     for name, g, w in zip(("dq", "dk", "dv", "dbias"), got, want):
         assert_close_to_cpu_kernel(name, g, w, dtype)
 
@@ -261,7 +261,7 @@ def test_tensor_core_backward(emulated, dtype, D, causal, shape_ls):
         got = emulated_backward(emulated, grad_out, q, k, v, b, out, lse, p, is_causal, bottom_right, seed, False,
                                 kernel="mma")
         want = torch.ops.qkv.attention_backward(grad_out, q, k, v, b, out, lse, p, is_causal, bottom_right, None,
-                                                torch.tensor([seed], dtype=torch.int64), False)
+                                                torch.tensor(seed, dtype=torch.int64), False)
         for name, g, w in zip(("dq", "dk", "dv"), got[:3], want[:3]):
             assert g.stride() == w.stride(), name
             assert_close_to_cpu_kernel(name, g, w, dtype)
@@ -289,3 +289,89 @@ def test_nan_in_a_query_reaches_its_output_row(emulated, kernel):
     out, lse = emulated_forward(emulated, q, k, v, kernel=kernel)
     assert out[0, 0, 1].isnan().all() and lse[0, 0, 1].isnan()
     assert not out[0, 0, 0].isnan().any() and not lse[0, 0, 0].isnan()
+
+
+# ---- large finite masks, float32 masks with half inputs, zero-in-theory gradients, long key sequences ----
+
+
+def finite_mask(shape, value, dtype):
+    """Random values, with `value` on every key of query row 0, every other key of row 1 and all
+    keys but the last of row 2 (Hugging Face masks use finfo.min where torch's use -inf)."""
+    g = torch.Generator().manual_seed(21)
+    mask = torch.randn(shape, generator=g, dtype=torch.float64)
+    mask[..., 0, :] = value
+    mask[..., 1, ::2] = value
+    mask[..., 2, :-1] = value
+    return mask.to(dtype)
+
+
+FINITE_MASK_CASES = [
+    pytest.param(kernel, dtype, mask_dtype, id=f"{kernel}-{str(dtype)[6:]}-mask_{str(mask_dtype)[6:]}")
+    for kernel, dtypes in (("generic", ALL_DTYPES), ("mma", LOW_PRECISION))
+    for dtype in dtypes
+    for mask_dtype in dict.fromkeys([dtype, torch.float32])
+]
+
+
+@pytest.mark.parametrize("kernel, dtype, mask_dtype", FINITE_MASK_CASES)
+def test_finite_negative_masks_and_float32_masks(emulated, kernel, dtype, mask_dtype):
+    """finfo.min on every key of a row: a softmax over equal finite scores (the mean of V), never a
+    hidden row, in the forward, the weights and the backward (whose probabilities need the row's
+    lse normalizer: lse = max + log(sum) rounds to max there). A float32 mask reaches half-precision
+    kernels as float32. Against the CPU kernels, which the core tests hold to float64."""
+    D = 64
+    shape = Shape(2, 2, 37, 70, D, D)
+    q, k, v = make_qkv(shape, dtype, "token_major", seed=seed_of("finite", kernel, dtype, mask_dtype))
+    bias = finite_mask((shape.L, shape.S), torch.finfo(mask_dtype).min, mask_dtype)
+    bias[5, 3] = 1e4  # a large positive score too (its row's lse needs a normalizer)
+    out, lse = emulated_forward(emulated, q, k, v, bias, kernel=kernel)
+    want, want_lse = cpu_forward(q, k, v, bias)
+    assert_close_to_cpu_kernel("out", out, want, dtype)
+    assert torch.isfinite(lse).all()
+    torch.testing.assert_close(lse.double(), want_lse.double(), rtol=1e-6, atol=1e-6)
+    scale, offset = resolved(q, k, None, False)
+    w = emulated.weights(q, k, expand_bias(bias, q, k), want_lse, scale, False, offset, 0.0, 0)
+    assert_close_to_cpu_kernel("weights", w, torch.ops.qkv.attention_weights(q, k, bias, want_lse), dtype)
+    grad_out = torch.randn(want.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64).to(dtype)
+    bias_grad = kernel == "generic"  # the tensor-core backward takes no bias gradient
+    got = emulated_backward(emulated, grad_out, q, k, v, bias, want, want_lse, 0.0, False, False, 0, bias_grad,
+                            kernel=kernel)
+    expected = torch.ops.qkv.attention_backward(grad_out, q, k, v, bias, want, want_lse, 0.0, False, False, None,
+                                                None, bias_grad)
+    for name, g, e in list(zip(("dq", "dk", "dv", "dbias"), got, expected))[:4 if bias_grad else 3]:
+        assert g.dtype == e.dtype, name
+        assert_close_to_cpu_kernel(name, g, e, max(dtype, g.dtype, key=lambda t: torch.finfo(t).eps))
+
+
+@pytest.mark.parametrize("bias_shape", [(37, 1), (2, 1, 37, 1), (1, 1)], ids=str)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_key_broadcast_bias_gradient_cancels(emulated, dtype, bias_shape):
+    """A bias broadcast over keys shifts a row's scores alike: its gradient is zero in theory. Summing
+    dS added up the rounding of delta = dO . O (the rounded output) times every key: 1e-3 in
+    float16. The generic backward now takes it from the row sums, as the CPU kernel does."""
+    shape = Shape(2, 2, 37, 150, 64, 64)
+    q, k, v = make_qkv(shape, dtype, "token_major", seed=seed_of("row shift", dtype))
+    v = (v.double() + 4).to(dtype)  # values far from 0: a larger rounding of O
+    bias = torch.randn(bias_shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(dtype)
+    out, lse = cpu_forward(q, k, v, bias)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(dtype)
+    got = emulated_backward(emulated, grad_out, q, k, v, bias, out, lse, 0.0, False, False, 0, True)[3]
+    cpu = torch.ops.qkv.attention_backward(grad_out, q, k, v, bias, out, lse, 0.0, False, False, None, None, True)[3]
+    # The CPU kernel: 1e-5 at most here in float32/float16/bfloat16 (torch: 2e-5), 1e-13 in float64.
+    bound = 1e-13 if dtype == torch.float64 else 2e-5
+    assert got.abs().max().item() <= bound and cpu.abs().max().item() <= bound
+
+
+def test_long_key_sequence_generic_forward(emulated):
+    """2^14 keys: P V and the row sums are per-tile partials combined with compensation, so the
+    error does not grow with S (one running sum over every key: 6e-6 in float32)."""
+    dtype = torch.float32
+    S, D = 1 << 14, 32
+    g = torch.Generator().manual_seed(14)
+    q = (torch.randn(1, 1, 4, D, generator=g, dtype=torch.float64) * 0.5).to(dtype)
+    k = torch.randn(S + D, generator=g, dtype=torch.float64).to(dtype).as_strided((1, 1, S, D), (0, 0, 1, 1))
+    v = (torch.rand(S + D, generator=g, dtype=torch.float64) + 0.5).to(dtype).as_strided((1, 1, S, D), (0, 0, 1, 1))
+    out, _ = emulated_forward(emulated, q, k, v)
+    ref, _ = reference_attention(q, k, v)
+    err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
+    assert err <= 1e-6, err

@@ -13,7 +13,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import qkv
 import qkv.functional as QF
-from dropin_utils import F64, TOL, assert_same_error, mha_pair
+from dropin_utils import (DTYPE_TOL, F64, TOL, assert_close_relative, assert_same_error, finite_mask,
+                          finite_mask_cases, finite_mask_tolerance, mha_pair)
 
 E, H = 8, 2
 D = E // H
@@ -317,6 +318,33 @@ def test_sdpa_float32_mask_with_float64_query_like_torch() -> None:
         QF.scaled_dot_product_attention(query, key, value, attn_mask=mask),
         F.scaled_dot_product_attention(query, key, value, attn_mask=mask), **TOL,
     )
+
+
+@pytest.mark.parametrize(
+    "dtype, mask_dtype, value", finite_mask_cases(), ids=lambda x: str(x).replace("torch.", "")
+)
+def test_sdpa_finite_negative_and_mixed_dtype_masks_match_torch(dtype, mask_dtype, value) -> None:
+    """Hugging Face masks (finfo.min on every key of a row: torch attends to all of them equally)
+    and float32 masks with half-precision queries (1e5 and -1e9 stay finite), forward and
+    gradients of query, key, value and mask, against torch's SDPA in the same dtypes."""
+    torch.manual_seed(8)
+    query, key, value_ = (t.detach().to(dtype).requires_grad_() for t in _qkv((2, 3, 5, 8), (2, 3, 7, 8), (2, 3, 7, 8)))
+    mask = finite_mask((2, 1, 5, 7), value, mask_dtype)
+    if mask_dtype == torch.float32 and dtype in (torch.float16, torch.bfloat16):
+        mask[1, :, 3, 2] = 1e5  # beyond float16: the whole row goes to key 2
+    mask.requires_grad_()
+    with sdpa_kernel(SDPBackend.MATH):  # torch's reference formulation
+        expected = F.scaled_dot_product_attention(query, key, value_, attn_mask=mask)
+    got = QF.scaled_dot_product_attention(query, key, value_, attn_mask=mask)
+    tol = finite_mask_tolerance(dtype, value)
+    assert got.dtype == dtype
+    assert_close_relative("out", got, expected, tol)
+    cotangent = torch.randn_like(expected)
+    leaves = (query, key, value_, mask)
+    grads = zip(torch.autograd.grad(got, leaves, cotangent), torch.autograd.grad(expected, leaves, cotangent))
+    for name, (g_got, g_expected) in zip(("query", "key", "value", "mask"), grads):
+        assert g_got.dtype == g_expected.dtype, name
+        assert_close_relative(f"grad {name}", g_got, g_expected, max(tol, DTYPE_TOL[g_got.dtype]))
 
 
 def test_sdpa_output_layout_follows_query() -> None:

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 import qkv
-from dropin_utils import F64, TOL, assert_grads_close, assert_same_error, capture, mha_pair
+from dropin_utils import (DTYPE_TOL, F64, TOL, assert_close_relative, assert_grads_close, assert_same_error, capture,
+                          finite_mask, finite_mask_cases, finite_mask_tolerance, mha_pair)
 
 EMBED = 8
 
@@ -332,3 +333,46 @@ def test_fully_masked_by_key_padding_gives_zeros() -> None:
     expected, expected_w = ref(x, x, x, key_padding_mask=kpm)
     torch.testing.assert_close(out[:, 0], expected[:, 0], **TOL)
     torch.testing.assert_close(weights[0], expected_w[0], **TOL)
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+@pytest.mark.parametrize("which", ["attn_mask", "key_padding_mask"])
+@pytest.mark.parametrize(
+    "dtype, mask_dtype, value", finite_mask_cases(), ids=lambda x: str(x).replace("torch.", "")
+)
+def test_finite_negative_and_mixed_dtype_masks_match_torch(dtype, mask_dtype, value, which, need_weights) -> None:
+    """Hugging Face masks (finfo.min, -1e9, -1e30 instead of -inf; a row or a batch with every key
+    masked attends to all of them equally, as in torch), and float32 masks for half-precision
+    modules: outputs, weights and the gradients of the input, the parameters and the mask, against
+    torch's module in the same dtypes. (One mask at a time: two finfo.min masks add up to -inf.)"""
+    if mask_dtype != dtype and need_weights:
+        pytest.skip("torch's weights path raises on a mask dtype other than the module's (qkv accepts it)")
+    if dtype == torch.float16 and value == torch.finfo(torch.float16).min and need_weights:
+        pytest.skip("torch's weights path adds the mask in float16, where s - 65504 rounds to steps of 32 "
+                    "(every score equal); qkv and torch's SDPA path add it in float32")
+    torch.manual_seed(9)
+    ref, ours = mha_pair(embed_dim=16, num_heads=2, batch_first=True)
+    ref, ours = ref.to(dtype), ours.to(dtype)
+    x = torch.randn(2, 6, 16, dtype=dtype, requires_grad=True)
+    if which == "attn_mask":
+        mask = finite_mask((6, 6), value, mask_dtype)
+    else:
+        mask = torch.zeros(2, 6, dtype=mask_dtype)
+        mask[0, 4:] = value
+        mask[1] = value  # every key of batch 1
+    mask.requires_grad_()
+    kwargs = {which: mask, "need_weights": need_weights}
+    expected, expected_w = ref(x, x, x, **kwargs)
+    got, got_w = ours(x, x, x, **kwargs)
+    tol = finite_mask_tolerance(dtype, value)
+    assert got.dtype == dtype
+    assert_close_relative("out", got, expected, tol)
+    if need_weights:
+        assert_close_relative("weights", got_w, expected_w, tol)
+    cotangent = torch.randn_like(expected)
+    grads = zip(torch.autograd.grad(got, [x, mask, *ours.parameters()], cotangent),
+                torch.autograd.grad(expected, [x, mask, *ref.parameters()], cotangent))
+    names = ["x", which] + [n for n, _ in ours.named_parameters()]
+    for name, (g_got, g_expected) in zip(names, grads):
+        assert g_got.dtype == g_expected.dtype, name
+        assert_close_relative(f"grad {name}", g_got, g_expected, max(tol, DTYPE_TOL[g_got.dtype]))

@@ -7,11 +7,14 @@
 // also converts half/bfloat16 to float32 and absorbs any strides; the left-hand operand is
 // read in place when it already is float32/float64 rows. Arithmetic accumulates in float32
 // (float64 stays float64 for gradcheck).
+#include "../sequence_args.h"
 #include "backward_tasks.h"
 #include "cpu_kernels.h"
 #include "tile_context.h"
 
 #include <ATen/Dispatch.h>
+
+#include <array>
 
 namespace qkv {
 inline namespace CPU_CAPABILITY {  // this copy's instruction set (cpu_capability.h)
@@ -19,183 +22,508 @@ namespace {
 
 // ---- forward ----------------------------------------------------------------------------
 
+// The online softmax of a block of rows: running maxima and sums, and P V summed in plain
+// partials of kForwardTilesPerPartial key tiles (`acc`) that go into a compensated sum
+// (out_sum, out_err) once there is more than one; the row sums are compensated tile by tile.
+// Rows that see few tiles (a window's band, short sequences) never touch out_sum and out_err.
+template <typename acc_t>
+struct OnlineSoftmax {
+  acc_t* acc;
+  acc_t* out_sum;
+  acc_t* out_err;
+  acc_t* row_max;
+  acc_t* row_sum;
+  acc_t* row_sum_err;
+  acc_t* tile_max;
+  int64_t ld_acc, Dv;
+  int64_t partials = 0;  // partials summed into out_sum / out_err so far
+
+  static int64_t scratch_size(int64_t rows, int64_t ld_acc) { return 3 * rows * ld_acc + 4 * rows; }
+  OnlineSoftmax(acc_t* scratch, int64_t rows, int64_t ld_acc_, int64_t Dv_) : ld_acc(ld_acc_), Dv(Dv_) {
+    acc = scratch;
+    out_sum = acc + rows * ld_acc;
+    out_err = out_sum + rows * ld_acc;
+    row_max = out_err + rows * ld_acc;
+    row_sum = row_max + rows;
+    row_sum_err = row_sum + rows;
+    tile_max = row_sum_err + rows;
+  }
+
+  void reset(int64_t rows) {
+    std::fill(acc, acc + rows * ld_acc, acc_t(0));
+    std::fill(row_max, row_max + rows, -std::numeric_limits<acc_t>::infinity());
+    std::fill(row_sum, row_sum + rows, acc_t(0));
+    std::fill(row_sum_err, row_sum_err + rows, acc_t(0));
+    partials = 0;
+  }
+
+  // Row r's scores over [begin, end) of a tile become its unnormalised probabilities, against the
+  // running maximum (raised to the tile's, tile_max[r], rescaling what was summed before).
+  void update_row(int64_t r, acc_t* s, int64_t begin, int64_t end, acc_t log2_per_unit) const {
+    const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+    // A NaN score (from a NaN or inf input) must reach the output, never read as "nothing visible".
+    const acc_t new_max = std::isnan(tile_max[r]) ? tile_max[r] : std::max(row_max[r], tile_max[r]);
+    if (new_max == neg_inf) {  // nothing visible to this row yet
+      std::fill(s + begin, s + end, acc_t(0));
+      return;
+    }
+    if (new_max != row_max[r]) {  // rescale only when the running maximum moves
+      const acc_t correction = std::exp2((row_max[r] - new_max) * log2_per_unit);
+      row_sum[r] *= correction;
+      row_sum_err[r] *= correction;
+      scale_row(acc + r * ld_acc, Dv, correction);
+      if (partials > 0) {
+        scale_row(out_sum + r * ld_acc, Dv, correction);
+        scale_row(out_err + r * ld_acc, Dv, correction);
+      }
+      row_max[r] = new_max;
+    }
+    add_compensated(row_sum[r], row_sum_err[r], exp2_and_sum(s + begin, end - begin, new_max, log2_per_unit));
+  }
+
+  // Called every kForwardTilesPerPartial key tiles: acc goes into the compensated sum.
+  void add_partial(int64_t rows) {
+    if (partials == 0) {
+      std::copy(acc, acc + rows * ld_acc, out_sum);
+      std::fill(out_err, out_err + rows * ld_acc, acc_t(0));
+    } else {
+      for (int64_t r = 0; r < rows; ++r) {
+        add_compensated(out_sum + r * ld_acc, out_err + r * ld_acc, acc + r * ld_acc, Dv);
+      }
+    }
+    std::fill(acc, acc + rows * ld_acc, acc_t(0));
+    ++partials;
+  }
+
+  // Row r's unnormalised output, once every tile is in (the last partial included here), and
+  // its row sum.
+  std::pair<const acc_t*, acc_t> finish_row(int64_t r) const {
+    acc_t* row = acc + r * ld_acc;
+    if (partials > 0) {
+      acc_t* sum = out_sum + r * ld_acc;
+      add_compensated(sum, out_err + r * ld_acc, row, Dv);
+      add_scaled_row(sum, out_err + r * ld_acc, Dv, acc_t(1), true);
+      row = sum;
+    }
+    return {row, row_sum[r] + row_sum_err[r]};
+  }
+};
+
 template <typename scalar_t>
-void attention_forward_cpu_impl(const AttentionParams& p, const at::Tensor& query, const at::Tensor& key,
-                                const at::Tensor& value, const std::optional<at::Tensor>& bias,
-                                at::Tensor& out, at::Tensor& lse) {
+struct ForwardOutputs {
   using acc_t = at::opmath_type<scalar_t>;
-  const TileContext<scalar_t> ctx(p, query, key, value, bias);
-  const MutableStrided4<scalar_t> o(out);
-  acc_t* lse_data = lse.data_ptr<acc_t>();  // contiguous (B, H, L)
-  const int64_t D = p.head_dim, Dv = p.v_head_dim, BH = p.batch * p.heads;
+  MutableStrided4<scalar_t> o;
+  acc_t* lse;
+  const SequenceLayout& layout;
+
+  // Stores row (s, h, i): `row` / `sum` (zeros when the row saw nothing) and its logsumexp.
+  void store(const TileContext<scalar_t>& ctx, const Sequence& s, int64_t h, int64_t i, const acc_t* row,
+             acc_t max, acc_t sum) const {
+    const bool empty = sum == acc_t(0);
+    store_row(o.at(s.tb, h, s.q0 + i), o.s3, row, ctx.p.v_head_dim, empty ? acc_t(0) : acc_t(1) / sum);
+    lse[layout.row(s, h, i)] = empty ? -std::numeric_limits<acc_t>::infinity() : ctx.logsumexp(max, sum);
+  }
+};
+
+// Query blocks of kForwardQueryBlock rows of one (sequence, key/value head): a task is a group
+// of them (interleaved, g, g + G, ..., so that under a causal mask groups cost the same) for
+// every query head that reads the key head. Its worker packs K and V tile by tile as first
+// needed, and every query block of every head of the group reuses them; key tiles outside a
+// block's band are never touched.
+template <typename scalar_t>
+void forward_tiled(const TileContext<scalar_t>& ctx, const SequenceLayout& layout, const ForwardOutputs<scalar_t>& out,
+                   const std::vector<std::array<int64_t, 4>>& tasks) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const AttentionParams& p = ctx.p;
+  const int64_t D = p.head_dim, Dv = p.v_head_dim;
   constexpr int64_t QB = kForwardQueryBlock;
-  const int64_t q_blocks = (p.q_len + QB - 1) / QB;
   const int64_t BK = std::min(kForwardKeyBlock, std::max<int64_t>(p.kv_len, 1));
   const int64_t ld_s = padded_to_panels<acc_t>(BK), ld_acc = padded_to_panels<acc_t>(Dv);
-  // Packed K and V for a whole (b, h), unless no query block is tall enough to use them.
-  const int64_t key_tiles = p.q_len >= kMinRowsForPanels ? (p.kv_len + BK - 1) / BK : 0;
+  const int64_t key_tiles = (p.kv_len + BK - 1) / BK;
   const int64_t k_tile_size = ld_s * D, v_tile_size = BK * ld_acc;  // one packed key tile of K^T, of V
-  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  double flops = 0;
+  for (int64_t b = 0; b < layout.count(); ++b) flops += 2.0 * p.heads * layout[b].q_len * layout[b].kv_len * (D + Dv);
 
-  // A task is a group of query blocks of one (b, h): its worker packs K and V once, tile by
-  // tile as first needed, and every query block of the group reuses them. Groups take
-  // interleaved blocks (g, g + G, ...) so that under a causal mask they cost the same, and
-  // there are enough of them to keep every thread busy.
-  const int64_t threads = at::get_num_threads();
-  const int64_t groups = std::clamp<int64_t>((2 * threads + BH - 1) / BH, 1, std::max<int64_t>(q_blocks, 1));
-  const double flops = 2.0 * BH * p.q_len * p.kv_len * (D + Dv);
-  for_each_task(BH * groups, flops, [&](int64_t) {
-    auto scratch = std::make_shared<std::vector<acc_t>>(QB * D + key_tiles * (k_tile_size + v_tile_size) +
-                                                        BK * (D + Dv) + QB * ld_s + QB * ld_acc + 3 * QB);
-    return [&, scratch](int64_t task) {
+  for_each_task(static_cast<int64_t>(tasks.size()), flops, [&](int64_t) {
+    auto scratch = std::make_shared<std::vector<acc_t>>(QB * D + key_tiles * (k_tile_size + v_tile_size) + QB * ld_s +
+                                                        OnlineSoftmax<acc_t>::scratch_size(QB, ld_acc));
+    auto packed = std::make_shared<std::vector<char>>(key_tiles);
+    return [&, scratch, packed](int64_t task) {
       acc_t* qs = scratch->data();
       acc_t* k_packed = qs + QB * D;
       acc_t* v_packed = k_packed + key_tiles * k_tile_size;
-      acc_t* k_rows = v_packed + key_tiles * v_tile_size;  // converted K and V rows for few-row blocks
-      acc_t* v_rows = k_rows + BK * D;
-      acc_t* st = v_rows + BK * Dv;
-      acc_t* acc = st + QB * ld_s;
-      acc_t* row_max = acc + QB * ld_acc;
-      acc_t* row_sum = row_max + QB;
-      acc_t* tile_max = row_sum + QB;
-      const int64_t bh = task % BH, group = task / BH, b = bh / p.heads, h = bh % p.heads;
-      int64_t tiles_packed = 0;  // key tiles are needed in prefix order
+      acc_t* st = v_packed + key_tiles * v_tile_size;
+      OnlineSoftmax<acc_t> softmax(st + QB * ld_s, QB, ld_acc, Dv);
+      const auto [b, kh, group, groups] = tasks[task];
+      const Sequence s = layout[b];
+      const int64_t q_blocks = (s.q_len + QB - 1) / QB;
+      std::fill(packed->begin(), packed->end(), char(0));
 
-      for (int64_t qb = group; qb < q_blocks; qb += groups) {
-        const int64_t i0 = qb * QB, rows = std::min(QB, p.q_len - i0);
-        // Below this many query rows (decoding), packing K and V would cost as much as using them.
-        const bool few_rows = rows < kMinRowsForPanels;
-        // The queries times scale * log2(e): the products come out as scores, no pass over them.
-        scaled_rows(ctx.q, b, h, i0, rows, D, ctx.score_scale, qs);
-        std::fill(acc, acc + rows * ld_acc, acc_t(0));
-        std::fill(row_max, row_max + rows, neg_inf);
-        std::fill(row_sum, row_sum + rows, acc_t(0));
-
-        const int64_t j_end = ctx.key_end(i0 + rows);
-        for (int64_t j0 = 0; j0 < j_end; j0 += BK) {
-          const int64_t cols = std::min(BK, j_end - j0), tile = j0 / BK;
-          // This tile's panels, packed whole: a later query block may see more of it.
-          const int64_t full = std::min(BK, p.kv_len - j0);
-          acc_t* k_space = k_packed + tile * k_tile_size;
-          acc_t* v_space = v_packed + tile * v_tile_size;
-          const Panels<acc_t> k_panels{k_space, D}, v_panels{v_space, full};
-          int64_t ldk = 0, ldv = 0;
-          const acc_t* kt = nullptr;
-          const acc_t* vt = nullptr;
-          if (few_rows) {  // K and V rows in place (or converted), no panels
-            kt = tile_rows<acc_t>(ctx.k, b, h, j0, cols, D, k_rows, ldk);
-            vt = tile_rows<acc_t>(ctx.v, b, h, j0, cols, Dv, v_rows, ldv);
-            gemm_nt_dots<acc_t>(rows, cols, D, qs, D, kt, ldk, st, ld_s);
-            ctx.finish_scores(st, ld_s, b, h, i0, rows, j0, cols, tile_max);
-          } else {
-            if (tile >= tiles_packed) {
-              ctx.pack_keys_transposed(k_space, b, h, j0, full);
-              pack_panels(ctx.v.at(b, h, j0), full, Dv, ctx.v.s2, ctx.v.s3, v_space);
-              tiles_packed = tile + 1;
+      for (int64_t h = kh * ctx.group; h < (kh + 1) * ctx.group; ++h) {
+        for (int64_t qb = group; qb < q_blocks; qb += groups) {
+          const int64_t i0 = qb * QB, rows = std::min(QB, s.q_len - i0);
+          // The queries times score_scale: the products come out as scores, no pass over them.
+          scaled_rows(ctx.q, s.tb, h, s.q0 + i0, rows, D, ctx.score_scale, qs);
+          softmax.reset(rows);
+          const int64_t j_begin = s.key_begin(i0) / BK * BK, j_end = s.key_end(i0 + rows - 1);
+          int64_t tiles_done = 0;
+          for (int64_t j0 = j_begin; j0 < j_end; j0 += BK) {
+            const int64_t cols = std::min(BK, j_end - j0), tile = j0 / BK;
+            // This tile's panels, packed whole: a later query block may see more of it.
+            const int64_t full = std::min(BK, s.kv_len - j0);
+            acc_t* k_space = k_packed + tile * k_tile_size;
+            acc_t* v_space = v_packed + tile * v_tile_size;
+            if (!(*packed)[tile]) {
+              ctx.pack_keys_transposed(k_space, s, h, j0, full);
+              ctx.pack_values(v_space, s, h, j0, full);
+              (*packed)[tile] = 1;
             }
-            ctx.scores(st, ld_s, qs, D, k_panels, b, h, i0, rows, j0, cols, tile_max);
+            // Each row's pass covers its product block's keys only (row_span): under a narrow
+            // window most of a tile is outside every row of a block.
+            ctx.scores(st, ld_s, qs, D, Panels<acc_t>{k_space, D}, s, h, i0, rows, j0, cols, softmax.tile_max,
+                       /*whole_rows=*/false);
+            for (int64_t r = 0; r < rows; ++r) {
+              const auto [begin, end] = ctx.row_span(s, i0, rows, j0, cols, r, false);
+              acc_t* row = st + r * ld_s;
+              softmax.update_row(r, row, begin, end, ctx.log2_per_unit);
+              if (p.dropout_p > 0) ctx.dropout_row(row + begin, s, h, i0 + r, j0 + begin, end - begin);
+            }
+            gemm_packed<acc_t>(rows, Dv, cols, st, ld_s, 1, Panels<acc_t>{v_space, full}, softmax.acc, ld_acc, true,
+                               ctx.visible_key_depth(s, i0, j0, cols));
+            if (++tiles_done % kForwardTilesPerPartial == 0) softmax.add_partial(rows);
           }
           for (int64_t r = 0; r < rows; ++r) {
-            acc_t* s = st + r * ld_s;
-            // A NaN score (from a NaN or inf input) must reach the output, never read as "nothing visible".
-            const acc_t new_max = std::isnan(tile_max[r]) ? tile_max[r] : std::max(row_max[r], tile_max[r]);
-            if (new_max == neg_inf) {  // nothing visible to this row yet
-              std::fill(s, s + cols, acc_t(0));
-              continue;
-            }
-            if (new_max != row_max[r]) {  // rescale only when the running maximum moves
-              const acc_t correction = std::exp2(row_max[r] - new_max);
-              row_sum[r] *= correction;
-              scale_row(acc + r * ld_acc, Dv, correction);
-              row_max[r] = new_max;
-            }
-            row_sum[r] += exp2_and_sum(s, cols, new_max);
-            if (p.dropout_p > 0) ctx.dropout_row(s, b, h, i0 + r, j0, cols);
+            const auto [row, sum] = softmax.finish_row(r);
+            out.store(ctx, s, h, i0 + r, row, softmax.row_max[r], sum);
           }
-          if (few_rows) {
-            gemm_nn_axpys<acc_t>(rows, Dv, cols, st, ld_s, vt, ldv, acc, ld_acc);
-          } else {
-            gemm_packed<acc_t>(rows, Dv, cols, st, ld_s, 1, v_panels, acc, ld_acc, true,
-                               ctx.visible_key_depth(i0, j0, cols));
-          }
-        }
-
-        for (int64_t r = 0; r < rows; ++r) {
-          const bool empty = row_sum[r] == acc_t(0);
-          store_row(o.at(b, h, i0 + r), o.s3, acc + r * ld_acc, Dv, empty ? acc_t(0) : acc_t(1) / row_sum[r]);
-          // Back from log2 units: lse = ln 2 * (max + log2(sum)).
-          lse_data[bh * p.q_len + i0 + r] = empty ? neg_inf : (row_max[r] + std::log2(row_sum[r])) / ctx.kLog2e;
         }
       }
     };
   });
 }
 
+// Keys per task of the decode path: a sequence's keys split into chunks this long (fixed, so
+// the result does not depend on the thread count), their partial softmax results combined by
+// their maxima and sums (the logsumexp). 8 batch x 8 key heads x 4096 keys makes 320 tasks.
+constexpr int64_t kDecodeKeyChunk = 1024;
+
+// Sequences with fewer query rows than kMinRowsForPanels (decoding): packing K and V would cost
+// as much as using them, so they are read in place. A task is (sequence, key/value head, chunk
+// of keys), and its rows are every query row of every query head that reads that key head
+// (heads / kv_heads of them): K and V stream from memory once for the whole group.
+template <typename scalar_t>
+void forward_decode(const TileContext<scalar_t>& ctx, const SequenceLayout& layout, const ForwardOutputs<scalar_t>& out,
+                    const std::vector<int64_t>& sequences) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const AttentionParams& p = ctx.p;
+  const int64_t D = p.head_dim, Dv = p.v_head_dim, G = ctx.group, KH = p.heads / G;
+  const int64_t BK = std::min(kForwardKeyBlock, std::max<int64_t>(p.kv_len, 1));
+  const int64_t ld_s = padded_to_panels<acc_t>(BK), ld_acc = padded_to_panels<acc_t>(Dv);
+  const int64_t max_rows = G * (kMinRowsForPanels - 1);
+  constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+
+  // (sequence, key head, chunk) tasks; chunk c of a sequence covers keys [c, c + 1) * chunk.
+  struct Task {
+    int64_t b, kh, chunk, chunks, key_begin, key_end;
+  };
+  std::vector<Task> tasks;
+  std::vector<int64_t> partial_offset;  // per task: its first row in `partials`, when split
+  int64_t partial_rows = 0;
+  double flops = 0;
+  for (int64_t b : sequences) {
+    const Sequence s = layout[b];
+    const int64_t begin = s.key_begin(0), end = s.q_len > 0 ? s.key_end(s.q_len - 1) : 0;
+    const int64_t first = begin / kDecodeKeyChunk, last = std::max(first + 1, (end + kDecodeKeyChunk - 1) / kDecodeKeyChunk);
+    flops += 2.0 * p.heads * s.q_len * std::max<int64_t>(end - begin, 0) * (D + Dv);
+    for (int64_t kh = 0; kh < KH; ++kh) {
+      for (int64_t c = first; c < last; ++c) {
+        tasks.push_back({b, kh, c - first, last - first, std::max(begin, c * kDecodeKeyChunk),
+                         std::min(end, (c + 1) * kDecodeKeyChunk)});
+        partial_offset.push_back(partial_rows);
+        if (last - first > 1) partial_rows += G * s.q_len;
+      }
+    }
+  }
+  // A split row's partial: its unnormalised output (Dv), maximum and sum.
+  const int64_t partial_size = Dv + 2;
+  std::vector<acc_t> partials(partial_rows * partial_size);
+
+  for_each_task(static_cast<int64_t>(tasks.size()), flops, [&](int64_t) {
+    auto scratch = std::make_shared<std::vector<acc_t>>(max_rows * D + BK * (D + Dv) + max_rows * ld_s +
+                                                        OnlineSoftmax<acc_t>::scratch_size(max_rows, ld_acc));
+    return [&, scratch](int64_t t) {
+      const Task& task = tasks[t];
+      const Sequence s = layout[task.b];
+      const int64_t rows = G * s.q_len;  // row r: query head kh * G + r / q_len, query i = r % q_len
+      acc_t* qs = scratch->data();
+      acc_t* k_rows = qs + max_rows * D;
+      acc_t* v_rows = k_rows + BK * D;
+      acc_t* st = v_rows + BK * Dv;
+      OnlineSoftmax<acc_t> softmax(st + max_rows * ld_s, max_rows, ld_acc, Dv);
+      const auto head = [&](int64_t r) { return task.kh * G + r / s.q_len; };
+      for (int64_t r = 0; r < rows; ++r) {
+        scaled_rows(ctx.q, s.tb, head(r), s.q0 + r % s.q_len, 1, D, ctx.score_scale, qs + r * D);
+      }
+      softmax.reset(rows);
+      int64_t tiles_done = 0;
+      for (int64_t j0 = task.key_begin; j0 < task.key_end; j0 += BK) {
+        const int64_t cols = std::min(BK, task.key_end - j0);
+        int64_t ldk = 0, ldv = 0;
+        const acc_t* kt = tile_rows<acc_t>(ctx.k, s.tb, task.kh, s.k0 + j0, cols, D, k_rows, ldk);
+        const acc_t* vt = tile_rows<acc_t>(ctx.v, s.tb, task.kh, s.k0 + j0, cols, Dv, v_rows, ldv);
+        gemm_nt_dots<acc_t>(rows, cols, D, qs, D, kt, ldk, st, ld_s);
+        for (int64_t r = 0; r < rows; ++r) {
+          acc_t* row = st + r * ld_s;
+          const int64_t i = r % s.q_len;
+          ctx.finish_scores(row, ld_s, s, head(r), i, 1, j0, cols, softmax.tile_max + r);
+          softmax.update_row(r, row, 0, cols, ctx.log2_per_unit);
+          if (p.dropout_p > 0) ctx.dropout_row(row, s, head(r), i, j0, cols);
+        }
+        gemm_nn_axpys<acc_t>(rows, Dv, cols, st, ld_s, vt, ldv, softmax.acc, ld_acc);
+        if (++tiles_done % kForwardTilesPerPartial == 0) softmax.add_partial(rows);
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const auto [row, sum] = softmax.finish_row(r);
+        if (task.chunks == 1) {
+          out.store(ctx, s, head(r), r % s.q_len, row, softmax.row_max[r], sum);
+        } else {
+          acc_t* part = partials.data() + (partial_offset[t] + r) * partial_size;
+          std::copy(row, row + Dv, part);
+          part[Dv] = softmax.row_max[r];
+          part[Dv + 1] = sum;
+        }
+      }
+    };
+  });
+
+  // Split rows: the chunks' results combined in chunk order, each weighted by 2^(its max - the
+  // overall max), as the online softmax would have.
+  std::vector<int64_t> firsts;  // the first task of each split (sequence, key head)
+  for (int64_t t = 0; t < static_cast<int64_t>(tasks.size()); ++t) {
+    if (tasks[t].chunks > 1 && tasks[t].chunk == 0) firsts.push_back(t);
+  }
+  at::parallel_for(0, static_cast<int64_t>(firsts.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> row(Dv), row_err(Dv), weighted(Dv);  // compensated: a million keys are 1024 chunks
+    for (int64_t n = begin; n < end; ++n) {
+      const Task& first = tasks[firsts[n]];
+      const Sequence s = layout[first.b];
+      for (int64_t r = 0; r < G * s.q_len; ++r) {
+        acc_t max = neg_inf;
+        for (int64_t c = 0; c < first.chunks; ++c) {
+          const acc_t m = partials[(partial_offset[firsts[n] + c] + r) * partial_size + Dv];
+          max = std::isnan(m) ? m : std::max(max, m);
+        }
+        std::fill(row.begin(), row.end(), acc_t(0));
+        std::fill(row_err.begin(), row_err.end(), acc_t(0));
+        acc_t sum = 0, err = 0;
+        if (max != neg_inf) {
+          for (int64_t c = 0; c < first.chunks; ++c) {
+            const acc_t* part = partials.data() + (partial_offset[firsts[n] + c] + r) * partial_size;
+            if (part[Dv + 1] == acc_t(0)) continue;  // this chunk saw nothing of the row
+            const acc_t weight = std::exp2((part[Dv] - max) * ctx.log2_per_unit);
+            add_scaled_row(weighted.data(), part, Dv, weight, false);
+            add_compensated(row.data(), row_err.data(), weighted.data(), Dv);
+            add_compensated(sum, err, part[Dv + 1] * weight);
+          }
+          add_scaled_row(row.data(), row_err.data(), Dv, acc_t(1), true);
+        }
+        out.store(ctx, s, first.kh * G + r / s.q_len, r % s.q_len, row.data(), max, sum + err);
+      }
+    }
+  });
+}
+
+// The forward of every layout: sequences with enough query rows take the tiled path, the
+// others (decoding) the decode path.
+template <typename scalar_t>
+void attention_forward_cpu_impl(const AttentionParams& p, const SequenceLayout& layout, const at::Tensor& query,
+                                const at::Tensor& key, const at::Tensor& value, const std::optional<at::Tensor>& bias,
+                                const std::optional<at::Tensor>& alibi_slopes, at::Tensor& out, at::Tensor& lse) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const TileContext<scalar_t> ctx(p, query, key, value, bias, alibi_slopes);
+  const ForwardOutputs<scalar_t> outputs{MutableStrided4<scalar_t>(out), lse.data_ptr<acc_t>(), layout};
+  const int64_t threads = at::get_num_threads();
+  std::vector<std::array<int64_t, 4>> tiled;  // (sequence, key/value head, group, groups)
+  std::vector<int64_t> decode;
+  int64_t tiled_sequences = 0;
+  for (int64_t b = 0; b < layout.count(); ++b) tiled_sequences += layout[b].q_len >= kMinRowsForPanels;
+  for (int64_t b = 0; b < layout.count(); ++b) {
+    const Sequence s = layout[b];
+    if (s.q_len == 0) continue;
+    if (s.q_len < kMinRowsForPanels) {
+      decode.push_back(b);
+      continue;
+    }
+    // Enough groups to keep every thread busy when there are few (sequence, key head) pairs.
+    const int64_t q_blocks = (s.q_len + kForwardQueryBlock - 1) / kForwardQueryBlock;
+    const int64_t kv_heads = p.heads / ctx.group, pairs = tiled_sequences * kv_heads;
+    const int64_t groups = std::clamp<int64_t>((2 * threads + pairs - 1) / pairs, 1, q_blocks);
+    for (int64_t kh = 0; kh < kv_heads; ++kh) {
+      for (int64_t g = 0; g < groups; ++g) tiled.push_back({b, kh, g, groups});
+    }
+  }
+  if (layout.is_packed()) {
+    // Longest sequences first: workers take tasks round-robin, and the short ones fill in last.
+    std::stable_sort(tiled.begin(), tiled.end(), [&](const auto& a, const auto& b) {
+      return layout[a[0]].q_len * layout[a[0]].kv_len / a[3] > layout[b[0]].q_len * layout[b[0]].kv_len / b[3];
+    });
+  }
+  if (!tiled.empty()) forward_tiled(ctx, layout, outputs, tiled);
+  if (!decode.empty()) forward_decode(ctx, layout, outputs, decode);
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& bias, double dropout_p, bool is_causal, bool bottom_right,
-    std::optional<double> scale, const std::optional<at::Tensor>& dropout_seed) {
+    std::optional<double> scale, const std::optional<at::Tensor>& dropout_seed, int64_t window_left,
+    int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
   const auto p = check_attention_args("qkv.attention", query, key, value, bias, dropout_p, is_causal,
-                                      bottom_right, scale, dropout_seed);
+                                      bottom_right, scale, dropout_seed, window_left, window_right, softcap,
+                                      alibi_slopes);
   at::Tensor out = empty_attention_output(query, p);
   at::Tensor lse = empty_logsumexp(query, p);
   if (p.batch * p.heads == 0) return {out, lse};  // no (b, h): empty outputs, and no tasks to split
+  const SequenceLayout layout = SequenceLayout::dense(p);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "qkv_attention_cpu", [&] {
-    attention_forward_cpu_impl<scalar_t>(p, query, key, value, bias, out, lse);
+    attention_forward_cpu_impl<scalar_t>(p, layout, query, key, value, bias, alibi_slopes, out, lse);
   });
   return {out, lse};
 }
 
 // ---- backward ---------------------------------------------------------------------------
 
+// The gradient of a bias with one key column (broadcast over keys: (L, 1), (B, H, L, 1), ...).
+// It adds the same amount to every score of a row, which the softmax ignores: its gradient
+// sum_j dS_ij = sum_j P_ij dP_ij - delta_i sum_j P_ij is zero in exact arithmetic. Summing the
+// tiles' dS would add up the error of delta = dO . O, taken from the rounded output (2^-11
+// relative in float16), times every key. Instead delta is taken from the same recomputed numbers,
+// as the P-weighted mean of dP, sum_j P_ij dP_ij / sum_j P_ij (the forward's output is normalised
+// by its row sum too), and the two terms cancel down to their rounding, as torch's do. Dropout
+// keeps the identity (dP is the masked one).
+template <typename acc_t>
+struct RowShiftBiasGrad {
+  bool active = false;
+  int64_t rows_per_chunk = 0;  // batch * heads * query_len
+  // (chunks, B * H, L, 4): sum_j P dP and its rounding error, sum_j P and its rounding error,
+  // over the keys of one chunk of key blocks.
+  at::Tensor sums;
+
+  RowShiftBiasGrad(const AttentionParams& p, const std::optional<at::Tensor>& bias, bool wanted, int64_t chunks) {
+    if (!wanted || !p.has_bias || !BiasGradLayout(p, *bias).shifts_rows()) return;
+    active = true;
+    rows_per_chunk = p.batch * p.heads * p.q_len;
+    sums = at::zeros({chunks * rows_per_chunk * 4}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  }
+
+  // The sums of slice bh's rows over the keys of `chunk`, 4 per row.
+  acc_t* sums_of(int64_t chunk, int64_t bh, int64_t q_len) const {
+    return sums.data_ptr<acc_t>() + (chunk * rows_per_chunk + bh * q_len) * 4;
+  }
+
+  // Adds a tile row's keys: probabilities `prob` and (dropout-masked) dP `dp`.
+  static void add_row(acc_t* row_sums, const acc_t* prob, const acc_t* dp, int64_t n) {
+    using Vec = at::vec::Vectorized<acc_t>;
+    const auto add = [](Vec a, Vec b) { return a + b; };
+    const acc_t p_dp = at::vec::map2_reduce_all<acc_t>([](Vec a, Vec b) { return a * b; }, add, prob, dp, n);
+    const acc_t p_sum = at::vec::reduce_all<acc_t>(add, prob, n);
+    add_compensated(row_sums[0], row_sums[1], p_dp);
+    add_compensated(row_sums[2], row_sums[3], p_sum);
+  }
+
+  // The gradient, in the bias's dtype and shape.
+  at::Tensor result(const AttentionParams& p, const at::Tensor& bias) const {
+    const BiasGradLayout layout(p, bias);
+    at::Tensor grad = at::zeros({layout.numel}, sums.options());
+    acc_t* g = grad.data_ptr<acc_t>();
+    const acc_t* s = sums.const_data_ptr<acc_t>();
+    const int64_t chunks = sums.numel() / std::max<int64_t>(rows_per_chunk * 4, 1);
+    for (int64_t row = 0; row < rows_per_chunk; ++row) {  // in order: rows that share an element add up the same way
+      acc_t p_dp = 0, p_sum = 0;
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+        const acc_t* r = s + (chunk * rows_per_chunk + row) * 4;
+        p_dp += r[0] + r[1];
+        p_sum += r[2] + r[3];
+      }
+      const int64_t i = row % p.q_len, bh = row / p.q_len, b = bh / p.heads, h = bh % p.heads;
+      const acc_t delta = p_sum == acc_t(0) ? acc_t(0) : p_dp / p_sum;  // a row that sees no key: 0
+      g[b * layout.strides[0] + h * layout.strides[1] + i * layout.strides[2]] += p_dp - delta * p_sum;
+    }
+    return grad.to(bias.scalar_type()).view(bias.sizes());
+  }
+};
+
+// Tasks are (group of (sequence, key/value head) pairs, chunk of key blocks), the split a
+// function of the problem alone (backward_tasks.h): every thread has work when there are few
+// pairs, and the gradients do not depend on the thread count. A task owns the key and value
+// gradients of its key blocks: it runs every query head that reads its key head against them
+// (grouped-query attention sums their contributions in one task, no copies).
 template <typename scalar_t>
-void attention_backward_cpu_impl(const AttentionParams& p, const at::Tensor& grad_out, const at::Tensor& query,
-                                 const at::Tensor& key, const at::Tensor& value,
-                                 const std::optional<at::Tensor>& bias, const at::Tensor& out,
-                                 const at::Tensor& lse, at::Tensor& grad_q, at::Tensor& grad_k,
+void attention_backward_cpu_impl(const AttentionParams& p, const SequenceLayout& layout, const at::Tensor& grad_out,
+                                 const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& alibi_slopes,
+                                 const at::Tensor& out, const at::Tensor& lse, at::Tensor& grad_q, at::Tensor& grad_k,
                                  at::Tensor& grad_v, bool bias_requires_grad, at::Tensor& grad_bias) {
   using acc_t = at::opmath_type<scalar_t>;
-  const TileContext<scalar_t> ctx(p, query, key, value, bias);
+  const TileContext<scalar_t> ctx(p, query, key, value, bias, alibi_slopes);
   const Strided4<scalar_t> dout(grad_out), o(out);
   const MutableStrided4<scalar_t> dq(grad_q), dk(grad_k), dv(grad_v);
   const at::Tensor lse_c = lse.contiguous();
   const acc_t* lse_data = lse_c.const_data_ptr<acc_t>();
-  const int64_t D = p.head_dim, Dv = p.v_head_dim, L = p.q_len, BH = p.batch * p.heads;
+  const at::Tensor normalizers = lse_normalizers(ctx, layout, lse_data);
+  const acc_t* normalizer_data = normalizers.defined() ? normalizers.const_data_ptr<acc_t>() : nullptr;
+  const int64_t D = p.head_dim, Dv = p.v_head_dim, L = p.q_len, G = ctx.group, KH = p.heads / G;
   constexpr int64_t BK = kBackwardKeyBlock, QB = kQueryBlock;
   const int64_t kv_blocks = (p.kv_len + BK - 1) / BK;
+  const int64_t rows_total = layout.rows();
 
-  // Tasks are (group of (b, h) pairs, chunk of key blocks), the split a function of the
-  // problem alone (backward_tasks.h): every thread has work when there are few pairs, and
-  // the gradients do not depend on the thread count.
-  const BackwardTasks tasks(p, bias, bias_requires_grad, kv_blocks);
+  std::vector<int64_t> sequences;  // the ones with work: queries and keys
+  double flops = 0;
+  for (int64_t b = 0; b < layout.count(); ++b) {
+    const Sequence s = layout[b];
+    if (s.q_len > 0 && s.kv_len > 0) sequences.push_back(b);
+    flops += 2.0 * p.heads * s.q_len * s.kv_len * (3 * D + 2 * Dv);
+  }
+  const int64_t n_sequences = static_cast<int64_t>(sequences.size());
+  const bool bias_grad_per_key = bias_requires_grad && p.has_bias && !BiasGradLayout(p, *bias).shifts_rows();
+  const BackwardTasks tasks(p, n_sequences, KH, bias, bias_grad_per_key, kv_blocks);
   const int64_t chunks = tasks.chunks;
+  const int64_t blocks_per_chunk = (kv_blocks + chunks - 1) / chunks;
   // Accumulator rows are padded to whole panels, the row stride gemm_packed writes with.
   const int64_t ld_dq = padded_to_panels<acc_t>(D), ld_dv = padded_to_panels<acc_t>(Dv);
-  DqPartials<acc_t> dq_partials(BH, chunks, L, ld_dq);
-  BiasGradAccumulator<acc_t> bias_grad(p, bias, bias_requires_grad, chunks);
+  // The dQ partials of (sequence with work n, query head h), as n * heads + h, per chunk.
+  DqPartials<acc_t> dq_partials(n_sequences * p.heads, chunks, L, ld_dq);
+  const BiasGradAccumulator<acc_t> bias_grad(p, bias, bias_requires_grad);
+  const RowShiftBiasGrad<acc_t> row_shift_grad(p, bias, bias_requires_grad, chunks);
 
   // delta_i = dO_i . O_i (= rowsum(dP * P)), computed once per row.
-  at::Tensor delta_t = at::empty({BH, L}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  at::Tensor delta_t = at::zeros({rows_total}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
   acc_t* delta = delta_t.data_ptr<acc_t>();
-  at::parallel_for(0, BH * L, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t bh = row / L, i = row % L, b = bh / p.heads, h = bh % p.heads;
-      const scalar_t* g = dout.at(b, h, i);
-      const scalar_t* y = o.at(b, h, i);
-      acc_t sum = 0;
-      for (int64_t c = 0; c < Dv; ++c) sum += static_cast<acc_t>(g[c * dout.s3]) * static_cast<acc_t>(y[c * o.s3]);
-      delta[row] = sum;
+  at::parallel_for(0, layout.count() * p.heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const Sequence s = layout[bh / p.heads];
+      const int64_t h = bh % p.heads;
+      for (int64_t i = 0; i < s.q_len; ++i) {
+        const scalar_t* g = dout.at(s.tb, h, s.q0 + i);
+        const scalar_t* y = o.at(s.tb, h, s.q0 + i);
+        acc_t sum = 0;
+        for (int64_t c = 0; c < Dv; ++c) sum += static_cast<acc_t>(g[c * dout.s3]) * static_cast<acc_t>(y[c * o.s3]);
+        delta[layout.row(s, h, i)] = sum;
+      }
     }
   });
 
-  const double flops = 2.0 * BH * L * p.kv_len * (3 * D + 2 * Dv);
   const int64_t L_padded = (L + QB - 1) / QB * QB;
   const bool dout_in_place = reads_rows_in_place<acc_t>(dout, L, Dv);
+  // With several query heads per key head, a task's key and value gradients add up over its
+  // heads: they live in the task's scratch for all its key blocks (K- and V-sized at most).
+  const int64_t kv_acc_rows = (G > 1 ? blocks_per_chunk : 1) * BK;
+  const int64_t cap_grad_size = p.softcap > 0 ? QB * BK : 0;
 
   for_each_task(tasks.count(), flops, [&](int64_t) {
-    // Whole-slice panels (L rows): each task packs Q and dO once per pair, not once per key block.
-    auto scratch = std::make_shared<std::vector<acc_t>>(QB * D + (dout_in_place ? 0 : L * Dv) + L_padded * (ld_dq + ld_dv) +
-                                                        BK * (D + ld_dq + Dv) + 2 * QB * BK + BK * (ld_dq + ld_dv) + D);
+    // Whole-slice panels (L rows): each (pair, head) packs Q and dO once, not once per key block.
+    auto scratch = std::make_shared<std::vector<acc_t>>(
+        QB * D + (dout_in_place ? 0 : L * Dv) + L_padded * (ld_dq + ld_dv) + BK * (D + ld_dq + Dv) + 2 * QB * BK +
+        cap_grad_size + kv_acc_rows * (ld_dq + ld_dv) + D);
     return [&, scratch](int64_t task) {
       acc_t* qs = scratch->data();               // query rows (when not read in place), for S
       acc_t* do_rows = qs + QB * D;              // dO rows (when not read in place), for dP
@@ -206,100 +534,166 @@ void attention_backward_cpu_impl(const AttentionParams& p, const at::Tensor& gra
       acc_t* vt_space = k_space + BK * ld_dq;    // V^T (Dv x keys), for dP
       acc_t* st = vt_space + BK * Dv;
       acc_t* dpt = st + QB * BK;
-      acc_t* dk_acc = dpt + QB * BK;
-      acc_t* dv_acc = dk_acc + BK * ld_dq;
-      acc_t* dq_row = dv_acc + BK * ld_dv;       // one row of the summed dQ partials
+      acc_t* cap_grad = p.softcap > 0 ? dpt + QB * BK : nullptr;  // softcap's tanh derivative per score
+      acc_t* dk_all = dpt + QB * BK + cap_grad_size;
+      acc_t* dv_all = dk_all + kv_acc_rows * ld_dq;
+      acc_t* dq_row = dv_all + kv_acc_rows * ld_dv;  // one row of the summed dQ partials
       const int64_t group = tasks.group_of(task), chunk = tasks.chunk_of(task);
-      acc_t* bias_grad_copy = bias_grad.active ? bias_grad.copy_for_chunk(chunk) : nullptr;
-      for (int64_t m = 0; m < tasks.pairs_per_group; ++m) {
-        const int64_t bh = tasks.pair(p, group, m), b = bh / p.heads, h = bh % p.heads;
-        const acc_t* lse_row = lse_data + bh * L;
-        const acc_t* delta_row = delta + bh * L;
-        // The chunk's first key block writes its dQ partial from the first query block that
-        // sees it on (later blocks are seen by no earlier query); the rows before are zero.
-        acc_t* dq_acc = dq_partials.take(bh, chunk);
-        const int64_t first_row = ctx.first_query_seeing(chunk * BK) / QB * QB;
-        std::fill(dq_acc, dq_acc + first_row * ld_dq, acc_t(0));
-        int64_t ldq, ldo;
-        const acc_t* dot_all = tile_rows<acc_t>(dout, b, h, 0, L, Dv, do_rows, ldo);
-        for (int64_t i0 = first_row; i0 < L; i0 += QB) {
-          const int64_t rows = std::min(QB, L - i0);
-          const acc_t* qt = tile_rows<acc_t>(ctx.q, b, h, i0, rows, D, qs, ldq);
-          pack_panels(qt, rows, D, ldq, int64_t(1), q_space + i0 * ld_dq);
-          pack_panels(dot_all + i0 * ldo, rows, Dv, ldo, int64_t(1), do_space + i0 * ld_dv);
-        }
 
-        // Chunks take interleaved key blocks: under a causal mask early keys see more queries,
-        // so contiguous ranges would leave one task with most of the work.
-        for (int64_t kb = chunk; kb < kv_blocks; kb += chunks) {
-          const int64_t j0 = kb * BK, cols = std::min(BK, p.kv_len - j0);
-          // K^T times scale * log2(e): the products with Q are the scores themselves.
-          const Panels<acc_t> kt_panels = ctx.pack_keys_transposed(kt_space, b, h, j0, cols);
-          scale_row(kt_space, padded_to_panels<acc_t>(cols) * D, ctx.score_scale);
-          const Panels<acc_t> k_panels = pack_panels(ctx.k.at(b, h, j0), cols, D, ctx.k.s2, ctx.k.s3, k_space);
-          const Panels<acc_t> vt_panels = pack_panels(ctx.v.at(b, h, j0), Dv, cols, ctx.v.s3, ctx.v.s2, vt_space);
-          std::fill(dk_acc, dk_acc + cols * ld_dq, acc_t(0));
-          std::fill(dv_acc, dv_acc + cols * ld_dv, acc_t(0));
-          for (int64_t i0 = ctx.first_query_seeing(j0) / QB * QB; i0 < L; i0 += QB) {
-            const int64_t rows = std::min(QB, L - i0);
-            const acc_t* qt = tile_rows<acc_t>(ctx.q, b, h, i0, rows, D, qs, ldq);
-            const acc_t* dot = dot_all + i0 * ldo;
-            const Panels<acc_t> q_panels{q_space + i0 * ld_dq, rows}, do_panels{do_space + i0 * ld_dv, rows};
-            ctx.scores(st, BK, qt, ldq, kt_panels, b, h, i0, rows, j0, cols);
-            for (int64_t r = 0; r < rows; ++r) ctx.probabilities_row(st + r * BK, cols, lse_row[i0 + r]);
-            // Under a causal mask the products below skip what the mask hides; the dP columns
-            // they leave unwritten are zeroed per row.
-            gemm_packed<acc_t>(rows, cols, Dv, dot, ldo, 1, vt_panels, dpt, BK, false,
-                               ctx.visible_key_columns(i0, j0, cols));  // dP = dO V^T
-            for (int64_t r = 0; r < rows; ++r) {
-              acc_t* prob = st + r * BK;
-              acc_t* dp = dpt + r * BK;
-              const int64_t seen = ctx.visible_keys(i0 + r, j0, cols);
-              // The forward used P' = P * keep / (1 - p): dP needs the same mask, dV needs P'.
-              if (p.dropout_p > 0) ctx.dropout_row(dp, b, h, i0 + r, j0, seen);
-              softmax_grad_row(dp, prob, seen, delta_row[i0 + r]);  // dS = P * (dP - delta)
-              std::fill(dp + seen, dp + cols, acc_t(0));
-              if (p.dropout_p > 0) ctx.dropout_row(prob, b, h, i0 + r, j0, cols);
-            }
-            const auto seeing = ctx.seeing_extent(i0, j0);
-            gemm_packed<acc_t>(cols, Dv, rows, st, 1, BK, do_panels, dv_acc, ld_dv, true, seeing);  // dV += P'^T dO
-            gemm_packed<acc_t>(cols, D, rows, dpt, 1, BK, q_panels, dk_acc, ld_dq, true, seeing);   // dK += dS^T Q
-            gemm_packed<acc_t>(rows, D, cols, dpt, BK, 1, k_panels, dq_acc + i0 * ld_dq, ld_dq, kb != chunk,
-                               ctx.visible_key_depth(i0, j0, cols));  // dQ (+)= dS K
-            if (bias_grad_copy != nullptr) bias_grad.add_tile(bias_grad_copy, dpt, BK, b, h, i0, rows, j0, cols);
-          }
-          for (int64_t c = 0; c < cols; ++c) {
-            store_row(dk.at(b, h, j0 + c), dk.s3, dk_acc + c * ld_dq, D, acc_t(p.scale));
-            store_row(dv.at(b, h, j0 + c), dv.s3, dv_acc + c * ld_dv, Dv, acc_t(1));
-          }
-        }
-        // The last of this pair's chunks sums the dQ partials, in chunk order.
-        if (dq_partials.finish(bh)) {
-          for (int64_t i = 0; i < L; ++i) {
-            std::copy_n(dq_partials.partial(bh, 0) + i * ld_dq, D, dq_row);
-            for (int64_t c = 1; c < chunks; ++c) {
-              const acc_t* part = dq_partials.partial(bh, c) + i * ld_dq;
+      for (int64_t m = 0; m < tasks.pairs_per_group; ++m) {
+        const int64_t pair = tasks.pair(group, m), seq = pair / KH, kh = pair % KH;
+        const Sequence s = layout[sequences[seq]];
+        const int64_t seq_blocks = (s.kv_len + BK - 1) / BK;
+        // The task that finishes the last chunk of (sequence, head h) sums its dQ partials in
+        // chunk order, whichever task that is; chunks past a short sequence's keys have none.
+        const auto finish_dq = [&](int64_t h) {
+          const int64_t n = seq * p.heads + h;
+          if (!dq_partials.finish(n)) return;
+          const int64_t used = std::min(chunks, seq_blocks);
+          for (int64_t i = 0; i < s.q_len; ++i) {
+            std::copy_n(dq_partials.partial(n, 0) + i * ld_dq, D, dq_row);
+            for (int64_t c = 1; c < used; ++c) {
+              const acc_t* part = dq_partials.partial(n, c) + i * ld_dq;
               for (int64_t d = 0; d < D; ++d) dq_row[d] += part[d];
             }
-            store_row(dq.at(b, h, i), dq.s3, dq_row, D, acc_t(p.scale));
+            store_row(dq.at(s.tb, h, s.q0 + i), dq.s3, dq_row, D, acc_t(p.scale));
           }
-          dq_partials.release(bh);
+          dq_partials.release(n);
+        };
+        if (chunk >= seq_blocks) {  // a short sequence has fewer key blocks than chunks
+          for (int64_t h = kh * G; h < (kh + 1) * G; ++h) finish_dq(h);
+          continue;
+        }
+        if (G > 1) {
+          std::fill(dk_all, dk_all + kv_acc_rows * ld_dq, acc_t(0));
+          std::fill(dv_all, dv_all + kv_acc_rows * ld_dv, acc_t(0));
+        }
+        // Queries that see some key of this chunk (chunks take interleaved key blocks).
+        const int64_t q_begin = s.query_begin(chunk * BK) / QB * QB, q_end = s.query_end(s.kv_len - 1);
+        // The chunk's first key block writes its query blocks of the dQ partial (a product
+        // without accumulate: no zero-filling pass), the later blocks add to them (they are seen
+        // by no earlier query); the rows the first block does not reach are zeroed.
+        const int64_t first_q_end = s.query_end(std::min(s.kv_len, (chunk + 1) * BK) - 1);
+        const int64_t first_written_end =
+            first_q_end > q_begin ? std::min(s.q_len, q_begin + (first_q_end - q_begin + QB - 1) / QB * QB) : q_begin;
+
+        for (int64_t h = kh * G; h < (kh + 1) * G; ++h) {
+          const acc_t* lse_row = lse_data + layout.row(s, h, 0);
+          const acc_t* delta_row = delta + layout.row(s, h, 0);
+          const acc_t* normalizer_row = normalizer_data == nullptr ? nullptr : normalizer_data + layout.row(s, h, 0);
+          acc_t* dq_acc = dq_partials.take(seq * p.heads + h, chunk);
+          std::fill(dq_acc, dq_acc + q_begin * ld_dq, acc_t(0));
+          std::fill(dq_acc + first_written_end * ld_dq, dq_acc + s.q_len * ld_dq, acc_t(0));
+          acc_t* row_shift_sums = row_shift_grad.active ? row_shift_grad.sums_of(chunk, s.b * p.heads + h, L) : nullptr;
+          int64_t ldq, ldo;
+          const acc_t* dot_all = tile_rows<acc_t>(dout, s.tb, h, s.q0, s.q_len, Dv, do_rows, ldo);
+          for (int64_t i0 = q_begin; i0 < q_end; i0 += QB) {
+            const int64_t rows = std::min(QB, s.q_len - i0);
+            const acc_t* qt = tile_rows<acc_t>(ctx.q, s.tb, h, s.q0 + i0, rows, D, qs, ldq);
+            pack_panels(qt, rows, D, ldq, int64_t(1), q_space + i0 * ld_dq);
+            pack_panels(dot_all + i0 * ldo, rows, Dv, ldo, int64_t(1), do_space + i0 * ld_dv);
+          }
+
+          // Chunks take interleaved key blocks: under a causal mask early keys see more queries,
+          // so contiguous ranges would leave one task with most of the work.
+          for (int64_t kb = chunk; kb < seq_blocks; kb += chunks) {
+            const int64_t j0 = kb * BK, cols = std::min(BK, s.kv_len - j0);
+            acc_t* dk_acc = G > 1 ? dk_all + (kb / chunks) * BK * ld_dq : dk_all;
+            acc_t* dv_acc = G > 1 ? dv_all + (kb / chunks) * BK * ld_dv : dv_all;
+            // K^T times score_scale: the products with Q are the scores themselves.
+            const Panels<acc_t> kt_panels = ctx.pack_keys_transposed(kt_space, s, h, j0, cols);
+            scale_row(kt_space, padded_to_panels<acc_t>(cols) * D, ctx.score_scale);
+            const Panels<acc_t> k_panels = pack_panels(ctx.k_row(s, h, j0), cols, D, ctx.k.s2, ctx.k.s3, k_space);
+            const Panels<acc_t> vt_panels = pack_panels(ctx.v_row(s, h, j0), Dv, cols, ctx.v.s3, ctx.v.s2, vt_space);
+            if (G == 1) {
+              std::fill(dk_acc, dk_acc + cols * ld_dq, acc_t(0));
+              std::fill(dv_acc, dv_acc + cols * ld_dv, acc_t(0));
+            }
+            const int64_t block_q_end = s.query_end(j0 + cols - 1);
+            for (int64_t i0 = s.query_begin(j0) / QB * QB; i0 < block_q_end; i0 += QB) {
+              const int64_t rows = std::min(QB, s.q_len - i0);
+              const acc_t* qt = tile_rows<acc_t>(ctx.q, s.tb, h, s.q0 + i0, rows, D, qs, ldq);
+              const acc_t* dot = dot_all + i0 * ldo;
+              const Panels<acc_t> q_panels{q_space + i0 * ld_dq, rows}, do_panels{do_space + i0 * ld_dv, rows};
+              ctx.scores(st, BK, qt, ldq, kt_panels, s, h, i0, rows, j0, cols, nullptr, /*whole_rows=*/true, cap_grad);
+              for (int64_t r = 0; r < rows; ++r) {
+                const acc_t normalizer = normalizer_row == nullptr ? acc_t(1) : normalizer_row[i0 + r];
+                const auto [begin, end] = s.visible(i0 + r, j0, cols);
+                acc_t* prob = st + r * BK;
+                std::fill(prob, prob + begin, acc_t(0));  // hidden keys: probability 0, no exp2 spent
+                std::fill(prob + end, prob + cols, acc_t(0));
+                ctx.probabilities_row(prob + begin, end - begin, lse_row[i0 + r], normalizer);
+              }
+              // The products below skip what the band hides; the dP columns they leave unwritten
+              // are zeroed per row.
+              gemm_packed<acc_t>(rows, cols, Dv, dot, ldo, 1, vt_panels, dpt, BK, false,
+                                 ctx.visible_key_columns(s, i0, j0, cols));  // dP = dO V^T
+              for (int64_t r = 0; r < rows; ++r) {
+                acc_t* prob = st + r * BK;
+                acc_t* dp = dpt + r * BK;
+                const auto [begin, end] = s.visible(i0 + r, j0, cols);
+                // The forward used P' = P * keep / (1 - p): dP needs the same mask, dV needs P'.
+                if (p.dropout_p > 0) ctx.dropout_row(dp + begin, s, h, i0 + r, j0 + begin, end - begin);
+                if (row_shift_sums != nullptr) {
+                  row_shift_grad.add_row(row_shift_sums + (i0 + r) * 4, prob + begin, dp + begin, end - begin);
+                }
+                softmax_grad_row(dp + begin, prob + begin, end - begin, delta_row[i0 + r]);  // dS = P * (dP - delta)
+                std::fill(dp, dp + begin, acc_t(0));
+                std::fill(dp + end, dp + cols, acc_t(0));
+                if (p.dropout_p > 0) ctx.dropout_row(prob, s, h, i0 + r, j0, cols);
+              }
+              // The bias gets dS itself; Q and K get it through softcap's tanh (ds/dx = 1 - tanh^2).
+              if (bias_grad.active) bias_grad.add_tile(bias_grad.data(), dpt, BK, s.b, h, i0, rows, j0, cols);
+              if (cap_grad != nullptr) {
+                for (int64_t r = 0; r < rows; ++r) {
+                  const auto [begin, end] = s.visible(i0 + r, j0, cols);
+                  multiply_row(dpt + r * BK, cap_grad + r * BK, begin, end);
+                }
+              }
+              const auto seeing = ctx.seeing_extent(s, i0, j0);
+              gemm_packed<acc_t>(cols, Dv, rows, st, 1, BK, do_panels, dv_acc, ld_dv, true, seeing);  // dV += P'^T dO
+              gemm_packed<acc_t>(cols, D, rows, dpt, 1, BK, q_panels, dk_acc, ld_dq, true, seeing);   // dK += dS^T Q
+              gemm_packed<acc_t>(rows, D, cols, dpt, BK, 1, k_panels, dq_acc + i0 * ld_dq, ld_dq, kb != chunk,
+                                 ctx.visible_key_depth(s, i0, j0, cols));  // dQ (+)= dS K
+            }
+            if (G == 1) {
+              for (int64_t c = 0; c < cols; ++c) {
+                store_row(dk.at(s.tb, kh, s.k0 + j0 + c), dk.s3, dk_acc + c * ld_dq, D, acc_t(p.scale));
+                store_row(dv.at(s.tb, kh, s.k0 + j0 + c), dv.s3, dv_acc + c * ld_dv, Dv, acc_t(1));
+              }
+            }
+          }
+          finish_dq(h);
+        }
+        if (G > 1) {  // the group's summed key and value gradients
+          for (int64_t kb = chunk; kb < seq_blocks; kb += chunks) {
+            const int64_t j0 = kb * BK, cols = std::min(BK, s.kv_len - j0);
+            const acc_t* dk_acc = dk_all + (kb / chunks) * BK * ld_dq;
+            const acc_t* dv_acc = dv_all + (kb / chunks) * BK * ld_dv;
+            for (int64_t c = 0; c < cols; ++c) {
+              store_row(dk.at(s.tb, kh, s.k0 + j0 + c), dk.s3, dk_acc + c * ld_dq, D, acc_t(p.scale));
+              store_row(dv.at(s.tb, kh, s.k0 + j0 + c), dv.s3, dv_acc + c * ld_dv, Dv, acc_t(1));
+            }
+          }
         }
       }
     };
   });
 
   if (bias_grad.active) grad_bias.copy_(bias_grad.result(*bias));
+  if (row_shift_grad.active) grad_bias.copy_(row_shift_grad.result(p, *bias));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& bias, const at::Tensor& out, const at::Tensor& logsumexp,
     double dropout_p, bool is_causal, bool bottom_right, std::optional<double> scale,
-    const std::optional<at::Tensor>& dropout_seed, bool bias_requires_grad) {
+    const std::optional<at::Tensor>& dropout_seed, bool bias_requires_grad, int64_t window_left,
+    int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
   const auto p = check_attention_args("qkv.attention_backward", query, key, value, bias, dropout_p,
-                                      is_causal, bottom_right, scale, dropout_seed);
-  check_backward_args("qkv.attention_backward", query, grad_out, out, logsumexp, p);
+                                      is_causal, bottom_right, scale, dropout_seed, window_left, window_right,
+                                      softcap, alibi_slopes);
+  check_backward_args("qkv.attention_backward", query, grad_out, out, logsumexp, p, dropout_p, dropout_seed);
   at::Tensor grad_q = empty_token_major(query, p.head_dim);
   at::Tensor grad_k = empty_token_major(key, p.head_dim);
   at::Tensor grad_v = empty_token_major(value, p.v_head_dim);
@@ -308,17 +702,115 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
     grad_q.zero_(), grad_k.zero_(), grad_v.zero_(), grad_bias.zero_();
     return {grad_q, grad_k, grad_v, grad_bias};
   }
+  const SequenceLayout layout = SequenceLayout::dense(p);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "qkv_attention_backward_cpu", [&] {
-    attention_backward_cpu_impl<scalar_t>(p, grad_out, query, key, value, bias, out, logsumexp, grad_q, grad_k,
-                                          grad_v, bias_requires_grad, grad_bias);
+    attention_backward_cpu_impl<scalar_t>(p, layout, grad_out, query, key, value, bias, alibi_slopes, out, logsumexp,
+                                          grad_q, grad_k, grad_v, bias_requires_grad, grad_bias);
   });
   return {grad_q, grad_k, grad_v, grad_bias};
+}
+
+// ---- the packed (varlen) and KV-cache doors ------------------------------------------------
+
+struct PackedSequences {
+  AttentionParams p;
+  SequenceLayout layout;
+};
+
+PackedSequences packed_sequences(const char* op, const at::Tensor& query, const at::Tensor& key,
+                                 const at::Tensor& value, const at::Tensor& cu_seqlens_q,
+                                 const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+                                 double dropout_p, bool is_causal, bool bottom_right, std::optional<double> scale,
+                                 const std::optional<at::Tensor>& dropout_seed, int64_t window_left,
+                                 int64_t window_right, double softcap,
+                                 const std::optional<at::Tensor>& alibi_slopes) {
+  AttentionParams p = check_varlen_args(op, query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                          max_seqlen_k, dropout_p, is_causal, bottom_right, scale, dropout_seed,
+                                          window_left, window_right, softcap, alibi_slopes);
+  auto cu_q = read_offsets(op, "cu_seqlens_q", cu_seqlens_q, query.size(0), "query", "max_seqlen_q", max_seqlen_q,
+                           "query");
+  auto cu_k = read_offsets(op, "cu_seqlens_k", cu_seqlens_k, key.size(0), "key", "max_seqlen_k", max_seqlen_k, "key");
+  SequenceLayout layout = SequenceLayout::packed(p, std::move(cu_q), std::move(cu_k), query.size(0));
+  return {p, std::move(layout)};
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_varlen_cpu(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double dropout_p, bool is_causal,
+    bool bottom_right, std::optional<double> scale, const std::optional<at::Tensor>& dropout_seed,
+    int64_t window_left, int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+  const auto [p, layout] = packed_sequences("qkv.attention_varlen", query, key, value, cu_seqlens_q, cu_seqlens_k,
+                                            max_seqlen_q, max_seqlen_k, dropout_p, is_causal, bottom_right, scale,
+                                            dropout_seed, window_left, window_right, softcap, alibi_slopes);
+  at::Tensor out = empty_varlen_output(query, p);
+  at::Tensor lse = empty_varlen_logsumexp(query);
+  // Rows past the last offset belong to no sequence: zeros and -inf, like rows that see nothing.
+  out.zero_();
+  lse.fill_(-std::numeric_limits<double>::infinity());
+  if (p.heads == 0 || layout.count() == 0) return {out, lse};
+  at::Tensor out4 = packed_as_4d(out);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "qkv_attention_varlen_cpu", [&] {
+    attention_forward_cpu_impl<scalar_t>(p, layout, packed_as_4d(query), packed_as_4d(key), packed_as_4d(value),
+                                         std::nullopt, alibi_slopes, out4, lse);
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const at::Tensor& out, const at::Tensor& logsumexp, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double dropout_p, bool is_causal,
+    bool bottom_right, std::optional<double> scale, const std::optional<at::Tensor>& dropout_seed,
+    int64_t window_left, int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+  const char* op = "qkv.attention_varlen_backward";
+  const auto [p, layout] = packed_sequences(op, query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                            max_seqlen_k, dropout_p, is_causal, bottom_right, scale, dropout_seed,
+                                            window_left, window_right, softcap, alibi_slopes);
+  check_varlen_backward_args(op, query, grad_out, out, logsumexp, p, dropout_p, dropout_seed);
+  // Rows and keys of no sequence, and keys no query sees, get zero gradients.
+  at::Tensor grad_q = at::zeros_like(query, at::MemoryFormat::Contiguous);
+  at::Tensor grad_k = at::zeros_like(key, at::MemoryFormat::Contiguous);
+  at::Tensor grad_v = at::zeros_like(value, at::MemoryFormat::Contiguous);
+  if (p.heads == 0 || layout.count() == 0) return {grad_q, grad_k, grad_v};
+  at::Tensor gq4 = packed_as_4d(grad_q), gk4 = packed_as_4d(grad_k), gv4 = packed_as_4d(grad_v);
+  at::Tensor no_bias_grad;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "qkv_attention_varlen_backward_cpu",
+                                  [&] {
+                                    attention_backward_cpu_impl<scalar_t>(
+                                        p, layout, packed_as_4d(grad_out), packed_as_4d(query), packed_as_4d(key),
+                                        packed_as_4d(value), std::nullopt, alibi_slopes, packed_as_4d(out),
+                                        logsumexp, gq4, gk4, gv4, false, no_bias_grad);
+                                  });
+  return {grad_q, grad_k, grad_v};
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_kvcache_cpu(
+    const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache, const std::optional<at::Tensor>& key,
+    const std::optional<at::Tensor>& value, const std::optional<at::Tensor>& cache_seqlens, bool is_causal,
+    std::optional<double> scale, int64_t window_left, int64_t window_right, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
+  const KvcacheArgs args = check_kvcache_args("qkv.attention_kvcache", query, k_cache, v_cache, key, value,
+                                              cache_seqlens, is_causal, scale, window_left, window_right, softcap,
+                                              alibi_slopes);
+  if (key.has_value() && key->defined()) write_into_caches(args, k_cache, v_cache, *key, *value);
+  const AttentionParams& p = args.p;
+  at::Tensor out = empty_attention_output(query, p);
+  at::Tensor lse = empty_logsumexp(query, p);
+  if (p.batch * p.heads == 0) return {out, lse};
+  const SequenceLayout layout = SequenceLayout::dense(p, args.kv_lens);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "qkv_attention_kvcache_cpu", [&] {
+    attention_forward_cpu_impl<scalar_t>(p, layout, query, k_cache, v_cache, std::nullopt, alibi_slopes, out, lse);
+  });
+  return {out, lse};
 }
 
 }  // namespace
 
 QKV_REGISTER_CPU_KERNEL(attention_cpu_kernel, attention_forward_cpu);
 QKV_REGISTER_CPU_KERNEL(attention_backward_cpu_kernel, attention_backward_cpu);
+QKV_REGISTER_CPU_KERNEL(attention_varlen_cpu_kernel, attention_varlen_cpu);
+QKV_REGISTER_CPU_KERNEL(attention_varlen_backward_cpu_kernel, attention_varlen_backward_cpu);
+QKV_REGISTER_CPU_KERNEL(attention_kvcache_cpu_kernel, attention_kvcache_cpu);
 
 }  // namespace CPU_CAPABILITY
 }  // namespace qkv

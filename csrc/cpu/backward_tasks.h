@@ -3,13 +3,16 @@
 // an output are summed, in an order fixed by the problem alone: the gradients are the same
 // bit for bit whatever the thread count (tests/test_core_threads.py).
 //
-// A task is (group of (b, h) pairs, chunk of key blocks). dK and dV of a key block belong to
-// one task. dQ sums over key blocks: each chunk adds its blocks into its own partial, and
-// the partials are summed in chunk order (DqPartials). The bias gradient sums over the pairs
-// that share a bias slice (a bias broadcast over batch or heads): those pairs form one group,
-// so one task adds them in order; a bias broadcast over keys is shared by the chunks too,
-// so each chunk gets its own copy, summed in chunk order at the end (BiasGradAccumulator).
+// A task is (group of (sequence, key/value head) pairs, chunk of key blocks). A pair runs every
+// query head that reads its key head (grouped-query attention), so dK and dV of a key block
+// belong to one task. dQ sums over key blocks: each chunk adds its blocks into its own partial,
+// and the partials are summed in chunk order (DqPartials). The gradient of a bias with a column
+// per key sums over the pairs that share a bias slice (a bias broadcast over batch or heads):
+// those pairs form one group, so one task adds them in order (BiasGradAccumulator); chunks
+// cover disjoint keys, so they write disjoint columns. A bias with one key column has its own
+// per-chunk sums (RowShiftBiasGrad in attention_cpu.cpp).
 #include "../attention_common.h"
+#include "tile_context.h"  // kBackwardKeyBlock, add_scaled_row
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -27,13 +30,22 @@
 namespace qkv {
 inline namespace CPU_CAPABILITY {
 
-// The bias's sizes as 4-D (B, H, L, S) with 1 on broadcast dimensions.
-inline std::array<int64_t, 4> bias_sizes_4d(const at::Tensor& bias) {
-  std::array<int64_t, 4> sizes{1, 1, 1, 1};
-  const int64_t offset = 4 - bias.dim();
-  for (int64_t d = 0; d < bias.dim(); ++d) sizes[offset + d] = bias.size(d);
-  return sizes;
-}
+// The bias's sizes as 4-D and the strides of its gradient, a dense (B', H', L', S') buffer of those
+// sizes: zero on the dimensions the bias broadcasts over.
+struct BiasGradLayout {
+  int64_t sizes[4] = {1, 1, 1, 1}, strides[4] = {0, 0, 0, 0}, numel = 1;
+  BiasGradLayout(const AttentionParams& p, const at::Tensor& bias) {
+    const int64_t offset = 4 - bias.dim();
+    for (int64_t d = 0; d < bias.dim(); ++d) sizes[offset + d] = bias.size(d);
+    const int64_t full[4] = {p.batch, p.heads, p.q_len, p.kv_len};
+    for (int64_t d = 3; d >= 0; --d) {
+      strides[d] = sizes[d] == 1 && full[d] != 1 ? 0 : numel;
+      numel *= sizes[d];
+    }
+  }
+  // A bias with one key column adds the same amount to every score of a row (RowShiftBiasGrad).
+  bool shifts_rows() const { return sizes[3] == 1; }
+};
 
 // Tasks wanted per backward, whatever the thread count: enough for 16 threads with room to
 // balance. Each chunk costs a dQ partial and a repacking of Q and dO, about 1% of the work of
@@ -42,31 +54,37 @@ constexpr int64_t kBackwardTargetTasks = 32;
 constexpr int64_t kMinChunkKeys = 512;
 
 struct BackwardTasks {
+  int64_t sequences = 0, kv_heads = 1;  // the pairs: sequences (with work) x kv_heads
   int64_t pairs_per_group = 1, groups = 0, chunks = 1;
-  bool batch_in_group = false, heads_in_group = false;
+  bool sequences_in_group = false, heads_in_group = false;
 
-  BackwardTasks(const AttentionParams& p, const std::optional<at::Tensor>& bias, bool bias_grad, int64_t key_blocks) {
-    if (bias_grad && p.has_bias) {
-      const auto sizes = bias_sizes_4d(*bias);
-      batch_in_group = sizes[0] == 1 && p.batch > 1;
-      heads_in_group = sizes[1] == 1 && p.heads > 1;
+  // `bias_grad_per_key`: a gradient is wanted for a bias with a column per key (grouped by its
+  // broadcast dimensions). `key_blocks`: blocks of the longest sequence's keys.
+  BackwardTasks(const AttentionParams& p, int64_t sequences, int64_t kv_heads, const std::optional<at::Tensor>& bias,
+                bool bias_grad_per_key, int64_t key_blocks)
+      : sequences(sequences), kv_heads(kv_heads) {
+    if (bias_grad_per_key) {
+      const BiasGradLayout layout(p, *bias);
+      sequences_in_group = layout.sizes[0] == 1 && sequences > 1;
+      heads_in_group = layout.sizes[1] == 1 && kv_heads > 1;
     }
-    pairs_per_group = (batch_in_group ? p.batch : 1) * (heads_in_group ? p.heads : 1);
-    groups = p.batch * p.heads / pairs_per_group;
+    pairs_per_group = (sequences_in_group ? sequences : 1) * (heads_in_group ? kv_heads : 1);
+    groups = sequences * kv_heads / pairs_per_group;
     const int64_t most = std::max<int64_t>(1, std::min(key_blocks, p.kv_len / kMinChunkKeys));
-    chunks = std::clamp<int64_t>((kBackwardTargetTasks + groups - 1) / groups, 1, most);
+    chunks = std::clamp<int64_t>((kBackwardTargetTasks + groups - 1) / std::max<int64_t>(groups, 1), 1, most);
   }
 
   int64_t count() const { return groups * chunks; }
   int64_t group_of(int64_t task) const { return task / chunks; }
   int64_t chunk_of(int64_t task) const { return task % chunks; }
 
-  // The m-th (b, h) pair of group g, as b * heads + h; the pairs of a group in a fixed order.
-  int64_t pair(const AttentionParams& p, int64_t g, int64_t m) const {
-    const int64_t group_heads = heads_in_group ? 1 : p.heads;  // groups per batch row
-    const int64_t b = batch_in_group ? m / (heads_in_group ? p.heads : 1) : g / group_heads;
-    const int64_t h = heads_in_group ? m % p.heads : g % group_heads;
-    return b * p.heads + h;
+  // The m-th pair of group g, as sequence * kv_heads + key head (sequence: an index into the
+  // sequences with work); the pairs of a group in a fixed order.
+  int64_t pair(int64_t g, int64_t m) const {
+    const int64_t group_heads = heads_in_group ? 1 : kv_heads;  // groups per sequence
+    const int64_t seq = sequences_in_group ? m / (heads_in_group ? kv_heads : 1) : g / group_heads;
+    const int64_t kh = heads_in_group ? m % kv_heads : g % group_heads;
+    return seq * kv_heads + kh;
   }
 };
 
@@ -127,60 +145,44 @@ class DqPartials {
   std::unique_ptr<std::atomic<int64_t>[]> remaining_;
 };
 
-// Accumulates dS into the bias gradient, in acc_t, summing over the broadcast dimensions.
-// Tasks of different groups, and chunks when the bias does not broadcast over keys, write
-// disjoint elements of one copy; when it does, each chunk writes its own copy.
+// Accumulates dS into the gradient of a bias with a column per key, in acc_t, summing over the
+// broadcast dimensions. Tasks of different groups, and different chunks, write disjoint
+// elements; the pairs of a group add theirs in the group's order (BackwardTasks).
 template <typename acc_t>
 struct BiasGradAccumulator {
   bool active = false;
-  int64_t strides[4] = {0, 0, 0, 0};  // into one copy, zero on broadcast dims
-  int64_t copy_numel = 0, copy_stride = 0, copies = 1;
-  at::Tensor buffer;  // copies x copy_stride, in acc_t
+  int64_t strides[4] = {0, 0, 0, 0};  // zero on broadcast dims
+  at::Tensor buffer;  // the bias's numel, in acc_t
 
-  BiasGradAccumulator(const AttentionParams& p, const std::optional<at::Tensor>& bias, bool wanted, int64_t chunks) {
+  BiasGradAccumulator(const AttentionParams& p, const std::optional<at::Tensor>& bias, bool wanted) {
     if (!wanted || !p.has_bias) return;
+    const BiasGradLayout layout(p, *bias);
+    if (layout.shifts_rows()) return;  // RowShiftBiasGrad's
     active = true;
-    const auto sizes = bias_sizes_4d(*bias);
-    const int64_t full[4] = {p.batch, p.heads, p.q_len, p.kv_len};
-    int64_t stride = 1;
-    for (int64_t d = 3; d >= 0; --d) {
-      strides[d] = sizes[d] == 1 && full[d] != 1 ? 0 : stride;
-      stride *= sizes[d];
-    }
-    copy_numel = stride;
-    copies = sizes[3] == 1 && p.kv_len > 1 ? chunks : 1;
-    constexpr int64_t line = 64 / sizeof(acc_t);  // copies start on their own cache line
-    copy_stride = (copy_numel + line - 1) / line * line;
-    buffer = at::zeros({copies * copy_stride}, bias->options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    std::copy(layout.strides, layout.strides + 4, strides);
+    buffer = at::zeros({layout.numel}, bias->options().dtype(c10::CppTypeToScalarType<acc_t>::value));
   }
 
-  acc_t* copy_for_chunk(int64_t chunk) const {
-    return buffer.data_ptr<acc_t>() + (copies > 1 ? chunk * copy_stride : 0);
-  }
+  acc_t* data() const { return buffer.data_ptr<acc_t>(); }
 
-  void add_tile(acc_t* copy, const acc_t* ds, int64_t ld, int64_t b, int64_t h, int64_t i0, int64_t rows,
+  void add_tile(acc_t* grad, const acc_t* ds, int64_t ld, int64_t b, int64_t h, int64_t i0, int64_t rows,
                 int64_t j0, int64_t cols) const {
-    for (int64_t r = 0; r < rows; ++r) {
-      acc_t* g = copy + b * strides[0] + h * strides[1] + (i0 + r) * strides[2] + j0 * strides[3];
+    acc_t* g = grad + b * strides[0] + h * strides[1] + i0 * strides[2] + j0 * strides[3];
+    if (strides[2] == 0) {
+      // Broadcast over query rows: the tile's rows are summed first, so that a column's sum over
+      // every query is one of tile partials, not of L single terms.
+      acc_t column_sums[kBackwardKeyBlock];
+      for (int64_t r = 0; r < rows; ++r) add_scaled_row(column_sums, ds + r * ld, cols, acc_t(1), r > 0);
+      for (int64_t c = 0; c < cols; ++c) g[c * strides[3]] += column_sums[c];
+      return;
+    }
+    for (int64_t r = 0; r < rows; ++r, g += strides[2]) {
       const acc_t* d = ds + r * ld;
       for (int64_t c = 0; c < cols; ++c) g[c * strides[3]] += d[c];
     }
   }
 
-  // The copies summed in chunk order, in the bias's dtype and shape.
-  at::Tensor result(const at::Tensor& bias) const {
-    at::Tensor sum = at::empty({copy_numel}, buffer.options());
-    const acc_t* data = buffer.const_data_ptr<acc_t>();
-    acc_t* out = sum.data_ptr<acc_t>();
-    at::parallel_for(0, copy_numel, 4096, [&](int64_t begin, int64_t end) {
-      for (int64_t e = begin; e < end; ++e) {
-        acc_t total = data[e];
-        for (int64_t c = 1; c < copies; ++c) total += data[c * copy_stride + e];
-        out[e] = total;
-      }
-    });
-    return sum.to(bias.scalar_type()).view(bias.sizes());
-  }
+  at::Tensor result(const at::Tensor& bias) const { return buffer.to(bias.scalar_type()).view(bias.sizes()); }
 };
 
 }  // namespace CPU_CAPABILITY

@@ -4,55 +4,44 @@
 
 #include <torch/library.h>
 
+#include <utility>
+
 namespace qkv {
 
 constinit CpuKernel<AttentionCpuFn> attention_cpu_kernel("qkv.attention");
 constinit CpuKernel<AttentionBackwardCpuFn> attention_backward_cpu_kernel("qkv.attention_backward");
 constinit CpuKernel<AttentionWeightsCpuFn> attention_weights_cpu_kernel("qkv.attention_weights");
 constinit CpuKernel<AttentionWithWeightsCpuFn> attention_with_weights_cpu_kernel("qkv.attention_with_weights");
+constinit CpuKernel<AttentionVarlenCpuFn> attention_varlen_cpu_kernel("qkv.attention_varlen");
+constinit CpuKernel<AttentionVarlenBackwardCpuFn> attention_varlen_backward_cpu_kernel(
+    "qkv.attention_varlen_backward");
+constinit CpuKernel<AttentionKvcacheCpuFn> attention_kvcache_cpu_kernel("qkv.attention_kvcache");
 
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& query, const at::Tensor& key,
-                                                 const at::Tensor& value, const std::optional<at::Tensor>& bias,
-                                                 double dropout_p, bool is_causal, bool bottom_right,
-                                                 std::optional<double> scale,
-                                                 const std::optional<at::Tensor>& dropout_seed) {
-  return attention_cpu_kernel(query, key, value, bias, dropout_p, is_causal, bottom_right, scale, dropout_seed);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-    const std::optional<at::Tensor>& bias, const at::Tensor& out, const at::Tensor& logsumexp, double dropout_p,
-    bool is_causal, bool bottom_right, std::optional<double> scale, const std::optional<at::Tensor>& dropout_seed,
-    bool bias_requires_grad) {
-  return attention_backward_cpu_kernel(grad_out, query, key, value, bias, out, logsumexp, dropout_p, is_causal,
-                                       bottom_right, scale, dropout_seed, bias_requires_grad);
-}
-
-at::Tensor attention_weights_cpu(const at::Tensor& query, const at::Tensor& key, const std::optional<at::Tensor>& bias,
-                                 const at::Tensor& logsumexp, double dropout_p, bool is_causal, bool bottom_right,
-                                 std::optional<double> scale, const std::optional<at::Tensor>& dropout_seed,
-                                 bool average_heads) {
-  return attention_weights_cpu_kernel(query, key, bias, logsumexp, dropout_p, is_causal, bottom_right, scale,
-                                      dropout_seed, average_heads);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_with_weights_cpu(
-    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const std::optional<at::Tensor>& bias,
-    double dropout_p, bool is_causal, bool bottom_right, std::optional<double> scale,
-    const std::optional<at::Tensor>& dropout_seed, bool average_heads) {
-  return attention_with_weights_cpu_kernel(query, key, value, bias, dropout_p, is_causal, bottom_right, scale,
-                                           dropout_seed, average_heads);
-}
+// The operator's CPU function for `kernel`: a plain function of the operator's signature that
+// calls the active capability's copy.
+template <typename Fn>
+struct CallActive;
+template <typename R, typename... Args>
+struct CallActive<R(Args...)> {
+  template <const CpuKernel<R(Args...)>* kernel>
+  static R call(Args... args) {
+    return (*kernel)(std::forward<Args>(args)...);
+  }
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(qkv, CPU, m) {
-  m.impl("attention", &attention_cpu);
-  m.impl("attention_backward", &attention_backward_cpu);
-  m.impl("attention_weights", &attention_weights_cpu);
-  m.impl("attention_with_weights", &attention_with_weights_cpu);
+  m.impl("attention", &CallActive<AttentionCpuFn>::call<&attention_cpu_kernel>);
+  m.impl("attention_backward", &CallActive<AttentionBackwardCpuFn>::call<&attention_backward_cpu_kernel>);
+  m.impl("attention_weights", &CallActive<AttentionWeightsCpuFn>::call<&attention_weights_cpu_kernel>);
+  m.impl("attention_with_weights", &CallActive<AttentionWithWeightsCpuFn>::call<&attention_with_weights_cpu_kernel>);
+  m.impl("attention_varlen", &CallActive<AttentionVarlenCpuFn>::call<&attention_varlen_cpu_kernel>);
+  m.impl("attention_varlen_backward",
+         &CallActive<AttentionVarlenBackwardCpuFn>::call<&attention_varlen_backward_cpu_kernel>);
+  m.impl("attention_kvcache", &CallActive<AttentionKvcacheCpuFn>::call<&attention_kvcache_cpu_kernel>);
 }
 
 }  // namespace qkv

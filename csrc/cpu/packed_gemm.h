@@ -118,11 +118,14 @@ Panels<acc_t> pack_panels(const src_t* src, int64_t k, int64_t n, int64_t sp, in
 }
 
 // The part of a product that a block of rows [i0, i0 + mr) of C needs, for masks that hide
-// a known region (causal): its first `cols` columns and the depth range [depth_begin,
-// depth_end) of the reduction. The caller guarantees that what is skipped is exactly zero
+// a known region (causal, windows): its columns [cols_begin, cols) and the depth range
+// [depth_begin, depth_end) of the reduction. The caller guarantees that what is skipped is exactly zero
 // (A is zero outside the depth range) or unused (columns beyond `cols` are left unwritten).
 struct RowBlockExtent {
   int64_t cols, depth_begin, depth_end;
+  // Columns before this one are not needed either (a window's band): the product starts at the
+  // panel that holds it and leaves the columns before that panel unwritten.
+  int64_t cols_begin = 0;
 };
 struct WholeProduct {
   RowBlockExtent operator()(int64_t, int64_t) const { return {INT64_MAX, 0, INT64_MAX}; }
@@ -134,7 +137,10 @@ namespace detail {
 // accumulators, 2 panel loads and MR broadcasts per step of k. With kRowMax, also
 // vmax[i] = max(vmax[i], row i of C) lane-wise (V lanes per row), while C is in registers.
 // The accumulate flag is a template parameter so that no branch sits in the loop and every
-// accumulator stays in a register.
+// accumulator stays in a register. Accumulating adds C to the finished product, not the
+// product's terms to C one by one: a sum over many calls (P V over key tiles, dV over query
+// blocks) then rounds like a sum of tile partials, whose error grows with the number of tiles
+// instead of the number of terms.
 template <typename acc_t, int MR, bool kAccumulate, bool kRowMax = false>
 inline void micro_kernel(int64_t k, const acc_t* a, int64_t rsa, int64_t csa, const acc_t* panel, acc_t* c,
                          int64_t ldc, acc_t* vmax = nullptr) {
@@ -144,10 +150,7 @@ inline void micro_kernel(int64_t k, const acc_t* a, int64_t rsa, int64_t csa, co
   constexpr int64_t V = R::width;
   reg lo[MR], hi[MR];
 #pragma GCC unroll 16
-  for (int i = 0; i < MR; ++i) {
-    lo[i] = kAccumulate ? R::load(c + i * ldc) : R::zero();
-    hi[i] = kAccumulate ? R::load(c + i * ldc + V) : R::zero();
-  }
+  for (int i = 0; i < MR; ++i) lo[i] = hi[i] = R::zero();
   for (int64_t p = 0; p < k; ++p) {
     reg b0 = R::load(panel + p * 2 * V), b1 = R::load(panel + p * 2 * V + V);
     R::pin(b0);
@@ -162,6 +165,10 @@ inline void micro_kernel(int64_t k, const acc_t* a, int64_t rsa, int64_t csa, co
   }
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) {
+    if constexpr (kAccumulate) {
+      lo[i] = R::add(R::load(c + i * ldc), lo[i]);
+      hi[i] = R::add(R::load(c + i * ldc + V), hi[i]);
+    }
     R::store(c + i * ldc, lo[i]);
     R::store(c + i * ldc + V, hi[i]);
     if constexpr (kRowMax) R::store(vmax + i * V, R::max(R::load(vmax + i * V), R::max(lo[i], hi[i])));
@@ -192,7 +199,7 @@ void gemm_packed(int64_t m, int64_t n, int64_t k, const acc_t* a, int64_t rsa, i
     const int64_t cols = std::min(n, e.cols), p0 = std::clamp<int64_t>(e.depth_begin, 0, k);
     const int64_t depth = std::min(k, e.depth_end) - p0;
     if (depth <= 0 && kAccumulate) continue;
-    for (int64_t j0 = 0; j0 < cols; j0 += W) {
+    for (int64_t j0 = std::max<int64_t>(e.cols_begin, 0) / W * W; j0 < cols; j0 += W) {
       micro_kernel_rows<acc_t, kAccumulate>(mr, std::max<int64_t>(depth, 0), a + i0 * rsa + p0 * csa, rsa, csa,
                                             b.data + j0 * b.depth + p0 * W, c + i0 * ldc + j0, ldc);
     }
@@ -285,7 +292,8 @@ void gemm_nt_dots(int64_t m, int64_t n, int64_t k, const acc_t* a, int64_t lda, 
   }
 }
 
-// C (m x n) += A (m x k) . B (k x n) as axpys over the rows of B.
+// C (m x n) += A (m x k) . B (k x n) as axpys over the rows of B; the product is added to C
+// when finished, as in micro_kernel.
 template <typename acc_t>
 void gemm_nn_axpys(int64_t m, int64_t n, int64_t k, const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb,
                    acc_t* c, int64_t ldc) {
@@ -295,8 +303,7 @@ void gemm_nn_axpys(int64_t m, int64_t n, int64_t k, const acc_t* a, int64_t lda,
     acc_t* ci = c + i * ldc;
     int64_t j = 0;
     for (; j + 4 * V <= n; j += 4 * V) {  // four independent accumulators hide the FMA latency
-      Vec c0 = Vec::loadu(ci + j), c1 = Vec::loadu(ci + j + V), c2 = Vec::loadu(ci + j + 2 * V),
-          c3 = Vec::loadu(ci + j + 3 * V);
+      Vec c0(acc_t(0)), c1(acc_t(0)), c2(acc_t(0)), c3(acc_t(0));
       for (int64_t p = 0; p < k; ++p) {
         const Vec x(a[i * lda + p]);
         const acc_t* bp = b + p * ldb + j;
@@ -305,17 +312,20 @@ void gemm_nn_axpys(int64_t m, int64_t n, int64_t k, const acc_t* a, int64_t lda,
         c2 = at::vec::fmadd(x, Vec::loadu(bp + 2 * V), c2);
         c3 = at::vec::fmadd(x, Vec::loadu(bp + 3 * V), c3);
       }
-      c0.store(ci + j), c1.store(ci + j + V), c2.store(ci + j + 2 * V), c3.store(ci + j + 3 * V);
+      (Vec::loadu(ci + j) + c0).store(ci + j);
+      (Vec::loadu(ci + j + V) + c1).store(ci + j + V);
+      (Vec::loadu(ci + j + 2 * V) + c2).store(ci + j + 2 * V);
+      (Vec::loadu(ci + j + 3 * V) + c3).store(ci + j + 3 * V);
     }
     for (; j + V <= n; j += V) {
-      Vec acc = Vec::loadu(ci + j);
+      Vec acc(acc_t(0));
       for (int64_t p = 0; p < k; ++p) acc = at::vec::fmadd(Vec(a[i * lda + p]), Vec::loadu(b + p * ldb + j), acc);
-      acc.store(ci + j);
+      (Vec::loadu(ci + j) + acc).store(ci + j);
     }
     for (; j < n; ++j) {
-      acc_t d = ci[j];
+      acc_t d = 0;
       for (int64_t p = 0; p < k; ++p) d += a[i * lda + p] * b[p * ldb + j];
-      ci[j] = d;
+      ci[j] += d;
     }
   }
 }

@@ -38,6 +38,7 @@ struct Simd<float> {
   static reg fmadd(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
   static reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
   static reg sub(reg a, reg b) { return _mm512_sub_ps(a, b); }
+  static reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
   static reg max(reg a, reg b) { return _mm512_max_ps(a, b); }  // b when either is NaN
   static void pin(reg& x) { asm("" : "+v"(x)); }
   static float reduce_add(reg x) { return _mm512_reduce_add_ps(x); }
@@ -71,6 +72,7 @@ struct Simd<double> {
   static reg fmadd(reg a, reg b, reg c) { return _mm512_fmadd_pd(a, b, c); }
   static reg add(reg a, reg b) { return _mm512_add_pd(a, b); }
   static reg sub(reg a, reg b) { return _mm512_sub_pd(a, b); }
+  static reg mul(reg a, reg b) { return _mm512_mul_pd(a, b); }
   static reg max(reg a, reg b) { return _mm512_max_pd(a, b); }
   static void pin(reg& x) { asm("" : "+v"(x)); }
   static double reduce_add(reg x) { return _mm512_reduce_add_pd(x); }
@@ -91,6 +93,7 @@ struct Simd<float> {
   static reg fmadd(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
   static reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
   static reg sub(reg a, reg b) { return _mm256_sub_ps(a, b); }
+  static reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
   static reg max(reg a, reg b) { return _mm256_max_ps(a, b); }  // b when either is NaN
   static void pin(reg& x) { asm("" : "+x"(x)); }
   static float reduce_add(reg x) {
@@ -135,6 +138,7 @@ struct Simd<double> {
   static reg fmadd(reg a, reg b, reg c) { return _mm256_fmadd_pd(a, b, c); }
   static reg add(reg a, reg b) { return _mm256_add_pd(a, b); }
   static reg sub(reg a, reg b) { return _mm256_sub_pd(a, b); }
+  static reg mul(reg a, reg b) { return _mm256_mul_pd(a, b); }
   static reg max(reg a, reg b) { return _mm256_max_pd(a, b); }
   static void pin(reg& x) { asm("" : "+x"(x)); }
   static double reduce_add(reg x) {
@@ -162,6 +166,7 @@ struct Simd {
   static reg fmadd(reg a, reg b, reg c) { return at::vec::fmadd(a, b, c); }
   static reg add(reg a, reg b) { return a + b; }
   static reg sub(reg a, reg b) { return a - b; }
+  static reg mul(reg a, reg b) { return a * b; }
   static reg max(reg a, reg b) { return at::vec::maximum(a, b); }  // NaN propagates
   static void pin(reg&) {}
   static T reduce_add(reg x) {

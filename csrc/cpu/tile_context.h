@@ -5,7 +5,10 @@
 // weights); the task scheduler is in task_scheduler.h.
 #include "../attention_common.h"
 #include "../kernels/dropout_hash.h"
+#include "compensated_sum.h"
 #include "packed_gemm.h"
+#include "score_transforms.h"
+#include "sequences.h"
 #include "task_scheduler.h"
 #include "tile_math.h"
 
@@ -44,6 +47,11 @@ constexpr int64_t kBackwardKeyBlock = 128;
 #endif
 // Query tiles with fewer rows read K and V in place instead of packing them.
 constexpr int64_t kMinRowsForPanels = 4;
+// The forward sums P V over this many key tiles (2048 keys with 256-key tiles, 4096 with
+// AVX-512's 512) in a plain partial, then adds the
+// partial to the output rows with compensation (compensated_sum.h): accurate for any key count,
+// at the cost of one pass over the rows per partial.
+constexpr int64_t kForwardTilesPerPartial = 8;
 
 template <typename T>
 struct Strided4 {
@@ -114,81 +122,128 @@ void store_row(scalar_t* dst, int64_t stride, const acc_t* src, int64_t n, acc_t
   }
 }
 
-// Everything the tile loops need to know about one call.
+// Everything the tile loops need to know about one call. Query heads h read key/value head
+// h / group (grouped-query attention: the shared heads are read in place); every mask, the
+// ALiBi distances and the dropout counter are those of a Sequence (sequences.h).
 template <typename scalar_t>
 struct TileContext {
   using acc_t = at::opmath_type<scalar_t>;
   const AttentionParams& p;
   Strided4<scalar_t> q, k, v;
-  const scalar_t* bias_data = nullptr;  // expanded (B, H, L, S) strides, zeros on broadcast dims
+  int64_t group = 1;  // query heads per key/value head
+  // The bias, in the query's dtype or float32: expanded (B, H, L, S) strides, zeros on broadcast dims.
+  const void* bias_data = nullptr;
+  bool bias_is_float = false;
   int64_t bias_s0 = 0, bias_s1 = 0, bias_s2 = 0, bias_s3 = 0;
+  // ALiBi slopes (float32, (H,) or (B, H)) and softcap (0: off).
+  const float* alibi = nullptr;
+  int64_t alibi_sb = 0, alibi_sh = 0;
+  acc_t softcap = 0;
   uint64_t keep_threshold = 0;
-  // Scores are kept in log2 units, s = log2(e) * (scale * q . k + bias), so that the softmax
-  // is 2^(s - max): the products are scaled by score_scale and the bias by kLog2e.
+  // Score units. Without a bias, softcap or ALiBi, scores are kept in log2 units,
+  // s = log2(e) * scale * q . k, so that the softmax is 2^(s - max) and the products come out as
+  // scores (one operand carries score_scale). Otherwise they stay in natural units,
+  // s = scale * q . k (+ ...), and the softmax is 2^((s - max) * log2(e)): a large finite bias
+  // (Hugging Face masks are torch.finfo(dtype).min) times log2(e) would overflow to -inf and hide
+  // its key, where torch adds it as the finite number it is, and tanh and the ALiBi distances are
+  // natural-unit functions. Subtracting the maximum first keeps it finite.
   static constexpr double kLog2eDouble = 1.4426950408889634;
   static constexpr acc_t kLog2e = acc_t(kLog2eDouble);
-  acc_t score_scale = 0;
+  acc_t score_scale = 0;    // scale * log2(e), or scale (natural units)
+  acc_t log2_per_unit = 1;  // 1, or log2(e): 2^((s - max) * log2_per_unit) = e^(score - max score)
+  acc_t units_per_nat = 1;  // log2(e), or 1: a natural-log quantity (the logsumexp) in score units
 
   TileContext(const AttentionParams& params, const at::Tensor& query, const at::Tensor& key,
-              const at::Tensor& value, const std::optional<at::Tensor>& bias)
+              const at::Tensor& value, const std::optional<at::Tensor>& bias,
+              const std::optional<at::Tensor>& alibi_slopes = std::nullopt)
       : p(params), q(query), k(key), v(value) {
+    group = p.kv_heads > 0 ? p.heads / p.kv_heads : 1;
+    const bool natural_units = p.has_bias || p.softcap > 0 || p.has_alibi;
     if (p.has_bias) {
       at::Tensor e = expand_bias(*bias, p);
-      bias_data = e.const_data_ptr<scalar_t>();
+      bias_is_float = e.scalar_type() == at::kFloat;
+      TORCH_CHECK(bias_is_float || e.scalar_type() == query.scalar_type(),
+                  "qkv: internal error: the CPU kernel got a ", e.scalar_type(), " bias for ", query.scalar_type(),
+                  " queries");
+      bias_data = e.const_data_ptr();
       bias_s0 = e.stride(0), bias_s1 = e.stride(1), bias_s2 = e.stride(2), bias_s3 = e.stride(3);
     }
+    if (p.has_alibi) {
+      const at::Tensor& a = *alibi_slopes;
+      alibi = a.const_data_ptr<float>();
+      alibi_sb = a.dim() == 2 ? a.stride(0) : 0;
+      alibi_sh = a.stride(a.dim() - 1);
+    }
+    softcap = static_cast<acc_t>(p.softcap);
     keep_threshold = dropout_threshold(p.dropout_p);
-    score_scale = static_cast<acc_t>(p.scale * kLog2eDouble);  // rounded once
+    score_scale = static_cast<acc_t>(natural_units ? p.scale : p.scale * kLog2eDouble);  // rounded once
+    log2_per_unit = natural_units ? kLog2e : acc_t(1);
+    units_per_nat = natural_units ? acc_t(1) : kLog2e;
   }
 
-  // One past the last key that any query row in [i0, i1) may see.
-  int64_t key_end(int64_t i1) const {
-    return p.is_causal ? std::clamp<int64_t>(i1 + p.causal_offset, 0, p.kv_len) : p.kv_len;
-  }
-  // First query row that can see key j0.
-  int64_t first_query_seeing(int64_t j0) const {
-    return p.is_causal ? std::clamp<int64_t>(j0 - p.causal_offset, 0, p.q_len) : 0;
-  }
-  // Keys [j0, j0 + visible) of this tile are visible to query i.
-  int64_t visible_keys(int64_t i, int64_t j0, int64_t cols) const {
-    return p.is_causal ? std::clamp<int64_t>(i + p.causal_offset - j0 + 1, 0, cols) : cols;
-  }
+  // Whether the products need a pass (bias, softcap or ALiBi) even where no key is hidden.
+  bool transforms_scores() const { return bias_data != nullptr || softcap > 0 || alibi != nullptr; }
+
+  // The logsumexp (natural log) of a row whose scores have maximum `max` and sum(2^((s - max) *
+  // log2_per_unit)) = `sum`; finite whenever max is, in either unit.
+  acc_t logsumexp(acc_t max, acc_t sum) const { return (max + std::log2(sum) / log2_per_unit) / units_per_nat; }
+  // A logsumexp as the shift of this call's scores: 2^((s - shift) * log2_per_unit) is the probability.
+  acc_t lse_shift(acc_t lse) const { return lse * units_per_nat; }
+
+  // Rows of query head h, and of the key/value head it reads.
+  const scalar_t* q_row(const Sequence& s, int64_t h, int64_t i) const { return q.at(s.tb, h, s.q0 + i); }
+  const scalar_t* k_row(const Sequence& s, int64_t h, int64_t j) const { return k.at(s.tb, h / group, s.k0 + j); }
+  const scalar_t* v_row(const Sequence& s, int64_t h, int64_t j) const { return v.at(s.tb, h / group, s.k0 + j); }
 
   // Packs keys [j0, j0 + cols) transposed (head dim x keys), the operand of scores().
-  Panels<acc_t> pack_keys_transposed(acc_t* dst, int64_t b, int64_t h, int64_t j0, int64_t cols) const {
-    return pack_panels(k.at(b, h, j0), p.head_dim, cols, k.s3, k.s2, dst);
+  Panels<acc_t> pack_keys_transposed(acc_t* dst, const Sequence& s, int64_t h, int64_t j0, int64_t cols) const {
+    return pack_panels(k_row(s, h, j0), p.head_dim, cols, k.s3, k.s2, dst);
+  }
+  // Packs values [j0, j0 + cols) (keys x value head dim), the operand of P V.
+  Panels<acc_t> pack_values(acc_t* dst, const Sequence& s, int64_t h, int64_t j0, int64_t cols) const {
+    return pack_panels(v_row(s, h, j0), cols, p.v_head_dim, v.s2, v.s3, dst);
   }
 
-  // The causal mask as the extent of a tile product whose rows are query rows i0 + r: block
-  // [r0, r0 + mr) sees keys j0 + [0, seen) of the tile, seen being its last row's count. For
-  // products with keys as columns (the scores, dP) and reducing over keys (PV, dS K).
-  int64_t keys_seen_by_block(int64_t i0, int64_t j0, int64_t cols, int64_t r0, int64_t mr) const {
-    return visible_keys(i0 + r0 + mr - 1, j0, cols);
+  // The band as the extent of a tile product whose rows are query rows i0 + r, per block
+  // [r0, r0 + mr) of rows: the keys of the tile its rows see, [key_begin(first row),
+  // key_end(last row)) (the keys in between that a row does not see get probability 0).
+  // For products with keys as columns (the scores, dP) and reducing over keys (PV, dS K).
+  std::pair<int64_t, int64_t> block_keys(const Sequence& s, int64_t i0, int64_t j0, int64_t cols, int64_t r0,
+                                         int64_t mr) const {
+    const int64_t begin = std::clamp<int64_t>(s.key_begin(i0 + r0) - j0, 0, cols);
+    return {begin, std::max(begin, std::clamp<int64_t>(s.key_end(i0 + r0 + mr - 1) - j0, 0, cols))};
   }
-  auto visible_key_columns(int64_t i0, int64_t j0, int64_t cols) const {
-    return [this, i0, j0, cols](int64_t r0, int64_t mr) {
-      return RowBlockExtent{keys_seen_by_block(i0, j0, cols, r0, mr), 0, INT64_MAX};
+  auto visible_key_columns(const Sequence& s, int64_t i0, int64_t j0, int64_t cols) const {
+    return [this, &s, i0, j0, cols](int64_t r0, int64_t mr) {
+      const auto [begin, end] = block_keys(s, i0, j0, cols, r0, mr);
+      return RowBlockExtent{end, 0, INT64_MAX, begin};
     };
   }
-  auto visible_key_depth(int64_t i0, int64_t j0, int64_t cols) const {
-    return [this, i0, j0, cols](int64_t r0, int64_t mr) {
-      return RowBlockExtent{INT64_MAX, 0, keys_seen_by_block(i0, j0, cols, r0, mr)};
+  auto visible_key_depth(const Sequence& s, int64_t i0, int64_t j0, int64_t cols) const {
+    return [this, &s, i0, j0, cols](int64_t r0, int64_t mr) {
+      const auto [begin, end] = block_keys(s, i0, j0, cols, r0, mr);
+      return RowBlockExtent{INT64_MAX, begin, end};
     };
   }
   // For products whose rows are keys j0 + c and which reduce over query rows i0 + r (P^T dO,
-  // dS^T Q): block [c0, c0 + mr) of keys is seen by query rows from first_query_seeing on.
-  auto seeing_extent(int64_t i0, int64_t j0) const {
-    return [this, i0, j0](int64_t c0, int64_t) {
-      return RowBlockExtent{INT64_MAX, first_query_seeing(j0 + c0) - i0, INT64_MAX};
+  // dS^T Q): block [c0, c0 + mr) of keys is seen by query rows [query_begin(first key),
+  // query_end(last key)).
+  auto seeing_extent(const Sequence& s, int64_t i0, int64_t j0) const {
+    return [&s, i0, j0](int64_t c0, int64_t mr) {
+      return RowBlockExtent{INT64_MAX, s.query_begin(j0 + c0) - i0, s.query_end(j0 + c0 + mr - 1) - i0};
     };
   }
 
-  // scores[r] = log2(e) * (scale * q_r . k + bias), -inf where causally hidden, and, unless
-  // `row_max` is null, their row maxima; one of the operands already carries score_scale
-  // (scaled queries or K^T). `k_panels` is K^T; ldo >= padded_to_panels(cols).
-  void scores(acc_t* out, int64_t ldo, const acc_t* qt, int64_t ldq, Panels<acc_t> k_panels, int64_t b,
-              int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols, acc_t* row_max = nullptr) const {
-    if (bias_data == nullptr && visible_keys(i0, j0, cols) == cols) {
+  // scores[r] = scale * q_r . k (+ softcap, ALiBi, bias) in score units, -inf where hidden, and,
+  // unless `row_max` is null, their row maxima; one of the operands already carries score_scale
+  // (scaled queries or K^T). `k_panels` is K^T; ldo >= padded_to_panels(cols). With
+  // `whole_rows` every column of a row is written (hidden ones -inf); otherwise only its block's
+  // keys (block_keys) are, the ones the forward's products read. `cap_grad` (rows x ldo, may be
+  // null) receives softcap's derivative.
+  void scores(acc_t* out, int64_t ldo, const acc_t* qt, int64_t ldq, Panels<acc_t> k_panels, const Sequence& s,
+              int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols, acc_t* row_max = nullptr,
+              bool whole_rows = true, acc_t* cap_grad = nullptr) const {
+    if (!transforms_scores() && s.sees_all(i0, i0 + rows, j0, j0 + cols)) {
       // Nothing added, nothing hidden: the products are the scores. The micro-kernel takes
       // their maxima while they are in registers (measured slower where nobody needs them).
       if (row_max != nullptr) {
@@ -198,44 +253,144 @@ struct TileContext {
       }
     } else {
       gemm_packed<acc_t>(rows, cols, p.head_dim, qt, ldq, 1, k_panels, out, ldo, false,
-                         visible_key_columns(i0, j0, cols));
-      finish_scores(out, ldo, b, h, i0, rows, j0, cols, row_max);
+                         visible_key_columns(s, i0, j0, cols));
+      finish_scores(out, ldo, s, h, i0, rows, j0, cols, row_max, whole_rows, cap_grad);
     }
   }
 
-  // Turns products that already carry score_scale into scores (see scores()): adds the bias
-  // (times log2(e)), hides masked keys; the row maxima go to `row_max` unless it is null.
-  void finish_scores(acc_t* out, int64_t ldo, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0,
-                     int64_t cols, acc_t* row_max) const {
+  // The columns a row's pass covers: the whole tile, or its product block's keys.
+  std::pair<int64_t, int64_t> row_span(const Sequence& s, int64_t i0, int64_t rows, int64_t j0, int64_t cols,
+                                       int64_t r, bool whole_rows) const {
+    if (whole_rows) return {0, cols};
+    const int64_t r0 = r / kMicroRows * kMicroRows;
+    return block_keys(s, i0, j0, cols, r0, std::min<int64_t>(kMicroRows, rows - r0));
+  }
+
+  // Turns products that already carry score_scale into scores (see scores()): softcap, ALiBi,
+  // the bias (natural units: added as it is), hides masked keys; the row maxima go to `row_max`
+  // unless it is null.
+  void finish_scores(acc_t* out, int64_t ldo, const Sequence& s, int64_t h, int64_t i0, int64_t rows, int64_t j0,
+                     int64_t cols, acc_t* row_max, bool whole_rows = true, acc_t* cap_grad = nullptr) const {
+    if (bias_is_float) {
+      finish_scores_with(static_cast<const float*>(bias_data), out, ldo, s, h, i0, rows, j0, cols, row_max,
+                         whole_rows, cap_grad);
+    } else {
+      finish_scores_with(static_cast<const scalar_t*>(bias_data), out, ldo, s, h, i0, rows, j0, cols, row_max,
+                         whole_rows, cap_grad);
+    }
+  }
+  template <typename bias_t>
+  void finish_scores_with(const bias_t* bias, acc_t* out, int64_t ldo, const Sequence& s, int64_t h, int64_t i0,
+                          int64_t rows, int64_t j0, int64_t cols, acc_t* row_max, bool whole_rows,
+                          acc_t* cap_grad) const {
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t i = i0 + r;
-      const scalar_t* brow =
-          bias_data == nullptr ? nullptr : bias_data + b * bias_s0 + h * bias_s1 + i * bias_s2 + j0 * bias_s3;
-      const acc_t m =
-          scale_bias_mask_max(out + r * ldo, cols, visible_keys(i, j0, cols), acc_t(1), brow, bias_s3, kLog2e);
+      const auto [span_begin, span_end] = row_span(s, i0, rows, j0, cols, r, whole_rows);
+      const auto [begin, end] = s.visible(i, j0, cols);
+      acc_t* row = out + r * ldo;
+      acc_t m;
+      if (!transforms_scores()) {
+        // The products are the scores (they carry the scale): -inf where hidden, and the max.
+        m = mask_row_max(row, span_begin, span_end, begin, end);
+      } else {
+        RowScoreOptions<acc_t, bias_t> o;
+        o.softcap = softcap;
+        if (alibi != nullptr) o.slope = static_cast<acc_t>(alibi[s.b * alibi_sb + h * alibi_sh]);
+        o.distance0 = i + s.offset - j0;
+        if (bias != nullptr) {
+          o.bias = bias + s.b * bias_s0 + h * bias_s1 + i * bias_s2 + j0 * bias_s3;
+          o.bias_stride = bias_s3;
+        }
+        acc_t* row_cap_grad = cap_grad == nullptr ? nullptr : cap_grad + r * ldo;
+        m = transform_scores_row(row + span_begin, span_end - span_begin, begin - span_begin, end - span_begin,
+                                 shifted(o, span_begin), row_cap_grad == nullptr ? nullptr : row_cap_grad + span_begin,
+                                 true);
+      }
       if (row_max != nullptr) row_max[r] = m;
     }
   }
+  template <typename bias_t>
+  static RowScoreOptions<acc_t, bias_t> shifted(RowScoreOptions<acc_t, bias_t> o, int64_t columns) {
+    o.distance0 -= columns;
+    if (o.bias != nullptr) o.bias += columns * o.bias_stride;
+    return o;
+  }
 
-  // Applies the dropout mask and 1/(1-p) scaling to a row of probabilities in place.
-  void dropout_row(acc_t* row, int64_t b, int64_t h, int64_t i, int64_t j0, int64_t cols) const {
+  // Applies the dropout mask and 1/(1-p) scaling to keys [j0, j0 + cols) of a row of
+  // probabilities in place.
+  void dropout_row(acc_t* row, const Sequence& s, int64_t h, int64_t i, int64_t j0, int64_t cols) const {
     const acc_t keep_scale = p.dropout_p < 1.0 ? acc_t(1.0 / (1.0 - p.dropout_p)) : acc_t(0);
-    const uint64_t base = ((static_cast<uint64_t>(b) * p.heads + h) * p.q_len + i) * p.kv_len + j0;
+    const uint64_t base = ((static_cast<uint64_t>(s.b) * p.heads + h) * p.q_len + i) * p.kv_len + j0;
     for (int64_t c = 0; c < cols; ++c) {
       row[c] = dropout_keep(p.dropout_seed, base + c, keep_threshold) ? row[c] * keep_scale : acc_t(0);
     }
   }
 
-  // Turns a row of scores into probabilities 2^(s - log2(e) lse) = exp(natural score - lse)
-  // (all zero when lse = -inf).
-  static void probabilities_row(acc_t* s, int64_t cols, acc_t lse) {
+  // Turns a row of scores into probabilities exp(natural score - lse) (all zero when lse = -inf),
+  // times `normalizer` (see lse_normalizers).
+  void probabilities_row(acc_t* s, int64_t cols, acc_t lse, acc_t normalizer = acc_t(1)) const {
     if (lse == -std::numeric_limits<acc_t>::infinity()) {
       std::fill(s, s + cols, acc_t(0));
     } else {
-      exp2_and_sum(s, cols, lse * kLog2e);
+      exp2_and_sum(s, cols, lse_shift(lse), log2_per_unit);
+      if (normalizer != acc_t(1)) scale_row(s, cols, normalizer);
     }
   }
 };
+
+// Ops that rebuild probabilities from a logsumexp (the backward, attention_weights) take
+// exp(s - lse), which needs lse to the precision of the scores' differences. A row whose scores
+// are all huge (a row masked with torch.finfo(dtype).min on every key: its softmax is over equal
+// finite scores, the mean of V) has lse = max + log(sum) rounded to max: the log of the row sum is
+// lost and every probability comes out as 1. Those rows, where lse's rounding step exceeds 2^-10
+// (|lse| >= 2^13 in float32), get their row sum recomputed: this returns one multiplier per row
+// of `layout` (indexed by layout.row), 1 / sum_j exp(s_ij - lse_i), 1 for every other row, or an
+// undefined tensor when no row needs one (the usual case: one pass over the logsumexp). The
+// scores are computed as the forward computes them.
+template <typename scalar_t>
+at::Tensor lse_normalizers(const TileContext<scalar_t>& ctx, const SequenceLayout& layout,
+                           const at::opmath_type<scalar_t>* lse) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const AttentionParams& p = ctx.p;
+  const acc_t large = acc_t(1.0 / 1024) / std::numeric_limits<acc_t>::epsilon();
+  struct Row {
+    int64_t b, h, i;
+  };
+  std::vector<Row> rows;
+  for (int64_t b = 0; b < layout.count(); ++b) {
+    const Sequence s = layout[b];
+    for (int64_t h = 0; h < p.heads; ++h) {
+      for (int64_t i = 0; i < s.q_len; ++i) {
+        const acc_t x = lse[layout.row(s, h, i)];
+        if (std::isfinite(x) && std::abs(x) >= large) rows.push_back({b, h, i});
+      }
+    }
+  }
+  if (rows.empty()) return at::Tensor();
+  at::Tensor normalizers = at::ones({layout.rows()}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  acc_t* out = normalizers.data_ptr<acc_t>();
+  const int64_t D = p.head_dim, BK = kForwardKeyBlock;
+  at::parallel_for(0, static_cast<int64_t>(rows.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> qs(D), k_rows(BK * D), scores(padded_to_panels<acc_t>(BK));
+    for (int64_t n = begin; n < end; ++n) {
+      const Sequence s = layout[rows[n].b];
+      const int64_t h = rows[n].h, i = rows[n].i, row = layout.row(s, h, i);
+      scaled_rows(ctx.q, s.tb, h, s.q0 + i, 1, D, ctx.score_scale, qs.data());
+      acc_t sum = 0, err = 0;
+      const int64_t j_end = s.key_end(i);
+      for (int64_t j0 = s.key_begin(i) / BK * BK; j0 < j_end; j0 += BK) {
+        const int64_t cols = std::min(BK, j_end - j0);
+        int64_t ldk = 0;
+        const acc_t* kt = tile_rows<acc_t>(ctx.k, s.tb, h / ctx.group, s.k0 + j0, cols, D, k_rows.data(), ldk);
+        gemm_nt_dots<acc_t>(1, cols, D, qs.data(), D, kt, ldk, scores.data(), cols);
+        ctx.finish_scores(scores.data(), cols, s, h, i, 1, j0, cols, nullptr);
+        add_compensated(sum, err, exp2_and_sum(scores.data(), cols, ctx.lse_shift(lse[row]), ctx.log2_per_unit));
+      }
+      out[row] = acc_t(1) / (sum + err);
+    }
+  });
+  return normalizers;
+}
 
 }  // namespace CPU_CAPABILITY
 }  // namespace qkv

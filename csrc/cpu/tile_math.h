@@ -24,54 +24,76 @@ inline namespace CPU_CAPABILITY {
 // 2^f on [-1/2, 1/2] (relative error 1.8e-7, fitted here); exactly 0 below -126 and at -inf
 // (masked keys); NaN stays NaN. The portable build uses std::exp2.
 
-// x = 2^(x - shift) in place; returns the sum. 2^-inf = 0 covers masked entries.
+// x = 2^((x - shift) * mul) in place; returns the sum. 2^-inf = 0 covers masked entries.
+// `mul` is 1 for scores in log2 units and log2(e) for scores in natural units (tile_context.h):
+// subtracting before scaling keeps large finite scores finite.
 template <typename acc_t>
-acc_t exp2_and_sum(acc_t* x, int64_t n, acc_t shift) {
+acc_t exp2_and_sum(acc_t* x, int64_t n, acc_t shift, acc_t mul = acc_t(1)) {
   acc_t sum = 0;
-  int64_t i = 0;
-  if constexpr (std::is_same_v<acc_t, float>) {
-    using R = Simd<float>;
-    constexpr int64_t V = R::width;
-    const typename R::reg vshift = R::set1(shift);
-    typename R::reg sum0 = R::zero(), sum1 = R::zero();  // two chains hide the add latency
-    for (; i + 2 * V <= n; i += 2 * V) {
-      const typename R::reg e0 = R::exp2_nonpositive(R::sub(R::load(x + i), vshift));
-      const typename R::reg e1 = R::exp2_nonpositive(R::sub(R::load(x + i + V), vshift));
-      R::store(x + i, e0);
-      R::store(x + i + V, e1);
-      sum0 = R::add(sum0, e0);
-      sum1 = R::add(sum1, e1);
-    }
-    for (; i + V <= n; i += V) {
-      const typename R::reg e = R::exp2_nonpositive(R::sub(R::load(x + i), vshift));
-      R::store(x + i, e);
-      sum0 = R::add(sum0, e);
-    }
-    sum = R::reduce_add(R::add(sum0, sum1));
-  }
-  for (; i < n; ++i) {
-    x[i] = std::exp2(x[i] - shift);
+  for (int64_t i = 0; i < n; ++i) {
+    x[i] = std::exp2((x[i] - shift) * mul);
     sum += x[i];
   }
   return sum;
 }
 
-// dst = 2^(x - shift) (accumulate: dst += ...): a row of probabilities written or added to a sum
-// without a pass over a temporary row.
+namespace detail {
+// exp2_and_sum for float32; kScaled: mul != 1 (scores in natural units), else the multiply is skipped.
+template <bool kScaled>
+inline float exp2_and_sum_simd(float* x, int64_t n, float shift, float mul) {
+  using R = Simd<float>;
+  constexpr int64_t V = R::width;
+  const typename R::reg vshift = R::set1(shift), vmul = R::set1(mul);
+  const auto exponent = [&](const float* p) {
+    const typename R::reg d = R::sub(R::load(p), vshift);
+    return kScaled ? R::mul(d, vmul) : d;
+  };
+  typename R::reg sum0 = R::zero(), sum1 = R::zero();  // two chains hide the add latency
+  int64_t i = 0;
+  for (; i + 2 * V <= n; i += 2 * V) {
+    const typename R::reg e0 = R::exp2_nonpositive(exponent(x + i));
+    const typename R::reg e1 = R::exp2_nonpositive(exponent(x + i + V));
+    R::store(x + i, e0);
+    R::store(x + i + V, e1);
+    sum0 = R::add(sum0, e0);
+    sum1 = R::add(sum1, e1);
+  }
+  for (; i + V <= n; i += V) {
+    const typename R::reg e = R::exp2_nonpositive(exponent(x + i));
+    R::store(x + i, e);
+    sum0 = R::add(sum0, e);
+  }
+  float sum = R::reduce_add(R::add(sum0, sum1));
+  for (; i < n; ++i) {
+    x[i] = std::exp2((x[i] - shift) * mul);
+    sum += x[i];
+  }
+  return sum;
+}
+}  // namespace detail
+
+template <>
+inline float exp2_and_sum<float>(float* x, int64_t n, float shift, float mul) {
+  return mul == 1.f ? detail::exp2_and_sum_simd<false>(x, n, shift, mul)
+                    : detail::exp2_and_sum_simd<true>(x, n, shift, mul);
+}
+
+// dst = 2^((x - shift) * mul) (accumulate: dst += ...): a row of probabilities written or added
+// to a sum without a pass over a temporary row. `mul` as in exp2_and_sum.
 template <typename acc_t>
-void exp2_into(acc_t* dst, const acc_t* x, int64_t n, acc_t shift, bool accumulate) {
+void exp2_into(acc_t* dst, const acc_t* x, int64_t n, acc_t shift, acc_t mul, bool accumulate) {
   int64_t i = 0;
   if constexpr (std::is_same_v<acc_t, float>) {
     using R = Simd<float>;
-    const typename R::reg vshift = R::set1(shift);
+    const typename R::reg vshift = R::set1(shift), vmul = R::set1(mul);
     for (; i + R::width <= n; i += R::width) {
-      typename R::reg e = R::exp2_nonpositive(R::sub(R::load(x + i), vshift));
+      typename R::reg e = R::exp2_nonpositive(R::mul(R::sub(R::load(x + i), vshift), vmul));
       if (accumulate) e = R::add(e, R::load(dst + i));
       R::store(dst + i, e);
     }
   }
   for (; i < n; ++i) {
-    const acc_t e = std::exp2(x[i] - shift);
+    const acc_t e = std::exp2((x[i] - shift) * mul);
     dst[i] = accumulate ? dst[i] + e : e;
   }
 }

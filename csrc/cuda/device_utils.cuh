@@ -98,6 +98,32 @@ __device__ __forceinline__ acc_t warp_sum(acc_t v) {
   return v;
 }
 
+// (sum, err) += x with Kahan's compensation: err is the part of the true sum that sum could not
+// hold, carried into the next addition (sum + err is the value). For sums of many partials (a row
+// over every key tile), whose plain float error grows with their count. As csrc/cpu/compensated_sum.h.
+template <typename acc_t>
+__device__ __forceinline__ void add_compensated(acc_t& sum, acc_t& err, acc_t x) {
+  const acc_t y = x + err;
+  const acc_t t = sum + y;
+  err = y - (t - sum);
+  sum = t;
+}
+
+// Whether a row's logsumexp is large enough that its rounding step exceeds 2^-10 (|lse| >= 2^13
+// in float32, 2^42 in float64; finite rows only): exp(s - lse) then needs the row's normalizer
+// (kernel_params.h, LseNormalizerArgs).
+__device__ __forceinline__ bool lse_needs_normalizer(float lse) { return fabsf(lse) >= 8192.f && lse - lse == 0.f; }
+__device__ __forceinline__ bool lse_needs_normalizer(double lse) {
+  return fabs(lse) >= 4398046511104.0 && lse - lse == 0.0;
+}
+
+// The factor that probability exp(s - lse) of row `row` ((b * H + h) * L + i) is multiplied by:
+// 1 without normalizers.
+template <typename acc_t>
+__device__ __forceinline__ acc_t lse_normalizer_at(const void* normalizers, int64_t row) {
+  return normalizers == nullptr ? acc_t(1) : static_cast<const acc_t*>(normalizers)[row];
+}
+
 // Dropout replay, identical to the CPU kernels: index over the logical (B, H, L, S) grid.
 __device__ __forceinline__ uint64_t dropout_index(const ProblemShape& p, int64_t bh, int64_t i, int64_t j) {
   return (static_cast<uint64_t>(bh) * static_cast<uint64_t>(p.q_len) + static_cast<uint64_t>(i)) *

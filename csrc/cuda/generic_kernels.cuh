@@ -79,14 +79,16 @@ __global__ void __launch_bounds__(kThreads) generic_forward_kernel(const Forward
 
   load_tile(q_tile, D, q, args.q.s2, args.q.s3, i0, BQ, p.q_len, D, static_cast<acc_t>(p.scale));
 
-  acc_t o[ROWS][KC];
-  acc_t row_max[ROWS], row_sum[ROWS];  // row_sum: this lane's share, reduced at the end
+  // P V and the row sums over every key, as compensated sums of per-tile partials (o + o_err,
+  // row_sum + row_sum_err): their error does not grow with the key count.
+  acc_t o[ROWS][KC], o_err[ROWS][KC];
+  acc_t row_max[ROWS], row_sum[ROWS], row_sum_err[ROWS];  // row sums: this lane's share, reduced at the end
 #pragma unroll
   for (int rr = 0; rr < ROWS; ++rr) {
     row_max[rr] = neg_inf;
-    row_sum[rr] = acc_t(0);
+    row_sum[rr] = row_sum_err[rr] = acc_t(0);
 #pragma unroll
-    for (int kc = 0; kc < KC; ++kc) o[rr][kc] = acc_t(0);
+    for (int kc = 0; kc < KC; ++kc) o[rr][kc] = o_err[rr][kc] = acc_t(0);
   }
 
   const int64_t rows_end = i0 + BQ < p.q_len ? i0 + BQ : p.q_len;
@@ -120,9 +122,14 @@ __global__ void __launch_bounds__(kThreads) generic_forward_kernel(const Forward
       if (new_max != neg_inf) {  // warp-uniform: nothing visible yet means nothing to rescale
         const acc_t correction = exp_acc(row_max[rr] - new_max);
         prob = exp_acc(x - new_max);
-        row_sum[rr] = row_sum[rr] * correction + prob;
+        row_sum[rr] *= correction;
+        row_sum_err[rr] *= correction;
+        add_compensated(row_sum[rr], row_sum_err[rr], prob);
 #pragma unroll
-        for (int kc = 0; kc < KC; ++kc) o[rr][kc] *= correction;
+        for (int kc = 0; kc < KC; ++kc) {
+          o[rr][kc] *= correction;
+          o_err[rr][kc] *= correction;
+        }
         row_max[rr] = new_max;
       }
       if (dropout && prob != acc_t(0)) {
@@ -136,20 +143,21 @@ __global__ void __launch_bounds__(kThreads) generic_forward_kernel(const Forward
     load_tile(kv_tile, ldv, v, args.v.s2, args.v.s3, j0, kKeyTile, j0 + cols, Dv, acc_t(1));
     __syncthreads();
 
+    // This tile's P V, one column of the head dim at a time, into the compensated sums.
     const acc_t* probs = p_tile + warp * ROWS * kKeyTile;
-    for (int c = 0; c < cols; ++c) {
-      acc_t vv[KC];
 #pragma unroll
-      for (int kc = 0; kc < KC; ++kc) {
-        const int col = lane + kc * kWarpSize;
-        vv[kc] = col < Dv ? kv_tile[c * ldv + col] : acc_t(0);
+    for (int kc = 0; kc < KC; ++kc) {
+      const int col = lane + kc * kWarpSize;
+      acc_t part[ROWS];
+#pragma unroll
+      for (int rr = 0; rr < ROWS; ++rr) part[rr] = acc_t(0);
+      for (int c = 0; c < cols; ++c) {
+        const acc_t vv = col < Dv ? kv_tile[c * ldv + col] : acc_t(0);
+#pragma unroll
+        for (int rr = 0; rr < ROWS; ++rr) part[rr] += probs[rr * kKeyTile + c] * vv;
       }
 #pragma unroll
-      for (int rr = 0; rr < ROWS; ++rr) {
-        const acc_t pr = probs[rr * kKeyTile + c];
-#pragma unroll
-        for (int kc = 0; kc < KC; ++kc) o[rr][kc] += pr * vv[kc];
-      }
+      for (int rr = 0; rr < ROWS; ++rr) add_compensated(o[rr][kc], o_err[rr][kc], part[rr]);
     }
   }
 
@@ -157,7 +165,7 @@ __global__ void __launch_bounds__(kThreads) generic_forward_kernel(const Forward
   acc_t* lse = static_cast<acc_t*>(args.lse) + bh * p.q_len;
 #pragma unroll
   for (int rr = 0; rr < ROWS; ++rr) {
-    const acc_t total = warp_sum(row_sum[rr]);
+    const acc_t total = warp_sum(row_sum[rr] + row_sum_err[rr]);
     const int64_t i = i0 + warp * ROWS + rr;
     if (i < p.q_len) {
       const acc_t inv = total == acc_t(0) ? acc_t(0) : acc_t(1) / total;  // no visible key: output 0
@@ -165,10 +173,88 @@ __global__ void __launch_bounds__(kThreads) generic_forward_kernel(const Forward
 #pragma unroll
       for (int kc = 0; kc < KC; ++kc) {
         const int col = lane + kc * kWarpSize;
-        if (col < Dv) store_acc(out_row + col * args.out.s3, o[rr][kc] * inv);
+        if (col < Dv) store_acc(out_row + col * args.out.s3, (o[rr][kc] + o_err[rr][kc]) * inv);
       }
       if (lane == 0) lse[i] = total == acc_t(0) ? neg_inf : row_max[rr] + log_acc(total);
     }
+  }
+}
+
+// ---- logsumexp normalizers (kernel_params.h, LseNormalizerArgs) -------------------------------
+
+// One block per (b, h, BQ query rows), as the weights kernel. A block whose rows all have ordinary
+// logsumexps (the usual case) writes 1s and leaves; otherwise its rows' sums of exp(s - lse) are
+// recomputed over every key they see.
+template <typename T, int ROWS>
+__global__ void __launch_bounds__(kThreads) generic_lse_normalizer_kernel(const LseNormalizerArgs args) {
+  using acc_t = typename AccumulatorOf<T>::type;
+  constexpr int BQ = kWarps * ROWS;
+  const ProblemShape& p = args.shape;
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int64_t q_tiles = ceil_div(p.q_len, BQ);
+  const int64_t bh = static_cast<int64_t>(blockIdx.x) / q_tiles;
+  const int64_t i0 = (static_cast<int64_t>(blockIdx.x) % q_tiles) * BQ;
+  const acc_t* lse = static_cast<const acc_t*>(args.lse) + bh * p.q_len;
+  acc_t* out = static_cast<acc_t*>(args.normalizer) + bh * p.q_len;
+  bool any = false;  // block-uniform: every thread reads the same rows
+  for (int r = 0; r < BQ; ++r) any = any || (i0 + r < p.q_len && lse_needs_normalizer(lse[i0 + r]));
+  if (!any) {
+    for (int r = threadIdx.x; r < BQ; r += kThreads) {
+      if (i0 + r < p.q_len) out[i0 + r] = acc_t(1);
+    }
+    return;
+  }
+
+  const int D = static_cast<int>(p.head_dim), ldk = D + 1;
+  QKV_DYNAMIC_SHARED_MEMORY(smem_bytes);
+  acc_t* q_tile = reinterpret_cast<acc_t*>(smem_bytes);  // BQ x D, pre-scaled
+  acc_t* k_tile = q_tile + BQ * D;                       // 32 x (D + 1)
+  const int64_t b = bh / p.heads, h = bh % p.heads;
+  const T* q = static_cast<const T*>(args.q.data) + b * args.q.s0 + h * args.q.s1;
+  const T* k = static_cast<const T*>(args.k.data) + b * args.k.s0 + h * args.k.s1;
+  const MaskInfo mask = mask_of(p);
+  const bool has_bias = args.bias.data != nullptr;
+  load_tile(q_tile, D, q, args.q.s2, args.q.s3, i0, BQ, p.q_len, D, static_cast<acc_t>(p.scale));
+  acc_t row_lse[ROWS], sum[ROWS], err[ROWS];
+  bool needed[ROWS];
+#pragma unroll
+  for (int rr = 0; rr < ROWS; ++rr) {
+    const int64_t i = i0 + warp * ROWS + rr;
+    row_lse[rr] = i < p.q_len ? lse[i] : acc_t(0);
+    needed[rr] = i < p.q_len && lse_needs_normalizer(row_lse[rr]);
+    sum[rr] = err[rr] = acc_t(0);
+  }
+  const int64_t rows_end = i0 + BQ < p.q_len ? i0 + BQ : p.q_len;
+  const int64_t key_end = key_end_for_rows(p, rows_end);
+  for (int64_t j0 = 0; j0 < key_end; j0 += kKeyTile) {
+    const int cols = static_cast<int>(key_end - j0 < kKeyTile ? key_end - j0 : kKeyTile);
+    __syncthreads();
+    load_tile(k_tile, ldk, k, args.k.s2, args.k.s3, j0, kKeyTile, j0 + cols, D, acc_t(1));
+    __syncthreads();
+    acc_t s[ROWS];
+#pragma unroll
+    for (int rr = 0; rr < ROWS; ++rr) s[rr] = acc_t(0);
+    const acc_t* key_row = k_tile + lane * ldk;
+    for (int d = 0; d < D; ++d) {
+      const acc_t kd = key_row[d];
+#pragma unroll
+      for (int rr = 0; rr < ROWS; ++rr) s[rr] += q_tile[(warp * ROWS + rr) * D + d] * kd;
+    }
+    const int64_t j = j0 + lane;
+#pragma unroll
+    for (int rr = 0; rr < ROWS; ++rr) {
+      const int64_t i = i0 + warp * ROWS + rr;
+      if (!needed[rr] || lane >= cols || !mask.visible(i, j)) continue;
+      acc_t x = s[rr];
+      if (has_bias) x += bias_at<acc_t, T>(args.bias, b, h, i, j);
+      add_compensated(sum[rr], err[rr], exp_acc(x - row_lse[rr]));
+    }
+  }
+#pragma unroll
+  for (int rr = 0; rr < ROWS; ++rr) {
+    const acc_t total = warp_sum(sum[rr] + err[rr]);
+    const int64_t i = i0 + warp * ROWS + rr;
+    if (lane == 0 && i < p.q_len) out[i] = needed[rr] && total > acc_t(0) ? acc_t(1) / total : acc_t(1);
   }
 }
 
@@ -200,11 +286,12 @@ __global__ void __launch_bounds__(kThreads) generic_weights_kernel(const Weights
   T* weights = static_cast<T*>(args.weights) + bh * p.q_len * p.kv_len;
 
   load_tile(q_tile, D, q, args.q.s2, args.q.s3, i0, BQ, p.q_len, D, static_cast<acc_t>(p.scale));
-  acc_t row_lse[ROWS];
+  acc_t row_lse[ROWS], row_norm[ROWS];
 #pragma unroll
   for (int rr = 0; rr < ROWS; ++rr) {
     const int64_t i = i0 + warp * ROWS + rr;
     row_lse[rr] = i < p.q_len ? lse[i] : neg_inf;
+    row_norm[rr] = i < p.q_len ? lse_normalizer_at<acc_t>(args.lse_normalizer, bh * p.q_len + i) : acc_t(1);
   }
 
   for (int64_t j0 = 0; j0 < p.kv_len; j0 += kKeyTile) {
@@ -230,7 +317,7 @@ __global__ void __launch_bounds__(kThreads) generic_weights_kernel(const Weights
       if (mask.visible(i, j) && row_lse[rr] != neg_inf) {
         acc_t x = s[rr];
         if (has_bias) x += bias_at<acc_t, T>(args.bias, b, h, i, j);
-        prob = exp_acc(x - row_lse[rr]);
+        prob = exp_acc(x - row_lse[rr]) * row_norm[rr];
       }
       if (dropout && prob != acc_t(0)) {
         prob = dropout_keep(p.dropout_seed, dropout_index(p, bh, i, j), p.keep_threshold) ? prob * keep_scale
@@ -262,6 +349,26 @@ __global__ void __launch_bounds__(kThreads) generic_delta_kernel(const BackwardA
   sum = warp_sum(sum);
   if (lane == 0) static_cast<acc_t*>(args.delta)[row] = sum;
 }
+
+// The gradient of a bias with one key column (broadcast over keys): it shifts every score of a
+// row alike, which the softmax ignores, so sum_j dS_ij = sum_j P dP - delta sum_j P is zero in
+// exact arithmetic. Summing dS would add up the error of delta (from the rounded output: 2^-11
+// relative in float16) times every key. As in the CPU kernel, delta is taken from the same
+// numbers, as the P-weighted mean of dP, and the two terms cancel down to their rounding. Per
+// lane, compensated over the key tiles; gradient() reduces over the warp (every lane must call it).
+template <typename acc_t>
+struct RowShiftSums {
+  acc_t p_dp = acc_t(0), p_dp_err = acc_t(0), p_sum = acc_t(0), p_sum_err = acc_t(0);
+  __device__ __forceinline__ void add(acc_t prob, acc_t dp) {
+    add_compensated(p_dp, p_dp_err, prob * dp);
+    add_compensated(p_sum, p_sum_err, prob);
+  }
+  __device__ __forceinline__ acc_t gradient() const {
+    const acc_t total_p_dp = warp_sum(p_dp + p_dp_err), total_p = warp_sum(p_sum + p_sum_err);
+    const acc_t delta = total_p == acc_t(0) ? acc_t(0) : total_p_dp / total_p;  // a row that sees no key: 0
+    return total_p_dp - delta * total_p;
+  }
+};
 
 // dQ = scale * sum_j dS_ij K_j, one block per (b, h, query tile), streaming key tiles.
 template <typename T, int KC, int ROWS>
@@ -296,11 +403,15 @@ __global__ void __launch_bounds__(kThreads) generic_grad_query_kernel(const Back
 
   load_tile(q_tile, D, q, args.q.s2, args.q.s3, i0, BQ, p.q_len, D, static_cast<acc_t>(p.scale));
   load_tile(do_tile, Dv, dout, args.grad_out.s2, args.grad_out.s3, i0, BQ, p.q_len, Dv, acc_t(1));
-  acc_t row_lse[ROWS], row_delta[ROWS], dq[ROWS][KC];
+  acc_t row_lse[ROWS], row_norm[ROWS], row_delta[ROWS], dq[ROWS][KC];
+  // A bias with one key column gets its gradient from row sums here (see the end), not from dS.
+  const bool bias_shifts_rows = args.grad_bias != nullptr && (args.grad_bias_s3 == 0 || p.kv_len == 1);
+  RowShiftSums<acc_t> shift_sums[ROWS];
 #pragma unroll
   for (int rr = 0; rr < ROWS; ++rr) {
     const int64_t i = i0 + warp * ROWS + rr;
     row_lse[rr] = i < p.q_len ? lse[i] : neg_inf;
+    row_norm[rr] = i < p.q_len ? lse_normalizer_at<acc_t>(args.lse_normalizer, bh * p.q_len + i) : acc_t(1);
     row_delta[rr] = i < p.q_len ? delta[i] : acc_t(0);
 #pragma unroll
     for (int kc = 0; kc < KC; ++kc) dq[rr][kc] = acc_t(0);
@@ -349,32 +460,44 @@ __global__ void __launch_bounds__(kThreads) generic_grad_query_kernel(const Back
       if (lane < cols && mask.visible(i, j) && row_lse[rr] != neg_inf) {
         acc_t x = s[rr];
         if (has_bias) x += bias_at<acc_t, T>(args.bias, b, h, i, j);
-        const acc_t prob = exp_acc(x - row_lse[rr]);
+        const acc_t prob = exp_acc(x - row_lse[rr]) * row_norm[rr];
         acc_t dpr = dp[rr];
         if (dropout) {
           dpr = dropout_keep(p.dropout_seed, dropout_index(p, bh, i, j), p.keep_threshold) ? dpr * keep_scale
                                                                                          : acc_t(0);
         }
         ds = prob * (dpr - row_delta[rr]);
+        if (bias_shifts_rows) shift_sums[rr].add(prob, dpr);
       }
       ds_tile[(warp * ROWS + rr) * kKeyTile + lane] = ds;
     }
     __syncwarp();  // each warp reads back only its own rows of ds_tile
 
+    // dQ += dS K, this tile's partial first (a sum over tiles, not over single keys).
     const acc_t* ds_rows = ds_tile + warp * ROWS * kKeyTile;
-    for (int c = 0; c < cols; ++c) {
-      acc_t kv[KC];
 #pragma unroll
-      for (int kc = 0; kc < KC; ++kc) {
-        const int col = lane + kc * kWarpSize;
-        kv[kc] = col < D ? kv_tile[c * ldk + col] : acc_t(0);
+    for (int kc = 0; kc < KC; ++kc) {
+      const int col = lane + kc * kWarpSize;
+      acc_t part[ROWS];
+#pragma unroll
+      for (int rr = 0; rr < ROWS; ++rr) part[rr] = acc_t(0);
+      for (int c = 0; c < cols; ++c) {
+        const acc_t kv = col < D ? kv_tile[c * ldk + col] : acc_t(0);
+#pragma unroll
+        for (int rr = 0; rr < ROWS; ++rr) part[rr] += ds_rows[rr * kKeyTile + c] * kv;
       }
 #pragma unroll
-      for (int rr = 0; rr < ROWS; ++rr) {
-        const acc_t dsr = ds_rows[rr * kKeyTile + c];
+      for (int rr = 0; rr < ROWS; ++rr) dq[rr][kc] += part[rr];
+    }
+  }
+
+  if (bias_shifts_rows) {
+    acc_t* grad_bias = static_cast<acc_t*>(args.grad_bias) + b * args.grad_bias_s0 + h * args.grad_bias_s1;
 #pragma unroll
-        for (int kc = 0; kc < KC; ++kc) dq[rr][kc] += dsr * kv[kc];
-      }
+    for (int rr = 0; rr < ROWS; ++rr) {
+      const acc_t g = shift_sums[rr].gradient();  // every lane takes part in the warp sums
+      const int64_t i = i0 + warp * ROWS + rr;
+      if (lane == 0 && i < p.q_len && g != acc_t(0)) atomicAdd(grad_bias + i * args.grad_bias_s2, g);
     }
   }
 
@@ -426,8 +549,11 @@ __global__ void __launch_bounds__(kThreads) generic_grad_key_value_kernel(const 
   const acc_t neg_inf = negative_infinity<acc_t>();
   const acc_t* lse = static_cast<const acc_t*>(args.lse) + bh * p.q_len;
   const acc_t* delta = static_cast<const acc_t*>(args.delta) + bh * p.q_len;
-  acc_t* grad_bias = static_cast<acc_t*>(args.grad_bias);
-  const bool bias_rows_broadcast = args.grad_bias_s2 == 0, bias_keys_broadcast = args.grad_bias_s3 == 0;
+  // A bias with one key column gets its gradient in the dQ kernel (RowShiftSums); here only
+  // biases with a column per key.
+  const bool bias_shifts_rows = args.grad_bias_s3 == 0 || p.kv_len == 1;
+  acc_t* grad_bias = bias_shifts_rows ? nullptr : static_cast<acc_t*>(args.grad_bias);
+  const bool bias_rows_broadcast = args.grad_bias_s2 == 0;
   acc_t* grad_bias_bh = grad_bias == nullptr ? nullptr : grad_bias + b * args.grad_bias_s0 + h * args.grad_bias_s1;
 
   load_tile(k_tile, D, k, args.k.s2, args.k.s3, j0, BKV, p.kv_len, D, acc_t(1));
@@ -451,6 +577,7 @@ __global__ void __launch_bounds__(kThreads) generic_grad_key_value_kernel(const 
     const int64_t i = qi0 + lane;
     const bool row_valid = lane < rows;
     const acc_t lse_i = row_valid ? lse[i] : neg_inf;
+    const acc_t norm_i = row_valid ? lse_normalizer_at<acc_t>(args.lse_normalizer, bh * p.q_len + i) : acc_t(1);
     const acc_t delta_i = row_valid ? delta[i] : acc_t(0);
 
     acc_t s[ROWS], dp[ROWS];
@@ -467,7 +594,6 @@ __global__ void __launch_bounds__(kThreads) generic_grad_key_value_kernel(const 
       for (int rr = 0; rr < ROWS; ++rr) dp[rr] += od * v_tile[(warp * ROWS + rr) * Dv + d];
     }
 
-    acc_t bias_row_sum = acc_t(0);
 #pragma unroll
     for (int rr = 0; rr < ROWS; ++rr) {
       const int c = warp * ROWS + rr;
@@ -476,7 +602,7 @@ __global__ void __launch_bounds__(kThreads) generic_grad_key_value_kernel(const 
       if (row_valid && mask.visible(i, j) && lse_i != neg_inf) {
         acc_t x = s[rr];
         if (has_bias) x += bias_at<acc_t, T>(args.bias, b, h, i, j);
-        prob = exp_acc(x - lse_i);
+        prob = exp_acc(x - lse_i) * norm_i;
         acc_t dpr = dp[rr];
         prob_dropped = prob;
         if (dropout) {
@@ -491,42 +617,41 @@ __global__ void __launch_bounds__(kThreads) generic_grad_key_value_kernel(const 
       if (grad_bias != nullptr) {
         if (bias_rows_broadcast) {
           bias_col[rr] += warp_sum(ds);  // warp-uniform branch: every lane takes part
-        } else if (bias_keys_broadcast) {
-          bias_row_sum += ds;
         } else if (ds != acc_t(0)) {
           atomicAdd(grad_bias_bh + i * args.grad_bias_s2 + j * args.grad_bias_s3, ds);
         }
       }
     }
-    if (grad_bias != nullptr && !bias_rows_broadcast && bias_keys_broadcast && bias_row_sum != acc_t(0)) {
-      atomicAdd(grad_bias_bh + i * args.grad_bias_s2, bias_row_sum);
-    }
     __syncwarp();  // each warp reads back only its own keys' rows of pt/dst
 
-    for (int r = 0; r < rows; ++r) {
-      acc_t dov[KC], qv[KC];
+    // dV += P'^T dO and dK += dS^T Q, this tile's partials first (a sum over tiles, not over
+    // single queries).
 #pragma unroll
-      for (int kc = 0; kc < KC; ++kc) {
-        const int col = lane + kc * kWarpSize;
-        dov[kc] = col < Dv ? do_tile[r * lddo + col] : acc_t(0);
-        qv[kc] = col < D ? q_tile[r * ldq + col] : acc_t(0);
+    for (int kc = 0; kc < KC; ++kc) {
+      const int col = lane + kc * kWarpSize;
+      acc_t part_v[ROWS], part_k[ROWS];
+#pragma unroll
+      for (int rr = 0; rr < ROWS; ++rr) part_v[rr] = part_k[rr] = acc_t(0);
+      for (int r = 0; r < rows; ++r) {
+        const acc_t dov = col < Dv ? do_tile[r * lddo + col] : acc_t(0);
+        const acc_t qv = col < D ? q_tile[r * ldq + col] : acc_t(0);
+#pragma unroll
+        for (int rr = 0; rr < ROWS; ++rr) {
+          const int c = warp * ROWS + rr;
+          part_v[rr] += pt_tile[c * kQueryTile + r] * dov;
+          part_k[rr] += dst_tile[c * kQueryTile + r] * qv;
+        }
       }
 #pragma unroll
       for (int rr = 0; rr < ROWS; ++rr) {
-        const int c = warp * ROWS + rr;
-        const acc_t pr = pt_tile[c * kQueryTile + r], dsr = dst_tile[c * kQueryTile + r];
-#pragma unroll
-        for (int kc = 0; kc < KC; ++kc) {
-          dv[rr][kc] += pr * dov[kc];
-          dk[rr][kc] += dsr * qv[kc];
-        }
+        dv[rr][kc] += part_v[rr];
+        dk[rr][kc] += part_k[rr];
       }
     }
   }
 
   T* grad_k = static_cast<T*>(args.grad_k.data) + b * args.grad_k.s0 + h * args.grad_k.s1;
   T* grad_v = static_cast<T*>(args.grad_v.data) + b * args.grad_v.s0 + h * args.grad_v.s1;
-  acc_t bias_all = acc_t(0);
 #pragma unroll
   for (int rr = 0; rr < ROWS; ++rr) {
     const int64_t j = j0 + warp * ROWS + rr;
@@ -537,16 +662,9 @@ __global__ void __launch_bounds__(kThreads) generic_grad_key_value_kernel(const 
       if (col < D) store_acc(grad_k + j * args.grad_k.s2 + col * args.grad_k.s3, dk[rr][kc]);
       if (col < Dv) store_acc(grad_v + j * args.grad_v.s2 + col * args.grad_v.s3, dv[rr][kc]);
     }
-    if (grad_bias != nullptr && bias_rows_broadcast) {
-      if (bias_keys_broadcast) {
-        bias_all += bias_col[rr];
-      } else if (lane == 0 && bias_col[rr] != acc_t(0)) {
-        atomicAdd(grad_bias_bh + j * args.grad_bias_s3, bias_col[rr]);
-      }
+    if (grad_bias != nullptr && bias_rows_broadcast && lane == 0 && bias_col[rr] != acc_t(0)) {
+      atomicAdd(grad_bias_bh + j * args.grad_bias_s3, bias_col[rr]);
     }
-  }
-  if (grad_bias != nullptr && bias_rows_broadcast && bias_keys_broadcast && lane == 0 && bias_all != acc_t(0)) {
-    atomicAdd(grad_bias_bh, bias_all);
   }
 }
 

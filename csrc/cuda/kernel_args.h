@@ -30,7 +30,15 @@ inline MutableView4 mutable_view(const at::Tensor& t) {
   return MutableView4{t.data_ptr(), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
 }
 
-inline ConstView4 optional_view(const at::Tensor& t) { return t.defined() ? const_view(t) : ConstView4{}; }
+// The expanded bias (or none, when undefined), in the input dtype or float32.
+inline BiasView bias_view(const at::Tensor& expanded_bias) {
+  BiasView view;
+  if (expanded_bias.defined()) {
+    static_cast<ConstView4&>(view) = const_view(expanded_bias);
+    view.is_float32 = expanded_bias.scalar_type() == at::kFloat;
+  }
+  return view;
+}
 
 inline ProblemShape shape_of(const AttentionParams& p) {
   ProblemShape s;
@@ -60,7 +68,7 @@ inline ForwardArgs forward_args(const AttentionParams& p, const at::Tensor& quer
   args.q = const_view(query);
   args.k = const_view(key);
   args.v = const_view(value);
-  args.bias = optional_view(expanded_bias);
+  args.bias = bias_view(expanded_bias);
   args.out = mutable_view(out);
   args.lse = lse.data_ptr();
   return args;
@@ -68,15 +76,31 @@ inline ForwardArgs forward_args(const AttentionParams& p, const at::Tensor& quer
 
 inline WeightsArgs weights_args(const AttentionParams& p, const at::Tensor& query, const at::Tensor& key,
                                 const at::Tensor& expanded_bias, const at::Tensor& lse_contiguous,
-                                const at::Tensor& weights) {
+                                const at::Tensor& lse_normalizer, const at::Tensor& weights) {
   WeightsArgs args;
   args.shape = shape_of(p);
   args.dtype = element_type_of(query);
   args.q = const_view(query);
   args.k = const_view(key);
-  args.bias = optional_view(expanded_bias);
+  args.bias = bias_view(expanded_bias);
   args.lse = lse_contiguous.const_data_ptr();
+  args.lse_normalizer = lse_normalizer.const_data_ptr();
   args.weights = weights.data_ptr();
+  return args;
+}
+
+// `normalizer`: a (B, H, L) tensor in the accumulation type, written by launch_lse_normalizers.
+inline LseNormalizerArgs lse_normalizer_args(const AttentionParams& p, const at::Tensor& query, const at::Tensor& key,
+                                             const at::Tensor& expanded_bias, const at::Tensor& lse_contiguous,
+                                             const at::Tensor& normalizer) {
+  LseNormalizerArgs args;
+  args.shape = shape_of(p);
+  args.dtype = element_type_of(query);
+  args.q = const_view(query);
+  args.k = const_view(key);
+  args.bias = bias_view(expanded_bias);
+  args.lse = lse_contiguous.const_data_ptr();
+  args.normalizer = normalizer.data_ptr();
   return args;
 }
 
@@ -101,8 +125,9 @@ inline BiasGradBuffer bias_grad_buffer(const at::Tensor& bias, const AttentionPa
 
 inline BackwardArgs backward_args(const AttentionParams& p, const at::Tensor& grad_out, const at::Tensor& query,
                                   const at::Tensor& key, const at::Tensor& value, const at::Tensor& expanded_bias,
-                                  const at::Tensor& out, const at::Tensor& lse_contiguous, const at::Tensor& delta,
-                                  const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& grad_v,
+                                  const at::Tensor& out, const at::Tensor& lse_contiguous,
+                                  const at::Tensor& lse_normalizer, const at::Tensor& delta, const at::Tensor& grad_q,
+                                  const at::Tensor& grad_k, const at::Tensor& grad_v,
                                   const BiasGradBuffer* grad_bias) {
   BackwardArgs args;
   args.shape = shape_of(p);
@@ -110,10 +135,11 @@ inline BackwardArgs backward_args(const AttentionParams& p, const at::Tensor& gr
   args.q = const_view(query);
   args.k = const_view(key);
   args.v = const_view(value);
-  args.bias = optional_view(expanded_bias);
+  args.bias = bias_view(expanded_bias);
   args.grad_out = const_view(grad_out);
   args.out = const_view(out);
   args.lse = lse_contiguous.const_data_ptr();
+  args.lse_normalizer = lse_normalizer.const_data_ptr();
   args.delta = delta.data_ptr();
   args.grad_q = mutable_view(grad_q);
   args.grad_k = mutable_view(grad_k);

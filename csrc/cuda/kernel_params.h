@@ -24,6 +24,13 @@ struct MutableView4 {
   int64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
 };
 
+// The additive bias: an expanded (B, H, L, S) view (data == nullptr when there is none), stored in
+// the input dtype or in float32 (`is_float32`; float16/bfloat16 inputs keep masks in float32, where
+// 1e5 and -1e9 stay finite). Read it with bias_at (masking.cuh), which handles both.
+struct BiasView : ConstView4 {
+  bool is_float32 = false;
+};
+
 // The canonical problem: query (B, H, L, D), key (B, H, S, D), value (B, H, S, Dv).
 struct ProblemShape {
   int64_t batch = 0, heads = 0, q_len = 0, kv_len = 0, head_dim = 0, v_head_dim = 0;
@@ -40,7 +47,7 @@ struct ForwardArgs {
   ProblemShape shape;
   ElementType dtype = ElementType::Float32;
   ConstView4 q, k, v;
-  ConstView4 bias;  // expanded (B, H, L, S) view; data == nullptr when there is no bias
+  BiasView bias;
   MutableView4 out;
   void* lse = nullptr;  // contiguous (B, H, L), float (double for float64 inputs)
 };
@@ -48,22 +55,47 @@ struct ForwardArgs {
 struct WeightsArgs {
   ProblemShape shape;
   ElementType dtype = ElementType::Float32;
-  ConstView4 q, k, bias;
+  ConstView4 q, k;
+  BiasView bias;
   const void* lse = nullptr;  // contiguous (B, H, L) in the accumulation type
+  // Contiguous (B, H, L) in the accumulation type: launch_lse_normalizers' factors, or nullptr.
+  const void* lse_normalizer = nullptr;
   void* weights = nullptr;    // contiguous (B, H, L, S) in the input dtype
+};
+
+// Kernels that rebuild probabilities from the logsumexp take exp(s - lse), which needs lse to the
+// precision of the scores' differences. A row whose every score is huge (a Hugging Face mask with
+// finfo.min on every key: a softmax over equal finite scores) has lse = max + log(sum) rounded to
+// max, and every probability would come out as 1. For rows whose |lse| >= kLargeLse (where lse's
+// rounding step exceeds 2^-10) the normalizer kernel recomputes sum_j exp(s_ij - lse_i) and stores
+// its inverse, which the kernels multiply the probabilities by; every other row gets 1.
+struct LseNormalizerArgs {
+  ProblemShape shape;
+  ElementType dtype = ElementType::Float32;
+  ConstView4 q, k;
+  BiasView bias;
+  const void* lse = nullptr;  // contiguous (B, H, L) in the accumulation type
+  void* normalizer = nullptr;  // contiguous (B, H, L) in the accumulation type, written
 };
 
 struct BackwardArgs {
   ProblemShape shape;
   ElementType dtype = ElementType::Float32;
-  ConstView4 q, k, v, bias, grad_out, out;
+  ConstView4 q, k, v, grad_out, out;
+  BiasView bias;
   const void* lse = nullptr;  // contiguous (B, H, L) in the accumulation type
+  const void* lse_normalizer = nullptr;  // as in WeightsArgs
   void* delta = nullptr;      // scratch, contiguous (B, H, L) in the accumulation type
   MutableView4 grad_q, grad_k, grad_v;
   // Bias gradient, accumulated atomically in the accumulation type into a zeroed buffer of the
   // bias's own (broadcast) shape; strides are 0 on the dimensions the bias broadcasts over.
   void* grad_bias = nullptr;  // nullptr: not wanted
   int64_t grad_bias_s0 = 0, grad_bias_s1 = 0, grad_bias_s2 = 0, grad_bias_s3 = 0;
+  // Scratch of the fa2 backward, allocated by the caller when it takes that path: dQ summed in
+  // float32, zeroed, contiguous (B, H, L, head_dim); and for the deterministic order of that sum,
+  // fa2_backward_semaphores(shape) zeroed ints (nullptr: atomics in any order).
+  float* dq_accum = nullptr;
+  int* dq_semaphore = nullptr;
 };
 
 // The largest head_dim / v_head_dim the CUDA kernels handle (accumulators live in registers).
@@ -72,6 +104,7 @@ constexpr int64_t kMaxHeadDim = 256;
 // Generic kernels: every dtype, any strides, head dims up to kMaxHeadDim. Each launcher checks
 // the launch and raises a c10::Error on failure.
 void launch_generic_forward(const ForwardArgs& args, cudaStream_t stream);
+void launch_lse_normalizers(const LseNormalizerArgs& args, cudaStream_t stream);
 void launch_generic_weights(const WeightsArgs& args, cudaStream_t stream);
 void launch_generic_backward(const BackwardArgs& args, cudaStream_t stream);
 
@@ -82,5 +115,14 @@ bool mma_forward_supported(const ForwardArgs& args, int device_major);
 void launch_mma_forward(const ForwardArgs& args, cudaStream_t stream);
 bool mma_backward_supported(const BackwardArgs& args, int device_major);
 void launch_mma_backward(const BackwardArgs& args, cudaStream_t stream);
+
+// FlashAttention-2-class kernels (fa2_*.cuh; sm_80+) for float16/bfloat16 with head_dim ==
+// v_head_dim in {64, 96, 128, 256} and 16-byte-aligned rows, with bias, its gradient, dropout and
+// both causal alignments. Opt-in (QKV_CUDA_KERNEL=fa2) until tests/test_cuda.py passes on a GPU.
+bool fa2_forward_supported(const ForwardArgs& args, int device_major);
+void launch_fa2_forward(const ForwardArgs& args, cudaStream_t stream);
+bool fa2_backward_supported(const BackwardArgs& args, int device_major);
+int64_t fa2_backward_semaphores(const ProblemShape& shape);
+void launch_fa2_backward(const BackwardArgs& args, cudaStream_t stream);
 
 }  // namespace qkv::cuda

@@ -32,10 +32,13 @@ __device__ __forceinline__ int64_t first_query_seeing(const ProblemShape& p, int
   return i < 0 ? 0 : (i > p.q_len ? p.q_len : i);
 }
 
+// The bias at (b, h, i, j) in the accumulation type, for inputs of type T: the bias is stored as T
+// or as float32 (BiasView::is_float32, a uniform branch).
 template <typename acc_t, typename T>
-__device__ __forceinline__ acc_t bias_at(const ConstView4& bias, int64_t b, int64_t h, int64_t i, int64_t j) {
-  const T* ptr = static_cast<const T*>(bias.data) + b * bias.s0 + h * bias.s1 + i * bias.s2 + j * bias.s3;
-  return load_acc<acc_t>(ptr);
+__device__ __forceinline__ acc_t bias_at(const BiasView& bias, int64_t b, int64_t h, int64_t i, int64_t j) {
+  const int64_t offset = b * bias.s0 + h * bias.s1 + i * bias.s2 + j * bias.s3;
+  if (bias.is_float32) return static_cast<acc_t>(static_cast<const float*>(bias.data)[offset]);
+  return load_acc<acc_t>(static_cast<const T*>(bias.data) + offset);
 }
 
 }  // namespace qkv::cuda

@@ -31,7 +31,7 @@ struct GradKeyValueConfig {
   static constexpr int kQueryTile = D > 64 ? 32 : 64;     // query rows per streamed tile
   static constexpr size_t shared_bytes() {
     return sizeof(uint16_t) * static_cast<size_t>(2 * kBlock + 2 * kQueryTile) * (D + kPad) +
-           2 * sizeof(float) * kQueryTile;
+           3 * sizeof(float) * kQueryTile;  // lse, delta, lse normalizers
   }
   static int64_t blocks(const ProblemShape& p) { return p.batch * p.heads * ceil_div(p.kv_len, kBlock); }
 };
@@ -111,11 +111,12 @@ __global__ void __launch_bounds__(kThreads) mma_grad_query_kernel(const Backward
   load_tile_async<D, kBlock>(do_smem, dout, args.grad_out.s2, i0, p.q_len);
   copy_async_commit();
 
-  float row_lse[2], row_delta[2];  // rows g and g + 8 of this warp's 16
+  float row_lse[2], row_norm[2], row_delta[2];  // rows g and g + 8 of this warp's 16
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int64_t i = i0 + warp * 16 + g + half * 8;
     row_lse[half] = i < p.q_len ? lse[i] : neg_inf;
+    row_norm[half] = i < p.q_len ? lse_normalizer_at<float>(args.lse_normalizer, bh * p.q_len + i) : 1.f;
     row_delta[half] = i < p.q_len ? delta[i] : 0.f;
   }
   float dq[kDimTiles8][4];
@@ -165,7 +166,7 @@ __global__ void __launch_bounds__(kThreads) mma_grad_query_kernel(const Backward
         if (mask.visible(i, j) && row_lse[half] != neg_inf) {
           float x = s[nt][e] * scale;
           if (has_bias) x += bias_at<float, T>(args.bias, b, h, i, j);
-          const float prob = exp2f((x - row_lse[half]) * kLog2e);
+          const float prob = exp2f((x - row_lse[half]) * kLog2e) * row_norm[half];
           float dpv = dp[nt][e];
           if (dropout) {
             dpv = dropout_keep(p.dropout_seed, dropout_index(p, bh, i, j), p.keep_threshold) ? dpv * keep_scale : 0.f;
@@ -216,6 +217,7 @@ __global__ void __launch_bounds__(kThreads) mma_grad_key_value_kernel(const Back
   uint16_t* do_smem = q_smem + kQueryTile * LD;                // kQueryTile x LD
   float* lse_smem = reinterpret_cast<float*>(do_smem + kQueryTile * LD);  // kQueryTile
   float* delta_smem = lse_smem + kQueryTile;                               // kQueryTile
+  float* norm_smem = delta_smem + kQueryTile;                              // kQueryTile
 
   const ProblemShape& p = args.shape;
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
@@ -258,6 +260,7 @@ __global__ void __launch_bounds__(kThreads) mma_grad_key_value_kernel(const Back
       const int64_t i = i0 + r;
       lse_smem[r] = i < p.q_len ? lse[i] : neg_inf;
       delta_smem[r] = i < p.q_len ? delta[i] : 0.f;
+      norm_smem[r] = i < p.q_len ? lse_normalizer_at<float>(args.lse_normalizer, bh * p.q_len + i) : 1.f;
     }
     copy_async_wait<0>();  // (the first time, the K and V tiles too)
     __syncthreads();
@@ -296,7 +299,7 @@ __global__ void __launch_bounds__(kThreads) mma_grad_key_value_kernel(const Back
         if (mask.visible(i, j) && lse_smem[c] != neg_inf) {
           float x = s[nt][e] * scale;
           if (has_bias) x += bias_at<float, T>(args.bias, b, h, i, j);
-          const float prob = exp2f((x - lse_smem[c]) * kLog2e);
+          const float prob = exp2f((x - lse_smem[c]) * kLog2e) * norm_smem[c];
           float dpv = dp[nt][e];
           prob_dropped = prob;
           if (dropout) {

@@ -49,8 +49,13 @@ struct Mma<__half> {
 #endif
   }
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+#if defined(__CUDA_ARCH__)
+    const __half2 pair = __floats2half2_rn(lo, hi);  // one cvt.rn.f16x2.f32, lo in the low half
+    return *reinterpret_cast<const uint32_t*>(&pair);
+#else
     return static_cast<uint32_t>(__half_as_ushort(__float2half_rn(lo))) |
            (static_cast<uint32_t>(__half_as_ushort(__float2half_rn(hi))) << 16);
+#endif
   }
 };
 
@@ -68,8 +73,13 @@ struct Mma<__nv_bfloat16> {
 #endif
   }
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const __nv_bfloat162 pair = __floats2bfloat162_rn(lo, hi);  // one cvt.rn.bf16x2.f32, lo in the low half
+    return *reinterpret_cast<const uint32_t*>(&pair);
+#else
     return static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(lo))) |
            (static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(hi))) << 16);
+#endif
   }
 };
 
@@ -89,6 +99,8 @@ __device__ __forceinline__ void copy_async_16(void* dst, const void* src, bool v
 __device__ __forceinline__ void copy_async_commit() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.commit_group;\n" ::: "memory");
+#elif defined(QKV_CUDA_EMULATION)
+  ::qkv_emu::copy_commit();
 #endif
 }
 
@@ -96,6 +108,8 @@ template <int kPending>
 __device__ __forceinline__ void copy_async_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+#elif defined(QKV_CUDA_EMULATION)
+  ::qkv_emu::copy_wait(kPending);
 #endif
 }
 

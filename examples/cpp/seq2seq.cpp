@@ -173,8 +173,8 @@ Batch make_batch(int64_t n) {
   return b;
 }
 
-// The core op on hand-projected heads must give what the mission op gives.
-bool core_attention_matches_mission_op(EncoderLayer& layer, const Batch& batch) {
+// The core op on hand-projected heads must give what the projection op (the whole layer in one op) gives.
+bool core_attention_matches_projection_op(EncoderLayer& layer, const Batch& batch) {
   torch::NoGradGuard no_grad;
   auto x = torch::randn({batch.src.size(0), batch.src.size(1), kEmbed});
   auto bias = padding_bias(batch.src);
@@ -211,8 +211,8 @@ int main(int argc, char** argv) {
   torch::set_num_threads(1);  // a tiny model: threads cost more than they give
 
   Seq2Seq model;
-  if (!core_attention_matches_mission_op(model->encoder, make_batch(4))) {
-    std::fprintf(stderr, "FAILED: the core op and the mission op disagree\n");
+  if (!core_attention_matches_projection_op(model->encoder, make_batch(4))) {
+    std::fprintf(stderr, "FAILED: the core op and the projection op disagree\n");
     return 1;
   }
   torch::optim::Adam optimizer(model->parameters(), torch::optim::AdamOptions(3e-3));

@@ -6,8 +6,12 @@ Python API:
 - :class:`MultiheadAttention`: drop-in replacement for ``torch.nn.MultiheadAttention``;
   :func:`convert` swaps it into an existing model.
 - :class:`SelfAttention`, :class:`CausalSelfAttention`, :class:`CrossAttention`: batch-first
-  modules on the mission ops.
+  modules, each on one projection op (``torch.ops.qkv.multi_head_attention``,
+  ``masked_self_attention``, ``cross_attention``: project, attend, project back in one op).
 - :mod:`qkv.functional`: ``multi_head_attention_forward`` and ``scaled_dot_product_attention``.
+- :func:`flash_attn_func`, :func:`flash_attn_varlen_func`, :func:`flash_attn_with_kvcache`: flash-attn's
+  API (GQA/MQA, sliding windows, ALiBi, softcap, packed batches, KV-cache decoding) on every device;
+  see docs/flash-attn-api.md.
 """
 import torch
 
@@ -18,6 +22,7 @@ from . import _C  # noqa: F401  (registers torch.ops.qkv.*)
 _C._cpu_capability()
 from . import functional
 from .convert import convert
+from .flash_attn import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
 from .modules import CausalSelfAttention, CrossAttention, MultiheadAttention, SelfAttention
 
 __version__ = "0.1.0"
@@ -29,4 +34,7 @@ __all__ = [
     "CrossAttention",
     "convert",
     "functional",
+    "flash_attn_func",
+    "flash_attn_varlen_func",
+    "flash_attn_with_kvcache",
 ]

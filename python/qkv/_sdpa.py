@@ -59,8 +59,8 @@ def scaled_dot_product_attention(
         is_causal: top-left causal masking (key j hidden from query i when j > i), built into the
             kernel: no mask tensor. An error if ``attn_mask`` is also given, as in torch.
         scale: score scale; default ``1 / sqrt(E)``.
-        enable_gqa: grouped-query attention: key/value heads are repeated to ``Hq`` (each query
-            head ``h`` uses key/value head ``h // (Hq // H)``).
+        enable_gqa: grouped-query attention: each query head ``h`` uses key/value head
+            ``h // (Hq // H)``, read in place by the kernel (no repeated copies).
 
     Returns:
         ``(..., Hq, L, Ev)``, stored like the query (contiguous for a contiguous query; the
@@ -94,11 +94,19 @@ def scaled_dot_product_attention(
         if is_causal:
             raise RuntimeError("_scaled_dot_product_attention: Explicit attn_mask should not be set when is_causal=True")
 
-    if enable_gqa:
+    kv_heads = _grouped_kv_heads(query, key, value) if enable_gqa else None
+    if kv_heads is None and enable_gqa:
         key, value = _repeat_kv_heads(query, key, value)
 
     q_len, kv_len = query.size(-2), key.size(-2)
-    batch = _broadcast_shape(_broadcast_shape(query.shape[:-2], key.shape[:-2]), value.shape[:-2])
+    if kv_heads is None:
+        batch = _broadcast_shape(_broadcast_shape(query.shape[:-2], key.shape[:-2]), value.shape[:-2])
+        kv_batch = batch
+    else:
+        # Grouped heads: the leading dims broadcast, the head dims stay apart (the kernel reads
+        # key/value head h // (Hq // Hk) for query head h, in place).
+        lead = _broadcast_shape(_broadcast_shape(query.shape[:-3], key.shape[:-3]), value.shape[:-3])
+        batch, kv_batch = (*lead, query.size(-3)), (*lead, kv_heads)
     weights_shape = (*batch, q_len, kv_len)
 
     bias = None
@@ -111,9 +119,10 @@ def scaled_dot_product_attention(
         bias = attend_to_bias(attn_mask, query.dtype)
         if len(batch) > 2 and bias.dim() > 3:
             # The batch dims are folded into one below; a mask that varies along them follows.
-            bias = bias.expand(weights_shape).reshape(-1, *weights_shape[-3:])
+            # (Sizes spelled out: with L or S = 0 a -1 could not be inferred.)
+            bias = bias.expand(weights_shape).reshape(math.prod(weights_shape[:-3]), *weights_shape[-3:])
 
-    q4, k4, v4 = (_to_4d(t, batch) for t in (query, key, value))
+    q4, k4, v4 = _to_4d(query, batch), _to_4d(key, kv_batch), _to_4d(value, kv_batch)
     seed = draw_dropout_seed() if dropout_p > 0.0 else None
     out, _ = torch.ops.qkv.attention(q4, k4, v4, bias, dropout_p, is_causal, False, scale, seed)
 
@@ -124,16 +133,26 @@ def scaled_dot_product_attention(
     return out if token_major_query else out.contiguous()
 
 
-def _repeat_kv_heads(query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
-    """Repeats key/value heads up to the query's (GQA). An expand: a pure view when key/value
-    have one head (MQA); with several, a (B, H, S, D) strided view cannot express head h -> h // g,
-    so reshape copies them once (what torch's repeat_interleave costs too)."""
+def _grouped_kv_heads(query: Tensor, key: Tensor, value: Tensor) -> int | None:
+    """enable_gqa's checks; the key/value head count the kernel reads in place, or None when
+    there is nothing to group (equal head counts) or key and value differ in heads (then they
+    are repeated, the one case the kernel's grouping does not cover)."""
     q_heads, k_heads, v_heads = query.size(-3), key.size(-3), value.size(-3)
     if q_heads % k_heads != 0 or q_heads % v_heads != 0:
         raise RuntimeError(
             "Number of heads in key and value must divide the number of heads in query; got query heads "
             f"{q_heads}, key heads {k_heads}, value heads {v_heads}"
         )
+    if k_heads != v_heads or k_heads == q_heads:
+        return None
+    return k_heads
+
+
+def _repeat_kv_heads(query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+    """Repeats key/value heads up to the query's, for key and value of different head counts. An
+    expand: a pure view for one head; with several, a (B, H, S, D) strided view cannot express head
+    h -> h // g, so reshape copies them once (what torch's repeat_interleave costs too)."""
+    q_heads, k_heads, v_heads = query.size(-3), key.size(-3), value.size(-3)
 
     def repeat(t: Tensor, groups: int) -> Tensor:
         if groups == 1:

@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function
 
 from . import _C  # noqa: F401  (registers torch.ops.qkv.*)
-from ._attention_bias import add_biases, draw_dropout_seed
+from ._attention_bias import add_biases, bias_dtype, draw_dropout_seed
 from ._sdpa import scaled_dot_product_attention
 
 __all__ = ["multi_head_attention_forward", "scaled_dot_product_attention"]
@@ -106,7 +106,7 @@ def multi_head_attention_forward(
             static_v=static_v,
             average_attn_weights=average_attn_weights,
         )
-    return mha_forward(
+    return _mha_forward(
         query,
         key,
         value,
@@ -136,7 +136,7 @@ def multi_head_attention_forward(
     )
 
 
-def mha_forward(
+def _mha_forward(
     query: Tensor,
     key: Tensor,
     value: Tensor,
@@ -164,7 +164,8 @@ def mha_forward(
     is_causal: bool = False,
     batch_first: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
-    """:func:`multi_head_attention_forward` with a layout switch (internal).
+    """:func:`multi_head_attention_forward` with a layout switch (internal; qkv.MultiheadAttention
+    calls it).
 
     ``batch_first=True`` reads batched inputs as ``(N, L, E)`` and returns ``(N, L, E)`` without
     the two transposes torch's module wraps around the sequence-first function: the projections
@@ -184,12 +185,83 @@ def mha_forward(
     tgt_len, bsz, embed_dim = _seq_first_shape(query, bdim)
     src_len = key.shape[1 - bdim]
 
+    key_padding_mask, attn_mask, use_causal_flag = _canonical_masks(
+        key_padding_mask, attn_mask, query.dtype, is_causal, need_weights)
+    head_dim = _check_shapes(key, value, embed_dim, embed_dim_to_check, num_heads, use_separate_proj_weight, bdim)
+
+    # In-projection (F.linear on the caller's layout; q/k/v may be views of one GEMM).
+    if not use_separate_proj_weight:
+        if in_proj_weight is None:
+            raise AssertionError("use_separate_proj_weight is False but in_proj_weight is None")
+        q, k, v = _packed_in_projection(query, key, value, in_proj_weight, in_proj_bias)
+    else:
+        if q_proj_weight is None:
+            raise AssertionError("use_separate_proj_weight is True but q_proj_weight is None")
+        if k_proj_weight is None:
+            raise AssertionError("use_separate_proj_weight is True but k_proj_weight is None")
+        if v_proj_weight is None:
+            raise AssertionError("use_separate_proj_weight is True but v_proj_weight is None")
+        b_q, b_k, b_v = (None, None, None) if in_proj_bias is None else in_proj_bias.chunk(3)
+        # torch's own helper: its weight/bias shape checks and three F.linear calls.
+        q, k, v = F._in_projection(query, key, value, q_proj_weight, k_proj_weight, v_proj_weight, b_q, b_k, b_v)
+
+    _check_attn_mask_shape(attn_mask, tgt_len, src_len, bsz, num_heads)
+    _check_bias_kv(bias_k, bias_v, static_k, static_v)
+
+    # Heads: (N, H, T, D) strided views of the projections, no copies.
+    q = _split_heads(q, num_heads, bdim)
+    if static_k is None:
+        k = _split_heads(k, num_heads, bdim)
+    else:
+        k = _static_heads("static_k", static_k, bsz, num_heads, head_dim)
+    if static_v is None:
+        v = _split_heads(v, num_heads, bdim)
+    else:
+        v = _static_heads("static_v", static_v, bsz, num_heads, head_dim)
+    k, v, attn_mask, key_padding_mask = _append_bias_kv_and_zero_attn(
+        k, v, attn_mask, key_padding_mask, bias_k, bias_v, add_zero_attn)
+
+    bias = _masks_to_bias(attn_mask, key_padding_mask, bsz, num_heads, k.size(2), q.dtype)
+    if not training:
+        dropout_p = 0.0
+    seed = draw_dropout_seed() if dropout_p > 0.0 else None
+
+    attn_weights = None
+    if need_weights:
+        # One kernel for both: Q K^T is computed once. Averaged weights are summed over heads
+        # inside it, so no (N, H, L, S) tensor exists.
+        out, _, attn_weights = torch.ops.qkv.attention_with_weights(
+            q, k, v, bias, dropout_p, use_causal_flag, False, None, seed, average_attn_weights)
+    else:
+        out, _ = torch.ops.qkv.attention(q, k, v, bias, dropout_p, use_causal_flag, False, None, seed)
+
+    attn_output = _merge_heads_and_project(out, out_proj_weight, out_proj_bias, bdim)
+    if not is_batched:
+        attn_output = attn_output.squeeze(0)
+        if attn_weights is not None:
+            attn_weights = attn_weights.squeeze(0)
+    return attn_output, attn_weights
+
+
+# ---- mask canonicalisation ----------------------------------------------------------------------
+
+
+def _canonical_masks(
+    key_padding_mask: Tensor | None,
+    attn_mask: Tensor | None,
+    dtype: torch.dtype,
+    is_causal: bool,
+    need_weights: bool,
+) -> tuple[Tensor | None, Tensor | None, bool]:
+    """torch's mask handling: both masks as float masks of ``dtype`` (torch's warnings and errors),
+    and the ``is_causal`` hint resolved. Returns ``(key_padding_mask, attn_mask, use_causal_flag)``:
+    the mask is used whenever it survives; the kernel's causal flag only when it does not."""
     key_padding_mask = F._canonical_mask(
         mask=key_padding_mask,
         mask_name="key_padding_mask",
         other_type=F._none_or_dtype(attn_mask),
         other_name="attn_mask",
-        target_type=query.dtype,
+        target_type=dtype,
     )
 
     if is_causal and attn_mask is None:
@@ -208,15 +280,29 @@ def mha_forward(
             mask_name="attn_mask",
             other_type=None,
             other_name="",
-            target_type=query.dtype,
+            target_type=dtype,
             check_other=False,
         )
         if key_padding_mask is not None:
             # The merged mask is no longer causal.
             is_causal = False
-    # The mask is used whenever it survived the lines above; the causal flag only when it did not.
-    use_causal_flag = is_causal and attn_mask is None
+    return key_padding_mask, attn_mask, is_causal and attn_mask is None
 
+
+# ---- shape checks (torch's order and messages) --------------------------------------------------
+
+
+def _check_shapes(
+    key: Tensor,
+    value: Tensor,
+    embed_dim: int,
+    embed_dim_to_check: int,
+    num_heads: int,
+    use_separate_proj_weight: bool,
+    bdim: int,
+) -> int:
+    """The embedding, head and key/value checks torch makes before the in-projection; returns
+    head_dim."""
     if embed_dim != embed_dim_to_check:
         raise AssertionError(f"was expecting embedding dimension of {embed_dim_to_check}, but got {embed_dim}")
     head_dim = embed_dim // num_heads
@@ -232,39 +318,28 @@ def mha_forward(
         raise AssertionError(
             f"key shape {_seq_first_shape(key, bdim)} does not match value shape {_seq_first_shape(value, bdim)}"
         )
+    return head_dim
 
-    # ---- in-projection (F.linear on the caller's layout; q/k/v may be views of one GEMM) ----
-    if not use_separate_proj_weight:
-        if in_proj_weight is None:
-            raise AssertionError("use_separate_proj_weight is False but in_proj_weight is None")
-        q, k, v = _packed_in_projection(query, key, value, in_proj_weight, in_proj_bias)
+
+def _check_attn_mask_shape(attn_mask: Tensor | None, tgt_len: int, src_len: int, bsz: int, num_heads: int) -> None:
+    """A 2-D mask is (L, S), a 3-D one (N * num_heads, L, S): torch's checks after the projection."""
+    if attn_mask is None:
+        return
+    if attn_mask.dim() == 2:
+        correct_2d_size = (tgt_len, src_len)
+        if attn_mask.shape != correct_2d_size:
+            raise RuntimeError(f"The shape of the 2D attn_mask is {attn_mask.shape}, but should be {correct_2d_size}.")
+    elif attn_mask.dim() == 3:
+        correct_3d_size = (bsz * num_heads, tgt_len, src_len)
+        if attn_mask.shape != correct_3d_size:
+            raise RuntimeError(f"The shape of the 3D attn_mask is {attn_mask.shape}, but should be {correct_3d_size}.")
     else:
-        if q_proj_weight is None:
-            raise AssertionError("use_separate_proj_weight is True but q_proj_weight is None")
-        if k_proj_weight is None:
-            raise AssertionError("use_separate_proj_weight is True but k_proj_weight is None")
-        if v_proj_weight is None:
-            raise AssertionError("use_separate_proj_weight is True but v_proj_weight is None")
-        b_q, b_k, b_v = (None, None, None) if in_proj_bias is None else in_proj_bias.chunk(3)
-        # torch's own helper: its weight/bias shape checks and three F.linear calls.
-        q, k, v = F._in_projection(query, key, value, q_proj_weight, k_proj_weight, v_proj_weight, b_q, b_k, b_v)
+        raise RuntimeError(f"attn_mask's dimension {attn_mask.dim()} is not supported")
 
-    if attn_mask is not None:
-        if attn_mask.dim() == 2:
-            correct_2d_size = (tgt_len, src_len)
-            if attn_mask.shape != correct_2d_size:
-                raise RuntimeError(
-                    f"The shape of the 2D attn_mask is {attn_mask.shape}, but should be {correct_2d_size}."
-                )
-        elif attn_mask.dim() == 3:
-            correct_3d_size = (bsz * num_heads, tgt_len, src_len)
-            if attn_mask.shape != correct_3d_size:
-                raise RuntimeError(
-                    f"The shape of the 3D attn_mask is {attn_mask.shape}, but should be {correct_3d_size}."
-                )
-        else:
-            raise RuntimeError(f"attn_mask's dimension {attn_mask.dim()} is not supported")
 
+def _check_bias_kv(
+    bias_k: Tensor | None, bias_v: Tensor | None, static_k: Tensor | None, static_v: Tensor | None
+) -> None:
     if bias_k is not None and bias_v is not None:
         if static_k is not None:
             raise AssertionError("bias cannot be added to static key.")
@@ -276,21 +351,33 @@ def mha_forward(
         if bias_v is not None:
             raise AssertionError("bias_v is set but bias_k is None")
 
-    # ---- heads: (N, H, T, D) strided views of the projections, no copies ----
-    q = _split_heads(q, num_heads, bdim)
-    if static_k is None:
-        k = _split_heads(k, num_heads, bdim)
-    else:
-        _check_static("static_k", static_k, bsz * num_heads, head_dim)
-        k = static_k.unflatten(0, (bsz, num_heads))
-    if static_v is None:
-        v = _split_heads(v, num_heads, bdim)
-    else:
-        _check_static("static_v", static_v, bsz * num_heads, head_dim)
-        v = static_v.unflatten(0, (bsz, num_heads))
 
-    # bias_k/bias_v and the zero-attention slot append key columns (one copy of k and v, only
-    # when asked for); the masks get an attendable (0) column for each.
+def _check_key_padding_mask(key_padding_mask: Tensor, src_len: int, bsz: int) -> None:
+    """torch's check and messages (F._check_key_padding_mask), written as plain ``if``s: torch's
+    version uses torch._check_with with a closure, which torch.compile(fullgraph=True) rejects."""
+    if key_padding_mask.shape[0] != bsz:
+        raise AssertionError(f"Expected key_padded_mask.shape[0] to be {bsz}, but got {key_padding_mask.shape[0]}")
+    if key_padding_mask.shape[1] != src_len:
+        raise AssertionError(
+            f"Expected key_padded_mask.shape[1] to be {src_len}, but got {key_padding_mask.shape[1]}"
+        )
+
+
+# ---- bias_k/bias_v and the zero-attention slot --------------------------------------------------
+
+
+def _append_bias_kv_and_zero_attn(
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Tensor | None,
+    key_padding_mask: Tensor | None,
+    bias_k: Tensor | None,
+    bias_v: Tensor | None,
+    add_zero_attn: bool,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """bias_k/bias_v and the zero-attention slot append key columns to (N, H, S, D) k and v (one
+    copy of each, only when asked for); the masks get an attendable (0) column for each."""
+    bsz, num_heads, _, head_dim = k.shape
     extra_k: list[Tensor] = []
     extra_v: list[Tensor] = []
     if bias_k is not None:
@@ -298,7 +385,7 @@ def mha_forward(
         extra_v.append(_bias_kv_heads(bias_v, bsz, num_heads, v.dtype))
     if add_zero_attn:
         extra_k.append(torch.zeros((bsz, num_heads, 1, head_dim), dtype=k.dtype, device=k.device))
-        extra_v.append(torch.zeros((bsz, num_heads, 1, head_dim), dtype=v.dtype, device=v.device))
+        extra_v.append(torch.zeros((bsz, num_heads, 1, v.size(-1)), dtype=v.dtype, device=v.device))
     if extra_k:
         k = torch.cat([k, *extra_k], dim=2)
         v = torch.cat([v, *extra_v], dim=2)
@@ -306,9 +393,28 @@ def mha_forward(
             attn_mask = F.pad(attn_mask, (0, len(extra_k)))
         if key_padding_mask is not None:
             key_padding_mask = F.pad(key_padding_mask, (0, len(extra_k)))
-    src_len = k.size(2)
+    return k, v, attn_mask, key_padding_mask
 
-    # ---- one additive bias at its broadcast shape: (L,S) | (N,H,L,S) | (N,1,1,S) | their sum ----
+
+def _bias_kv_heads(bias: Tensor, bsz: int, num_heads: int, dtype: torch.dtype) -> Tensor:
+    """A (1, 1, E) bias_k/bias_v as one extra key column per (batch, head): (N, H, 1, D)."""
+    return bias.to(dtype).reshape(1, num_heads, 1, -1).expand(bsz, -1, -1, -1)
+
+
+# ---- masks to one bias --------------------------------------------------------------------------
+
+
+def _masks_to_bias(
+    attn_mask: Tensor | None,
+    key_padding_mask: Tensor | None,
+    bsz: int,
+    num_heads: int,
+    src_len: int,
+    dtype: torch.dtype,
+) -> Tensor | None:
+    """The canonical float masks as the one additive bias the kernel takes, at its broadcast shape:
+    (L, S) | (N, H, L, S) | (N, 1, 1, S) | their sum, for queries of ``dtype`` (in ``dtype``, or
+    float32 for float16/bfloat16 queries: see ``bias_dtype``)."""
     if key_padding_mask is not None:
         _check_key_padding_mask(key_padding_mask, src_len, bsz)
         key_padding_mask = key_padding_mask.view(bsz, 1, 1, src_len)
@@ -316,33 +422,13 @@ def mha_forward(
         attn_mask = attn_mask.unflatten(0, (bsz, num_heads))
     bias = add_biases(attn_mask, key_padding_mask)
     if bias is not None:
-        bias = bias.to(q.dtype)  # float masks of another dtype, and autocast's reduced-precision q
+        # Float masks of another dtype, and autocast's reduced-precision q: float32 stays float32
+        # for half-precision q.
+        bias = bias.to(bias_dtype(dtype, bias.dtype))
+    return bias
 
-    if not training:
-        dropout_p = 0.0
-    seed = draw_dropout_seed() if dropout_p > 0.0 else None
 
-    attn_weights = None
-    if need_weights:
-        # One kernel for both: Q K^T is computed once. Averaged weights are summed over heads
-        # inside it, so no (N, H, L, S) tensor exists.
-        out, _, attn_weights = torch.ops.qkv.attention_with_weights(
-            q, k, v, bias, dropout_p, use_causal_flag, False, None, seed, average_attn_weights)
-    else:
-        out, _ = torch.ops.qkv.attention(q, k, v, bias, dropout_p, use_causal_flag, False, None, seed)
-
-    # out is (N, H, L, D) stored as (N, L, H, D): merging heads batch-first is free.
-    if bdim == 0:
-        attn_output = F.linear(out.transpose(1, 2).flatten(2), out_proj_weight, out_proj_bias)
-    else:
-        merged = out.permute(2, 0, 1, 3).reshape(tgt_len * bsz, embed_dim)
-        attn_output = F.linear(merged, out_proj_weight, out_proj_bias).view(tgt_len, bsz, -1)
-
-    if not is_batched:
-        attn_output = attn_output.squeeze(0)
-        if attn_weights is not None:
-            attn_weights = attn_weights.squeeze(0)
-    return attn_output, attn_weights
+# ---- layouts ------------------------------------------------------------------------------------
 
 
 def _unsqueeze_keeping_identity(query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -394,24 +480,22 @@ def _split_heads(x: Tensor, num_heads: int, bdim: int) -> Tensor:
     return x.permute(1, 2, 0, 3) if bdim == 1 else x.transpose(1, 2)
 
 
-def _check_key_padding_mask(key_padding_mask: Tensor, src_len: int, bsz: int) -> None:
-    """torch's check and messages (F._check_key_padding_mask), written as plain ``if``s: torch's
-    version uses torch._check_with with a closure, which torch.compile(fullgraph=True) rejects."""
-    if key_padding_mask.shape[0] != bsz:
-        raise AssertionError(f"Expected key_padded_mask.shape[0] to be {bsz}, but got {key_padding_mask.shape[0]}")
-    if key_padding_mask.shape[1] != src_len:
-        raise AssertionError(
-            f"Expected key_padded_mask.shape[1] to be {src_len}, but got {key_padding_mask.shape[1]}"
-        )
-
-
-def _check_static(name: str, static: Tensor, batch_heads: int, head_dim: int) -> None:
-    if static.size(0) != batch_heads:
-        raise AssertionError(f"expecting {name}.size(0) of {batch_heads}, but got {static.size(0)}")
+def _static_heads(name: str, static: Tensor, bsz: int, num_heads: int, head_dim: int) -> Tensor:
+    """A caller's static_k/static_v ``(N * num_heads, S, head_dim)`` as (N, H, S, D), torch's checks."""
+    if static.size(0) != bsz * num_heads:
+        raise AssertionError(f"expecting {name}.size(0) of {bsz * num_heads}, but got {static.size(0)}")
     if static.size(2) != head_dim:
         raise AssertionError(f"expecting {name}.size(2) of {head_dim}, but got {static.size(2)}")
+    return static.unflatten(0, (bsz, num_heads))
 
 
-def _bias_kv_heads(bias: Tensor, bsz: int, num_heads: int, dtype: torch.dtype) -> Tensor:
-    """A (1, 1, E) bias_k/bias_v as one extra key column per (batch, head): (N, H, 1, D)."""
-    return bias.to(dtype).reshape(1, num_heads, 1, -1).expand(bsz, -1, -1, -1)
+def _merge_heads_and_project(out: Tensor, out_proj_weight: Tensor, out_proj_bias: Tensor | None, bdim: int) -> Tensor:
+    """(N, H, L, D) attention output, stored (N, L, H, D), through the out-projection into the
+    caller's layout: batch-first (bdim 0) merges heads for free; sequence-first (L, N, E) copies
+    once. Sizes are spelled out (no -1): an empty batch or sequence must still reshape."""
+    if bdim == 0:
+        return F.linear(out.transpose(1, 2).flatten(2), out_proj_weight, out_proj_bias)
+    bsz, num_heads, tgt_len, head_dim = out.shape
+    merged = out.permute(2, 0, 1, 3).reshape(tgt_len * bsz, num_heads * head_dim)
+    projected = F.linear(merged, out_proj_weight, out_proj_bias)
+    return projected.view(tgt_len, bsz, projected.size(-1))

@@ -4,8 +4,8 @@
   constructor, attributes, parameters and their order, seed-for-seed identical initialisation,
   forward, outputs and errors).
 - :class:`SelfAttention`, :class:`CausalSelfAttention`, :class:`CrossAttention`: lean batch-first
-  modules, each backed by one mission op (``torch.ops.qkv.multi_head_attention``,
-  ``masked_self_attention``, ``cross_attention``). Their parameters carry MultiheadAttention's
+  modules, each backed by one projection op, a whole attention layer in one op
+  (``torch.ops.qkv.multi_head_attention``, ``masked_self_attention``, ``cross_attention``). Their parameters carry MultiheadAttention's
   names, so weights copy across with ``load_state_dict``.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from torch.nn.parameter import Parameter
 
 from . import _C  # noqa: F401  (registers torch.ops.qkv.*)
 from ._attention_bias import add_biases, draw_dropout_seed, masked_out_to_bias
-from .functional import mha_forward
+from .functional import _mha_forward
 
 __all__ = ["MultiheadAttention", "SelfAttention", "CausalSelfAttention", "CrossAttention"]
 
@@ -45,23 +45,30 @@ def _init_attention_parameters(
     bias: bool,
     add_bias_kv: bool,
     factory_kwargs: dict[str, Any],
+    kv_embed_dim: int | None = None,
 ) -> None:
     """Registers and initialises the projection parameters exactly as torch's MultiheadAttention:
     same names, registration order, shapes, and the same random draws in the same order (the
     out_proj Linear's own init first, then xavier_uniform_ over the input projections, zero
-    biases, xavier_normal_ for bias_k/bias_v), so a seeded construction gives equal tensors."""
+    biases, xavier_normal_ for bias_k/bias_v), so a seeded construction gives equal tensors.
+
+    ``kv_embed_dim`` (grouped-query attention: num_kv_heads * head_dim, default embed_dim) is the
+    rows of the key and value projections; the packed weight is then
+    (embed_dim + 2 * kv_embed_dim, embed_dim)."""
+    kv_embed_dim = embed_dim if kv_embed_dim is None else kv_embed_dim
+    packed_rows = embed_dim + 2 * kv_embed_dim
     if kdim == embed_dim and vdim == embed_dim:
-        module.in_proj_weight = Parameter(torch.empty((3 * embed_dim, embed_dim), **factory_kwargs))
+        module.in_proj_weight = Parameter(torch.empty((packed_rows, embed_dim), **factory_kwargs))
         module.register_parameter("q_proj_weight", None)
         module.register_parameter("k_proj_weight", None)
         module.register_parameter("v_proj_weight", None)
     else:
         module.q_proj_weight = Parameter(torch.empty((embed_dim, embed_dim), **factory_kwargs))
-        module.k_proj_weight = Parameter(torch.empty((embed_dim, kdim), **factory_kwargs))
-        module.v_proj_weight = Parameter(torch.empty((embed_dim, vdim), **factory_kwargs))
+        module.k_proj_weight = Parameter(torch.empty((kv_embed_dim, kdim), **factory_kwargs))
+        module.v_proj_weight = Parameter(torch.empty((kv_embed_dim, vdim), **factory_kwargs))
         module.register_parameter("in_proj_weight", None)
     if bias:
-        module.in_proj_bias = Parameter(torch.empty(3 * embed_dim, **factory_kwargs))
+        module.in_proj_bias = Parameter(torch.empty(packed_rows, **factory_kwargs))
     else:
         module.register_parameter("in_proj_bias", None)
     module.out_proj = NonDynamicallyQuantizableLinear(embed_dim, embed_dim, bias=bias, **factory_kwargs)
@@ -229,7 +236,7 @@ class MultiheadAttention(nn.Module):
                 "or use qkv.convert, which turns its nested-tensor path off)"
             )
         separate = not self._qkv_same_embed_dim
-        return mha_forward(
+        return _mha_forward(
             query,
             key,
             value,
@@ -322,6 +329,31 @@ def _attention_bias(
     return add_biases(mask, padding)
 
 
+def _kv_heads(num_heads: int, num_kv_heads: int | None) -> int:
+    if num_kv_heads is None:
+        return num_heads
+    if not isinstance(num_kv_heads, int) or num_kv_heads <= 0:
+        raise ValueError(f"num_kv_heads must be positive; got {num_kv_heads!r}")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads ({num_heads}) must be divisible by num_kv_heads ({num_kv_heads})")
+    return num_kv_heads
+
+
+def _window_bounds(window: int | tuple[int, int] | None) -> tuple[int, int]:
+    """A module's ``window`` as flash-attn's (left, right): ``w`` keys, |i - j| < w, is (w - 1, w - 1)
+    (a causal module then keeps right = 0); a pair is taken as is; None is unbounded."""
+    if window is None:
+        return -1, -1
+    if isinstance(window, int) and not isinstance(window, bool) and window >= 1:
+        return window - 1, window - 1
+    if (isinstance(window, (tuple, list)) and len(window) == 2
+            and all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window)):
+        return int(window[0]), int(window[1])
+    raise ValueError(
+        "window must be a positive int (keys within that distance, the query's own included) or a (left, right) "
+        f"pair of ints >= -1 (flash-attn's window_size, -1 unbounded); got {window!r}")
+
+
 class _BatchFirstAttention(nn.Module):
     """Shared constructor and parameters of the modern modules (MultiheadAttention's names)."""
 
@@ -335,6 +367,7 @@ class _BatchFirstAttention(nn.Module):
         vdim: int | None,
         device: torch.device | str | None,
         dtype: torch.dtype | None,
+        num_kv_heads: int | None = None,
     ) -> None:
         if embed_dim <= 0 or num_heads <= 0:
             _check_sizes(embed_dim, num_heads)
@@ -344,12 +377,14 @@ class _BatchFirstAttention(nn.Module):
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.head_dim = _check_sizes(embed_dim, num_heads)
+        self.num_kv_heads = _kv_heads(num_heads, num_kv_heads)
         self.kdim = kdim if kdim is not None else embed_dim
         self.vdim = vdim if vdim is not None else embed_dim
         self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
         self.dropout = dropout
         _init_attention_parameters(
-            self, embed_dim, self.kdim, self.vdim, bias, False, {"device": device, "dtype": dtype}
+            self, embed_dim, self.kdim, self.vdim, bias, False, {"device": device, "dtype": dtype},
+            kv_embed_dim=self.num_kv_heads * self.head_dim,
         )
 
     def _dropout_args(self) -> tuple[float, Tensor | None]:
@@ -358,6 +393,10 @@ class _BatchFirstAttention(nn.Module):
 
     def extra_repr(self) -> str:
         s = f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, dropout={self.dropout}"
+        if self.num_kv_heads != self.num_heads:
+            s += f", num_kv_heads={self.num_kv_heads}"
+        if getattr(self, "window", None) is not None:
+            s += f", window={self.window}"
         if not self._qkv_same_embed_dim:
             s += f", kdim={self.kdim}, vdim={self.vdim}"
         return s + f", bias={self.in_proj_bias is not None}"
@@ -374,6 +413,12 @@ class SelfAttention(_BatchFirstAttention):
     ``in_proj_bias``, ``out_proj`` (MultiheadAttention's names and initialisation).
     Dropout on the attention probabilities in training only. A row with every key masked gives
     zeros before ``out_proj``.
+
+    ``num_kv_heads`` (grouped-query attention, default ``num_heads``): the key and value
+    projections produce that many heads, each shared by ``num_heads // num_kv_heads`` query heads;
+    ``in_proj_weight`` is then ``((num_heads + 2 * num_kv_heads) * head_dim, E)``. ``window``: a
+    sliding window, ``w`` (position ``i`` attends to ``j`` with ``|i - j| < w``) or flash-attn's
+    ``(left, right)``; the kernel skips the keys outside it. See docs/flash-attn-api.md.
     """
 
     def __init__(
@@ -384,8 +429,12 @@ class SelfAttention(_BatchFirstAttention):
         bias: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        num_kv_heads: int | None = None,
+        window: int | tuple[int, int] | None = None,
     ) -> None:
-        super().__init__(embed_dim, num_heads, dropout, bias, None, None, device, dtype)
+        _window_bounds(window)  # checked before any state exists
+        super().__init__(embed_dim, num_heads, dropout, bias, None, None, device, dtype, num_kv_heads)
+        self.window = window
 
     def forward(
         self, x: Tensor, key_padding_mask: Tensor | None = None, attn_mask: Tensor | None = None
@@ -400,6 +449,7 @@ class SelfAttention(_BatchFirstAttention):
         out = torch.ops.qkv.multi_head_attention(
             xb, xb, xb, self.num_heads, self.in_proj_weight, self.in_proj_bias,
             self.out_proj.weight, self.out_proj.bias, bias, False, p, seed,
+            self.num_kv_heads, *_window_bounds(self.window),
         )
         return out if batched else out.squeeze(0)
 
@@ -410,7 +460,8 @@ class CausalSelfAttention(_BatchFirstAttention):
     ``forward(x, key_padding_mask=None) -> Tensor``: position ``i`` attends to positions
     ``j <= i`` only. The causal structure is the kernel's own flag: no mask tensor is built.
     ``key_padding_mask`` ``(N, L)``: bool ``True`` = padding, or float added. Parameters as
-    :class:`SelfAttention`.
+    :class:`SelfAttention`, ``num_kv_heads`` too. ``window=w``: Mistral's sliding window, position
+    ``i`` attends to ``i - w < j <= i`` (a pair: flash-attn's ``(left, right)``, right kept 0).
     """
 
     def __init__(
@@ -421,8 +472,12 @@ class CausalSelfAttention(_BatchFirstAttention):
         bias: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        num_kv_heads: int | None = None,
+        window: int | tuple[int, int] | None = None,
     ) -> None:
-        super().__init__(embed_dim, num_heads, dropout, bias, None, None, device, dtype)
+        _window_bounds(window)  # checked before any state exists
+        super().__init__(embed_dim, num_heads, dropout, bias, None, None, device, dtype, num_kv_heads)
+        self.window = window
 
     def forward(self, x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
         """Causal self-attention of ``x`` ``(N, L, E)``; returns ``(N, L, E)``."""
@@ -433,6 +488,7 @@ class CausalSelfAttention(_BatchFirstAttention):
         out = torch.ops.qkv.masked_self_attention(
             xb, self.num_heads, self.in_proj_weight, self.in_proj_bias,
             self.out_proj.weight, self.out_proj.bias, bias, p, seed,
+            self.num_kv_heads, _window_bounds(self.window)[0],
         )
         return out if batched else out.squeeze(0)
 
@@ -446,6 +502,8 @@ class CrossAttention(_BatchFirstAttention):
     MultiheadAttention's names for the same ``kdim``: the packed ``in_proj_weight`` when
     ``kdim == embed_dim``, else ``q_proj_weight``/``k_proj_weight``/``v_proj_weight``; then
     ``in_proj_bias`` and ``out_proj``. Masks as :class:`SelfAttention` with ``S`` = memory length.
+    ``num_kv_heads`` (grouped-query attention) as :class:`SelfAttention`: the key/value projections
+    have ``num_kv_heads * head_dim`` rows. (No window: queries and memory share no positions.)
     """
 
     def __init__(
@@ -458,6 +516,7 @@ class CrossAttention(_BatchFirstAttention):
         bias: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        num_kv_heads: int | None = None,
     ) -> None:
         resolved_kdim = kdim if kdim is not None else embed_dim
         resolved_vdim = vdim if vdim is not None else embed_dim
@@ -467,7 +526,7 @@ class CrossAttention(_BatchFirstAttention):
                 f"kdim; got kdim={resolved_kdim}, vdim={resolved_vdim} (use qkv.MultiheadAttention for "
                 "separate key and value inputs)"
             )
-        super().__init__(embed_dim, num_heads, dropout, bias, kdim, vdim, device, dtype)
+        super().__init__(embed_dim, num_heads, dropout, bias, kdim, vdim, device, dtype, num_kv_heads)
 
     def forward(
         self,
@@ -489,13 +548,14 @@ class CrossAttention(_BatchFirstAttention):
             key_padding_mask, attn_mask, n, self.num_heads, q_len, mb.shape[1], _compute_dtype(x), batched
         )
         if self.in_proj_weight is not None:
-            # Packed (3E, E) weight: the op takes its three row blocks as views.
-            w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+            # Packed (E + 2 * num_kv_heads * head_dim, E) weight: the op takes its row blocks as views.
+            kv_rows = self.num_kv_heads * self.head_dim
+            w_q, w_k, w_v = self.in_proj_weight.split([self.embed_dim, kv_rows, kv_rows])
         else:
             w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
         p, seed = self._dropout_args()
         out = torch.ops.qkv.cross_attention(
             xb, mb, self.num_heads, w_q, w_k, w_v, self.in_proj_bias,
-            self.out_proj.weight, self.out_proj.bias, bias, p, seed,
+            self.out_proj.weight, self.out_proj.bias, bias, p, seed, self.num_kv_heads,
         )
         return out if batched else out.squeeze(0)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from .cases import TARGETS_GROUP, default_grid, extra_cases, group_aliases, select_cases
+from .cases import FEATURES_GROUP, TARGETS_GROUP, default_grid, extra_cases, group_aliases, select_cases
 from .machine import available_cores, machine_slug
-from .report import TARGETS_META, format_terminal, write_all
+from .report import FEATURES_META, TARGETS_META, format_terminal, write_all
 from .runner import RunConfig, run_cases
 from .timing import TimingConfig
 
@@ -30,7 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: float32 on cpu, bfloat16 on cuda")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads for every side (default: all available cores)")
     parser.add_argument("--cases", help="comma list of case names, globs, groups or levels (see --list); "
-                        "'targets' = issue 4's CPU targets (not in the default run)")
+                        "'targets' = issue 4's CPU targets, 'features' = issue 17's (neither in the default run)")
     parser.add_argument("--out", type=Path, help="output folder (default: benchmarks/results/<machine>)")
     parser.add_argument("--list", action="store_true", help="print the selected cases and exit")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
@@ -48,9 +48,9 @@ def timing_config(quick: bool, repeats: int | None) -> TimingConfig:
     return config
 
 
-def wants_targets(selection: str | None) -> bool:
-    """Whether --cases asked for the issue 4 targets group (then the outputs end with its table)."""
-    return TARGETS_GROUP in [t.strip() for t in (selection or "").split(",")]
+def wants_targets(selection: str | None, group: str = TARGETS_GROUP) -> bool:
+    """Whether --cases asked for a targets group (then the outputs end with its table)."""
+    return group in [t.strip() for t in (selection or "").split(",")]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{threads} thread(s)", file=sys.stderr)
     run = run_cases(cases, config, progress=not args.no_progress)
     run.meta[TARGETS_META] = wants_targets(args.cases)
+    run.meta[FEATURES_META] = wants_targets(args.cases, FEATURES_GROUP)
     out_dir = args.out or Path("benchmarks") / "results" / machine_slug(args.device, threads)
     written = write_all(run, out_dir, plots=not args.no_plots)
     print(format_terminal(run))

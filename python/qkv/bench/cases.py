@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, replace
 from .flops import attention_flops, projection_flops
 
 CORE_MODES = ("fwd", "bwd", "fwdbwd")
+FEATURES = ("", "window", "gqa", "varlen", "kvcache")
 # Module modes: training forward+backward with need_weights False / True, and inference.
 MODULE_MODES = ("train", "train-weights", "eval")
 
@@ -41,6 +42,13 @@ class Case:
     # Thread scaling: when > 0, every side runs at this many threads and again at 1 thread
     # (as "<side>_1t"), interleaved in the same rounds; the result is time(1 thread) / time(n).
     scaling_threads: int = 0
+    # Issue 17's features (feature_workloads.py builds their sides): "window" (causal sliding
+    # window of `window` keys), "gqa" (`kv_heads` key/value heads), "varlen" (a packed batch whose
+    # padded equivalent is half padding), "kvcache" (q_len new tokens against kv_len cached keys,
+    # `kv_heads` heads). "" for every other case.
+    feature: str = ""
+    kv_heads: int = 0  # 0: as many as the query heads
+    window: int = 0  # keys a query sees in a "window" case (flash-attn's window_size = (window - 1, 0))
 
     def __post_init__(self) -> None:
         if self.level not in ("core", "module"):
@@ -56,6 +64,14 @@ class Case:
             raise ValueError(f"Case {self.name}: sides must start with 'qkv'; got {self.sides}")
         if self.scaling_threads < 0 or self.scaling_threads == 1:
             raise ValueError(f"Case {self.name}: scaling_threads must be 0 (off) or >= 2; got {self.scaling_threads}")
+        if self.feature not in FEATURES:
+            raise ValueError(f"Case {self.name}: feature must be one of {FEATURES}; got {self.feature!r}")
+        if self.feature and self.level != "core":
+            raise ValueError(f"Case {self.name}: feature cases are core-level")
+        if self.kv_heads < 0 or (self.kv_heads and self.heads % self.kv_heads):
+            raise ValueError(f"Case {self.name}: kv_heads must divide heads ({self.heads}); got {self.kv_heads}")
+        if (self.feature == "window") != (self.window > 0):
+            raise ValueError(f"Case {self.name}: window > 0 exactly for feature 'window'; got {self.window}")
 
     @property
     def family(self) -> str:
@@ -78,8 +94,17 @@ class Case:
         return self.flop_mode != "fwd"
 
     @property
+    def key_value_heads(self) -> int:
+        return self.kv_heads or self.heads
+
+    @property
     def flops(self) -> float:
-        """FLOPs of one timed call (the standard count; see flops.py)."""
+        """FLOPs of one timed call (the standard count; see flops.py). Feature cases count the
+        work their qkv side does (the band of a window, the real tokens of a packed batch)."""
+        if self.feature:
+            from .feature_workloads import feature_flops
+
+            return feature_flops(self)
         total = attention_flops(
             self.batch, self.heads, self.q_len, self.kv_len, self.head_dim, self.causal, self.flop_mode
         )
@@ -91,7 +116,9 @@ class Case:
     def shape(self) -> str:
         if self.level == "module":
             return f"N{self.batch} L{self.q_len} E{self.embed_dim} H{self.heads}"
-        return f"B{self.batch} H{self.heads} L{self.q_len} S{self.kv_len} D{self.head_dim}"
+        heads = f"H{self.heads}" + (f"/{self.kv_heads}" if self.kv_heads and self.kv_heads != self.heads else "")
+        extra = {"window": f" W{self.window}", "varlen": " packed"}.get(self.feature, "")
+        return f"B{self.batch} {heads} L{self.q_len} S{self.kv_len} D{self.head_dim}{extra}"
 
     def valid_kv_lens(self) -> list[int]:
         """Keys each batch element may attend to under key padding (all of them otherwise).
@@ -108,6 +135,11 @@ class Case:
         (thread pools, kernel caches) before a memory baseline is taken."""
         if self.level == "module":
             return replace(self, name=self.name + "-tiny", batch=1, q_len=8, kv_len=8)
+        if self.feature:  # the same head grouping and window, short sequences (packed: self-attention)
+            q_len = min(self.q_len, 8)
+            kv_len = q_len if self.feature == "varlen" else min(self.kv_len, 16)
+            return replace(self, name=self.name + "-tiny", batch=min(self.batch, 2), q_len=q_len, kv_len=kv_len,
+                           window=min(self.window, 4))
         return replace(self, name=self.name + "-tiny", batch=1, heads=1, q_len=min(self.q_len, 8), kv_len=min(self.kv_len, 8))
 
     def to_dict(self) -> dict:
@@ -206,17 +238,45 @@ def targets_grid() -> list[Case]:
     ]
 
 
+# The group `--cases features` selects: issue 17's targets (feature_targets.py holds the required
+# ratios): sliding window vs full causal, GQA 8:1 vs SDPA enable_gqa and vs MHA with the key heads,
+# a packed batch vs its padded call, KV-cache decoding vs SDPA. Not part of the default run.
+FEATURES_GROUP = "features"
+
+
+def features_grid() -> list[Case]:
+    """The cases issue 17's CPU targets are measured on (float32 by default)."""
+    both = ("fwd", "fwdbwd")
+    return [
+        # Sliding window of 256 keys over 8192 tokens, causal, against full causal attention.
+        *_core("swa8k", 1, 8, 8192, 8192, 64, both, causal=True, feature="window", window=256,
+               sides=("qkv", "qkv_full")),
+        # GQA 8:1, causal: against SDPA with enable_gqa=True, and against MHA with the 4 key heads.
+        *_core("gqa8to1", 1, 32, 2048, 2048, 64, both, causal=True, feature="gqa", kv_heads=4,
+               sides=("qkv", "sdpa_gqa", "qkv_mha_kv")),
+        # 8 sequences of at most 2048 tokens, half of the padded batch's tokens padding.
+        *_core("varlen-halfpad", 8, 8, 2048, 2048, 64, both, causal=True, feature="varlen",
+               sides=("qkv", "qkv_padded", "sdpa_padded")),
+        # Decoding one token against 4096 cached keys, Llama-like heads.
+        *_core("kvcache-decode", 8, 32, 1, 4096, 128, ("fwd",), causal=True, feature="kvcache", kv_heads=8,
+               sides=("qkv", "sdpa_gqa")),
+    ]
+
+
 def extra_cases(device: str, quick: bool = False) -> list[Case]:
-    """Cases outside the default grid that ``--cases`` can still name (the targets group, on CPU)."""
+    """Cases outside the default grid that ``--cases`` can still name (the targets and features
+    groups, on CPU)."""
     if device != "cpu":
         return []
     grid = {c.name: c for c in default_grid(device, quick)}
-    return [c for c in targets_grid() if c.name not in grid]
+    return [c for c in (*targets_grid(), *features_grid()) if c.name not in grid]
 
 
 def group_aliases(device: str) -> dict[str, list[str]]:
-    """Named sets of cases for ``--cases``: "targets" on CPU."""
-    return {TARGETS_GROUP: [c.name for c in targets_grid()]} if device == "cpu" else {}
+    """Named sets of cases for ``--cases``: "targets" and "features" on CPU."""
+    if device != "cpu":
+        return {}
+    return {TARGETS_GROUP: [c.name for c in targets_grid()], FEATURES_GROUP: [c.name for c in features_grid()]}
 
 
 def default_grid(device: str, quick: bool = False) -> list[Case]:

@@ -1,8 +1,8 @@
 """PNG plots: qkv's speedup and each side's peak memory against sequence length.
 
 Only self-attention cases without padding make up the lines (cross-attention and decode are
-single points of a different regime; they are in the tables; thread-scaling cases have their
-own table). One panel per level and mode; within a panel one line per reference (speedup) or
+single points of a different regime; they are in the tables; thread-scaling and feature cases
+have their own tables). One panel per level and mode; within a panel one line per reference (speedup) or
 side (memory), per causal flag and per model shape (head dim; embed dim and heads for modules),
 so the targets' E=256 module cases draw their own memory-vs-L lines beside the E=512 ones.
 """
@@ -31,7 +31,8 @@ def _panels(run: RunResult) -> dict[tuple[str, str], list[CaseResult]]:
     panels: dict[tuple[str, str], list[CaseResult]] = defaultdict(list)
     for r in run.results:
         c = r.case
-        if r.status == "ok" and c.q_len == c.kv_len and not c.key_padding and not c.scaling_threads:
+        if (r.status == "ok" and c.q_len == c.kv_len and not c.key_padding and not c.scaling_threads
+                and not c.feature):  # feature cases compare other sides: tables only
             panels[(c.level, c.mode)].append(r)
     return {k: v for k, v in panels.items() if v}
 

@@ -59,6 +59,7 @@ def flat_rows(run: RunResult) -> list[dict]:
             row[f"{name}_gflops"] = _num(s.gflops, 2) if s else None
             row[f"{name}_peak_mib"] = _num(s.peak_bytes / MIB, 2) if s and s.peak_bytes is not None else None
             row[f"{name}_max_error"] = _finite(s.max_error) if s else None
+            row[f"{name}_status"] = s.status if s else None
         row["qkv_pct_of_matmul"] = _num(100 * r.fraction_of_matmul, 1) if r.fraction_of_matmul else None
         row["matmul_gflops"] = _num(r.matmul_gflops, 1)
         for name in refs:
@@ -94,6 +95,8 @@ def write_json(run: RunResult, path: Path) -> Path:
     payload = {"meta": run.meta, "rows": flat_rows(run), "samples": samples}
     if run.meta.get(TARGETS_META):
         payload["targets"] = targets.to_json(targets.evaluate(run))
+    if run.meta.get(FEATURES_META):
+        payload["feature_targets"] = targets.to_json(targets.evaluate(run, targets.FEATURE_TARGETS))
     with open(path, "w") as f:
         json.dump(payload, f, indent=1, default=str, allow_nan=False)
         f.write("\n")
@@ -117,6 +120,23 @@ def _mib(nbytes: int | None) -> str:
     return "-" if nbytes is None else f"{nbytes / MIB:.1f}"
 
 
+def _left_out(r: CaseResult, name: str) -> str | None:
+    """What a summary cell shows for a side that was skipped or failed, or None if it ran."""
+    side = r.sides.get(name)
+    if side is None or side.status in ("ok", "wrong"):
+        return None
+    if side.status == "skipped":
+        return "skipped"
+    return "OOM" if "OutOfMemoryError" in side.message or "out of memory" in side.message else "error"
+
+
+def _left_out_lines(run: RunResult) -> list[str]:
+    """One line per side that a case lost (skipped before running, or failed), with the reason."""
+    return [f"{r.case.name}: {s.name} {s.message if s.message.startswith('skipped') else 'left out: ' + s.message}"
+            for r in run.results if r.status != "skipped"
+            for s in r.sides.values() if s.status in ("skipped", "error") and not (is_qkv_side(s.name) and r.status != "ok")]
+
+
 def _short(name: str) -> str:
     base, one_thread = split_thread_suffix(name)
     short = {MATMUL: "mm", "sdpa_math": "math", "torch_mha": "torch", "torch_mha_weights": "torch(w)", "sdpa_flash": "flash",
@@ -124,9 +144,10 @@ def _short(name: str) -> str:
     return short + " 1t" if one_thread else short
 
 
-# run.meta key: the run was asked for the issue 4 targets (--cases targets), so the outputs end
-# with their table.
+# run.meta keys: the run was asked for the issue 4 targets (--cases targets) or issue 17's
+# (--cases features), so the outputs end with their tables.
 TARGETS_META = "issue4_targets"
+FEATURES_META = "issue17_targets"
 
 
 def summary_tables(run: RunResult) -> list[tuple[str, list[str], list[list[str]]]]:
@@ -134,10 +155,12 @@ def summary_tables(run: RunResult) -> list[tuple[str, list[str], list[list[str]]
     tera = run.meta.get("device") == "cuda"
     unit = "TFLOP/s" if tera else "GFLOP/s"
     tables = []
-    for level, title in (("core", "Core attention (torch.ops.qkv.attention vs F.scaled_dot_product_attention)"),
-                         ("module", "Module (qkv.MultiheadAttention vs torch.nn.MultiheadAttention)")):
-        results = [r for r in run.results
-                   if r.case.level == level and r.status != "skipped" and not r.case.scaling_threads]
+    for level, feature, title in (
+            ("core", False, "Core attention (torch.ops.qkv.attention vs F.scaled_dot_product_attention)"),
+            ("core", True, "Features (issue 17: windows, GQA, packed batches, KV cache; sides in docs/benchmarks.md)"),
+            ("module", False, "Module (qkv.MultiheadAttention vs torch.nn.MultiheadAttention)")):
+        results = [r for r in run.results if r.case.level == level and bool(r.case.feature) == feature
+                   and r.status != "skipped" and not r.case.scaling_threads]
         if not results:
             continue
         refs = [s for s in side_order(results) if s != QKV]
@@ -155,9 +178,9 @@ def summary_tables(run: RunResult) -> list[tuple[str, list[str], list[list[str]]
             pct = "-" if r.fraction_of_matmul is None else f"{100 * r.fraction_of_matmul:.0f}%"
             rows.append(
                 [r.case.name, r.case.shape, _ms(qkv.median_s)]
-                + [_ratio(r.speedups.get(s)) for s in refs]
+                + [_left_out(r, s) or _ratio(r.speedups.get(s)) for s in refs]
                 + [rate, pct, _mib(qkv.peak_bytes)]
-                + [_ratio(r.memory_ratios.get(s)) for s in refs]
+                + [_left_out(r, s) or _ratio(r.memory_ratios.get(s)) for s in refs]
                 + ["-" if qkv.max_error is None else f"{qkv.max_error:.0e}"]
             )
         tables.append((title, header, rows))
@@ -193,13 +216,16 @@ def thread_scaling_table(run: RunResult) -> tuple[str, list[str], list[list[str]
     return ("Thread scaling (time at 1 thread / time at n threads, interleaved in one run)", header, rows)
 
 
-def targets_section(run: RunResult) -> tuple[str, list[str], list[list[str]], str] | None:
-    """(title, header, rows, summary) of the issue 4 targets table, when the run was asked for it."""
-    if not run.meta.get(TARGETS_META):
-        return None
-    rows = targets.evaluate(run)
-    header, body = targets.target_table(rows)
-    return "Issue 4 targets", header, body, targets.summary_line(rows)
+def targets_sections(run: RunResult) -> list[tuple[str, list[str], list[list[str]], str]]:
+    """(title, header, rows, summary) of each targets table the run was asked for."""
+    sections = []
+    for key, title, wanted in ((TARGETS_META, "Issue 4 targets", targets.TARGETS),
+                               (FEATURES_META, "Issue 17 targets (features)", targets.FEATURE_TARGETS)):
+        if run.meta.get(key):
+            rows = targets.evaluate(run, wanted)
+            header, body = targets.target_table(rows)
+            sections.append((title, header, body, targets.summary_line(rows)))
+    return sections
 
 
 def detail_tables(run: RunResult) -> list[tuple[str, list[str], list[list[str]]]]:
@@ -246,7 +272,8 @@ def format_markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 LEGEND = (
-    "x <ref>: time(ref) / time(qkv), median of per-round ratios (above 1: qkv is faster). "
+    "x <ref>: time(ref) / time(qkv), median of per-round ratios (above 1: qkv is faster); OOM, error or "
+    "skipped: that reference ran out of memory, failed, or was skipped as too large (see 'Sides left out'). "
     "mem x <ref>: peak(ref) / peak(qkv) (above 1: qkv uses less memory; '-' when both peaks are "
     "under 1 MiB). % mm: qkv's throughput as a share of a large torch.mm timed in the same rounds. "
     "qkv err: max error relative to a float64 reference. x torch(w) (training): torch's module with its "
@@ -295,11 +322,12 @@ def format_terminal(run: RunResult) -> str:
     skipped = _skipped_line(run)
     if skipped:
         parts.append(skipped)
+    left_out = _left_out_lines(run)
+    if left_out:
+        parts.append("Sides left out:\n" + "\n".join("  " + line for line in left_out))
     for r in run.failed:
         parts.append(("FAILED: " if r.status == "wrong" else "ERROR: ") + r.message)
-    section = targets_section(run)
-    if section:
-        title, header, rows, summary = section
+    for title, header, rows, summary in targets_sections(run):
         parts.append(f"{title} ({summary}; noisy shared machines: a ratio near its requirement may flip)\n"
                      + format_text_table(header, rows))
     return "\n\n".join(parts)
@@ -315,11 +343,12 @@ def write_markdown(run: RunResult, path: Path, plots: list[Path] | None = None) 
     skipped = _skipped_line(run)
     if skipped:
         parts.append(skipped)
+    left_out = _left_out_lines(run)
+    if left_out:
+        parts.append("**Sides left out**:\n\n" + "\n".join("- " + line for line in left_out))
     for r in run.failed:
         parts.append(("**FAILED**: " if r.status == "wrong" else "**ERROR**: ") + r.message)
-    section = targets_section(run)
-    if section:
-        title, header, rows, summary = section
+    for title, header, rows, summary in targets_sections(run):
         parts.append(f"## {title}\n\n{summary}. Each ratio is from this run's interleaved rounds (speed, "
                      f"thread scaling) or per-side child processes (memory); requirements are in "
                      f"qkv/bench/targets.py.\n\n{format_markdown_table(header, rows)}")

@@ -14,6 +14,7 @@ from . import correctness
 from .cases import Case
 from .machine import describe_machine
 from .memory import MemoryResult, measure_cuda, measure_in_child
+from .memory_budget import available_bytes, too_large
 from .flops import matmul_flops
 from .timing import (MATMUL, SideTiming, TimingConfig, make_matmul_side, matmul_rate, paired_fraction_of_matmul,
                      paired_speedup, time_interleaved, timer_for)
@@ -38,7 +39,7 @@ class RunConfig:
 @dataclass
 class SideResult:
     name: str
-    status: str = "ok"  # ok | error | wrong
+    status: str = "ok"  # ok | error | wrong | skipped (estimated to exceed the free memory)
     message: str = ""
     max_error: float | None = None
     timing: SideTiming | None = None
@@ -151,6 +152,15 @@ def run_cases(cases: list[Case], config: RunConfig, progress: bool = True) -> Ru
 def _run_case(case: Case, config: RunConfig, bar, log: Callable[[str], None], matmul_probe: Side) -> CaseResult:
     names = side_names(case, config.device)
     result = CaseResult(case, "ok", sides={n: SideResult(n) for n in names})
+    oversized = too_large(case, names, config.dtype, config.device, available_bytes(config.device))
+    for name, reason in oversized.items():
+        result.sides[name].status, result.sides[name].message = "skipped", reason
+        log(f"note: {case.name}: {name} {reason}")
+    if any(is_qkv_side(name) for name in oversized):
+        result.status = "skipped"
+        result.message = f"qkv {oversized.get(QKV) or next(iter(oversized.values()))}"
+        return result
+    names = tuple(n for n in names if n not in oversized)
     try:
         bar.set_postfix_str("check")
         inputs = make_inputs(case, config.device, config.dtype, config.seed)
@@ -163,29 +173,39 @@ def _run_case(case: Case, config: RunConfig, bar, log: Callable[[str], None], ma
         log(("FAIL (wrong result, not timed): " if result.status == "wrong" else "ERROR (not timed): ") + result.message)
         return result
     for side in result.sides.values():
-        if side.status != "ok":
+        if side.status not in ("ok", "skipped"):  # skipped ones were reported above
             log(f"note: {case.name}: {side.name} left out: {side.message}")
 
     bar.set_postfix_str("time")
     probes = [matmul_probe]
     if case.scaling_threads:  # how the machine's own matmul scales, beside the attention sides
         probes.append(at_threads(matmul_probe, MATMUL + ONE_THREAD_SUFFIX, 1))
-    try:
-        timings = time_interleaved([*runnable.values(), *probes], timer_for(config.device), config.timing,
-                                   first_call_s)
-    except Exception as exc:  # noqa: BLE001 - e.g. out of memory in a reference; the run goes on
-        result.status, result.message = "error", f"{case.name}: timing failed: {type(exc).__name__}: {exc}"
+    # A side that fails while timed (e.g. out of memory in a reference) costs that side only.
+    failures: dict[str, str] = {}
+    timings = time_interleaved([*runnable.values(), *probes], timer_for(config.device), config.timing,
+                               first_call_s, failures)
+    for name, reason in failures.items():
+        if name in result.sides:
+            result.sides[name].status, result.sides[name].message = "error", reason
+            runnable.pop(name)
+        log(f"note: {case.name}: {name} left out: {reason}")
+    failed_qkv = [n for n in failures if is_qkv_side(n)]
+    if failed_qkv:
+        result.status, result.message = "error", f"{case.name}: {failed_qkv[0]} {failures[failed_qkv[0]]}"
         log("ERROR: " + result.message)
-        return result
-    matmul_timing = timings.pop(MATMUL)
+    matmul_timing = timings.pop(MATMUL, None)
     matmul_one_thread = timings.pop(MATMUL + ONE_THREAD_SUFFIX, None)
-    result.matmul_gflops = matmul_flops(config.matmul_n) / matmul_timing.median / 1e9
+    if matmul_timing is not None:
+        result.matmul_gflops = matmul_flops(config.matmul_n) / matmul_timing.median / 1e9
     for name, timing in timings.items():
         side = result.sides[name]
         side.timing = timing
         side.gflops = case.flops / timing.median / 1e9
+    if failed_qkv:
+        return result
     qkv_timing = timings[QKV]
-    result.fraction_of_matmul = paired_fraction_of_matmul(qkv_timing, case.flops, matmul_timing, config.matmul_n)
+    if matmul_timing is not None:
+        result.fraction_of_matmul = paired_fraction_of_matmul(qkv_timing, case.flops, matmul_timing, config.matmul_n)
     # Each reference is paired with qkv at its own thread count ("sdpa_1t" with "qkv_1t").
     result.speedups = {
         n: paired_speedup(t, timings[QKV + ONE_THREAD_SUFFIX if split_thread_suffix(n)[1] else QKV])
@@ -195,7 +215,7 @@ def _run_case(case: Case, config: RunConfig, bar, log: Callable[[str], None], ma
         n: paired_speedup(timings[n + ONE_THREAD_SUFFIX], t)
         for n, t in timings.items() if n + ONE_THREAD_SUFFIX in timings
     }
-    if matmul_one_thread is not None:
+    if matmul_one_thread is not None and matmul_timing is not None:
         result.thread_scaling[MATMUL] = paired_speedup(matmul_one_thread, matmul_timing)
 
     # Thread-scaling cases are timed only: they answer how time falls with threads, not memory.
@@ -221,7 +241,12 @@ def _check(case: Case, inputs, sides: dict[str, Side | Exception], config: RunCo
     to time with the seconds their full-size call took. Sets result.status to "wrong" or
     "error" when qkv fails or the check itself is inconsistent."""
     device, timer = config.device, timer_for(config.device)
-    if case.level == "core":
+    if case.feature:
+        from .feature_workloads import feature_reference
+
+        reference = feature_reference(case, inputs)
+        check_sides, prepare = sides, None
+    elif case.level == "core":
         reference = correctness.core_reference(case, inputs, device)
         check_sides, prepare = sides, correctness.sliced_core_result
     else:
@@ -239,7 +264,14 @@ def _check(case: Case, inputs, sides: dict[str, Side | Exception], config: RunCo
             if isinstance(side, Exception):
                 raise side
             first_call_s[name], output = timer.call(side)
-            errors[name] = correctness.relative_error(prepare(output), reference)
+            if case.feature:  # each side's own layout onto the checked slice; yardsticks are not checked
+                if side.canonical is None:
+                    del output
+                    continue
+                output = side.canonical(output)
+            else:
+                output = prepare(output)
+            errors[name] = correctness.relative_error(output, reference)
             del output
         except Exception as exc:  # noqa: BLE001 - recorded per side
             record.status, record.message = "error", f"{type(exc).__name__}: {exc}".strip()

@@ -28,7 +28,10 @@ MATMUL_SHARE = "matmul share"  # qkv FLOP/s / torch.mm FLOP/s, paired per round 
 MEMORY = "memory"  # peak(reference) / peak(qkv)
 SCALING = "scaling"  # time(side at 1 thread) / time(side at the case's threads)
 GROWTH = "growth"  # peak(side, case) / peak(side, base_case): memory growth with L
-METRICS = (SPEEDUP, MATMUL_SHARE, MEMORY, SCALING, GROWTH)
+# (peak(side) + the bytes of the query heads qkv has beyond side's) / peak(qkv): GQA against MHA
+# with only the key heads ("no more memory than MHA with the key heads plus the queries").
+MEMORY_PLUS_QUERIES = "memory plus queries"
+METRICS = (SPEEDUP, MATMUL_SHARE, MEMORY, SCALING, GROWTH, MEMORY_PLUS_QUERIES)
 
 
 @dataclass(frozen=True)
@@ -129,7 +132,7 @@ def _mib(nbytes: int) -> str:
     return f"{nbytes / 2**20:.0f} MiB"
 
 
-def measure(target: Target, results: dict[str, CaseResult]) -> tuple[float | None, str]:
+def measure(target: Target, results: dict[str, CaseResult], dtype_size: int = 4) -> tuple[float | None, str]:
     """The measured ratio of ``target`` (None when the run lacks it) and a note on why or how."""
     result = results.get(target.case)
     if result is None:
@@ -151,6 +154,15 @@ def measure(target: Target, results: dict[str, CaseResult]) -> tuple[float | Non
         peaks = [p for p in (_peak(result, "qkv"), _peak(result, target.side)) if p is not None]
         if len(peaks) == 2:
             note = f"qkv {_mib(peaks[0])}, {target.side} {_mib(peaks[1])}"
+    elif target.metric == MEMORY_PLUS_QUERIES:
+        from .feature_workloads import extra_query_bytes
+
+        peak, yardstick = _peak(result, "qkv"), _peak(result, target.side)
+        value = None
+        if peak and yardstick is not None:
+            extra = extra_query_bytes(result.case, dtype_size)
+            value = (yardstick + extra) / peak
+            note = f"qkv {_mib(peak)}, {target.side} {_mib(yardstick)} + queries {_mib(extra)}"
     elif target.metric == SCALING:
         value = result.thread_scaling.get(target.side)
     else:
@@ -176,9 +188,10 @@ def is_met(target: Target, measured: float | None) -> bool | None:
 
 def evaluate(run: RunResult, targets: tuple[Target, ...] = TARGETS) -> list[TargetRow]:
     results = {r.case.name: r for r in run.results}
+    dtype_size = {"float64": 8, "float16": 2, "bfloat16": 2}.get(str(run.meta.get("dtype", "")).removeprefix("torch."), 4)
     rows = []
     for target in targets:
-        measured, note = measure(target, results)
+        measured, note = measure(target, results, dtype_size)
         rows.append(TargetRow(target, measured, is_met(target, measured), note))
     return rows
 
@@ -232,3 +245,25 @@ def to_json(rows: list[TargetRow]) -> list[dict]:
          "met": r.met, "verdict": r.verdict, "note": r.note}
         for r in rows
     ]
+
+
+# Issue 17's CPU targets, read from the cases of ``cases.features_grid()`` (``--cases features``):
+# the items are the issue's target lines.
+FEATURE_TARGETS: tuple[Target, ...] = (
+    *(_parity(1, f"sliding window 256 over 8192, causal, {mode}: vs full causal", f"swa8k-{case}", SPEEDUP,
+              "qkv_full", 10.0) for mode, case in (("fwd", "fwd"), ("fwd+bwd", "fwdbwd"))),
+    *(t for mode, case in (("fwd", "fwd"), ("fwd+bwd", "fwdbwd")) for t in (
+        _parity(2, f"GQA 8:1 (32/4 heads) {mode}: vs SDPA enable_gqa=True", f"gqa8to1-{case}", SPEEDUP, "sdpa_gqa"),
+        _parity(2, f"GQA 8:1 {mode} peak mem: vs MHA with 4 heads plus the queries", f"gqa8to1-{case}",
+                MEMORY_PLUS_QUERIES, "qkv_mha_kv"),
+        Target(2, f"GQA 8:1 {mode} peak mem: vs SDPA enable_gqa=True", f"gqa8to1-{case}", MEMORY, "sdpa_gqa", None),
+    )),
+    *(t for mode, case in (("fwd", "fwd"), ("fwd+bwd", "fwdbwd")) for t in (
+        _parity(3, f"varlen, half padding, {mode}: vs the padded call", f"varlen-halfpad-{case}", SPEEDUP,
+                "qkv_padded", 1.7),
+        Target(3, f"varlen, half padding, {mode}: vs SDPA on the padded batch", f"varlen-halfpad-{case}", SPEEDUP,
+               "sdpa_padded", None),
+    )),
+    _parity(4, "KV-cache decode B8 H32/8 1 vs 4096 D128: vs SDPA enable_gqa=True", "kvcache-decode-fwd", SPEEDUP,
+            "sdpa_gqa"),
+)

@@ -62,6 +62,10 @@ class Timer:
             return time.perf_counter() - start
 
 
+    def release(self) -> None:
+        """After a failed call: nothing to hand back on the CPU."""
+
+
 class CudaTimer(Timer):
     def call(self, side: Side) -> tuple[float, dict]:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -85,12 +89,19 @@ class CudaTimer(Timer):
         return start.elapsed_time(end) / 1e3
 
 
+    def release(self) -> None:
+        """After a failed call (often out of memory): hand cached blocks back to the device."""
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
 def timer_for(device: str) -> Timer:
     return CudaTimer() if device == "cuda" else Timer()
 
 
 def time_interleaved(
-    sides: Sequence[Side], timer: Timer, config: TimingConfig, estimates: dict[str, float] | None = None
+    sides: Sequence[Side], timer: Timer, config: TimingConfig, estimates: dict[str, float] | None = None,
+    failures: dict[str, str] | None = None,
 ) -> dict[str, SideTiming]:
     """Median seconds per call for each side, the sides alternating round by round.
 
@@ -98,21 +109,40 @@ def time_interleaved(
     are the seconds those calls took; they size the blocks and the number of rounds (a first
     call is slow, so blocks err on the short side). Sides without an estimate get one
     calibration call.
+
+    A side that raises (out of memory, or anything else) leaves the rounds; the others go on.
+    It is missing from the result, and ``failures`` (when given) maps its name to the reason.
     """
     estimates = dict(estimates or {})
+    failed = {} if failures is None else failures
+
+    def attempt(side: Side, inner: int) -> float | None:
+        try:
+            return timer.block(side, inner)
+        except Exception as exc:  # noqa: BLE001 - costs this side only
+            failed[side.name] = f"timing failed: {type(exc).__name__}: {exc}".strip()
+        timer.release()  # the exception (and the tensors its frames held) is gone by now
+        return None
+
     for side in sides:
         if side.name not in estimates:
-            estimates[side.name] = timer.block(side, 1)
-    single = {s.name: max(estimates[s.name], 1e-7) for s in sides}
-    timings = {s.name: SideTiming(inner=max(1, math.ceil(config.block_s / single[s.name]))) for s in sides}
+            seconds = attempt(side, 1)
+            if seconds is not None:
+                estimates[side.name] = seconds
+    order = [s for s in sides if s.name not in failed]
+    single = {s.name: max(estimates[s.name], 1e-7) for s in order}
+    timings = {s.name: SideTiming(inner=max(1, math.ceil(config.block_s / single[s.name]))) for s in order}
     round_s = sum(timings[n].inner * single[n] for n in single)
     repeats = int(min(config.max_repeats, max(config.min_repeats, config.case_budget_s // max(round_s, 1e-9))))
-    order = list(sides)
     for r in range(repeats):
         for side in order if r % 2 == 0 else reversed(order):
+            if side.name in failed:
+                continue
             t = timings[side.name]
-            t.samples.append(timer.block(side, t.inner) / t.inner)
-    return timings
+            seconds = attempt(side, t.inner)
+            if seconds is not None:
+                t.samples.append(seconds / t.inner)
+    return {name: t for name, t in timings.items() if name not in failed}
 
 
 def paired_speedup(reference: SideTiming, candidate: SideTiming) -> float:

@@ -36,6 +36,12 @@ SIDE_LABELS = {
     "sdpa_cudnn": "SDPA cuDNN backend",
     "torch_mha": "torch.nn.MultiheadAttention",
     "torch_mha_weights": "torch.nn.MultiheadAttention, need_weights=True",
+    # feature cases (feature_workloads.py)
+    "qkv_full": "qkv, full causal (no window)",
+    "sdpa_gqa": "SDPA, enable_gqa=True",
+    "qkv_mha_kv": "qkv MHA with the key heads only",
+    "qkv_padded": "qkv on the padded batch",
+    "sdpa_padded": "SDPA on the padded batch",
 }
 
 
@@ -85,6 +91,9 @@ class Side:
     compute: Callable[[], dict[str, torch.Tensor]]
     context: Callable[[], ContextManager[Any]] = contextlib.nullcontext
     keep: list[Any] = field(default_factory=list)  # objects the closure needs alive (graphs)
+    # Feature cases: maps a result onto the checked slice, untimed (None: the side is not checked,
+    # e.g. a yardstick of another shape).
+    canonical: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
 
 
 @dataclass
@@ -135,7 +144,11 @@ def make_module_inputs(case: Case, device: str, dtype: torch.dtype, seed: int) -
     return ModuleInputs(x, dout)
 
 
-def make_inputs(case: Case, device: str, dtype: torch.dtype, seed: int) -> CoreInputs | ModuleInputs:
+def make_inputs(case: Case, device: str, dtype: torch.dtype, seed: int):
+    if case.feature:
+        from .feature_workloads import make_feature_inputs
+
+        return make_feature_inputs(case, device, dtype, seed)
     if case.level == "core":
         return make_core_inputs(case, device, dtype, seed)
     return make_module_inputs(case, device, dtype, seed)
@@ -260,7 +273,7 @@ def _thread_count(threads: int, inner: Callable[[], ContextManager[Any]]):
 def at_threads(side: Side, name: str, threads: int) -> Side:
     """``side`` renamed ``name``, run with ``threads`` intra-op threads."""
     inner = side.context
-    return Side(name, side.compute, lambda: _thread_count(threads, inner), side.keep)
+    return Side(name, side.compute, lambda: _thread_count(threads, inner), side.keep, side.canonical)
 
 
 def make_sides(case: Case, inputs, names, device: str, dtype: torch.dtype, seed: int) -> dict[str, Side | Exception]:
@@ -278,6 +291,15 @@ def make_sides(case: Case, inputs, names, device: str, dtype: torch.dtype, seed:
             return {name: exc for name in names}
         for name in base_names:
             built[name] = make_module_side(case, inputs, name, modules[name])
+    elif case.feature:
+        from .feature_workloads import make_feature_side
+
+        for name in base_names:
+            try:
+                compute, canonical = make_feature_side(case, inputs, name)
+                built[name] = Side(name, compute, canonical=canonical)
+            except Exception as exc:  # noqa: BLE001 - reported per side by the runner
+                built[name] = exc
     else:
         for name in base_names:
             try:
