@@ -3,10 +3,15 @@
 Every reduction order (the dQ partials of key chunks, the bias gradient of broadcast shapes,
 the row sums) must be a function of the problem alone, never of how many workers split it.
 The shapes below have few (batch, head) pairs and several key blocks, so that the kernels
-split keys as well as (batch, head) pairs.
+split keys as well as (batch, head) pairs; the issue 17 cases have more than 1024 keys, so that
+the backward splits them into chunks (backward_tasks.h: chunks of at least 512 keys).
 """
+import itertools
+
 import pytest
 import torch
+
+from reference import alibi_slopes, feature_reference, varlen_reference
 
 attention = torch.ops.qkv.attention
 attention_weights = torch.ops.qkv.attention_weights
@@ -122,3 +127,64 @@ def test_weights_backward():
         return torch.autograd.grad((out, weights), (q, k, v, bias), (grad_out, grad_weights))
 
     assert_all_bitwise_equal(for_each_thread_count(grads), ("dq", "dk", "dv", "dbias"))
+
+
+# ---- issue 17's options: grouped key/value heads (a backward task per key head), a sliding
+# window (chunks whose first key block no query, or only some queries, see), ALiBi, softcap.
+
+FEATURES = dict(is_causal=True, window=(200, -1), softcap=3.0)
+
+
+def assert_close_to_reference(got, want, names):
+    for name, g, w in zip(names, got, want):
+        torch.testing.assert_close(g.double(), w, atol=2e-4, rtol=2e-4, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("bottom_right", [False, True])
+def test_backward_with_groups_window_alibi_softcap(bottom_right):
+    B, H, Hk, L, S, D = 1, 4, 2, 600, 1100, 16
+    q, k, v = torch.randn(B, H, L, D), torch.randn(B, Hk, S, D), torch.randn(B, Hk, S, D)
+    slopes = alibi_slopes(H)
+    window, softcap = FEATURES["window"], FEATURES["softcap"]
+    out, lse = attention(q, k, v, None, 0.0, True, bottom_right, None, None, *window, softcap, slopes)
+    grad = torch.randn_like(out)
+    results = for_each_thread_count(
+        lambda: torch.ops.qkv.attention_backward(grad, q, k, v, None, out, lse, 0.0, True, bottom_right, None, None,
+                                                 False, *window, softcap, slopes)[:3])
+    assert_all_bitwise_equal(results, ("dq", "dk", "dv"))
+    inputs = [t.double().requires_grad_() for t in (q, k, v)]
+    want_out, _ = feature_reference(*inputs, bottom_right=bottom_right, alibi_slopes=slopes, **FEATURES)
+    assert_close_to_reference(results[0], torch.autograd.grad(want_out, inputs, grad.double()), ("dq", "dk", "dv"))
+
+
+@pytest.mark.parametrize("bias_shape", ["over-heads", "over-batch-and-heads", "key-padding"], ids=str)
+def test_backward_with_groups_and_bias_gradient(bias_shape):
+    B, H, Hk, L, S, D = 2, 4, 2, 130, 1100, 16
+    q, k, v = torch.randn(B, H, L, D), torch.randn(B, Hk, S, D), torch.randn(B, Hk, S, D)
+    bias = torch.randn(BIAS_SHAPES[bias_shape](B, H, L, S))
+    out, lse = attention(q, k, v, bias, 0.0, False, False, None, None, -1, 300)
+    grad = torch.randn_like(out)
+    results = for_each_thread_count(
+        lambda: torch.ops.qkv.attention_backward(grad, q, k, v, bias, out, lse, 0.0, False, False, None, None, True,
+                                                 -1, 300))
+    assert_all_bitwise_equal(results, ("dq", "dk", "dv", "dbias"))
+
+
+def test_varlen_backward():
+    H, Hk, D = 4, 2, 16
+    lengths_q, lengths_k = [300, 40, 600], [1100, 30, 700]  # the 30-key sequence has fewer key blocks than chunks
+    cu_q = torch.tensor([0, *itertools.accumulate(lengths_q)], dtype=torch.int32)
+    cu_k = torch.tensor([0, *itertools.accumulate(lengths_k)], dtype=torch.int32)
+    q = torch.randn(sum(lengths_q), H, D)
+    k, v = torch.randn(sum(lengths_k), Hk, D), torch.randn(sum(lengths_k), Hk, D)
+    slopes = alibi_slopes(H)
+    window, softcap = FEATURES["window"], FEATURES["softcap"]
+    args = (cu_q, cu_k, max(lengths_q), max(lengths_k), 0.0, True, True, None, None, *window, softcap, slopes)
+    out, lse = torch.ops.qkv.attention_varlen(q, k, v, *args)
+    grad = torch.randn_like(out)
+    results = for_each_thread_count(
+        lambda: torch.ops.qkv.attention_varlen_backward(grad, q, k, v, out, lse, *args))
+    assert_all_bitwise_equal(results, ("dq", "dk", "dv"))
+    inputs = [t.double().requires_grad_() for t in (q, k, v)]
+    want_out, _ = varlen_reference(*inputs, cu_q, cu_k, bottom_right=True, alibi_slopes=slopes, **FEATURES)
+    assert_close_to_reference(results[0], torch.autograd.grad(want_out, inputs, grad.double()), ("dq", "dk", "dv"))
