@@ -8,10 +8,16 @@ Environment switches:
   QKV_DEBUG=1               -O0 -g build
   QKV_VERBOSE_BUILD=1       print the full link record (always written to <build_temp>/link-command.txt)
 
+The CPU kernel translation units are compiled once per instruction set (portable, AVX2,
+AVX-512), each copy with its own flags; the library chooses one at load time
+(csrc/cpu/cpu_capability.h, QKV_CPU_CAPABILITY). Everything else is built for the baseline
+of the architecture, so the extension imports on any x86-64 CPU.
+
 Install into your own environment with `pip install --no-build-isolation .` so the build
 uses your installed torch (pip's isolated build would download an unpinned one).
 """
 import os
+import platform
 import sys
 
 from setuptools import find_packages, setup
@@ -20,6 +26,20 @@ from torch.utils import cpp_extension
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 from shared_cxx_runtime import with_shared_cxx_runtime  # noqa: E402
+
+# The copies of the CPU kernels: (name, compiler flags). CPU_CAPABILITY names the inline
+# namespace of each copy (as in ATen, whose vector types follow the same macro), so no two
+# copies share an inline function. Only x86-64 has copies beyond the portable one.
+CPU_CAPABILITIES = [("DEFAULT", [])]
+if platform.machine().lower() in ("x86_64", "amd64"):
+    CPU_CAPABILITIES += [
+        ("AVX2", ["-mavx2", "-mfma", "-mf16c"]),
+        # -Wno-(maybe-)uninitialized: GCC 12 warns inside its own _mm512_max_ps and other
+        # intrinsics that start from _mm512_undefined_ps (GCC bug 105593);
+        # the same sources' other copies still get the warning.
+        ("AVX512", ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx2", "-mfma", "-mf16c",
+                    "-Wno-uninitialized", "-Wno-maybe-uninitialized"]),
+    ]
 
 
 def _cuda_wanted() -> bool:
@@ -48,21 +68,61 @@ def read_source_list(path=os.path.join("csrc", "sources.txt")):
     return groups
 
 
+def _headers():
+    """Every header under csrc/: setuptools relinks the library when one is newer than it."""
+    return sorted(os.path.relpath(os.path.join(folder, name), ROOT)
+                  for folder, _, names in os.walk(os.path.join(ROOT, "csrc"))
+                  for name in names if name.endswith((".h", ".cuh")))
+
+
+class BuildExtension(cpp_extension.BuildExtension):
+    """torch's BuildExtension, plus the per-capability copies of the CPU kernels.
+
+    An extension may carry `cpu_kernel_sources`: each is compiled once per CPU_CAPABILITIES
+    entry, with that entry's flags and -DCPU_CAPABILITY=<name>, into its own folder, and the
+    objects are linked after the extension's own (baseline) objects, lowest capability first.
+    That order matters: an inline function from a shared header (std::, c10) that several
+    objects emit is kept from the first object that has it, so a caller always gets a copy
+    built for its own capability or a lower one, never an instruction its CPU may lack.
+    """
+
+    def build_extension(self, ext):
+        kernel_sources = getattr(ext, "cpu_kernel_sources", [])
+        flags = ext.extra_compile_args
+        cxx_flags = list(flags["cxx"] if isinstance(flags, dict) else flags)
+        objects = []
+        for name, isa_flags in CPU_CAPABILITIES:
+            objects += self.compiler.compile(
+                kernel_sources,
+                output_dir=os.path.join(self.build_temp, "cpu_capability", name),
+                macros=ext.define_macros,
+                include_dirs=ext.include_dirs,
+                debug=self.debug,
+                extra_postargs=cxx_flags + isa_flags + [f"-DCPU_CAPABILITY={name}", f"-DCPU_CAPABILITY_{name}"],
+                depends=ext.depends,
+            )
+        ext.extra_objects = list(ext.extra_objects or []) + objects
+        super().build_extension(ext)
+
+
 def build_extension():
     debug = os.environ.get("QKV_DEBUG") == "1"
-    # AVX2 + FMA is the baseline this build needs; anything wider must be dispatched at run time.
+    # Baseline flags only: instruction sets beyond the architecture's baseline are for the
+    # per-capability copies of the CPU kernels (BuildExtension above).
     cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
-    cxx_flags += ["-std=c++20", "-fopenmp", "-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2",
-                  "-DCPU_CAPABILITY=AVX2"]
+    cxx_flags += ["-std=c++20", "-fopenmp"]
     groups = read_source_list()
-    # core and cpu_kernel share today's AVX2 flags; per-group (per-ISA) flags come with the
-    # CPU ISA dispatch work.
-    sources = groups["core"] + groups["cpu_kernel"] + groups["python"]
+    # core and python build once with the baseline flags; the cpu_kernel group is compiled once
+    # per capability by BuildExtension above.
+    sources = groups["core"] + groups["python"]
     kwargs = dict(
         name="qkv._C",
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")],
         extra_link_args=["-fopenmp"],
+        # setuptools relinks only when one of these is newer than the library; the copies'
+        # objects are rebuilt by ninja from their own dependency files.
+        depends=groups["cpu_kernel"] + _headers(),
     )
     if _cuda_wanted():
         archs = os.environ.get("QKV_CUDA_ARCHS")
@@ -71,11 +131,14 @@ def build_extension():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         nvcc_flags = ["-O3", "-std=c++20", "--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo"]
         kwargs["sources"] = sources + groups["cuda"]
-        return cpp_extension.CUDAExtension(
+        ext = cpp_extension.CUDAExtension(
             extra_compile_args={"cxx": cxx_flags + ["-DQKV_WITH_CUDA"], "nvcc": nvcc_flags},
             **kwargs,
         )
-    return cpp_extension.CppExtension(extra_compile_args={"cxx": cxx_flags}, **kwargs)
+    else:
+        ext = cpp_extension.CppExtension(extra_compile_args={"cxx": cxx_flags}, **kwargs)
+    ext.cpu_kernel_sources = groups["cpu_kernel"]
+    return ext
 
 
 setup(
@@ -83,5 +146,5 @@ setup(
     packages=find_packages("python"),  # qkv and qkv.bench
     ext_modules=[build_extension()],
     # Links against the shared C++ runtime torch uses, and records the link (see the module).
-    cmdclass={"build_ext": with_shared_cxx_runtime(cpp_extension.BuildExtension).with_options(use_ninja=True)},
+    cmdclass={"build_ext": with_shared_cxx_runtime(BuildExtension).with_options(use_ninja=True)},
 )

@@ -1,10 +1,76 @@
-// The Python extension module qkv._C. It holds no functions: importing it loads the shared
-// library, whose static initialisers register the torch.ops.qkv operators.
+// The Python extension module qkv._C. Importing it loads the shared library, whose static
+// initialisers register the torch.ops.qkv operators. Its functions are private: which copy
+// of the CPU kernels runs (cpu/cpu_capability.h), for qkv's import, tests and benchmarks.
 #include <Python.h>
+#include <torch/csrc/Exceptions.h>
+
+#include "cpu/cpu_capability.h"
+
+#include <string>
+
+namespace {
+
+qkv::CpuCapability parse_capability(const char* name) {
+  const qkv::CpuCapabilityChoice choice = qkv::choose_cpu_capability(name, qkv::CpuCapability::Avx512);
+  TORCH_CHECK(choice.warning.empty() && *name != '\0', "qkv: '", name,
+              "' names no CPU capability; expected one of default, avx2, avx512");
+  return choice.capability;
+}
+
+// _cpu_capability() -> str: the active capability; the first call chooses it (errors and
+// warnings about QKV_CPU_CAPABILITY surface here, as a RuntimeError or a UserWarning).
+PyObject* cpu_capability(PyObject*, PyObject*) {
+  HANDLE_TH_ERRORS
+  return PyUnicode_FromString(qkv::cpu_capability_name(qkv::cpu_capability()));
+  END_HANDLE_TH_ERRORS
+}
+
+// _set_cpu_capability(name) -> str: switches every CPU kernel to that copy; returns the previous one.
+PyObject* set_cpu_capability(PyObject*, PyObject* arg) {
+  HANDLE_TH_ERRORS
+  const char* name = PyUnicode_AsUTF8(arg);
+  if (name == nullptr) return nullptr;
+  return PyUnicode_FromString(qkv::cpu_capability_name(qkv::set_cpu_capability(parse_capability(name))));
+  END_HANDLE_TH_ERRORS
+}
+
+// _supported_cpu_capabilities() -> list[str]: every copy this CPU can run, lowest first.
+PyObject* supported_cpu_capabilities(PyObject*, PyObject*) {
+  HANDLE_TH_ERRORS
+  const int best = static_cast<int>(qkv::best_supported_cpu_capability());
+  PyObject* names = PyList_New(best + 1);
+  for (int c = 0; c <= best; ++c) {
+    PyList_SET_ITEM(names, c, PyUnicode_FromString(qkv::cpu_capability_name(static_cast<qkv::CpuCapability>(c))));
+  }
+  return names;
+  END_HANDLE_TH_ERRORS
+}
+
+// _choose_cpu_capability(requested, best) -> (str, str): what QKV_CPU_CAPABILITY=requested
+// would select on a CPU whose best capability is `best`, and the warning it would give.
+PyObject* choose_cpu_capability(PyObject*, PyObject* args) {
+  HANDLE_TH_ERRORS
+  const char* requested = nullptr;
+  const char* best = nullptr;
+  if (!PyArg_ParseTuple(args, "ss", &requested, &best)) return nullptr;
+  const qkv::CpuCapabilityChoice choice = qkv::choose_cpu_capability(requested, parse_capability(best));
+  return Py_BuildValue("(ss)", qkv::cpu_capability_name(choice.capability), choice.warning.c_str());
+  END_HANDLE_TH_ERRORS
+}
+
+PyMethodDef methods[] = {
+    {"_cpu_capability", cpu_capability, METH_NOARGS, "The active copy of the CPU kernels."},
+    {"_set_cpu_capability", set_cpu_capability, METH_O, "Switch the CPU kernels to another copy (tests)."},
+    {"_supported_cpu_capabilities", supported_cpu_capabilities, METH_NOARGS, "The copies this CPU can run."},
+    {"_choose_cpu_capability", choose_cpu_capability, METH_VARARGS, "What QKV_CPU_CAPABILITY would select."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+}  // namespace
 
 extern "C" {
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 }

@@ -9,6 +9,9 @@ pytestmark = pytest.mark.usefixtures("device")  # cpu, and cuda when present (co
 attention = torch.ops.qkv.attention
 attention_weights = torch.ops.qkv.attention_weights
 
+# Every test runs on each copy of the CPU kernels this CPU has (conftest.cpu_capability).
+pytestmark = pytest.mark.usefixtures("cpu_capability")
+
 
 def leaf(*shape, dtype=torch.float64):
     return torch.randn(*shape, dtype=dtype, requires_grad=True)
@@ -72,6 +75,9 @@ def test_gradients_match_reference(dtype):
     (1, 1, 65, 129, 16, 16),   # one past it, whole panels
     (2, 1, 130, 300, 33, 8),   # several tiles both ways, a partial last panel
     (1, 1, 1, 260, 8, 8),      # a single query row
+    (1, 2, 95, 255, 31, 33),   # the AVX-512 backward tile (96 rows x 256 keys), each side
+    (1, 1, 97, 257, 32, 32),
+    (1, 1, 25, 520, 12, 13),   # 12-row micro-kernel blocks and a tail, three key tiles
 ])
 @pytest.mark.parametrize("is_causal,bottom_right", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

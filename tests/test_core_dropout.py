@@ -9,6 +9,9 @@ pytestmark = pytest.mark.usefixtures("device")  # cpu, and cuda when present (co
 attention = torch.ops.qkv.attention
 attention_weights = torch.ops.qkv.attention_weights
 
+# Every test runs on each copy of the CPU kernels this CPU has (conftest.cpu_capability).
+pytestmark = pytest.mark.usefixtures("cpu_capability")
+
 
 def inputs(L=64, S=96, D=16, dtype=torch.float64):
     return (torch.randn(2, 4, L, D, dtype=dtype), torch.randn(2, 4, S, D, dtype=dtype),

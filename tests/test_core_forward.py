@@ -11,6 +11,9 @@ pytestmark = pytest.mark.usefixtures("device")  # cpu, and cuda when present (co
 
 attention = torch.ops.qkv.attention
 
+# Every test runs on each copy of the CPU kernels this CPU has (conftest.cpu_capability).
+pytestmark = pytest.mark.usefixtures("cpu_capability")
+
 
 def make_qkv(B, H, L, S, D, Dv=None, dtype=torch.float32, requires_grad=False):
     Dv = D if Dv is None else Dv
@@ -36,6 +39,11 @@ SHAPES = [  # B, H, L, S, D, Dv
     (1, 2, 3, 600, 20, 9),     # few query rows, several key tiles
     (1, 1, 4, 513, 24, 24),    # the first row count that packs
     (1, 4, 1000, 1000, 24, 8), # many query blocks share each packed key tile (causal: partly)
+    # The AVX-512 copy: forward 96 query rows x 512 keys, 12-row micro-kernel, panels of 32.
+    (1, 1, 95, 511, 31, 33),
+    (1, 2, 96, 512, 32, 32),
+    (2, 1, 97, 513, 65, 63),
+    (1, 1, 13, 700, 11, 12),   # one 12-row block and one row
 ]
 
 

@@ -15,6 +15,9 @@ from reference import causal_hidden, dropout_seed, reference_attention, referenc
 
 pytestmark = pytest.mark.usefixtures("device")  # cpu, and cuda when present (conftest.py)
 
+# Every test runs on each copy of the CPU kernels this CPU has (conftest.cpu_capability).
+pytestmark = pytest.mark.usefixtures("cpu_capability")
+
 ops = torch.ops.qkv
 F64 = torch.float64
 
@@ -39,6 +42,7 @@ SHAPES = [  # B, H, L, S, D, Dv: the fused kernel's 24-row blocks and 256-key ti
     (2, 3, 24, 256, 33, 33),
     (1, 2, 25, 257, 12, 5),
     (1, 2, 49, 600, 64, 64),
+    (2, 1, 26, 1025, 31, 17),  # the AVX-512 copy's 512-key tiles, each side
     (2, 1, 70, 1, 8, 8),     # one key
     (1, 2, 4, 40, 8, 8),     # the fewest rows the fused kernel takes
     (2, 2, 3, 40, 8, 8),     # fewer: the two-op path

@@ -8,14 +8,16 @@
 // read in place when it already is float32/float64 rows. Arithmetic accumulates in float32
 // (float64 stays float64 for gradcheck).
 #include "../sequence_args.h"
+#include "backward_tasks.h"
+#include "cpu_kernels.h"
 #include "tile_context.h"
 
 #include <ATen/Dispatch.h>
-#include <torch/library.h>
 
 #include <array>
 
 namespace qkv {
+inline namespace CPU_CAPABILITY {  // this copy's instruction set (cpu_capability.h)
 namespace {
 
 // ---- forward ----------------------------------------------------------------------------
@@ -390,69 +392,6 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
 
 // ---- backward ---------------------------------------------------------------------------
 
-// The bias's sizes as 4-D and the strides of its gradient, a dense (B', H', L', S') buffer of those
-// sizes: zero on the dimensions the bias broadcasts over.
-struct BiasGradLayout {
-  int64_t sizes[4] = {1, 1, 1, 1}, strides[4] = {0, 0, 0, 0}, numel = 1;
-  BiasGradLayout(const AttentionParams& p, const at::Tensor& bias) {
-    const int64_t offset = 4 - bias.dim();
-    for (int64_t d = 0; d < bias.dim(); ++d) sizes[offset + d] = bias.size(d);
-    const int64_t full[4] = {p.batch, p.heads, p.q_len, p.kv_len};
-    for (int64_t d = 3; d >= 0; --d) {
-      strides[d] = sizes[d] == 1 && full[d] != 1 ? 0 : numel;
-      numel *= sizes[d];
-    }
-  }
-  // A bias with one key column adds the same amount to every score of a row (RowShiftBiasGrad).
-  bool shifts_rows() const { return sizes[3] == 1; }
-};
-
-// Accumulates dS into the gradient of a bias with a column per key. When the bias broadcasts
-// over batch or heads, several (b, h) tasks hit the same elements, so each worker owns a
-// private copy that is summed at the end; otherwise tasks own disjoint slices of one buffer.
-template <typename acc_t>
-struct BiasGradAccumulator {
-  bool active = false, per_thread = false;  // per_thread: one copy per worker
-  int64_t strides[4] = {0, 0, 0, 0};  // into one copy, zero on broadcast dims
-  int64_t copy_numel = 0;
-  at::Tensor buffer;  // (copies, numel of bias) in acc_t
-
-  BiasGradAccumulator(const AttentionParams& p, const std::optional<at::Tensor>& bias, bool wanted, int64_t workers) {
-    if (!wanted || !p.has_bias) return;
-    const BiasGradLayout layout(p, *bias);
-    if (layout.shifts_rows()) return;  // RowShiftBiasGrad's
-    active = true;
-    std::copy(layout.strides, layout.strides + 4, strides);
-    copy_numel = layout.numel;
-    per_thread = (layout.sizes[0] == 1 && p.batch > 1) || (layout.sizes[1] == 1 && p.heads > 1);
-    const int64_t copies = per_thread ? std::max<int64_t>(workers, 1) : 1;
-    buffer = at::zeros({copies, copy_numel}, bias->options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-  }
-
-  acc_t* copy_for_worker(int64_t worker) const {
-    return buffer.data_ptr<acc_t>() + (per_thread ? worker * copy_numel : 0);
-  }
-
-  void add_tile(acc_t* copy, const acc_t* ds, int64_t ld, int64_t b, int64_t h, int64_t i0, int64_t rows,
-                int64_t j0, int64_t cols) const {
-    acc_t* g = copy + b * strides[0] + h * strides[1] + i0 * strides[2] + j0 * strides[3];
-    if (strides[2] == 0) {
-      // Broadcast over query rows: the tile's rows are summed first, so that a column's sum over
-      // every query is one of tile partials, not of L single terms.
-      acc_t column_sums[kBackwardKeyBlock];
-      for (int64_t r = 0; r < rows; ++r) add_scaled_row(column_sums, ds + r * ld, cols, acc_t(1), r > 0);
-      for (int64_t c = 0; c < cols; ++c) g[c * strides[3]] += column_sums[c];
-      return;
-    }
-    for (int64_t r = 0; r < rows; ++r, g += strides[2]) {
-      const acc_t* d = ds + r * ld;
-      for (int64_t c = 0; c < cols; ++c) g[c * strides[3]] += d[c];
-    }
-  }
-
-  at::Tensor result(const at::Tensor& bias) const { return buffer.sum(0).to(bias.scalar_type()).view(bias.sizes()); }
-};
-
 // The gradient of a bias with one key column (broadcast over keys: (L, 1), (B, H, L, 1), ...).
 // It adds the same amount to every score of a row, which the softmax ignores: its gradient
 // sum_j dS_ij = sum_j P_ij dP_ij - delta_i sum_j P_ij is zero in exact arithmetic. Summing the
@@ -513,12 +452,11 @@ struct RowShiftBiasGrad {
   }
 };
 
-// Tasks are (sequence, key/value head, chunk of key blocks). A task owns the key and value
-// gradients of its key blocks: it runs every query head that reads its key head (grouped-query
-// attention sums their contributions in one task, no copies) against them. With few
-// (sequence, key head) pairs the keys are split too so every thread has work; then each chunk
-// accumulates its own dQ partial, summed in chunk order at the end (deterministic, whatever
-// the thread count).
+// Tasks are (group of (sequence, key/value head) pairs, chunk of key blocks), the split a
+// function of the problem alone (backward_tasks.h): every thread has work when there are few
+// pairs, and the gradients do not depend on the thread count. A task owns the key and value
+// gradients of its key blocks: it runs every query head that reads its key head against them
+// (grouped-query attention sums their contributions in one task, no copies).
 template <typename scalar_t>
 void attention_backward_cpu_impl(const AttentionParams& p, const SequenceLayout& layout, const at::Tensor& grad_out,
                                  const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
@@ -536,7 +474,6 @@ void attention_backward_cpu_impl(const AttentionParams& p, const SequenceLayout&
   const int64_t D = p.head_dim, Dv = p.v_head_dim, L = p.q_len, G = ctx.group, KH = p.heads / G;
   constexpr int64_t BK = kBackwardKeyBlock, QB = kQueryBlock;
   const int64_t kv_blocks = (p.kv_len + BK - 1) / BK;
-  const int64_t threads = at::get_num_threads();
   const int64_t rows_total = layout.rows();
 
   std::vector<int64_t> sequences;  // the ones with work: queries and keys
@@ -546,21 +483,20 @@ void attention_backward_cpu_impl(const AttentionParams& p, const SequenceLayout&
     if (s.q_len > 0 && s.kv_len > 0) sequences.push_back(b);
     flops += 2.0 * p.heads * s.q_len * s.kv_len * (3 * D + 2 * Dv);
   }
-  // Enough tasks for every thread, and enough (sequence, query head) work units per thread to
-  // balance uneven tasks (causal): a task's work is its group's query heads.
-  const int64_t pairs = static_cast<int64_t>(sequences.size()) * KH, work_units = pairs * G;
-  const int64_t chunks_to_balance = work_units >= 4 * threads ? 1 : (4 * threads + work_units - 1) / std::max<int64_t>(work_units, 1);
-  const int64_t chunks_for_threads = (threads + pairs - 1) / std::max<int64_t>(pairs, 1);
-  const int64_t chunks = std::clamp<int64_t>(std::max(chunks_to_balance, chunks_for_threads), 1, std::max<int64_t>(kv_blocks, 1));
-  const bool shared_dq = chunks > 1;
+  const int64_t n_sequences = static_cast<int64_t>(sequences.size());
+  const bool bias_grad_per_key = bias_requires_grad && p.has_bias && !BiasGradLayout(p, *bias).shifts_rows();
+  const BackwardTasks tasks(p, n_sequences, KH, bias, bias_grad_per_key, kv_blocks);
+  const int64_t chunks = tasks.chunks;
   const int64_t blocks_per_chunk = (kv_blocks + chunks - 1) / chunks;
   // Accumulator rows are padded to whole panels, the row stride gemm_packed writes with.
   const int64_t ld_dq = padded_to_panels<acc_t>(D), ld_dv = padded_to_panels<acc_t>(Dv);
-  at::Tensor dq_partials = at::zeros({shared_dq ? chunks : 1, shared_dq ? rows_total * ld_dq : 0},
-                                     at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  // The dQ partials of (sequence with work n, query head h), as n * heads + h, per chunk.
+  DqPartials<acc_t> dq_partials(n_sequences * p.heads, chunks, L, ld_dq);
+  const BiasGradAccumulator<acc_t> bias_grad(p, bias, bias_requires_grad);
+  const RowShiftBiasGrad<acc_t> row_shift_grad(p, bias, bias_requires_grad, chunks);
 
   // delta_i = dO_i . O_i (= rowsum(dP * P)), computed once per row.
-  at::Tensor delta_t = at::zeros({rows_total}, dq_partials.options());
+  at::Tensor delta_t = at::zeros({rows_total}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
   acc_t* delta = delta_t.data_ptr<acc_t>();
   at::parallel_for(0, layout.count() * p.heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
@@ -578,21 +514,17 @@ void attention_backward_cpu_impl(const AttentionParams& p, const SequenceLayout&
 
   const int64_t L_padded = (L + QB - 1) / QB * QB;
   const bool dout_in_place = reads_rows_in_place<acc_t>(dout, L, Dv);
-  const int64_t tasks = pairs * chunks;
-  BiasGradAccumulator<acc_t> bias_grad(p, bias, bias_requires_grad, worker_count(tasks, flops));
-  const RowShiftBiasGrad<acc_t> row_shift_grad(p, bias, bias_requires_grad, chunks);
   // With several query heads per key head, a task's key and value gradients add up over its
   // heads: they live in the task's scratch for all its key blocks (K- and V-sized at most).
   const int64_t kv_acc_rows = (G > 1 ? blocks_per_chunk : 1) * BK;
   const int64_t cap_grad_size = p.softcap > 0 ? QB * BK : 0;
 
-  for_each_task(tasks, flops, [&](int64_t worker) {
-    // Whole-slice panels (L rows): each (task, head) packs Q and dO once, not once per key block.
+  for_each_task(tasks.count(), flops, [&](int64_t) {
+    // Whole-slice panels (L rows): each (pair, head) packs Q and dO once, not once per key block.
     auto scratch = std::make_shared<std::vector<acc_t>>(
         QB * D + (dout_in_place ? 0 : L * Dv) + L_padded * (ld_dq + ld_dv) + BK * (D + ld_dq + Dv) + 2 * QB * BK +
-        cap_grad_size + kv_acc_rows * (ld_dq + ld_dv) + (shared_dq ? 0 : L * ld_dq));
-    acc_t* bias_grad_copy = bias_grad.active ? bias_grad.copy_for_worker(worker) : nullptr;
-    return [&, scratch, bias_grad_copy](int64_t task) {
+        cap_grad_size + kv_acc_rows * (ld_dq + ld_dv) + D);
+    return [&, scratch](int64_t task) {
       acc_t* qs = scratch->data();               // query rows (when not read in place), for S
       acc_t* do_rows = qs + QB * D;              // dO rows (when not read in place), for dP
       acc_t* q_space = do_rows + (dout_in_place ? 0 : L * Dv);  // Q, per query block (rows x D) panels, for dK
@@ -605,143 +537,149 @@ void attention_backward_cpu_impl(const AttentionParams& p, const SequenceLayout&
       acc_t* cap_grad = p.softcap > 0 ? dpt + QB * BK : nullptr;  // softcap's tanh derivative per score
       acc_t* dk_all = dpt + QB * BK + cap_grad_size;
       acc_t* dv_all = dk_all + kv_acc_rows * ld_dq;
-      acc_t* local_dq = dv_all + kv_acc_rows * ld_dv;
-      const int64_t chunk = task % chunks, pair = task / chunks, kh = pair % KH;
-      const Sequence s = layout[sequences[pair / KH]];
-      const int64_t seq_blocks = (s.kv_len + BK - 1) / BK;
-      if (chunk >= seq_blocks) return;  // a short sequence has fewer key blocks than chunks
-      if (G > 1) {
-        std::fill(dk_all, dk_all + kv_acc_rows * ld_dq, acc_t(0));
-        std::fill(dv_all, dv_all + kv_acc_rows * ld_dv, acc_t(0));
-      }
-      // Queries that see some key of this chunk (chunks take interleaved key blocks).
-      const int64_t q_begin = s.query_begin(chunk * BK) / QB * QB, q_end = s.query_end(s.kv_len - 1);
+      acc_t* dq_row = dv_all + kv_acc_rows * ld_dv;  // one row of the summed dQ partials
+      const int64_t group = tasks.group_of(task), chunk = tasks.chunk_of(task);
 
-      for (int64_t h = kh * G; h < (kh + 1) * G; ++h) {
-        const acc_t* lse_row = lse_data + layout.row(s, h, 0);
-        const acc_t* delta_row = delta + layout.row(s, h, 0);
-        const acc_t* normalizer_row = normalizer_data == nullptr ? nullptr : normalizer_data + layout.row(s, h, 0);
-        acc_t* dq_acc = shared_dq ? dq_partials.data_ptr<acc_t>() + (chunk * rows_total + layout.row(s, h, 0)) * ld_dq
-                                  : local_dq;
-        acc_t* row_shift_sums = row_shift_grad.active ? row_shift_grad.sums_of(chunk, s.b * p.heads + h, L) : nullptr;
-        if (!shared_dq) std::fill(dq_acc, dq_acc + s.q_len * ld_dq, acc_t(0));
-        int64_t ldq, ldo;
-        const acc_t* dot_all = tile_rows<acc_t>(dout, s.tb, h, s.q0, s.q_len, Dv, do_rows, ldo);
-        for (int64_t i0 = q_begin; i0 < q_end; i0 += QB) {
-          const int64_t rows = std::min(QB, s.q_len - i0);
-          const acc_t* qt = tile_rows<acc_t>(ctx.q, s.tb, h, s.q0 + i0, rows, D, qs, ldq);
-          pack_panels(qt, rows, D, ldq, int64_t(1), q_space + i0 * ld_dq);
-          pack_panels(dot_all + i0 * ldo, rows, Dv, ldo, int64_t(1), do_space + i0 * ld_dv);
-        }
-
-        // Chunks take interleaved key blocks: under a causal mask early keys see more queries,
-        // so contiguous ranges would leave one worker with most of the work.
-        for (int64_t kb = chunk; kb < seq_blocks; kb += chunks) {
-          const int64_t j0 = kb * BK, cols = std::min(BK, s.kv_len - j0);
-          acc_t* dk_acc = G > 1 ? dk_all + (kb / chunks) * BK * ld_dq : dk_all;
-          acc_t* dv_acc = G > 1 ? dv_all + (kb / chunks) * BK * ld_dv : dv_all;
-          // K^T times score_scale: the products with Q are the scores themselves.
-          const Panels<acc_t> kt_panels = ctx.pack_keys_transposed(kt_space, s, h, j0, cols);
-          scale_row(kt_space, padded_to_panels<acc_t>(cols) * D, ctx.score_scale);
-          const Panels<acc_t> k_panels = pack_panels(ctx.k_row(s, h, j0), cols, D, ctx.k.s2, ctx.k.s3, k_space);
-          const Panels<acc_t> vt_panels = pack_panels(ctx.v_row(s, h, j0), Dv, cols, ctx.v.s3, ctx.v.s2, vt_space);
-          if (G == 1) {
-            std::fill(dk_acc, dk_acc + cols * ld_dq, acc_t(0));
-            std::fill(dv_acc, dv_acc + cols * ld_dv, acc_t(0));
+      for (int64_t m = 0; m < tasks.pairs_per_group; ++m) {
+        const int64_t pair = tasks.pair(group, m), seq = pair / KH, kh = pair % KH;
+        const Sequence s = layout[sequences[seq]];
+        const int64_t seq_blocks = (s.kv_len + BK - 1) / BK;
+        // The task that finishes the last chunk of (sequence, head h) sums its dQ partials in
+        // chunk order, whichever task that is; chunks past a short sequence's keys have none.
+        const auto finish_dq = [&](int64_t h) {
+          const int64_t n = seq * p.heads + h;
+          if (!dq_partials.finish(n)) return;
+          const int64_t used = std::min(chunks, seq_blocks);
+          for (int64_t i = 0; i < s.q_len; ++i) {
+            std::copy_n(dq_partials.partial(n, 0) + i * ld_dq, D, dq_row);
+            for (int64_t c = 1; c < used; ++c) {
+              const acc_t* part = dq_partials.partial(n, c) + i * ld_dq;
+              for (int64_t d = 0; d < D; ++d) dq_row[d] += part[d];
+            }
+            store_row(dq.at(s.tb, h, s.q0 + i), dq.s3, dq_row, D, acc_t(p.scale));
           }
-          const int64_t block_q_end = s.query_end(j0 + cols - 1);
-          for (int64_t i0 = s.query_begin(j0) / QB * QB; i0 < block_q_end; i0 += QB) {
+          dq_partials.release(n);
+        };
+        if (chunk >= seq_blocks) {  // a short sequence has fewer key blocks than chunks
+          for (int64_t h = kh * G; h < (kh + 1) * G; ++h) finish_dq(h);
+          continue;
+        }
+        if (G > 1) {
+          std::fill(dk_all, dk_all + kv_acc_rows * ld_dq, acc_t(0));
+          std::fill(dv_all, dv_all + kv_acc_rows * ld_dv, acc_t(0));
+        }
+        // Queries that see some key of this chunk (chunks take interleaved key blocks).
+        const int64_t q_begin = s.query_begin(chunk * BK) / QB * QB, q_end = s.query_end(s.kv_len - 1);
+        // The chunk's first key block writes its query blocks of the dQ partial (a product
+        // without accumulate: no zero-filling pass), the later blocks add to them (they are seen
+        // by no earlier query); the rows the first block does not reach are zeroed.
+        const int64_t first_q_end = s.query_end(std::min(s.kv_len, (chunk + 1) * BK) - 1);
+        const int64_t first_written_end =
+            first_q_end > q_begin ? std::min(s.q_len, q_begin + (first_q_end - q_begin + QB - 1) / QB * QB) : q_begin;
+
+        for (int64_t h = kh * G; h < (kh + 1) * G; ++h) {
+          const acc_t* lse_row = lse_data + layout.row(s, h, 0);
+          const acc_t* delta_row = delta + layout.row(s, h, 0);
+          const acc_t* normalizer_row = normalizer_data == nullptr ? nullptr : normalizer_data + layout.row(s, h, 0);
+          acc_t* dq_acc = dq_partials.take(seq * p.heads + h, chunk);
+          std::fill(dq_acc, dq_acc + q_begin * ld_dq, acc_t(0));
+          std::fill(dq_acc + first_written_end * ld_dq, dq_acc + s.q_len * ld_dq, acc_t(0));
+          acc_t* row_shift_sums = row_shift_grad.active ? row_shift_grad.sums_of(chunk, s.b * p.heads + h, L) : nullptr;
+          int64_t ldq, ldo;
+          const acc_t* dot_all = tile_rows<acc_t>(dout, s.tb, h, s.q0, s.q_len, Dv, do_rows, ldo);
+          for (int64_t i0 = q_begin; i0 < q_end; i0 += QB) {
             const int64_t rows = std::min(QB, s.q_len - i0);
             const acc_t* qt = tile_rows<acc_t>(ctx.q, s.tb, h, s.q0 + i0, rows, D, qs, ldq);
-            const acc_t* dot = dot_all + i0 * ldo;
-            const Panels<acc_t> q_panels{q_space + i0 * ld_dq, rows}, do_panels{do_space + i0 * ld_dv, rows};
-            ctx.scores(st, BK, qt, ldq, kt_panels, s, h, i0, rows, j0, cols, nullptr, /*whole_rows=*/true, cap_grad);
-            for (int64_t r = 0; r < rows; ++r) {
-              const acc_t normalizer = normalizer_row == nullptr ? acc_t(1) : normalizer_row[i0 + r];
-              const auto [begin, end] = s.visible(i0 + r, j0, cols);
-              acc_t* prob = st + r * BK;
-              std::fill(prob, prob + begin, acc_t(0));  // hidden keys: probability 0, no exp2 spent
-              std::fill(prob + end, prob + cols, acc_t(0));
-              ctx.probabilities_row(prob + begin, end - begin, lse_row[i0 + r], normalizer);
-            }
-            // The products below skip what the band hides; the dP columns they leave unwritten
-            // are zeroed per row.
-            gemm_packed<acc_t>(rows, cols, Dv, dot, ldo, 1, vt_panels, dpt, BK, false,
-                               ctx.visible_key_columns(s, i0, j0, cols));  // dP = dO V^T
-            for (int64_t r = 0; r < rows; ++r) {
-              acc_t* prob = st + r * BK;
-              acc_t* dp = dpt + r * BK;
-              const auto [begin, end] = s.visible(i0 + r, j0, cols);
-              // The forward used P' = P * keep / (1 - p): dP needs the same mask, dV needs P'.
-              if (p.dropout_p > 0) ctx.dropout_row(dp + begin, s, h, i0 + r, j0 + begin, end - begin);
-              if (row_shift_sums != nullptr) {
-                row_shift_grad.add_row(row_shift_sums + (i0 + r) * 4, prob + begin, dp + begin, end - begin);
-              }
-              softmax_grad_row(dp + begin, prob + begin, end - begin, delta_row[i0 + r]);  // dS = P * (dP - delta)
-              std::fill(dp, dp + begin, acc_t(0));
-              std::fill(dp + end, dp + cols, acc_t(0));
-              if (p.dropout_p > 0) ctx.dropout_row(prob, s, h, i0 + r, j0, cols);
-            }
-            // The bias gets dS itself; Q and K get it through softcap's tanh (ds/dx = 1 - tanh^2).
-            if (bias_grad_copy != nullptr) bias_grad.add_tile(bias_grad_copy, dpt, BK, s.b, h, i0, rows, j0, cols);
-            if (cap_grad != nullptr) {
-              for (int64_t r = 0; r < rows; ++r) {
-                const auto [begin, end] = s.visible(i0 + r, j0, cols);
-                multiply_row(dpt + r * BK, cap_grad + r * BK, begin, end);
-              }
-            }
-            const auto seeing = ctx.seeing_extent(s, i0, j0);
-            gemm_packed<acc_t>(cols, Dv, rows, st, 1, BK, do_panels, dv_acc, ld_dv, true, seeing);  // dV += P'^T dO
-            gemm_packed<acc_t>(cols, D, rows, dpt, 1, BK, q_panels, dk_acc, ld_dq, true, seeing);   // dK += dS^T Q
-            gemm_packed<acc_t>(rows, D, cols, dpt, BK, 1, k_panels, dq_acc + i0 * ld_dq, ld_dq, true,
-                               ctx.visible_key_depth(s, i0, j0, cols));  // dQ += dS K
+            pack_panels(qt, rows, D, ldq, int64_t(1), q_space + i0 * ld_dq);
+            pack_panels(dot_all + i0 * ldo, rows, Dv, ldo, int64_t(1), do_space + i0 * ld_dv);
           }
-          if (G == 1) {
+
+          // Chunks take interleaved key blocks: under a causal mask early keys see more queries,
+          // so contiguous ranges would leave one task with most of the work.
+          for (int64_t kb = chunk; kb < seq_blocks; kb += chunks) {
+            const int64_t j0 = kb * BK, cols = std::min(BK, s.kv_len - j0);
+            acc_t* dk_acc = G > 1 ? dk_all + (kb / chunks) * BK * ld_dq : dk_all;
+            acc_t* dv_acc = G > 1 ? dv_all + (kb / chunks) * BK * ld_dv : dv_all;
+            // K^T times score_scale: the products with Q are the scores themselves.
+            const Panels<acc_t> kt_panels = ctx.pack_keys_transposed(kt_space, s, h, j0, cols);
+            scale_row(kt_space, padded_to_panels<acc_t>(cols) * D, ctx.score_scale);
+            const Panels<acc_t> k_panels = pack_panels(ctx.k_row(s, h, j0), cols, D, ctx.k.s2, ctx.k.s3, k_space);
+            const Panels<acc_t> vt_panels = pack_panels(ctx.v_row(s, h, j0), Dv, cols, ctx.v.s3, ctx.v.s2, vt_space);
+            if (G == 1) {
+              std::fill(dk_acc, dk_acc + cols * ld_dq, acc_t(0));
+              std::fill(dv_acc, dv_acc + cols * ld_dv, acc_t(0));
+            }
+            const int64_t block_q_end = s.query_end(j0 + cols - 1);
+            for (int64_t i0 = s.query_begin(j0) / QB * QB; i0 < block_q_end; i0 += QB) {
+              const int64_t rows = std::min(QB, s.q_len - i0);
+              const acc_t* qt = tile_rows<acc_t>(ctx.q, s.tb, h, s.q0 + i0, rows, D, qs, ldq);
+              const acc_t* dot = dot_all + i0 * ldo;
+              const Panels<acc_t> q_panels{q_space + i0 * ld_dq, rows}, do_panels{do_space + i0 * ld_dv, rows};
+              ctx.scores(st, BK, qt, ldq, kt_panels, s, h, i0, rows, j0, cols, nullptr, /*whole_rows=*/true, cap_grad);
+              for (int64_t r = 0; r < rows; ++r) {
+                const acc_t normalizer = normalizer_row == nullptr ? acc_t(1) : normalizer_row[i0 + r];
+                const auto [begin, end] = s.visible(i0 + r, j0, cols);
+                acc_t* prob = st + r * BK;
+                std::fill(prob, prob + begin, acc_t(0));  // hidden keys: probability 0, no exp2 spent
+                std::fill(prob + end, prob + cols, acc_t(0));
+                ctx.probabilities_row(prob + begin, end - begin, lse_row[i0 + r], normalizer);
+              }
+              // The products below skip what the band hides; the dP columns they leave unwritten
+              // are zeroed per row.
+              gemm_packed<acc_t>(rows, cols, Dv, dot, ldo, 1, vt_panels, dpt, BK, false,
+                                 ctx.visible_key_columns(s, i0, j0, cols));  // dP = dO V^T
+              for (int64_t r = 0; r < rows; ++r) {
+                acc_t* prob = st + r * BK;
+                acc_t* dp = dpt + r * BK;
+                const auto [begin, end] = s.visible(i0 + r, j0, cols);
+                // The forward used P' = P * keep / (1 - p): dP needs the same mask, dV needs P'.
+                if (p.dropout_p > 0) ctx.dropout_row(dp + begin, s, h, i0 + r, j0 + begin, end - begin);
+                if (row_shift_sums != nullptr) {
+                  row_shift_grad.add_row(row_shift_sums + (i0 + r) * 4, prob + begin, dp + begin, end - begin);
+                }
+                softmax_grad_row(dp + begin, prob + begin, end - begin, delta_row[i0 + r]);  // dS = P * (dP - delta)
+                std::fill(dp, dp + begin, acc_t(0));
+                std::fill(dp + end, dp + cols, acc_t(0));
+                if (p.dropout_p > 0) ctx.dropout_row(prob, s, h, i0 + r, j0, cols);
+              }
+              // The bias gets dS itself; Q and K get it through softcap's tanh (ds/dx = 1 - tanh^2).
+              if (bias_grad.active) bias_grad.add_tile(bias_grad.data(), dpt, BK, s.b, h, i0, rows, j0, cols);
+              if (cap_grad != nullptr) {
+                for (int64_t r = 0; r < rows; ++r) {
+                  const auto [begin, end] = s.visible(i0 + r, j0, cols);
+                  multiply_row(dpt + r * BK, cap_grad + r * BK, begin, end);
+                }
+              }
+              const auto seeing = ctx.seeing_extent(s, i0, j0);
+              gemm_packed<acc_t>(cols, Dv, rows, st, 1, BK, do_panels, dv_acc, ld_dv, true, seeing);  // dV += P'^T dO
+              gemm_packed<acc_t>(cols, D, rows, dpt, 1, BK, q_panels, dk_acc, ld_dq, true, seeing);   // dK += dS^T Q
+              gemm_packed<acc_t>(rows, D, cols, dpt, BK, 1, k_panels, dq_acc + i0 * ld_dq, ld_dq, kb != chunk,
+                                 ctx.visible_key_depth(s, i0, j0, cols));  // dQ (+)= dS K
+            }
+            if (G == 1) {
+              for (int64_t c = 0; c < cols; ++c) {
+                store_row(dk.at(s.tb, kh, s.k0 + j0 + c), dk.s3, dk_acc + c * ld_dq, D, acc_t(p.scale));
+                store_row(dv.at(s.tb, kh, s.k0 + j0 + c), dv.s3, dv_acc + c * ld_dv, Dv, acc_t(1));
+              }
+            }
+          }
+          finish_dq(h);
+        }
+        if (G > 1) {  // the group's summed key and value gradients
+          for (int64_t kb = chunk; kb < seq_blocks; kb += chunks) {
+            const int64_t j0 = kb * BK, cols = std::min(BK, s.kv_len - j0);
+            const acc_t* dk_acc = dk_all + (kb / chunks) * BK * ld_dq;
+            const acc_t* dv_acc = dv_all + (kb / chunks) * BK * ld_dv;
             for (int64_t c = 0; c < cols; ++c) {
               store_row(dk.at(s.tb, kh, s.k0 + j0 + c), dk.s3, dk_acc + c * ld_dq, D, acc_t(p.scale));
               store_row(dv.at(s.tb, kh, s.k0 + j0 + c), dv.s3, dv_acc + c * ld_dv, Dv, acc_t(1));
             }
           }
         }
-        if (!shared_dq) {
-          for (int64_t i = 0; i < s.q_len; ++i) {
-            store_row(dq.at(s.tb, h, s.q0 + i), dq.s3, dq_acc + i * ld_dq, D, acc_t(p.scale));
-          }
-        }
-      }
-      if (G > 1) {  // the group's summed key and value gradients
-        for (int64_t kb = chunk; kb < seq_blocks; kb += chunks) {
-          const int64_t j0 = kb * BK, cols = std::min(BK, s.kv_len - j0);
-          const acc_t* dk_acc = dk_all + (kb / chunks) * BK * ld_dq;
-          const acc_t* dv_acc = dv_all + (kb / chunks) * BK * ld_dv;
-          for (int64_t c = 0; c < cols; ++c) {
-            store_row(dk.at(s.tb, kh, s.k0 + j0 + c), dk.s3, dk_acc + c * ld_dq, D, acc_t(p.scale));
-            store_row(dv.at(s.tb, kh, s.k0 + j0 + c), dv.s3, dv_acc + c * ld_dv, Dv, acc_t(1));
-          }
-        }
       }
     };
   });
 
-  if (shared_dq) {
-    const acc_t* partials = dq_partials.const_data_ptr<acc_t>();
-    at::parallel_for(0, static_cast<int64_t>(sequences.size()) * p.heads, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> row(D);
-      for (int64_t n = begin; n < end; ++n) {
-        const Sequence s = layout[sequences[n / p.heads]];
-        const int64_t h = n % p.heads;
-        for (int64_t i = 0; i < s.q_len; ++i) {
-          const int64_t r = layout.row(s, h, i);
-          std::fill(row.begin(), row.end(), acc_t(0));
-          for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-            const acc_t* part = partials + (chunk * rows_total + r) * ld_dq;
-            for (int64_t c = 0; c < D; ++c) row[c] += part[c];
-          }
-          store_row(dq.at(s.tb, h, s.q0 + i), dq.s3, row.data(), D, acc_t(p.scale));
-        }
-      }
-    });
-  }
   if (bias_grad.active) grad_bias.copy_(bias_grad.result(*bias));
   if (row_shift_grad.active) grad_bias.copy_(row_shift_grad.result(p, *bias));
 }
@@ -868,12 +806,11 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(qkv, CPU, m) {
-  m.impl("attention", &attention_forward_cpu);
-  m.impl("attention_backward", &attention_backward_cpu);
-  m.impl("attention_varlen", &attention_varlen_cpu);
-  m.impl("attention_varlen_backward", &attention_varlen_backward_cpu);
-  m.impl("attention_kvcache", &attention_kvcache_cpu);
-}
+QKV_REGISTER_CPU_KERNEL(attention_cpu_kernel, attention_forward_cpu);
+QKV_REGISTER_CPU_KERNEL(attention_backward_cpu_kernel, attention_backward_cpu);
+QKV_REGISTER_CPU_KERNEL(attention_varlen_cpu_kernel, attention_varlen_cpu);
+QKV_REGISTER_CPU_KERNEL(attention_varlen_backward_cpu_kernel, attention_varlen_backward_cpu);
+QKV_REGISTER_CPU_KERNEL(attention_kvcache_cpu_kernel, attention_kvcache_cpu);
 
+}  // namespace CPU_CAPABILITY
 }  // namespace qkv

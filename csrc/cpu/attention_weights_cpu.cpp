@@ -4,12 +4,13 @@
 //    so Q K^T is computed once instead of once per op.
 // Both sum over heads inside the kernel when asked for averaged weights: no (B, H, L, S)
 // tensor then. See attention_cpu.cpp for the layout conventions.
+#include "cpu_kernels.h"
 #include "tile_context.h"
 
 #include <ATen/Dispatch.h>
-#include <torch/library.h>
 
 namespace qkv {
+inline namespace CPU_CAPABILITY {  // this copy's instruction set (cpu_capability.h)
 namespace {
 
 // ---- what both kernels share -----------------------------------------------------------
@@ -310,9 +311,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_with_weights_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(qkv, CPU, m) {
-  m.impl("attention_weights", &attention_weights_cpu);
-  m.impl("attention_with_weights", &attention_with_weights_cpu);
-}
+QKV_REGISTER_CPU_KERNEL(attention_weights_cpu_kernel, attention_weights_cpu);
+QKV_REGISTER_CPU_KERNEL(attention_with_weights_cpu_kernel, attention_with_weights_cpu);
 
+}  // namespace CPU_CAPABILITY
 }  // namespace qkv

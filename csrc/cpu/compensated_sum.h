@@ -11,6 +11,7 @@
 #include <cstdint>
 
 namespace qkv {
+inline namespace CPU_CAPABILITY {  // this copy's instruction set (cpu_capability.h)
 
 // (sum, err) += x. `err` is the part of the true sum that `sum` could not hold; sum + err is the
 // compensated value. Scaling both by the same factor (the online softmax's rescale) keeps it so.
@@ -37,4 +38,5 @@ void add_compensated(acc_t* sum, acc_t* err, const acc_t* x, int64_t n) {
   for (; i < n; ++i) add_compensated(sum[i], err[i], x[i]);
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace qkv

@@ -1,6 +1,7 @@
 #pragma once
 // The tile products of the CPU attention kernels: C = A . B (+ C) with B packed into
-// column panels and a register-blocked micro-kernel (MR rows x one panel of 2 vectors).
+// column panels and a register-blocked micro-kernel (kMicroRows rows x one panel of
+// kPanelRegs vector registers), in the instruction set of this copy of the kernels (simd.h).
 //
 // Why not the BLAS in libtorch_cpu: attention tiles are small in one dimension (the head
 // dim, 64 or 128), so a BLAS call spends much of its time repacking its operands, on every
@@ -8,8 +9,9 @@
 // and the micro-kernel reads A in place through any strides (P^T in the backward is free). Measured
 // on a 2-core Zen 3, one thread, QK^T of 256 x 512 x 64 and PV of 256 x 64 x 512 tiles:
 // MKL sgemm 77 / 82 GF/s, this kernel 94 / 95 GF/s.
-#include <ATen/cpu/vec/vec.h>
-#include <immintrin.h>
+#include "simd.h"
+
+#include <ATen/cpu/vec/functional.h>
 
 #include <algorithm>
 #include <cmath>
@@ -19,10 +21,26 @@
 #include <type_traits>
 
 namespace qkv {
+inline namespace CPU_CAPABILITY {
 
-// Columns per packed panel: two vector registers (16 floats, 8 doubles on AVX2).
+// The register tile of the micro-kernel: kMicroRows rows of C by one panel of kPanelRegs
+// vector registers; its kMicroRows * kPanelRegs accumulators stay in registers.
+#if defined(CPU_CAPABILITY_AVX512)
+// 12 x 32 floats: 24 of the 32 zmm registers. On a Xeon (Sapphire Rapids class), one thread,
+// D = 64 tiles: Q K^T with the row max 165 GF/s, P V 180 GF/s (torch.mm: 166 GF/s); 14 x 32
+// and 6 x 64 measured no faster, 8 x 48 slower, and 12 rows leave no tail in 96-row tiles.
+constexpr int kMicroRows = 12, kPanelRegs = 2;
+#elif defined(CPU_CAPABILITY_AVX2)
+// 6 x 16 floats: 12 of the 16 ymm registers (measured on Zen 3).
+constexpr int kMicroRows = 6, kPanelRegs = 2;
+#else
+// Portable: correct anywhere; its speed is not a goal.
+constexpr int kMicroRows = 4, kPanelRegs = 2;
+#endif
+
+// Columns per packed panel: kPanelRegs vector registers (AVX2: 16 floats, 8 doubles).
 template <typename acc_t>
-constexpr int64_t kPanelWidth = 2 * at::vec::Vectorized<acc_t>::size();
+constexpr int64_t kPanelWidth = kPanelRegs * Simd<acc_t>::width;
 
 // n rounded up to whole panels: the row stride of any C written by gemm_packed.
 template <typename acc_t>
@@ -40,6 +58,7 @@ struct Panels {
 
 namespace detail {
 
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 // dst[q * ldd + r] = src[r * lds + q] for an 8 x 8 block of floats: eight row loads, the
 // classic unpack/shuffle/permute transpose, eight row stores.
 inline void transpose_8x8(const float* src, int64_t lds, float* dst, int64_t ldd) {
@@ -60,6 +79,7 @@ inline void transpose_8x8(const float* src, int64_t lds, float* dst, int64_t ldd
     _mm256_storeu_ps(dst + (i + 4) * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
   }
 }
+#endif
 
 }  // namespace detail
 
@@ -72,14 +92,15 @@ Panels<acc_t> pack_panels(const src_t* src, int64_t k, int64_t n, int64_t sp, in
     const int64_t w = std::min(W, n - j0);
     acc_t* panel = dst + j0 * k;
     int64_t p = 0;
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
     if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<src_t, float>) {
       if (sp == 1 && w == W) {  // B^T is row-major (K^T, V^T): transpose 8 x 8 blocks in registers
         for (; p + 8 <= k; p += 8) {
-          detail::transpose_8x8(src + p + j0 * sj, sj, panel + p * W, W);
-          detail::transpose_8x8(src + p + (j0 + 8) * sj, sj, panel + p * W + 8, W);
+          for (int64_t q = 0; q < W; q += 8) detail::transpose_8x8(src + p + (j0 + q) * sj, sj, panel + p * W + q, W);
         }
       }
     }
+#endif
     for (; p < k; ++p) {
       const src_t* s = src + p * sp + j0 * sj;
       acc_t* d = panel + p * W;
@@ -112,58 +133,37 @@ struct WholeProduct {
 
 namespace detail {
 
-// Raw AVX2 intrinsics and a compile-time accumulate flag keep all 2 * MR accumulators in
-// registers; a first version with ATen's Vectorized and a run-time flag measured 3x slower.
-template <typename acc_t>
-struct Avx2;
-template <>
-struct Avx2<float> {
-  using reg = __m256;
-  static reg zero() { return _mm256_setzero_ps(); }
-  static reg load(const float* p) { return _mm256_loadu_ps(p); }
-  static reg broadcast(const float* p) { return _mm256_broadcast_ss(p); }
-  static reg fmadd(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
-  static reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
-  static void store(float* p, reg x) { _mm256_storeu_ps(p, x); }
-  static reg max(reg a, reg b) { return _mm256_max_ps(a, b); }
-};
-template <>
-struct Avx2<double> {
-  using reg = __m256d;
-  static reg zero() { return _mm256_setzero_pd(); }
-  static reg load(const double* p) { return _mm256_loadu_pd(p); }
-  static reg broadcast(const double* p) { return _mm256_broadcast_sd(p); }
-  static reg fmadd(reg a, reg b, reg c) { return _mm256_fmadd_pd(a, b, c); }
-  static reg add(reg a, reg b) { return _mm256_add_pd(a, b); }
-  static void store(double* p, reg x) { _mm256_storeu_pd(p, x); }
-  static reg max(reg a, reg b) { return _mm256_max_pd(a, b); }
-};
-
-// C[MR x W] = A[MR x k] . panel[k x W] (+ C when accumulating), in registers:
-// 2 * MR accumulators, 2 panel loads and MR broadcasts per step of k. With kRowMax, also
+// C[MR x W] = A[MR x k] . panel[k x W] (+ C when accumulating), in registers: 2 * MR
+// accumulators, 2 panel loads and MR broadcasts per step of k. With kRowMax, also
 // vmax[i] = max(vmax[i], row i of C) lane-wise (V lanes per row), while C is in registers.
-// Accumulating adds C to the finished product, not the product's terms to C one by one: a sum
-// over many calls (P V over key tiles, dV over query blocks) then rounds like a sum of tile
-// partials, whose error grows with the number of tiles instead of the number of terms.
+// The accumulate flag is a template parameter so that no branch sits in the loop and every
+// accumulator stays in a register. Accumulating adds C to the finished product, not the
+// product's terms to C one by one: a sum over many calls (P V over key tiles, dV over query
+// blocks) then rounds like a sum of tile partials, whose error grows with the number of tiles
+// instead of the number of terms.
 template <typename acc_t, int MR, bool kAccumulate, bool kRowMax = false>
 inline void micro_kernel(int64_t k, const acc_t* a, int64_t rsa, int64_t csa, const acc_t* panel, acc_t* c,
                          int64_t ldc, acc_t* vmax = nullptr) {
-  using R = Avx2<acc_t>;
-  constexpr int64_t V = kPanelWidth<acc_t> / 2;
-  typename R::reg lo[MR], hi[MR];
-#pragma GCC unroll 6
+  static_assert(kPanelRegs == 2, "the micro-kernel holds a panel in two registers");
+  using R = Simd<acc_t>;
+  using reg = typename R::reg;
+  constexpr int64_t V = R::width;
+  reg lo[MR], hi[MR];
+#pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) lo[i] = hi[i] = R::zero();
   for (int64_t p = 0; p < k; ++p) {
-    const typename R::reg b0 = R::load(panel + p * 2 * V), b1 = R::load(panel + p * 2 * V + V);
+    reg b0 = R::load(panel + p * 2 * V), b1 = R::load(panel + p * 2 * V + V);
+    R::pin(b0);
+    R::pin(b1);
     const acc_t* ap = a + p * csa;
-#pragma GCC unroll 6
+#pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
-      const typename R::reg ai = R::broadcast(ap + i * rsa);
+      const reg ai = R::broadcast(ap + i * rsa);
       lo[i] = R::fmadd(ai, b0, lo[i]);
       hi[i] = R::fmadd(ai, b1, hi[i]);
     }
   }
-#pragma GCC unroll 6
+#pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) {
     if constexpr (kAccumulate) {
       lo[i] = R::add(R::load(c + i * ldc), lo[i]);
@@ -175,20 +175,16 @@ inline void micro_kernel(int64_t k, const acc_t* a, int64_t rsa, int64_t csa, co
   }
 }
 
-template <typename acc_t, bool kAccumulate, bool kRowMax = false>
+// micro_kernel for a run-time row count mr in [1, MR].
+template <typename acc_t, bool kAccumulate, bool kRowMax = false, int MR = kMicroRows>
 inline void micro_kernel_rows(int64_t mr, int64_t k, const acc_t* a, int64_t rsa, int64_t csa, const acc_t* panel,
                               acc_t* c, int64_t ldc, acc_t* vmax = nullptr) {
-  switch (mr) {
-    case 6: return micro_kernel<acc_t, 6, kAccumulate, kRowMax>(k, a, rsa, csa, panel, c, ldc, vmax);
-    case 5: return micro_kernel<acc_t, 5, kAccumulate, kRowMax>(k, a, rsa, csa, panel, c, ldc, vmax);
-    case 4: return micro_kernel<acc_t, 4, kAccumulate, kRowMax>(k, a, rsa, csa, panel, c, ldc, vmax);
-    case 3: return micro_kernel<acc_t, 3, kAccumulate, kRowMax>(k, a, rsa, csa, panel, c, ldc, vmax);
-    case 2: return micro_kernel<acc_t, 2, kAccumulate, kRowMax>(k, a, rsa, csa, panel, c, ldc, vmax);
-    default: return micro_kernel<acc_t, 1, kAccumulate, kRowMax>(k, a, rsa, csa, panel, c, ldc, vmax);
+  if constexpr (MR > 1) {
+    if (mr < MR) return micro_kernel_rows<acc_t, kAccumulate, kRowMax, MR - 1>(mr, k, a, rsa, csa, panel, c, ldc, vmax);
   }
+  micro_kernel<acc_t, MR, kAccumulate, kRowMax>(k, a, rsa, csa, panel, c, ldc, vmax);
 }
 
-constexpr int64_t kMicroRows = 6;
 
 // Loop order: each block of MR rows of A (held in L1) against every panel of B (streamed
 // from L2 in order). Measured as fast as or faster than panel-outer and k-chunked orders on
@@ -198,7 +194,7 @@ void gemm_packed(int64_t m, int64_t n, int64_t k, const acc_t* a, int64_t rsa, i
                  acc_t* c, int64_t ldc, const ExtentOf& extent_of) {
   constexpr int64_t W = kPanelWidth<acc_t>;
   for (int64_t i0 = 0; i0 < m; i0 += kMicroRows) {
-    const int64_t mr = std::min(kMicroRows, m - i0);
+    const int64_t mr = std::min<int64_t>(kMicroRows, m - i0);
     const RowBlockExtent e = extent_of(i0, mr);
     const int64_t cols = std::min(n, e.cols), p0 = std::clamp<int64_t>(e.depth_begin, 0, k);
     const int64_t depth = std::min(k, e.depth_end) - p0;
@@ -232,9 +228,9 @@ void gemm_packed(int64_t m, int64_t n, int64_t k, const acc_t* a, int64_t rsa, i
 template <typename acc_t>
 void gemm_packed_row_max(int64_t m, int64_t n, int64_t k, const acc_t* a, int64_t rsa, int64_t csa, Panels<acc_t> b,
                          acc_t* c, int64_t ldc, acc_t* row_max) {
-  constexpr int64_t W = kPanelWidth<acc_t>, V = W / 2, MR = detail::kMicroRows;
+  constexpr int64_t W = kPanelWidth<acc_t>, V = Simd<acc_t>::width, MR = kMicroRows;
   const int64_t full_end = n / W * W;  // the partial last panel's padding must not enter the max
-  alignas(32) acc_t vmax[MR * V];
+  alignas(64) acc_t vmax[MR * V];
   for (int64_t i0 = 0; i0 < m; i0 += MR) {
     const int64_t mr = std::min(MR, m - i0);
     std::fill(vmax, vmax + MR * V, -std::numeric_limits<acc_t>::infinity());
@@ -245,7 +241,7 @@ void gemm_packed_row_max(int64_t m, int64_t n, int64_t k, const acc_t* a, int64_
     }
     if (full_end < n) detail::micro_kernel_rows<acc_t, false>(mr, k, ai, rsa, csa, b.data + full_end * b.depth, ci + full_end, ldc);
     for (int64_t i = 0; i < mr; ++i) {
-      acc_t mx = *std::max_element(vmax + i * V, vmax + (i + 1) * V);
+      acc_t mx = Simd<acc_t>::reduce_max(Simd<acc_t>::load(vmax + i * V));  // a scalar chain cost 8% of Q K^T
       for (int64_t j = full_end; j < n; ++j) mx = std::max(mx, ci[i * ldc + j]);
       // Vector max drops NaN operands. Beside a finite maximum a NaN still surfaces (2^(NaN - max)
       // is NaN); with none, look for it so the row is not taken for an empty one.
@@ -266,7 +262,7 @@ void gemm_nt_dots(int64_t m, int64_t n, int64_t k, const acc_t* a, int64_t lda, 
                   acc_t* c, int64_t ldc) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
-  const auto add = [](Vec& x, Vec& y) { return x + y; };
+  const auto add = [](const Vec& x, const Vec& y) { return x + y; };
   for (int64_t i = 0; i < m; ++i) {
     const acc_t* ai = a + i * lda;
     int64_t j = 0;
@@ -334,4 +330,5 @@ void gemm_nn_axpys(int64_t m, int64_t n, int64_t k, const acc_t* a, int64_t lda,
   }
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace qkv

@@ -12,6 +12,7 @@
 #include <type_traits>
 
 namespace qkv {
+inline namespace CPU_CAPABILITY {  // this copy's instruction set (cpu_capability.h)
 
 // One row's options: `softcap` > 0 caps, `slope` != 0 adds -slope * |distance0 - c| at column c
 // (distance0 = i + offset - j0), `bias` (may be null) is read with `bias_stride`.
@@ -116,4 +117,5 @@ void multiply_row(acc_t* ds, const acc_t* factor, int64_t begin, int64_t end) {
   for (; c < end; ++c) ds[c] *= factor[c];
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace qkv

@@ -15,6 +15,7 @@
 #include <vector>
 
 namespace qkv {
+inline namespace CPU_CAPABILITY {  // this copy's instruction set (cpu_capability.h)
 
 struct Sequence {
   int64_t b = 0;           // the sequence's index: dropout counter, ALiBi slopes, bias
@@ -110,4 +111,5 @@ class SequenceLayout {
   int64_t lse_batch_stride_ = 0, lse_head_stride_ = 0, rows_ = 0;
 };
 
+}  // namespace CPU_CAPABILITY
 }  // namespace qkv

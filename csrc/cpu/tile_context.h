@@ -1,14 +1,15 @@
 #pragma once
 // What the CPU attention kernels share: tile sizes, strided views of (B, H, seq, dim)
-// tensors, row copies, the task scheduler and TileContext (one call's scores, masks and
-// dropout, tile by tile). Used by attention_cpu.cpp (forward, backward) and
-// attention_weights_cpu.cpp (the explicit weights).
+// tensors, row copies and TileContext (one call's scores, masks and dropout, tile by tile).
+// Used by attention_cpu.cpp (forward, backward) and attention_weights_cpu.cpp (the explicit
+// weights); the task scheduler is in task_scheduler.h.
 #include "../attention_common.h"
 #include "../kernels/dropout_hash.h"
 #include "compensated_sum.h"
 #include "packed_gemm.h"
 #include "score_transforms.h"
 #include "sequences.h"
+#include "task_scheduler.h"
 #include "tile_math.h"
 
 #include <ATen/ATen.h>
@@ -24,18 +25,30 @@
 #include <vector>
 
 namespace qkv {
+inline namespace CPU_CAPABILITY {
 
-// Tile sizes, swept with the benchmark on a Zen 3 (512 KiB L2 per core). Forward: a 128 x 256
-// score tile plus the packed K and V tiles stay in L2. Backward (and the weights op): 64
-// query rows x 128 keys keep the score, dP, dK and dV tiles in L2; taller or wider tiles
-// measured slower.
+// Tile sizes, swept with the benchmark per instruction set.
+#if defined(CPU_CAPABILITY_AVX512)
+// On a Xeon with 2 MiB of L2 per core (thread CPU time, one thread, B1 H8 L2048 D64 against
+// SDPA): forward 96 query rows x 512 keys (1.18x; 128 x 256: 1.15x), backward 96 x 256
+// (1.10x fwd+bwd; 64 x 128: 1.07x). 96 rows are whole 12-row micro-kernel blocks.
+constexpr int64_t kForwardQueryBlock = 96;
+constexpr int64_t kForwardKeyBlock = 512;
+constexpr int64_t kQueryBlock = 96;
+constexpr int64_t kBackwardKeyBlock = 256;
+#else
+// On a Zen 3 (512 KiB L2 per core). Forward: a 128 x 256 score tile plus the packed K and V
+// tiles stay in L2. Backward (and the weights op): 64 query rows x 128 keys keep the score,
+// dP, dK and dV tiles in L2; taller or wider tiles measured slower.
 constexpr int64_t kForwardQueryBlock = 128;
 constexpr int64_t kForwardKeyBlock = 256;
 constexpr int64_t kQueryBlock = 64;
 constexpr int64_t kBackwardKeyBlock = 128;
+#endif
 // Query tiles with fewer rows read K and V in place instead of packing them.
 constexpr int64_t kMinRowsForPanels = 4;
-// The forward sums P V over this many key tiles (2048 keys) in a plain partial, then adds the
+// The forward sums P V over this many key tiles (2048 keys with 256-key tiles, 4096 with
+// AVX-512's 512) in a plain partial, then adds the
 // partial to the output rows with compensation (compensated_sum.h): accurate for any key count,
 // at the cost of one pass over the rows per partial.
 constexpr int64_t kForwardTilesPerPartial = 8;
@@ -107,30 +120,6 @@ void store_row(scalar_t* dst, int64_t stride, const acc_t* src, int64_t n, acc_t
   } else {
     for (int64_t c = 0; c < n; ++c) dst[c * stride] = static_cast<scalar_t>(src[c] * mul);
   }
-}
-
-// Runs tasks [0, n) on W = min(n, threads) workers, worker w taking tasks w, w + W, ...
-// Round-robin interleaving balances uneven tasks (causal) while keeping which worker did
-// what fixed, so per-worker partial sums reduce in the same order on every run.
-// `make_worker(w)` runs once per worker and returns the callable that processes a task.
-// `flops` estimates the whole job: below ~64 kFLOP per worker, waking threads costs more
-// than it saves, so small problems run on fewer workers (one, for the tiniest).
-inline int64_t worker_count(int64_t n, double flops) {
-  constexpr double kMinFlopsPerWorker = 65536.0;
-  const int64_t by_work = std::max<int64_t>(1, static_cast<int64_t>(flops / kMinFlopsPerWorker));
-  return std::min<int64_t>({n, static_cast<int64_t>(at::get_num_threads()), by_work});
-}
-
-template <typename MakeWorker>
-void for_each_task(int64_t n, double flops, const MakeWorker& make_worker) {
-  const int64_t workers = worker_count(n, flops);
-  if (workers <= 0) return;
-  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t w = begin; w < end; ++w) {
-      auto work = make_worker(w);
-      for (int64_t t = w; t < n; t += workers) work(t);
-    }
-  });
 }
 
 // Everything the tile loops need to know about one call. Query heads h read key/value head
@@ -273,8 +262,8 @@ struct TileContext {
   std::pair<int64_t, int64_t> row_span(const Sequence& s, int64_t i0, int64_t rows, int64_t j0, int64_t cols,
                                        int64_t r, bool whole_rows) const {
     if (whole_rows) return {0, cols};
-    const int64_t r0 = r / detail::kMicroRows * detail::kMicroRows;
-    return block_keys(s, i0, j0, cols, r0, std::min(detail::kMicroRows, rows - r0));
+    const int64_t r0 = r / kMicroRows * kMicroRows;
+    return block_keys(s, i0, j0, cols, r0, std::min<int64_t>(kMicroRows, rows - r0));
   }
 
   // Turns products that already carry score_scale into scores (see scores()): softcap, ALiBi,
@@ -403,4 +392,5 @@ at::Tensor lse_normalizers(const TileContext<scalar_t>& ctx, const SequenceLayou
   return normalizers;
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace qkv

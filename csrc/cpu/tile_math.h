@@ -1,10 +1,11 @@
 #pragma once
 // Row operations of the CPU attention kernels (the softmax and its gradient), vectorised
-// for float32 with AVX2 (the baseline of this build), directly or through ATen's Vectorized.
-// The tile products are in packed_gemm.h.
+// for the instruction set of this copy of the kernels through Simd (simd.h) or ATen's
+// Vectorized. The tile products are in packed_gemm.h.
+#include "simd.h"
+
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
-#include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
@@ -13,29 +14,15 @@
 #include <type_traits>
 
 namespace qkv {
+inline namespace CPU_CAPABILITY {
 
 // The kernels keep scores in log2 units (scale * log2(e) folded into the products), so the
 // softmax needs 2^x, which is cheaper than exp: no range reduction by ln 2.
-
-// 2^x lane-wise for x <= 0 (a score minus its row max): 2^round(x) from the exponent bits
-// times a degree-5 polynomial for 2^f on [-1/2, 1/2] (relative error 1.8e-7, fitted here);
-// exactly 0 below -126 and at -inf (masked keys); NaN stays NaN.
-inline __m256 exp2_nonpositive(__m256 x) {
-  const __m256 lowest = _mm256_set1_ps(-126.f);
-  const __m256 too_small = _mm256_cmp_ps(x, lowest, _CMP_LT_OQ);
-  x = _mm256_max_ps(lowest, x);  // this operand order keeps NaN
-  const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256 f = _mm256_sub_ps(x, n);
-  __m256 poly = _mm256_set1_ps(0.0013218672247603536f);
-  poly = _mm256_fmadd_ps(poly, f, _mm256_set1_ps(0.009671698324382305f));
-  poly = _mm256_fmadd_ps(poly, f, _mm256_set1_ps(0.05550893023610115f));
-  poly = _mm256_fmadd_ps(poly, f, _mm256_set1_ps(0.24022237956523895f));
-  poly = _mm256_fmadd_ps(poly, f, _mm256_set1_ps(0.6931468844413757f));
-  poly = _mm256_fmadd_ps(poly, f, _mm256_set1_ps(1.f));
-  const __m256i exponent = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
-  const __m256 result = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(poly), exponent));
-  return _mm256_andnot_ps(too_small, result);
-}
+//
+// Simd<float>::exp2_nonpositive(x) computes 2^x lane-wise for x <= 0 (a score minus its row
+// max) on AVX2 and AVX-512: 2^round(x) from the exponent bits times a degree-5 polynomial for
+// 2^f on [-1/2, 1/2] (relative error 1.8e-7, fitted here); exactly 0 below -126 and at -inf
+// (masked keys); NaN stays NaN. The portable build uses std::exp2.
 
 // x = 2^((x - shift) * mul) in place; returns the sum. 2^-inf = 0 covers masked entries.
 // `mul` is 1 for scores in log2 units and log2(e) for scores in natural units (tile_context.h):
@@ -53,31 +40,30 @@ acc_t exp2_and_sum(acc_t* x, int64_t n, acc_t shift, acc_t mul = acc_t(1)) {
 namespace detail {
 // exp2_and_sum for float32; kScaled: mul != 1 (scores in natural units), else the multiply is skipped.
 template <bool kScaled>
-inline float exp2_and_sum_avx2(float* x, int64_t n, float shift, float mul) {
-  const __m256 vshift = _mm256_set1_ps(shift), vmul = _mm256_set1_ps(mul);
+inline float exp2_and_sum_simd(float* x, int64_t n, float shift, float mul) {
+  using R = Simd<float>;
+  constexpr int64_t V = R::width;
+  const typename R::reg vshift = R::set1(shift), vmul = R::set1(mul);
   const auto exponent = [&](const float* p) {
-    const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(p), vshift);
-    return kScaled ? _mm256_mul_ps(d, vmul) : d;
+    const typename R::reg d = R::sub(R::load(p), vshift);
+    return kScaled ? R::mul(d, vmul) : d;
   };
-  __m256 sum0 = _mm256_setzero_ps(), sum1 = _mm256_setzero_ps();  // two chains hide the add latency
+  typename R::reg sum0 = R::zero(), sum1 = R::zero();  // two chains hide the add latency
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const __m256 e0 = exp2_nonpositive(exponent(x + i));
-    const __m256 e1 = exp2_nonpositive(exponent(x + i + 8));
-    _mm256_storeu_ps(x + i, e0);
-    _mm256_storeu_ps(x + i + 8, e1);
-    sum0 = _mm256_add_ps(sum0, e0);
-    sum1 = _mm256_add_ps(sum1, e1);
+  for (; i + 2 * V <= n; i += 2 * V) {
+    const typename R::reg e0 = R::exp2_nonpositive(exponent(x + i));
+    const typename R::reg e1 = R::exp2_nonpositive(exponent(x + i + V));
+    R::store(x + i, e0);
+    R::store(x + i + V, e1);
+    sum0 = R::add(sum0, e0);
+    sum1 = R::add(sum1, e1);
   }
-  for (; i + 8 <= n; i += 8) {
-    const __m256 e = exp2_nonpositive(exponent(x + i));
-    _mm256_storeu_ps(x + i, e);
-    sum0 = _mm256_add_ps(sum0, e);
+  for (; i + V <= n; i += V) {
+    const typename R::reg e = R::exp2_nonpositive(exponent(x + i));
+    R::store(x + i, e);
+    sum0 = R::add(sum0, e);
   }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, _mm256_add_ps(sum0, sum1));
-  float sum = 0.f;
-  for (float lane : lanes) sum += lane;
+  float sum = R::reduce_add(R::add(sum0, sum1));
   for (; i < n; ++i) {
     x[i] = std::exp2((x[i] - shift) * mul);
     sum += x[i];
@@ -88,8 +74,8 @@ inline float exp2_and_sum_avx2(float* x, int64_t n, float shift, float mul) {
 
 template <>
 inline float exp2_and_sum<float>(float* x, int64_t n, float shift, float mul) {
-  return mul == 1.f ? detail::exp2_and_sum_avx2<false>(x, n, shift, mul)
-                    : detail::exp2_and_sum_avx2<true>(x, n, shift, mul);
+  return mul == 1.f ? detail::exp2_and_sum_simd<false>(x, n, shift, mul)
+                    : detail::exp2_and_sum_simd<true>(x, n, shift, mul);
 }
 
 // dst = 2^((x - shift) * mul) (accumulate: dst += ...): a row of probabilities written or added
@@ -98,11 +84,12 @@ template <typename acc_t>
 void exp2_into(acc_t* dst, const acc_t* x, int64_t n, acc_t shift, acc_t mul, bool accumulate) {
   int64_t i = 0;
   if constexpr (std::is_same_v<acc_t, float>) {
-    const __m256 vshift = _mm256_set1_ps(shift), vmul = _mm256_set1_ps(mul);
-    for (; i + 8 <= n; i += 8) {
-      __m256 e = exp2_nonpositive(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), vshift), vmul));
-      if (accumulate) e = _mm256_add_ps(e, _mm256_loadu_ps(dst + i));
-      _mm256_storeu_ps(dst + i, e);
+    using R = Simd<float>;
+    const typename R::reg vshift = R::set1(shift), vmul = R::set1(mul);
+    for (; i + R::width <= n; i += R::width) {
+      typename R::reg e = R::exp2_nonpositive(R::mul(R::sub(R::load(x + i), vshift), vmul));
+      if (accumulate) e = R::add(e, R::load(dst + i));
+      R::store(dst + i, e);
     }
   }
   for (; i < n; ++i) {
@@ -155,7 +142,7 @@ acc_t scale_bias_mask_max(acc_t* s, int64_t n, int64_t visible, acc_t scale, con
         }
       }
     }
-    m = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
+    m = at::vec::vec_reduce_all<float>([](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }, vmax);
   }
   for (; c < visible; ++c) {
     s[c] = s[c] * scale + (bias == nullptr ? acc_t(0) : static_cast<acc_t>(bias[c * bias_stride]) * bias_scale);
@@ -184,4 +171,5 @@ void scale_row(acc_t* x, int64_t n, acc_t factor) {
   for (int64_t i = 0; i < n; ++i) x[i] *= factor;
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace qkv

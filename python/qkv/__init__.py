@@ -16,6 +16,10 @@ Python API:
 import torch
 
 from . import _C  # noqa: F401  (registers torch.ops.qkv.*)
+
+# Chooses which copy of the CPU kernels runs (QKV_CPU_CAPABILITY, else the best this CPU
+# supports), so that a bad value of the variable fails here, not at the first call.
+_C._cpu_capability()
 from . import functional
 from .convert import convert
 from .flash_attn import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache

@@ -1,0 +1,76 @@
+// The choice of the CPU kernels' instruction set (cpu_capability.h). Baseline build.
+#include "cpu_capability.h"
+
+#include <algorithm>
+#include <cctype>
+#include <cstdlib>
+
+namespace qkv {
+namespace {
+
+constexpr const char* kNames[kCpuCapabilityCount] = {"default", "avx2", "avx512"};
+
+std::string lower(std::string_view s) {
+  std::string out(s);
+  std::transform(out.begin(), out.end(), out.begin(), [](unsigned char c) { return std::tolower(c); });
+  return out;
+}
+
+// The process-wide choice, made on first use. Relaxed atomics: a test that switches copies
+// does so between calls, never during one.
+std::atomic<int>& active() {
+  static std::atomic<int> capability = [] {
+    const char* env = std::getenv("QKV_CPU_CAPABILITY");
+    const CpuCapabilityChoice choice = choose_cpu_capability(env == nullptr ? "" : env, best_supported_cpu_capability());
+    if (!choice.warning.empty()) TORCH_WARN(choice.warning);
+    return static_cast<int>(choice.capability);
+  }();
+  return capability;
+}
+
+}  // namespace
+
+const char* cpu_capability_name(CpuCapability capability) { return kNames[static_cast<int>(capability)]; }
+
+CpuCapability best_supported_cpu_capability() {
+#if defined(__x86_64__) || defined(_M_X64)
+  // __builtin_cpu_supports also checks that the operating system saves the wider registers.
+  // The AVX2 copy is built with -mf16c too: every CPU with AVX2 and FMA has F16C.
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+  if (avx512) return CpuCapability::Avx512;
+  if (avx2) return CpuCapability::Avx2;
+#endif
+  return CpuCapability::Default;
+}
+
+CpuCapabilityChoice choose_cpu_capability(std::string_view requested, CpuCapability best) {
+  const std::string value = lower(requested);
+  if (value.empty()) return {best, ""};
+  if (value == "amx") {  // named by ATen's variable too; qkv has no AMX kernels yet
+    return {best, "QKV_CPU_CAPABILITY=amx: this build of qkv has no AMX kernels; using " +
+                      std::string(cpu_capability_name(best))};
+  }
+  const auto* it = std::find(std::begin(kNames), std::end(kNames), value);
+  TORCH_CHECK(it != std::end(kNames), "QKV_CPU_CAPABILITY='", requested,
+              "' names no CPU capability; expected one of default, avx2, avx512 (or unset: the best this CPU supports)");
+  const auto wanted = static_cast<CpuCapability>(it - std::begin(kNames));
+  if (wanted > best) {
+    return {best, "QKV_CPU_CAPABILITY=" + value + ": this CPU does not support " + value + "; using " +
+                      std::string(cpu_capability_name(best))};
+  }
+  return {wanted, ""};
+}
+
+CpuCapability cpu_capability() { return static_cast<CpuCapability>(active().load(std::memory_order_relaxed)); }
+
+CpuCapability set_cpu_capability(CpuCapability capability) {
+  TORCH_CHECK(capability <= best_supported_cpu_capability(), "qkv: this CPU cannot run the ",
+              cpu_capability_name(capability), " kernels (it supports up to ",
+              cpu_capability_name(best_supported_cpu_capability()), ")");
+  return static_cast<CpuCapability>(active().exchange(static_cast<int>(capability), std::memory_order_relaxed));
+}
+
+}  // namespace qkv
