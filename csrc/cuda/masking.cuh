@@ -139,7 +139,8 @@ template <typename acc_t, typename T>
 struct ScoreTransform {
   acc_t softcap = acc_t(0), inv_softcap = acc_t(0), slope = acc_t(0);
   int64_t offset = 0, b = 0, h = 0;
-  const BiasView* bias = nullptr;  // null: none
+  // By value: a pointer into the kernel's parameters would make nvcc copy them to local memory.
+  BiasView bias;  // data == nullptr: none
 
   __device__ __forceinline__ acc_t capped(acc_t s) const { return softcap * tanh_acc(s * inv_softcap); }
   // The score at (i, j) (sequence-local indices) for product s.
@@ -149,7 +150,7 @@ struct ScoreTransform {
       const int64_t d = i + offset - j;
       x -= slope * static_cast<acc_t>(d < 0 ? -d : d);
     }
-    if (bias != nullptr) x += bias_at<acc_t, T>(*bias, b, h, i, j);
+    if (bias.data != nullptr) x += bias_at<acc_t, T>(bias, b, h, i, j);
     return x;
   }
   __device__ __forceinline__ acc_t cap_grad(acc_t s) const {
@@ -169,7 +170,7 @@ __device__ __forceinline__ ScoreTransform<acc_t, T> score_transform(const Proble
   t.offset = s.offset;
   t.b = s.b;
   t.h = h;
-  t.bias = bias.data != nullptr ? &bias : nullptr;
+  t.bias = bias;
   return t;
 }
 
