@@ -61,7 +61,8 @@ CASES = {
     "alibi_bh_softcap_window": ((7, 9), 2.0, "bh", False, True),
 }
 SHAPES = [(1, 1), (33, 65), (70, 31), (16, 16)]  # (L, S): tile edges, L < S, L > S
-GROUPS = {"mha": 4, "gqa4": 1, "mqa": 1}  # key/value heads for 4 query heads (gqa4 with H = 4: 4:1)
+# (query heads, key/value heads): GQA 4:1 with two key/value heads (so a wrong head map shows), MQA.
+HEADS = {"mha": (4, 4), "gqa4": (8, 2), "mqa": (3, 1)}
 
 
 def slopes_of(kind, B, H):
@@ -73,7 +74,7 @@ def slopes_of(kind, B, H):
 @pytest.mark.parametrize("heads", ["mha", "gqa4"])
 def test_feature_forward(emulated, case, LS, heads):
     L, S = LS
-    B, H, Hk, D, Dv = 2, 4, GROUPS[heads], 16, 24
+    (H, Hk), B, D, Dv = HEADS[heads], 2, 16, 24
     window, softcap, slope_kind, is_causal, bottom_right = CASES[case]
     slopes = slopes_of(slope_kind, B, H)
     c = (window, softcap, slopes, is_causal, bottom_right)
@@ -108,8 +109,7 @@ def emulated_backward(ops, q, k, v, out, lse, grad_out, case, scale):
 @pytest.mark.parametrize("heads", ["mha", "gqa4", "mqa"])
 def test_feature_backward(emulated, case, LS, heads):
     L, S = LS
-    B, H, D, Dv = 1, 4 if heads != "mqa" else 3, 16, 8
-    Hk = 1 if heads != "mha" else H
+    (H, Hk), B, D, Dv = HEADS[heads], 1, 16, 8
     window, softcap, slope_kind, is_causal, bottom_right = CASES[case]
     slopes = slopes_of(slope_kind, B, H)
     c = (window, softcap, slopes, is_causal, bottom_right)
@@ -160,8 +160,7 @@ def as_4d(t):
 @pytest.mark.parametrize("case", ["plain", "causal", "window_narrow", "alibi_bh_softcap_window", "window_wide_causal"])
 @pytest.mark.parametrize("heads", ["mha", "gqa4"])
 def test_varlen(emulated, case, heads):
-    B, H, D, Dv = len(VARLEN), 4, 16, 8
-    Hk = GROUPS[heads]
+    (H, Hk), B, D, Dv = HEADS[heads], len(VARLEN), 16, 8
     c = ((-1, -1), 0.0, None, case == "causal", True) if case in ("plain", "causal") else CASES[case]
     slopes = slopes_of(c[2], B, H)
     c = (c[0], c[1], slopes, c[3], c[4])
