@@ -450,3 +450,158 @@ def test_projection_op_gradients_match_cpu():
 
     for got, want in zip(grads(DEVICE), grads("cpu")):
         torch.testing.assert_close(got.cpu(), want, rtol=1e-9, atol=1e-10)
+
+
+# ---- issue 17's options: GQA/MQA, windows, softcap, ALiBi, varlen, KV cache (generic kernels) --------
+
+from reference import alibi_slopes as _alibi_slopes  # noqa: E402
+from reference import feature_reference, kvcache_reference, varlen_reference  # noqa: E402
+
+FEATURE_TOL = {torch.float64: (1e-9, 1e-11), torch.float32: (2e-4, 1e-4), torch.float16: (2e-2, 2e-2),
+               torch.bfloat16: (8e-2, 8e-2)}
+# (nheads, nheads_k, window, softcap, ALiBi (None, "h", "bh"), causal): GQA 4:1 and MQA, windows
+# narrower and wider than a tile, rows that see nothing (a (0, 0) window with seqlen_q > seqlen_k).
+FEATURE_CASES = {
+    "gqa4_window_narrow": (8, 2, (5, 3), 0.0, None, False),
+    "mqa_softcap_causal": (4, 1, (-1, -1), 5.0, None, True),
+    "alibi_bh_window_wide": (4, 4, (70, -1), 0.0, "bh", True),
+    "alibi_h_softcap_gqa": (6, 3, (-1, 2), 3.0, "h", False),
+    "rows_see_nothing": (2, 1, (0, 0), 0.0, None, False),
+}
+
+
+def feature_close(name, got, want, dtype):
+    rtol, atol = FEATURE_TOL[dtype]
+    scale = max(want.abs().max().item(), 1.0) if want.numel() else 1.0
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    torch.testing.assert_close(got.double().cpu(), want.double(), rtol=rtol, atol=atol * scale,
+                               msg=lambda m: f"{name}: {m}")
+
+
+def feature_inputs(B, Hq, Hk, L, S, D, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, n, H, D, generator=g, dtype=torch.float64)
+               for n, H in ((L, Hq), (S, Hk), (S, Hk)))
+    return [t.to(DEVICE, dtype).requires_grad_() for t in (q, k, v)]
+
+
+@pytest.mark.parametrize("case", list(FEATURE_CASES))
+@pytest.mark.parametrize("LS", [(33, 65), (70, 31), (1, 40)], ids=lambda x: f"L{x[0]}S{x[1]}")
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("path", ["auto", "generic"])
+def test_flash_attn_features_match_reference(case, LS, dtype, path, monkeypatch):
+    """flash_attn_func with each option on the generic kernels ("auto" must route there), output and
+    gradients against the float64 reference."""
+    select_kernel_path(monkeypatch, path)
+    Hq, Hk, window, softcap, slope_kind, causal = FEATURE_CASES[case]
+    L, S = LS
+    B, D = 2, 64
+    slopes = None if slope_kind is None else _alibi_slopes(Hq, B if slope_kind == "bh" else None)
+    q, k, v = feature_inputs(B, Hq, Hk, L, S, D, dtype, seed=seed_of(case, LS))
+    out = qkv.flash_attn_func(q, k, v, softmax_scale=0.2, causal=causal, window_size=window, softcap=softcap,
+                              alibi_slopes=None if slopes is None else slopes.to(DEVICE))
+    leaves = [t.detach().cpu().double().transpose(1, 2).requires_grad_() for t in (q, k, v)]
+    want, _ = feature_reference(*leaves, is_causal=causal, bottom_right=True, scale=0.2, window=window,
+                                softcap=softcap, alibi_slopes=slopes)
+    feature_close("out", out, want.transpose(1, 2), dtype)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    out.backward(grad_out.to(DEVICE, dtype))
+    want_grads = torch.autograd.grad(want, leaves, grad_out.transpose(1, 2))
+    for name, t, w in zip(("dq", "dk", "dv"), (q, k, v), want_grads):
+        feature_close(name, t.grad, w.transpose(1, 2), dtype)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_flash_attn_varlen_matches_reference(dtype, causal):
+    """Packed sequences, empty ones included (no queries; no keys: rows that see nothing), GQA 2:1,
+    a window and ALiBi; rows past the last offset stay zero."""
+    lengths = [(5, 7), (0, 3), (40, 33), (6, 0), (17, 70), (1, 1)]
+    cu_q = torch.tensor([0] + list(torch.tensor([a for a, _ in lengths]).cumsum(0)), dtype=torch.int32)
+    cu_k = torch.tensor([0] + list(torch.tensor([b for _, b in lengths]).cumsum(0)), dtype=torch.int32)
+    H, Hk, D = 4, 2, 32
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(int(cu_q[-1]) + 3, H, D, generator=g, dtype=torch.float64)
+    k = torch.randn(int(cu_k[-1]), Hk, D, generator=g, dtype=torch.float64)
+    v = torch.randn(int(cu_k[-1]), Hk, D, generator=g, dtype=torch.float64)
+    slopes = _alibi_slopes(H, len(lengths))
+    dq, dk, dv = (t.to(DEVICE, dtype).requires_grad_() for t in (q, k, v))
+    out = qkv.flash_attn_varlen_func(dq, dk, dv, cu_q.to(DEVICE), cu_k.to(DEVICE), 40, 70, softmax_scale=0.3,
+                                     causal=causal, window_size=(20, -1), alibi_slopes=slopes.to(DEVICE))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    want, _ = varlen_reference(*leaves, cu_q, cu_k, scale=0.3, is_causal=causal, bottom_right=True, window=(20, -1),
+                               alibi_slopes=slopes)
+    feature_close("out", out, want, dtype)
+    grad_out = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    out.backward(grad_out.to(DEVICE, dtype))
+    for name, t, w in zip(("dq", "dk", "dv"), (dq, dk, dv), torch.autograd.grad(want, leaves, grad_out)):
+        feature_close(name, t.grad, w, dtype)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("seqlen_new", [1, 4])
+def test_flash_attn_with_kvcache_matches_reference(dtype, seqlen_new):
+    """Decoding with GQA 4:1: the new keys are written into the caches at cache_seqlens[b], then each
+    batch element attends to its first cache_seqlens[b] + seqlen_new keys (bottom-right aligned)."""
+    B, H, Hk, D, cache = 3, 8, 2, 64, 96
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(B, seqlen_new, H, D, generator=g, dtype=torch.float64)
+    k_cache = torch.randn(B, cache, Hk, D, generator=g, dtype=torch.float64)
+    v_cache = torch.randn(B, cache, Hk, D, generator=g, dtype=torch.float64)
+    k_new = torch.randn(B, seqlen_new, Hk, D, generator=g, dtype=torch.float64)
+    v_new = torch.randn(B, seqlen_new, Hk, D, generator=g, dtype=torch.float64)
+    cache_seqlens = torch.tensor([0, 37, cache - seqlen_new], dtype=torch.int32)
+    kc, vc = k_cache.to(DEVICE, dtype), v_cache.to(DEVICE, dtype)
+    out = qkv.flash_attn_with_kvcache(q.to(DEVICE, dtype), kc, vc, k_new.to(DEVICE, dtype), v_new.to(DEVICE, dtype),
+                                      cache_seqlens=cache_seqlens.to(DEVICE), softmax_scale=0.125, causal=True,
+                                      window_size=(50, -1), softcap=4.0)
+    t = lambda x: x.transpose(1, 2)  # noqa: E731
+    want, _, k_after, v_after = kvcache_reference(t(q), t(k_cache), t(v_cache), t(k_new), t(v_new), cache_seqlens,
+                                                  is_causal=True, scale=0.125, window=(50, -1), softcap=4.0)
+    feature_close("out", out, t(want), dtype)
+    feature_close("k_cache", kc, t(k_after), dtype)
+    feature_close("v_cache", vc, t(v_after), dtype)
+
+
+@pytest.mark.parametrize("path", ["mma", "fa2"])
+def test_forced_fast_path_names_the_generic_only_option(path, monkeypatch):
+    """The mma and fa2 kernels do not implement issue 17's options: forcing them is an error that
+    names the option (never a silent fallback or a wrong answer)."""
+    if DEVICE != "cuda":
+        pytest.skip("QKV_CUDA_KERNEL only steers the CUDA kernels")
+    select_kernel_path(monkeypatch, path)
+    q, k, v = (t.detach() for t in feature_inputs(1, 4, 1, 16, 16, 64, torch.float16, seed=1))
+    with pytest.raises(RuntimeError, match="grouped key/value heads"):
+        qkv.flash_attn_func(q, k, v)
+    q, k, v = (t.detach() for t in feature_inputs(1, 4, 4, 16, 16, 64, torch.float16, seed=1))
+    with pytest.raises(RuntimeError, match="softcap"):
+        qkv.flash_attn_func(q, k, v, softcap=2.0)
+    with pytest.raises(RuntimeError, match="window_size"):
+        qkv.flash_attn_func(q, k, v, window_size=(4, 4))
+    with pytest.raises(RuntimeError, match="alibi_slopes"):
+        qkv.flash_attn_func(q, k, v, alibi_slopes=_alibi_slopes(4).to(DEVICE))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_varlen_dropout_masks_identical_on_cpu_and_cuda(dtype):
+    """The dropout counter of packed sequences (logical sequence index, max_seqlen strides) is the CPU
+    kernel's: same seed, same output and gradients."""
+    if DEVICE != "cuda":
+        pytest.skip("compares the CUDA kernels with the CPU kernels")
+    lengths = [(5, 7), (0, 3), (40, 33), (17, 70)]
+    cu_q = torch.tensor([0] + list(torch.tensor([a for a, _ in lengths]).cumsum(0)), dtype=torch.int32)
+    cu_k = torch.tensor([0] + list(torch.tensor([b for _, b in lengths]).cumsum(0)), dtype=torch.int32)
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(int(cu_q[-1]), 4, 32, generator=g).to(dtype)
+    k = torch.randn(int(cu_k[-1]), 2, 32, generator=g).to(dtype)
+    v = torch.randn(int(cu_k[-1]), 2, 32, generator=g).to(dtype)
+    results = []
+    for device in ("cpu", "cuda"):
+        leaves = [t.to(device).requires_grad_() for t in (q, k, v)]
+        out, _ = ops.attention_varlen(*leaves, cu_q.to(device), cu_k.to(device), 40, 70, 0.3, True, True, 0.2,
+                                      torch.tensor(99), 25, -1, 0.0, None)
+        out.backward(torch.ones_like(out))
+        results.append([out.detach().cpu().double()] + [t.grad.cpu().double() for t in leaves])
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    for name, a, b in zip(("out", "dq", "dk", "dv"), *results):
+        torch.testing.assert_close(b, a, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")

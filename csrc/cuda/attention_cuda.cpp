@@ -4,12 +4,14 @@
 //
 // Dispatch: the tensor-core kernels (float16/bfloat16, head_dim == v_head_dim in {64, 128},
 // aligned rows, sm_80+; the backward also no bias gradient) when the call qualifies, else the
-// generic kernels. The environment variable QKV_CUDA_KERNEL overrides this per call: "generic"
+// generic kernels. Issue 17's options (grouped key/value heads, windows, softcap, ALiBi) and the
+// packed (varlen) and KV-cache doors run on the generic kernels only. The environment variable QKV_CUDA_KERNEL overrides this per call: "generic"
 // always takes the generic kernels, "mma" requires the tensor-core kernels and "fa2" the
 // FlashAttention-2-class kernels (an error if the call does not qualify); tests use each to check
 // every path against the same reference. fa2 stays opt-in until tests/test_cuda.py passes with it
 // on a GPU. Its backward sums dQ in a fixed order when torch.use_deterministic_algorithms is on.
 #include "../attention_common.h"
+#include "../sequence_args.h"
 #include "kernel_args.h"
 #include "kernel_params.h"
 
@@ -22,6 +24,10 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <limits>
+#include <sstream>
+#include <string>
+#include <vector>
 
 namespace qkv {
 namespace {
@@ -30,11 +36,6 @@ using namespace qkv::cuda;
 
 void check_cuda_limits(const char* op, const at::Tensor& query, const AttentionParams& p) {
   TORCH_CHECK(query.is_cuda(), op, ": the CUDA kernel got a query on ", query.device());
-  // Issue 17's options are implemented by the CPU kernels only so far: refuse, never ignore.
-  TORCH_CHECK(!uses_score_options(p), op,
-              ": grouped key/value heads, windows, softcap and ALiBi are not implemented by the CUDA kernels yet "
-              "(CPU only); got key heads ", p.kv_heads, " for ", p.heads, " query heads, window (", p.window_left,
-              ", ", p.window_right, "), softcap ", p.softcap, ", ALiBi ", p.has_alibi ? "on" : "off");
   TORCH_CHECK(p.head_dim <= kMaxHeadDim && p.v_head_dim <= kMaxHeadDim, op,
               ": on CUDA, head_dim and value_head_dim must be at most ", kMaxHeadDim, "; got ",
               p.head_dim, " and ", p.v_head_dim);
@@ -52,12 +53,55 @@ KernelChoice kernel_choice() {
               "'");
 }
 
+// The options of a call that only the generic kernels implement, named for the error a forced
+// fast path (QKV_CUDA_KERNEL=mma or fa2) raises; empty when there are none.
+std::string generic_only_options(const AttentionParams& p, const char* door = nullptr) {
+  std::ostringstream names;
+  const char* sep = "";
+  auto add = [&](auto&&... parts) {
+    names << sep;
+    (names << ... << parts);
+    sep = ", ";
+  };
+  if (door != nullptr) add(door);
+  if (p.kv_heads != p.heads) add("grouped key/value heads (", p.kv_heads, " key heads for ", p.heads, " query heads)");
+  if (p.window_left >= 0 || (!p.is_causal && p.window_right >= 0)) {
+    add("window_size (", p.window_left, ", ", p.window_right, ")");
+  }
+  if (p.softcap > 0) add("softcap ", p.softcap);
+  if (p.has_alibi) add("alibi_slopes");
+  return names.str();
+}
+
+// A forced fast path with such options is an error naming them; `auto` takes the generic kernels.
+void check_generic_only(const char* op, KernelChoice choice, const std::string& options) {
+  if (options.empty() || (choice != KernelChoice::Mma && choice != KernelChoice::Fa2)) return;
+  TORCH_CHECK(false, op, ": QKV_CUDA_KERNEL=", choice == KernelChoice::Mma ? "mma" : "fa2", ", but the ",
+              choice == KernelChoice::Mma ? "mma" : "fa2", " kernels do not implement ", options,
+              " (only the generic kernels do: unset QKV_CUDA_KERNEL or set it to auto or generic)");
+}
+
+// The ALiBi slopes (checked on the query's device by check_score_options); the doors add their
+// offsets / key counts.
+SequenceTensors sequence_tensors(const std::optional<at::Tensor>& alibi_slopes) {
+  SequenceTensors t;
+  if (alibi_slopes.has_value() && alibi_slopes->defined()) t.alibi_slopes = *alibi_slopes;
+  return t;
+}
+// int64 copies on the query's device of offsets / key counts read (and checked) on the host.
+at::Tensor on_device(const std::vector<int64_t>& values, const at::Tensor& query) {
+  return at::tensor(values, at::TensorOptions().dtype(at::kLong)).to(query.device(), /*non_blocking=*/false);
+}
+
 // Per-row factors for the kernels that rebuild probabilities from a logsumexp (1 except where
 // lse lost the log of its row sum: kernel_params.h, LseNormalizerArgs).
 at::Tensor lse_normalizers(const AttentionParams& p, const at::Tensor& query, const at::Tensor& key,
-                           const at::Tensor& expanded_bias, const at::Tensor& lse_contiguous, cudaStream_t stream) {
+                           const at::Tensor& expanded_bias, const at::Tensor& lse_contiguous, cudaStream_t stream,
+                           const SequenceTensors& sequences = {}) {
   at::Tensor normalizers = at::empty_like(lse_contiguous);
-  launch_lse_normalizers(lse_normalizer_args(p, query, key, expanded_bias, lse_contiguous, normalizers), stream);
+  LseNormalizerArgs args = lse_normalizer_args(p, query, key, expanded_bias, lse_contiguous, normalizers);
+  set_sequence_tensors(args.shape, sequences);
+  launch_lse_normalizers(args, stream);
   return normalizers;
 }
 
@@ -82,9 +126,12 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(
   if (p.batch * p.heads * p.q_len == 0) return {out, lse};
 
   const at::Tensor expanded_bias = p.has_bias ? expand_bias(*bias, p) : at::Tensor();
-  const ForwardArgs args = forward_args(p, query, key, value, expanded_bias, out, lse);
+  const SequenceTensors sequences = sequence_tensors(alibi_slopes);
+  ForwardArgs args = forward_args(p, query, key, value, expanded_bias, out, lse);
+  set_sequence_tensors(args.shape, sequences);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(query.get_device()).stream();
   const KernelChoice choice = kernel_choice();
+  check_generic_only("qkv.attention", choice, generic_only_options(p));
   if (choice == KernelChoice::Fa2) {
     TORCH_CHECK(fa2_forward_supported(args, device_major(query)),
                 "qkv.attention: QKV_CUDA_KERNEL=fa2, but this call does not qualify for the fa2 kernels (they need "
@@ -137,13 +184,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cu
   at::Tensor delta = at::empty({p.batch, p.heads, p.q_len}, query.options().dtype(acc_dtype));
   const at::Tensor expanded_bias = p.has_bias ? expand_bias(*bias, p) : at::Tensor();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(query.get_device()).stream();
-  const at::Tensor normalizers = lse_normalizers(p, query, key, expanded_bias, lse, stream);
+  const KernelChoice choice = kernel_choice();
+  check_generic_only("qkv.attention_backward", choice, generic_only_options(p));
+  const SequenceTensors sequences = sequence_tensors(alibi_slopes);
+  const at::Tensor normalizers = lse_normalizers(p, query, key, expanded_bias, lse, stream, sequences);
 
   BiasGradBuffer bias_grad;
   if (want_bias_grad) bias_grad = bias_grad_buffer(*bias, p, acc_dtype);
   BackwardArgs args = backward_args(p, grad_out, query, key, value, expanded_bias, out, lse, normalizers, delta, grad_q,
                                     grad_k, grad_v, want_bias_grad ? &bias_grad : nullptr);
-  const KernelChoice choice = kernel_choice();
+  set_sequence_tensors(args.shape, sequences);
   if (choice == KernelChoice::Fa2) {
     TORCH_CHECK(fa2_backward_supported(args, device_major(query)),
                 "qkv.attention_backward: QKV_CUDA_KERNEL=fa2, but this call does not qualify for the fa2 kernels "
@@ -203,38 +253,122 @@ at::Tensor attention_weights_cuda(const at::Tensor& query, const at::Tensor& key
   const at::Tensor lse = logsumexp.contiguous();
   const at::Tensor expanded_bias = p.has_bias ? expand_bias(*bias, p) : at::Tensor();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(query.get_device()).stream();
-  const at::Tensor normalizers = lse_normalizers(p, query, key, expanded_bias, lse, stream);
-  const WeightsArgs args = weights_args(p, query, key, expanded_bias, lse, normalizers, weights);
+  const SequenceTensors sequences = sequence_tensors(alibi_slopes);
+  const at::Tensor normalizers = lse_normalizers(p, query, key, expanded_bias, lse, stream, sequences);
+  WeightsArgs args = weights_args(p, query, key, expanded_bias, lse, normalizers, weights);
+  set_sequence_tensors(args.shape, sequences);
   launch_generic_weights(args, stream);
   return weights;
 }
 
-// The packed and KV-cache doors run on the CPU kernels only so far.
-[[noreturn]] void not_on_cuda(const char* op) {
-  TORCH_CHECK(false, op, ": not implemented by the CUDA kernels yet (CPU only; see docs/flash-attn-api.md)");
+// ---- the packed (varlen) and KV-cache doors: the generic kernels with per-sequence lengths ------
+
+struct PackedCall {
+  AttentionParams p;
+  SequenceTensors sequences;
+};
+
+// The checked params and the sequences' device arrays of a varlen call (offsets read on the host:
+// one copy each way, as the CPU kernels check them).
+PackedCall packed_call(const char* op, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                       const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                       int64_t max_seqlen_k, double dropout_p, bool is_causal, bool bottom_right,
+                       std::optional<double> scale, const std::optional<at::Tensor>& dropout_seed, int64_t window_left,
+                       int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+  PackedCall call;
+  call.p = check_varlen_args(op, query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                             is_causal, bottom_right, scale, dropout_seed, window_left, window_right, softcap,
+                             alibi_slopes);
+  check_cuda_limits(op, query, call.p);
+  const auto cu_q = read_offsets(op, "cu_seqlens_q", cu_seqlens_q, query.size(0), "query", "max_seqlen_q",
+                                 max_seqlen_q, "query");
+  const auto cu_k = read_offsets(op, "cu_seqlens_k", cu_seqlens_k, key.size(0), "key", "max_seqlen_k", max_seqlen_k,
+                                 "key");
+  check_generic_only(op, kernel_choice(), generic_only_options(call.p, "packed sequences (cu_seqlens)"));
+  call.sequences = sequence_tensors(alibi_slopes);
+  call.sequences.cu_seqlens_q = on_device(cu_q, query);
+  call.sequences.cu_seqlens_k = on_device(cu_k, query);
+  call.sequences.total_q = query.size(0);
+  return call;
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_varlen_cuda(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                         const at::Tensor&, const at::Tensor&, int64_t, int64_t, double,
-                                                         bool, bool, std::optional<double>,
-                                                         const std::optional<at::Tensor>&, int64_t, int64_t, double,
-                                                         const std::optional<at::Tensor>&) {
-  not_on_cuda("qkv.attention_varlen");
+std::tuple<at::Tensor, at::Tensor> attention_varlen_cuda(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double dropout_p, bool is_causal,
+    bool bottom_right, std::optional<double> scale, const std::optional<at::Tensor>& dropout_seed,
+    int64_t window_left, int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+  const char* op = "qkv.attention_varlen";
+  const c10::cuda::CUDAGuard device_guard(query.device());
+  const PackedCall call = packed_call(op, query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                      dropout_p, is_causal, bottom_right, scale, dropout_seed, window_left,
+                                      window_right, softcap, alibi_slopes);
+  const AttentionParams& p = call.p;
+  at::Tensor out = empty_varlen_output(query, p);
+  at::Tensor lse = empty_varlen_logsumexp(query);
+  // Rows past the last offset belong to no sequence: zeros and -inf, like rows that see nothing.
+  out.zero_();
+  lse.fill_(-std::numeric_limits<double>::infinity());
+  if (p.batch * p.heads * p.q_len == 0) return {out, lse};
+  ForwardArgs args = forward_args(p, packed_as_4d(query), packed_as_4d(key), packed_as_4d(value), at::Tensor(),
+                                  packed_as_4d(out), lse);
+  set_sequence_tensors(args.shape, call.sequences);
+  launch_generic_forward(args, c10::cuda::getCurrentCUDAStream(query.get_device()).stream());
+  return {out, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward_cuda(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    const at::Tensor&, const at::Tensor&, int64_t, int64_t, double, bool, bool, std::optional<double>,
-    const std::optional<at::Tensor>&, int64_t, int64_t, double, const std::optional<at::Tensor>&) {
-  not_on_cuda("qkv.attention_varlen_backward");
+    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const at::Tensor& out, const at::Tensor& logsumexp, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double dropout_p, bool is_causal,
+    bool bottom_right, std::optional<double> scale, const std::optional<at::Tensor>& dropout_seed,
+    int64_t window_left, int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+  const char* op = "qkv.attention_varlen_backward";
+  const c10::cuda::CUDAGuard device_guard(query.device());
+  const PackedCall call = packed_call(op, query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                      dropout_p, is_causal, bottom_right, scale, dropout_seed, window_left,
+                                      window_right, softcap, alibi_slopes);
+  const AttentionParams& p = call.p;
+  check_varlen_backward_args(op, query, grad_out, out, logsumexp, p, dropout_p, dropout_seed);
+  // Rows and keys of no sequence, and keys no query sees, get zero gradients.
+  at::Tensor grad_q = at::zeros_like(query, at::MemoryFormat::Contiguous);
+  at::Tensor grad_k = at::zeros_like(key, at::MemoryFormat::Contiguous);
+  at::Tensor grad_v = at::zeros_like(value, at::MemoryFormat::Contiguous);
+  if (p.batch * p.heads == 0) return {grad_q, grad_k, grad_v};
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(query.get_device()).stream();
+  const at::Tensor lse = logsumexp.contiguous();
+  at::Tensor delta = at::empty_like(lse);
+  const at::Tensor q4 = packed_as_4d(query), k4 = packed_as_4d(key);
+  const at::Tensor normalizers = lse_normalizers(p, q4, k4, at::Tensor(), lse, stream, call.sequences);
+  BackwardArgs args = backward_args(p, packed_as_4d(grad_out), q4, k4, packed_as_4d(value), at::Tensor(),
+                                    packed_as_4d(out), lse, normalizers, delta, packed_as_4d(grad_q),
+                                    packed_as_4d(grad_k), packed_as_4d(grad_v), nullptr);
+  set_sequence_tensors(args.shape, call.sequences);
+  launch_generic_backward(args, stream);
+  return {grad_q, grad_k, grad_v};
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_kvcache_cuda(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                          const std::optional<at::Tensor>&,
-                                                          const std::optional<at::Tensor>&,
-                                                          const std::optional<at::Tensor>&, bool, std::optional<double>,
-                                                          int64_t, int64_t, double, const std::optional<at::Tensor>&) {
-  not_on_cuda("qkv.attention_kvcache");
+std::tuple<at::Tensor, at::Tensor> attention_kvcache_cuda(
+    const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache, const std::optional<at::Tensor>& key,
+    const std::optional<at::Tensor>& value, const std::optional<at::Tensor>& cache_seqlens, bool is_causal,
+    std::optional<double> scale, int64_t window_left, int64_t window_right, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
+  const char* op = "qkv.attention_kvcache";
+  const c10::cuda::CUDAGuard device_guard(query.device());
+  const KvcacheArgs kv = check_kvcache_args(op, query, k_cache, v_cache, key, value, cache_seqlens, is_causal, scale,
+                                            window_left, window_right, softcap, alibi_slopes);
+  const AttentionParams& p = kv.p;
+  check_cuda_limits(op, query, p);
+  check_generic_only(op, kernel_choice(), generic_only_options(p, "a KV cache"));
+  if (key.has_value() && key->defined()) write_into_caches(kv, k_cache, v_cache, *key, *value);
+  at::Tensor out = empty_attention_output(query, p);
+  at::Tensor lse = empty_logsumexp(query, p);
+  if (p.batch * p.heads * p.q_len == 0) return {out, lse};
+  SequenceTensors sequences = sequence_tensors(alibi_slopes);
+  sequences.kv_lens = on_device(kv.kv_lens, query);
+  ForwardArgs args = forward_args(p, query, k_cache, v_cache, at::Tensor(), out, lse);
+  set_sequence_tensors(args.shape, sequences);
+  launch_generic_forward(args, c10::cuda::getCurrentCUDAStream(query.get_device()).stream());
+  return {out, lse};
 }
 
 }  // namespace

@@ -76,6 +76,8 @@ __device__ __forceinline__ double negative_infinity<double>() {
 // about 2 ulp over the whole range, unlike __expf whose error grows with |x|).
 __device__ __forceinline__ float exp_acc(float x) { return exp2f(x * 1.4426950408889634f); }
 __device__ __forceinline__ double exp_acc(double x) { return exp(x); }
+__device__ __forceinline__ float tanh_acc(float x) { return tanhf(x); }
+__device__ __forceinline__ double tanh_acc(double x) { return tanh(x); }
 __device__ __forceinline__ float log_acc(float x) { return log2f(x) * 0.6931471805599453f; }
 __device__ __forceinline__ double log_acc(double x) { return log(x); }
 

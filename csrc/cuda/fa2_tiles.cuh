@@ -134,6 +134,7 @@ inline bool head_dim_supported(int64_t d) { return d == 64 || d == 96 || d == 12
 inline bool forward_supported(const ForwardArgs& args, int device_major) {
   const ProblemShape& p = args.shape;
   if (device_major < 8) return false;
+  if (uses_sequence_options(p)) return false;  // issue 17's options: generic kernels only
   if (args.dtype != ElementType::Float16 && args.dtype != ElementType::BFloat16) return false;
   if (p.head_dim != p.v_head_dim || !head_dim_supported(p.head_dim)) return false;
   for (const ConstView4* view : {&args.q, &args.k, &args.v}) {
@@ -145,6 +146,7 @@ inline bool forward_supported(const ForwardArgs& args, int device_major) {
 inline bool backward_supported(const BackwardArgs& args, int device_major) {
   const ProblemShape& p = args.shape;
   if (device_major < 8) return false;
+  if (uses_sequence_options(p)) return false;  // issue 17's options: generic kernels only
   if (args.dtype != ElementType::Float16 && args.dtype != ElementType::BFloat16) return false;
   if (p.head_dim != p.v_head_dim || !head_dim_supported(p.head_dim)) return false;
   for (const ConstView4* view : {&args.q, &args.k, &args.v, &args.grad_out}) {

@@ -1,7 +1,9 @@
 #pragma once
 // The generic CUDA attention kernels: every dtype (float32, float64, float16, bfloat16 with
 // float accumulation), any strides, broadcast bias, both causal alignments, dropout, head dims
-// up to 256. Written for correctness first: plain FMA loops over tiles staged in shared memory
+// up to 256, and issue 17's options (masking.cuh): grouped key/value heads read in place, sliding
+// windows (key tiles outside a block's band are skipped), softcap, ALiBi, and sequences with their
+// own lengths (packed varlen tensors, KV caches; a block past its sequence's end leaves at once). Written for correctness first: plain FMA loops over tiles staged in shared memory
 // in the accumulation type; no L x S buffer anywhere.
 //
 // Thread layout (every kernel: 4 warps of 32 lanes):
@@ -68,16 +70,18 @@ __global__ void __launch_bounds__(kThreads) generic_forward_kernel(const Forward
   const int64_t bh = static_cast<int64_t>(blockIdx.x) / q_tiles;
   const int64_t i0 = (static_cast<int64_t>(blockIdx.x) % q_tiles) * BQ;
   const int64_t b = bh / p.heads, h = bh % p.heads;
-  const T* q = static_cast<const T*>(args.q.data) + b * args.q.s0 + h * args.q.s1;
-  const T* k = static_cast<const T*>(args.k.data) + b * args.k.s0 + h * args.k.s1;
-  const T* v = static_cast<const T*>(args.v.data) + b * args.v.s0 + h * args.v.s1;
-  const MaskInfo mask = mask_of(p);
-  const bool has_bias = args.bias.data != nullptr;
+  const SequenceView seq = sequence_of(p, b);
+  if (i0 >= seq.q_len) return;  // block-uniform: a sequence shorter than the longest
+  const int64_t hk = kv_head_of(p, h);
+  const T* q = row_ptr<T>(args.q, seq.tb, h, seq.q0);
+  const T* k = row_ptr<T>(args.k, seq.tb, hk, seq.k0);
+  const T* v = row_ptr<T>(args.v, seq.tb, hk, seq.k0);
+  const ScoreTransform<acc_t, T> score = score_transform<acc_t, T>(p, args.bias, seq, h);
   const bool dropout = p.dropout_p > 0.0;
   const acc_t keep_scale = static_cast<acc_t>(p.keep_scale);
   const acc_t neg_inf = negative_infinity<acc_t>();
 
-  load_tile(q_tile, D, q, args.q.s2, args.q.s3, i0, BQ, p.q_len, D, static_cast<acc_t>(p.scale));
+  load_tile(q_tile, D, q, args.q.s2, args.q.s3, i0, BQ, seq.q_len, D, static_cast<acc_t>(p.scale));
 
   // P V and the row sums over every key, as compensated sums of per-tile partials (o + o_err,
   // row_sum + row_sum_err): their error does not grow with the key count.
@@ -91,9 +95,9 @@ __global__ void __launch_bounds__(kThreads) generic_forward_kernel(const Forward
     for (int kc = 0; kc < KC; ++kc) o[rr][kc] = o_err[rr][kc] = acc_t(0);
   }
 
-  const int64_t rows_end = i0 + BQ < p.q_len ? i0 + BQ : p.q_len;
-  const int64_t key_end = key_end_for_rows(p, rows_end);
-  for (int64_t j0 = 0; j0 < key_end; j0 += kKeyTile) {
+  const int64_t rows_end = i0 + BQ < seq.q_len ? i0 + BQ : seq.q_len;
+  const int64_t key_end = seq.keys_end(rows_end);
+  for (int64_t j0 = seq.keys_begin(i0); j0 < key_end; j0 += kKeyTile) {
     const int cols = static_cast<int>(key_end - j0 < kKeyTile ? key_end - j0 : kKeyTile);
     __syncthreads();  // the previous V tile is consumed (first pass: q_tile is written)
     load_tile(kv_tile, ldk, k, args.k.s2, args.k.s3, j0, kKeyTile, j0 + cols, D, acc_t(1));
@@ -113,10 +117,8 @@ __global__ void __launch_bounds__(kThreads) generic_forward_kernel(const Forward
 #pragma unroll
     for (int rr = 0; rr < ROWS; ++rr) {
       const int64_t i = i0 + warp * ROWS + rr;
-      const bool visible = lane < cols && mask.visible(i, j);
-      acc_t x = s[rr];
-      if (visible && has_bias) x += bias_at<acc_t, T>(args.bias, b, h, i, j);
-      x = visible ? x : neg_inf;
+      const bool visible = lane < cols && seq.visible(i, j);
+      const acc_t x = visible ? score.apply(s[rr], i, j) : neg_inf;
       const acc_t new_max = max_acc(row_max[rr], warp_max(x));
       acc_t prob = acc_t(0);
       if (new_max != neg_inf) {  // warp-uniform: nothing visible yet means nothing to rescale
@@ -161,13 +163,13 @@ __global__ void __launch_bounds__(kThreads) generic_forward_kernel(const Forward
     }
   }
 
-  T* out = static_cast<T*>(args.out.data) + b * args.out.s0 + h * args.out.s1;
-  acc_t* lse = static_cast<acc_t*>(args.lse) + bh * p.q_len;
+  T* out = row_ptr<T>(args.out, seq.tb, h, seq.q0);
+  acc_t* lse = static_cast<acc_t*>(args.lse) + lse_row(p, seq, h, 0);
 #pragma unroll
   for (int rr = 0; rr < ROWS; ++rr) {
     const acc_t total = warp_sum(row_sum[rr] + row_sum_err[rr]);
     const int64_t i = i0 + warp * ROWS + rr;
-    if (i < p.q_len) {
+    if (i < seq.q_len) {
       const acc_t inv = total == acc_t(0) ? acc_t(0) : acc_t(1) / total;  // no visible key: output 0
       T* out_row = out + i * args.out.s2;
 #pragma unroll
@@ -194,13 +196,16 @@ __global__ void __launch_bounds__(kThreads) generic_lse_normalizer_kernel(const 
   const int64_t q_tiles = ceil_div(p.q_len, BQ);
   const int64_t bh = static_cast<int64_t>(blockIdx.x) / q_tiles;
   const int64_t i0 = (static_cast<int64_t>(blockIdx.x) % q_tiles) * BQ;
-  const acc_t* lse = static_cast<const acc_t*>(args.lse) + bh * p.q_len;
-  acc_t* out = static_cast<acc_t*>(args.normalizer) + bh * p.q_len;
+  const int64_t b = bh / p.heads, h = bh % p.heads;
+  const SequenceView seq = sequence_of(p, b);
+  if (i0 >= seq.q_len) return;  // block-uniform
+  const acc_t* lse = static_cast<const acc_t*>(args.lse) + lse_row(p, seq, h, 0);
+  acc_t* out = static_cast<acc_t*>(args.normalizer) + lse_row(p, seq, h, 0);
   bool any = false;  // block-uniform: every thread reads the same rows
-  for (int r = 0; r < BQ; ++r) any = any || (i0 + r < p.q_len && lse_needs_normalizer(lse[i0 + r]));
+  for (int r = 0; r < BQ; ++r) any = any || (i0 + r < seq.q_len && lse_needs_normalizer(lse[i0 + r]));
   if (!any) {
     for (int r = threadIdx.x; r < BQ; r += kThreads) {
-      if (i0 + r < p.q_len) out[i0 + r] = acc_t(1);
+      if (i0 + r < seq.q_len) out[i0 + r] = acc_t(1);
     }
     return;
   }
@@ -209,24 +214,22 @@ __global__ void __launch_bounds__(kThreads) generic_lse_normalizer_kernel(const 
   QKV_DYNAMIC_SHARED_MEMORY(smem_bytes);
   acc_t* q_tile = reinterpret_cast<acc_t*>(smem_bytes);  // BQ x D, pre-scaled
   acc_t* k_tile = q_tile + BQ * D;                       // 32 x (D + 1)
-  const int64_t b = bh / p.heads, h = bh % p.heads;
-  const T* q = static_cast<const T*>(args.q.data) + b * args.q.s0 + h * args.q.s1;
-  const T* k = static_cast<const T*>(args.k.data) + b * args.k.s0 + h * args.k.s1;
-  const MaskInfo mask = mask_of(p);
-  const bool has_bias = args.bias.data != nullptr;
-  load_tile(q_tile, D, q, args.q.s2, args.q.s3, i0, BQ, p.q_len, D, static_cast<acc_t>(p.scale));
+  const T* q = row_ptr<T>(args.q, seq.tb, h, seq.q0);
+  const T* k = row_ptr<T>(args.k, seq.tb, kv_head_of(p, h), seq.k0);
+  const ScoreTransform<acc_t, T> score = score_transform<acc_t, T>(p, args.bias, seq, h);
+  load_tile(q_tile, D, q, args.q.s2, args.q.s3, i0, BQ, seq.q_len, D, static_cast<acc_t>(p.scale));
   acc_t row_lse[ROWS], sum[ROWS], err[ROWS];
   bool needed[ROWS];
 #pragma unroll
   for (int rr = 0; rr < ROWS; ++rr) {
     const int64_t i = i0 + warp * ROWS + rr;
-    row_lse[rr] = i < p.q_len ? lse[i] : acc_t(0);
-    needed[rr] = i < p.q_len && lse_needs_normalizer(row_lse[rr]);
+    row_lse[rr] = i < seq.q_len ? lse[i] : acc_t(0);
+    needed[rr] = i < seq.q_len && lse_needs_normalizer(row_lse[rr]);
     sum[rr] = err[rr] = acc_t(0);
   }
-  const int64_t rows_end = i0 + BQ < p.q_len ? i0 + BQ : p.q_len;
-  const int64_t key_end = key_end_for_rows(p, rows_end);
-  for (int64_t j0 = 0; j0 < key_end; j0 += kKeyTile) {
+  const int64_t rows_end = i0 + BQ < seq.q_len ? i0 + BQ : seq.q_len;
+  const int64_t key_end = seq.keys_end(rows_end);
+  for (int64_t j0 = seq.keys_begin(i0); j0 < key_end; j0 += kKeyTile) {
     const int cols = static_cast<int>(key_end - j0 < kKeyTile ? key_end - j0 : kKeyTile);
     __syncthreads();
     load_tile(k_tile, ldk, k, args.k.s2, args.k.s3, j0, kKeyTile, j0 + cols, D, acc_t(1));
@@ -244,17 +247,15 @@ __global__ void __launch_bounds__(kThreads) generic_lse_normalizer_kernel(const 
 #pragma unroll
     for (int rr = 0; rr < ROWS; ++rr) {
       const int64_t i = i0 + warp * ROWS + rr;
-      if (!needed[rr] || lane >= cols || !mask.visible(i, j)) continue;
-      acc_t x = s[rr];
-      if (has_bias) x += bias_at<acc_t, T>(args.bias, b, h, i, j);
-      add_compensated(sum[rr], err[rr], exp_acc(x - row_lse[rr]));
+      if (!needed[rr] || lane >= cols || !seq.visible(i, j)) continue;
+      add_compensated(sum[rr], err[rr], exp_acc(score.apply(s[rr], i, j) - row_lse[rr]));
     }
   }
 #pragma unroll
   for (int rr = 0; rr < ROWS; ++rr) {
     const acc_t total = warp_sum(sum[rr] + err[rr]);
     const int64_t i = i0 + warp * ROWS + rr;
-    if (lane == 0 && i < p.q_len) out[i] = needed[rr] && total > acc_t(0) ? acc_t(1) / total : acc_t(1);
+    if (lane == 0 && i < seq.q_len) out[i] = needed[rr] && total > acc_t(0) ? acc_t(1) / total : acc_t(1);
   }
 }
 
@@ -275,10 +276,10 @@ __global__ void __launch_bounds__(kThreads) generic_weights_kernel(const Weights
   const int64_t bh = static_cast<int64_t>(blockIdx.x) / q_tiles;
   const int64_t i0 = (static_cast<int64_t>(blockIdx.x) % q_tiles) * BQ;
   const int64_t b = bh / p.heads, h = bh % p.heads;
-  const T* q = static_cast<const T*>(args.q.data) + b * args.q.s0 + h * args.q.s1;
-  const T* k = static_cast<const T*>(args.k.data) + b * args.k.s0 + h * args.k.s1;
-  const MaskInfo mask = mask_of(p);
-  const bool has_bias = args.bias.data != nullptr;
+  const SequenceView seq = sequence_of(p, b);  // dense: the weights are (B, H, L, S)
+  const T* q = row_ptr<T>(args.q, seq.tb, h, seq.q0);
+  const T* k = row_ptr<T>(args.k, seq.tb, kv_head_of(p, h), seq.k0);
+  const ScoreTransform<acc_t, T> score = score_transform<acc_t, T>(p, args.bias, seq, h);
   const bool dropout = p.dropout_p > 0.0;
   const acc_t keep_scale = static_cast<acc_t>(p.keep_scale);
   const acc_t neg_inf = negative_infinity<acc_t>();
@@ -314,10 +315,8 @@ __global__ void __launch_bounds__(kThreads) generic_weights_kernel(const Weights
       const int64_t i = i0 + warp * ROWS + rr;
       if (i >= p.q_len || lane >= cols) continue;
       acc_t prob = acc_t(0);
-      if (mask.visible(i, j) && row_lse[rr] != neg_inf) {
-        acc_t x = s[rr];
-        if (has_bias) x += bias_at<acc_t, T>(args.bias, b, h, i, j);
-        prob = exp_acc(x - row_lse[rr]) * row_norm[rr];
+      if (seq.visible(i, j) && row_lse[rr] != neg_inf) {
+        prob = exp_acc(score.apply(s[rr], i, j) - row_lse[rr]) * row_norm[rr];
       }
       if (dropout && prob != acc_t(0)) {
         prob = dropout_keep(p.dropout_seed, dropout_index(p, bh, i, j), p.keep_threshold) ? prob * keep_scale
@@ -336,9 +335,12 @@ __global__ void __launch_bounds__(kThreads) generic_delta_kernel(const BackwardA
   using acc_t = typename AccumulatorOf<T>::type;
   const ProblemShape& p = args.shape;
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  // Every row of the tensors (packed: also rows of no sequence, whose delta nothing reads);
+  // `row` is also the row's index in the logsumexp layout (lse_row).
+  const int64_t rows = query_rows(p);
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
-  if (row >= p.batch * p.heads * p.q_len) return;  // whole warps leave together
-  const int64_t bh = row / p.q_len, i = row % p.q_len, b = bh / p.heads, h = bh % p.heads;
+  if (row >= tensor_batch(p) * p.heads * rows) return;  // whole warps leave together
+  const int64_t bh = row / rows, i = row % rows, b = bh / p.heads, h = bh % p.heads;
   const T* dout = static_cast<const T*>(args.grad_out.data) + b * args.grad_out.s0 + h * args.grad_out.s1 +
                   i * args.grad_out.s2;
   const T* out = static_cast<const T*>(args.out.data) + b * args.out.s0 + h * args.out.s1 + i * args.out.s2;
@@ -389,20 +391,23 @@ __global__ void __launch_bounds__(kThreads) generic_grad_query_kernel(const Back
   const int64_t bh = static_cast<int64_t>(blockIdx.x) / q_tiles;
   const int64_t i0 = (static_cast<int64_t>(blockIdx.x) % q_tiles) * BQ;
   const int64_t b = bh / p.heads, h = bh % p.heads;
-  const T* q = static_cast<const T*>(args.q.data) + b * args.q.s0 + h * args.q.s1;
-  const T* k = static_cast<const T*>(args.k.data) + b * args.k.s0 + h * args.k.s1;
-  const T* v = static_cast<const T*>(args.v.data) + b * args.v.s0 + h * args.v.s1;
-  const T* dout = static_cast<const T*>(args.grad_out.data) + b * args.grad_out.s0 + h * args.grad_out.s1;
-  const MaskInfo mask = mask_of(p);
-  const bool has_bias = args.bias.data != nullptr;
+  const SequenceView seq = sequence_of(p, b);
+  if (i0 >= seq.q_len) return;  // block-uniform: a sequence shorter than the longest
+  const int64_t hk = kv_head_of(p, h);
+  const T* q = row_ptr<T>(args.q, seq.tb, h, seq.q0);
+  const T* k = row_ptr<T>(args.k, seq.tb, hk, seq.k0);
+  const T* v = row_ptr<T>(args.v, seq.tb, hk, seq.k0);
+  const T* dout = row_ptr<T>(args.grad_out, seq.tb, h, seq.q0);
+  const ScoreTransform<acc_t, T> score = score_transform<acc_t, T>(p, args.bias, seq, h);
   const bool dropout = p.dropout_p > 0.0;
   const acc_t keep_scale = static_cast<acc_t>(p.keep_scale);
   const acc_t neg_inf = negative_infinity<acc_t>();
-  const acc_t* lse = static_cast<const acc_t*>(args.lse) + bh * p.q_len;
-  const acc_t* delta = static_cast<const acc_t*>(args.delta) + bh * p.q_len;
+  const int64_t row0 = lse_row(p, seq, h, 0);
+  const acc_t* lse = static_cast<const acc_t*>(args.lse) + row0;
+  const acc_t* delta = static_cast<const acc_t*>(args.delta) + row0;
 
-  load_tile(q_tile, D, q, args.q.s2, args.q.s3, i0, BQ, p.q_len, D, static_cast<acc_t>(p.scale));
-  load_tile(do_tile, Dv, dout, args.grad_out.s2, args.grad_out.s3, i0, BQ, p.q_len, Dv, acc_t(1));
+  load_tile(q_tile, D, q, args.q.s2, args.q.s3, i0, BQ, seq.q_len, D, static_cast<acc_t>(p.scale));
+  load_tile(do_tile, Dv, dout, args.grad_out.s2, args.grad_out.s3, i0, BQ, seq.q_len, Dv, acc_t(1));
   acc_t row_lse[ROWS], row_norm[ROWS], row_delta[ROWS], dq[ROWS][KC];
   // A bias with one key column gets its gradient from row sums here (see the end), not from dS.
   const bool bias_shifts_rows = args.grad_bias != nullptr && (args.grad_bias_s3 == 0 || p.kv_len == 1);
@@ -410,16 +415,16 @@ __global__ void __launch_bounds__(kThreads) generic_grad_query_kernel(const Back
 #pragma unroll
   for (int rr = 0; rr < ROWS; ++rr) {
     const int64_t i = i0 + warp * ROWS + rr;
-    row_lse[rr] = i < p.q_len ? lse[i] : neg_inf;
-    row_norm[rr] = i < p.q_len ? lse_normalizer_at<acc_t>(args.lse_normalizer, bh * p.q_len + i) : acc_t(1);
-    row_delta[rr] = i < p.q_len ? delta[i] : acc_t(0);
+    row_lse[rr] = i < seq.q_len ? lse[i] : neg_inf;
+    row_norm[rr] = i < seq.q_len ? lse_normalizer_at<acc_t>(args.lse_normalizer, row0 + i) : acc_t(1);
+    row_delta[rr] = i < seq.q_len ? delta[i] : acc_t(0);
 #pragma unroll
     for (int kc = 0; kc < KC; ++kc) dq[rr][kc] = acc_t(0);
   }
 
-  const int64_t rows_end = i0 + BQ < p.q_len ? i0 + BQ : p.q_len;
-  const int64_t key_end = key_end_for_rows(p, rows_end);
-  for (int64_t j0 = 0; j0 < key_end; j0 += kKeyTile) {
+  const int64_t rows_end = i0 + BQ < seq.q_len ? i0 + BQ : seq.q_len;
+  const int64_t key_end = seq.keys_end(rows_end);
+  for (int64_t j0 = seq.keys_begin(i0); j0 < key_end; j0 += kKeyTile) {
     const int cols = static_cast<int>(key_end - j0 < kKeyTile ? key_end - j0 : kKeyTile);
     // dP = dO V^T with the V tile ...
     __syncthreads();
@@ -457,16 +462,14 @@ __global__ void __launch_bounds__(kThreads) generic_grad_query_kernel(const Back
     for (int rr = 0; rr < ROWS; ++rr) {
       const int64_t i = i0 + warp * ROWS + rr;
       acc_t ds = acc_t(0);
-      if (lane < cols && mask.visible(i, j) && row_lse[rr] != neg_inf) {
-        acc_t x = s[rr];
-        if (has_bias) x += bias_at<acc_t, T>(args.bias, b, h, i, j);
-        const acc_t prob = exp_acc(x - row_lse[rr]) * row_norm[rr];
+      if (lane < cols && seq.visible(i, j) && row_lse[rr] != neg_inf) {
+        const acc_t prob = exp_acc(score.apply(s[rr], i, j) - row_lse[rr]) * row_norm[rr];
         acc_t dpr = dp[rr];
         if (dropout) {
           dpr = dropout_keep(p.dropout_seed, dropout_index(p, bh, i, j), p.keep_threshold) ? dpr * keep_scale
                                                                                          : acc_t(0);
         }
-        ds = prob * (dpr - row_delta[rr]);
+        ds = prob * (dpr - row_delta[rr]) * score.cap_grad(s[rr]);  // d/d(scaled product)
         if (bias_shifts_rows) shift_sums[rr].add(prob, dpr);
       }
       ds_tile[(warp * ROWS + rr) * kKeyTile + lane] = ds;
@@ -497,16 +500,16 @@ __global__ void __launch_bounds__(kThreads) generic_grad_query_kernel(const Back
     for (int rr = 0; rr < ROWS; ++rr) {
       const acc_t g = shift_sums[rr].gradient();  // every lane takes part in the warp sums
       const int64_t i = i0 + warp * ROWS + rr;
-      if (lane == 0 && i < p.q_len && g != acc_t(0)) atomicAdd(grad_bias + i * args.grad_bias_s2, g);
+      if (lane == 0 && i < seq.q_len && g != acc_t(0)) atomicAdd(grad_bias + i * args.grad_bias_s2, g);
     }
   }
 
-  T* grad_q = static_cast<T*>(args.grad_q.data) + b * args.grad_q.s0 + h * args.grad_q.s1;
+  T* grad_q = row_ptr<T>(args.grad_q, seq.tb, h, seq.q0);
   const acc_t scale = static_cast<acc_t>(p.scale);
 #pragma unroll
   for (int rr = 0; rr < ROWS; ++rr) {
     const int64_t i = i0 + warp * ROWS + rr;
-    if (i >= p.q_len) continue;
+    if (i >= seq.q_len) continue;
 #pragma unroll
     for (int kc = 0; kc < KC; ++kc) {
       const int col = lane + kc * kWarpSize;
@@ -516,8 +519,11 @@ __global__ void __launch_bounds__(kThreads) generic_grad_query_kernel(const Back
 }
 
 // dK = sum_i dS_ij (scale Q_i), dV = sum_i P'_ij dO_i, and the bias gradient; one block per
-// (b, h, key tile), streaming query tiles. The bias gradient goes to an accumulation-type buffer
-// of the bias's shape with atomics; broadcast dimensions are reduced in registers first.
+// (b, key/value head, key tile), streaming query tiles of every query head of the group (grouped-
+// query attention: the shared head's dK/dV are summed over its group in registers, no atomics, no
+// races), and only the query tiles whose band reaches the block's keys. The bias gradient goes to
+// an accumulation-type buffer of the bias's shape with atomics; broadcast dimensions are reduced
+// in registers first.
 template <typename T, int KC, int ROWS>
 __global__ void __launch_bounds__(kThreads) generic_grad_key_value_kernel(const BackwardArgs args) {
   using acc_t = typename AccumulatorOf<T>::type;
@@ -535,135 +541,151 @@ __global__ void __launch_bounds__(kThreads) generic_grad_key_value_kernel(const 
 
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int64_t k_tiles = ceil_div(p.kv_len, BKV);
-  const int64_t bh = static_cast<int64_t>(blockIdx.x) / k_tiles;
+  const int64_t bhk = static_cast<int64_t>(blockIdx.x) / k_tiles;
   const int64_t j0 = (static_cast<int64_t>(blockIdx.x) % k_tiles) * BKV;
-  const int64_t b = bh / p.heads, h = bh % p.heads;
-  const T* q = static_cast<const T*>(args.q.data) + b * args.q.s0 + h * args.q.s1;
-  const T* k = static_cast<const T*>(args.k.data) + b * args.k.s0 + h * args.k.s1;
-  const T* v = static_cast<const T*>(args.v.data) + b * args.v.s0 + h * args.v.s1;
-  const T* dout = static_cast<const T*>(args.grad_out.data) + b * args.grad_out.s0 + h * args.grad_out.s1;
-  const MaskInfo mask = mask_of(p);
-  const bool has_bias = args.bias.data != nullptr;
+  const int64_t b = bhk / key_heads(p), hk = bhk % key_heads(p);
+  const SequenceView seq = sequence_of(p, b);
+  if (j0 >= seq.kv_len) return;  // block-uniform: a sequence shorter than the longest
+  const int64_t group = head_group(p);
+  const T* k = row_ptr<T>(args.k, seq.tb, hk, seq.k0);
+  const T* v = row_ptr<T>(args.v, seq.tb, hk, seq.k0);
   const bool dropout = p.dropout_p > 0.0;
   const acc_t keep_scale = static_cast<acc_t>(p.keep_scale);
   const acc_t neg_inf = negative_infinity<acc_t>();
-  const acc_t* lse = static_cast<const acc_t*>(args.lse) + bh * p.q_len;
-  const acc_t* delta = static_cast<const acc_t*>(args.delta) + bh * p.q_len;
   // A bias with one key column gets its gradient in the dQ kernel (RowShiftSums); here only
   // biases with a column per key.
   const bool bias_shifts_rows = args.grad_bias_s3 == 0 || p.kv_len == 1;
   acc_t* grad_bias = bias_shifts_rows ? nullptr : static_cast<acc_t*>(args.grad_bias);
   const bool bias_rows_broadcast = args.grad_bias_s2 == 0;
-  acc_t* grad_bias_bh = grad_bias == nullptr ? nullptr : grad_bias + b * args.grad_bias_s0 + h * args.grad_bias_s1;
+  // The queries that see any key of [j0, j_end).
+  const int64_t j_end = j0 + BKV < seq.kv_len ? j0 + BKV : seq.kv_len;
+  const int64_t q_begin = seq.query_begin(j0), q_end = seq.query_end(j_end - 1);
 
-  load_tile(k_tile, D, k, args.k.s2, args.k.s3, j0, BKV, p.kv_len, D, acc_t(1));
-  load_tile(v_tile, Dv, v, args.v.s2, args.v.s3, j0, BKV, p.kv_len, Dv, acc_t(1));
+  load_tile(k_tile, D, k, args.k.s2, args.k.s3, j0, BKV, seq.kv_len, D, acc_t(1));
+  load_tile(v_tile, Dv, v, args.v.s2, args.v.s3, j0, BKV, seq.kv_len, Dv, acc_t(1));
 
-  acc_t dk[ROWS][KC], dv[ROWS][KC], bias_col[ROWS];
+  acc_t dk[ROWS][KC], dv[ROWS][KC];
 #pragma unroll
   for (int rr = 0; rr < ROWS; ++rr) {
-    bias_col[rr] = acc_t(0);
 #pragma unroll
     for (int kc = 0; kc < KC; ++kc) dk[rr][kc] = dv[rr][kc] = acc_t(0);
   }
 
-  for (int64_t qi0 = first_query_seeing(p, j0); qi0 < p.q_len; qi0 += kQueryTile) {
-    const int rows = static_cast<int>(p.q_len - qi0 < kQueryTile ? p.q_len - qi0 : kQueryTile);
-    __syncthreads();  // previous q/dO tiles consumed (first pass: k/v tiles written)
-    load_tile(q_tile, ldq, q, args.q.s2, args.q.s3, qi0, kQueryTile, p.q_len, D, static_cast<acc_t>(p.scale));
-    load_tile(do_tile, lddo, dout, args.grad_out.s2, args.grad_out.s3, qi0, kQueryTile, p.q_len, Dv, acc_t(1));
-    __syncthreads();
+  for (int64_t g = 0; g < group; ++g) {
+    const int64_t h = hk * group + g, bh = b * p.heads + h;
+    const T* q = row_ptr<T>(args.q, seq.tb, h, seq.q0);
+    const T* dout = row_ptr<T>(args.grad_out, seq.tb, h, seq.q0);
+    const ScoreTransform<acc_t, T> score = score_transform<acc_t, T>(p, args.bias, seq, h);
+    const int64_t row0 = lse_row(p, seq, h, 0);
+    const acc_t* lse = static_cast<const acc_t*>(args.lse) + row0;
+    const acc_t* delta = static_cast<const acc_t*>(args.delta) + row0;
+    acc_t* grad_bias_bh = grad_bias == nullptr ? nullptr : grad_bias + b * args.grad_bias_s0 + h * args.grad_bias_s1;
+    acc_t bias_col[ROWS];
+#pragma unroll
+    for (int rr = 0; rr < ROWS; ++rr) bias_col[rr] = acc_t(0);
 
-    const int64_t i = qi0 + lane;
-    const bool row_valid = lane < rows;
-    const acc_t lse_i = row_valid ? lse[i] : neg_inf;
-    const acc_t norm_i = row_valid ? lse_normalizer_at<acc_t>(args.lse_normalizer, bh * p.q_len + i) : acc_t(1);
-    const acc_t delta_i = row_valid ? delta[i] : acc_t(0);
+    for (int64_t qi0 = q_begin; qi0 < q_end; qi0 += kQueryTile) {
+      const int rows = static_cast<int>(q_end - qi0 < kQueryTile ? q_end - qi0 : kQueryTile);
+      __syncthreads();  // previous q/dO tiles consumed (first pass: k/v tiles written)
+      load_tile(q_tile, ldq, q, args.q.s2, args.q.s3, qi0, kQueryTile, q_end, D, static_cast<acc_t>(p.scale));
+      load_tile(do_tile, lddo, dout, args.grad_out.s2, args.grad_out.s3, qi0, kQueryTile, q_end, Dv, acc_t(1));
+      __syncthreads();
 
-    acc_t s[ROWS], dp[ROWS];
-#pragma unroll
-    for (int rr = 0; rr < ROWS; ++rr) s[rr] = dp[rr] = acc_t(0);
-    for (int d = 0; d < D; ++d) {
-      const acc_t qd = q_tile[lane * ldq + d];
-#pragma unroll
-      for (int rr = 0; rr < ROWS; ++rr) s[rr] += qd * k_tile[(warp * ROWS + rr) * D + d];
-    }
-    for (int d = 0; d < Dv; ++d) {
-      const acc_t od = do_tile[lane * lddo + d];
-#pragma unroll
-      for (int rr = 0; rr < ROWS; ++rr) dp[rr] += od * v_tile[(warp * ROWS + rr) * Dv + d];
-    }
+      const int64_t i = qi0 + lane;
+      const bool row_valid = lane < rows;
+      const acc_t lse_i = row_valid ? lse[i] : neg_inf;
+      const acc_t norm_i = row_valid ? lse_normalizer_at<acc_t>(args.lse_normalizer, row0 + i) : acc_t(1);
+      const acc_t delta_i = row_valid ? delta[i] : acc_t(0);
 
+      acc_t s[ROWS], dp[ROWS];
 #pragma unroll
-    for (int rr = 0; rr < ROWS; ++rr) {
-      const int c = warp * ROWS + rr;
-      const int64_t j = j0 + c;
-      acc_t prob = acc_t(0), prob_dropped = acc_t(0), ds = acc_t(0);
-      if (row_valid && mask.visible(i, j) && lse_i != neg_inf) {
-        acc_t x = s[rr];
-        if (has_bias) x += bias_at<acc_t, T>(args.bias, b, h, i, j);
-        prob = exp_acc(x - lse_i) * norm_i;
-        acc_t dpr = dp[rr];
-        prob_dropped = prob;
-        if (dropout) {
-          const bool keep = dropout_keep(p.dropout_seed, dropout_index(p, bh, i, j), p.keep_threshold);
-          dpr = keep ? dpr * keep_scale : acc_t(0);
-          prob_dropped = keep ? prob * keep_scale : acc_t(0);
-        }
-        ds = prob * (dpr - delta_i);
+      for (int rr = 0; rr < ROWS; ++rr) s[rr] = dp[rr] = acc_t(0);
+      for (int d = 0; d < D; ++d) {
+        const acc_t qd = q_tile[lane * ldq + d];
+#pragma unroll
+        for (int rr = 0; rr < ROWS; ++rr) s[rr] += qd * k_tile[(warp * ROWS + rr) * D + d];
       }
-      pt_tile[c * kQueryTile + lane] = prob_dropped;
-      dst_tile[c * kQueryTile + lane] = ds;
-      if (grad_bias != nullptr) {
-        if (bias_rows_broadcast) {
-          bias_col[rr] += warp_sum(ds);  // warp-uniform branch: every lane takes part
-        } else if (ds != acc_t(0)) {
-          atomicAdd(grad_bias_bh + i * args.grad_bias_s2 + j * args.grad_bias_s3, ds);
-        }
+      for (int d = 0; d < Dv; ++d) {
+        const acc_t od = do_tile[lane * lddo + d];
+#pragma unroll
+        for (int rr = 0; rr < ROWS; ++rr) dp[rr] += od * v_tile[(warp * ROWS + rr) * Dv + d];
       }
-    }
-    __syncwarp();  // each warp reads back only its own keys' rows of pt/dst
 
-    // dV += P'^T dO and dK += dS^T Q, this tile's partials first (a sum over tiles, not over
-    // single queries).
-#pragma unroll
-    for (int kc = 0; kc < KC; ++kc) {
-      const int col = lane + kc * kWarpSize;
-      acc_t part_v[ROWS], part_k[ROWS];
-#pragma unroll
-      for (int rr = 0; rr < ROWS; ++rr) part_v[rr] = part_k[rr] = acc_t(0);
-      for (int r = 0; r < rows; ++r) {
-        const acc_t dov = col < Dv ? do_tile[r * lddo + col] : acc_t(0);
-        const acc_t qv = col < D ? q_tile[r * ldq + col] : acc_t(0);
-#pragma unroll
-        for (int rr = 0; rr < ROWS; ++rr) {
-          const int c = warp * ROWS + rr;
-          part_v[rr] += pt_tile[c * kQueryTile + r] * dov;
-          part_k[rr] += dst_tile[c * kQueryTile + r] * qv;
-        }
-      }
 #pragma unroll
       for (int rr = 0; rr < ROWS; ++rr) {
-        dv[rr][kc] += part_v[rr];
-        dk[rr][kc] += part_k[rr];
+        const int c = warp * ROWS + rr;
+        const int64_t j = j0 + c;
+        acc_t prob = acc_t(0), prob_dropped = acc_t(0), ds = acc_t(0), cap_grad = acc_t(1);
+        if (row_valid && seq.visible(i, j) && lse_i != neg_inf) {
+          prob = exp_acc(score.apply(s[rr], i, j) - lse_i) * norm_i;
+          acc_t dpr = dp[rr];
+          prob_dropped = prob;
+          if (dropout) {
+            const bool keep = dropout_keep(p.dropout_seed, dropout_index(p, bh, i, j), p.keep_threshold);
+            dpr = keep ? dpr * keep_scale : acc_t(0);
+            prob_dropped = keep ? prob * keep_scale : acc_t(0);
+          }
+          ds = prob * (dpr - delta_i);  // d/d(score): the bias gradient
+          cap_grad = score.cap_grad(s[rr]);
+        }
+        pt_tile[c * kQueryTile + lane] = prob_dropped;
+        dst_tile[c * kQueryTile + lane] = ds * cap_grad;  // d/d(scaled product)
+        if (grad_bias != nullptr) {
+          if (bias_rows_broadcast) {
+            bias_col[rr] += warp_sum(ds);  // warp-uniform branch: every lane takes part
+          } else if (ds != acc_t(0)) {
+            atomicAdd(grad_bias_bh + i * args.grad_bias_s2 + j * args.grad_bias_s3, ds);
+          }
+        }
+      }
+      __syncwarp();  // each warp reads back only its own keys' rows of pt/dst
+
+      // dV += P'^T dO and dK += dS^T Q, this tile's partials first (a sum over tiles, not over
+      // single queries).
+#pragma unroll
+      for (int kc = 0; kc < KC; ++kc) {
+        const int col = lane + kc * kWarpSize;
+        acc_t part_v[ROWS], part_k[ROWS];
+#pragma unroll
+        for (int rr = 0; rr < ROWS; ++rr) part_v[rr] = part_k[rr] = acc_t(0);
+        for (int r = 0; r < rows; ++r) {
+          const acc_t dov = col < Dv ? do_tile[r * lddo + col] : acc_t(0);
+          const acc_t qv = col < D ? q_tile[r * ldq + col] : acc_t(0);
+#pragma unroll
+          for (int rr = 0; rr < ROWS; ++rr) {
+            const int c = warp * ROWS + rr;
+            part_v[rr] += pt_tile[c * kQueryTile + r] * dov;
+            part_k[rr] += dst_tile[c * kQueryTile + r] * qv;
+          }
+        }
+#pragma unroll
+        for (int rr = 0; rr < ROWS; ++rr) {
+          dv[rr][kc] += part_v[rr];
+          dk[rr][kc] += part_k[rr];
+        }
+      }
+    }
+
+    if (grad_bias != nullptr && bias_rows_broadcast && lane == 0) {
+#pragma unroll
+      for (int rr = 0; rr < ROWS; ++rr) {
+        const int64_t j = j0 + warp * ROWS + rr;
+        if (j < seq.kv_len && bias_col[rr] != acc_t(0)) atomicAdd(grad_bias_bh + j * args.grad_bias_s3, bias_col[rr]);
       }
     }
   }
 
-  T* grad_k = static_cast<T*>(args.grad_k.data) + b * args.grad_k.s0 + h * args.grad_k.s1;
-  T* grad_v = static_cast<T*>(args.grad_v.data) + b * args.grad_v.s0 + h * args.grad_v.s1;
+  T* grad_k = row_ptr<T>(args.grad_k, seq.tb, hk, seq.k0);
+  T* grad_v = row_ptr<T>(args.grad_v, seq.tb, hk, seq.k0);
 #pragma unroll
   for (int rr = 0; rr < ROWS; ++rr) {
     const int64_t j = j0 + warp * ROWS + rr;
-    if (j >= p.kv_len) continue;
+    if (j >= seq.kv_len) continue;
 #pragma unroll
     for (int kc = 0; kc < KC; ++kc) {
       const int col = lane + kc * kWarpSize;
       if (col < D) store_acc(grad_k + j * args.grad_k.s2 + col * args.grad_k.s3, dk[rr][kc]);
       if (col < Dv) store_acc(grad_v + j * args.grad_v.s2 + col * args.grad_v.s3, dv[rr][kc]);
-    }
-    if (grad_bias != nullptr && bias_rows_broadcast && lane == 0 && bias_col[rr] != acc_t(0)) {
-      atomicAdd(grad_bias_bh + j * args.grad_bias_s3, bias_col[rr]);
     }
   }
 }
@@ -695,7 +717,7 @@ struct WeightsConfig {
 };
 
 struct DeltaConfig {
-  static int64_t blocks(const ProblemShape& p) { return ceil_div(p.batch * p.heads * p.q_len, kWarps); }
+  static int64_t blocks(const ProblemShape& p) { return ceil_div(tensor_batch(p) * p.heads * query_rows(p), kWarps); }
 };
 
 template <typename T, int KC>
@@ -721,7 +743,7 @@ struct GradKeyValueConfig {
     return sizeof(acc_t) * (kBlockKV * p.head_dim + kBlockKV * p.v_head_dim + kQueryTile * (p.head_dim + 1) +
                             kQueryTile * (p.v_head_dim + 1) + 2 * kBlockKV * kQueryTile);
   }
-  static int64_t blocks(const ProblemShape& p) { return p.batch * p.heads * ceil_div(p.kv_len, kBlockKV); }
+  static int64_t blocks(const ProblemShape& p) { return p.batch * key_heads(p) * ceil_div(p.kv_len, kBlockKV); }
 };
 
 }  // namespace qkv::cuda

@@ -55,7 +55,36 @@ inline ProblemShape shape_of(const AttentionParams& p) {
   s.dropout_seed = p.dropout_seed;
   s.keep_threshold = dropout_threshold(p.dropout_p);
   s.keep_scale = p.dropout_p < 1.0 ? 1.0 / (1.0 - p.dropout_p) : 0.0;  // as the CPU kernels
+  s.kv_heads = p.kv_heads;
+  s.bottom_right = p.bottom_right;
+  s.window_left = p.window_left;
+  s.window_right = p.window_right;
+  s.softcap = p.softcap;
   return s;
+}
+
+// The tensors behind issue 17's per-call arrays (ProblemShape): ALiBi slopes (float32 (H,) or
+// (B, H)), and for sequences with their own lengths int64 offsets / key counts on the kernels'
+// device. Undefined tensors: not used. They must outlive the launch (stream-ordered frees are fine).
+struct SequenceTensors {
+  at::Tensor alibi_slopes;
+  at::Tensor cu_seqlens_q, cu_seqlens_k;  // packed (varlen): batch + 1 offsets each
+  int64_t total_q = 0;                    // with cu_seqlens: rows of the packed query
+  at::Tensor kv_lens;                     // KV cache: keys used per batch element
+};
+
+inline void set_sequence_tensors(ProblemShape& s, const SequenceTensors& t) {
+  if (t.alibi_slopes.defined()) {
+    s.alibi_slopes = t.alibi_slopes.const_data_ptr<float>();
+    s.alibi_sb = t.alibi_slopes.dim() == 2 ? t.alibi_slopes.stride(0) : 0;
+    s.alibi_sh = t.alibi_slopes.stride(t.alibi_slopes.dim() - 1);
+  }
+  if (t.cu_seqlens_q.defined()) {
+    s.cu_seqlens_q = t.cu_seqlens_q.const_data_ptr<int64_t>();
+    s.cu_seqlens_k = t.cu_seqlens_k.const_data_ptr<int64_t>();
+    s.packed_q_rows = t.total_q;
+  }
+  if (t.kv_lens.defined()) s.kv_lens = t.kv_lens.const_data_ptr<int64_t>();
 }
 
 // `expanded_bias`: the (B, H, L, S) stride-0 broadcast view of the bias, or undefined.

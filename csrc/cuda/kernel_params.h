@@ -41,7 +41,30 @@ struct ProblemShape {
   uint64_t dropout_seed = 0;
   uint64_t keep_threshold = 0;  // dropout_threshold(dropout_p)
   double keep_scale = 1.0;      // 1 / (1 - p), or 0 when p == 1
+
+  // The options of issue 17 (docs/flash-attn-api.md), read by the generic kernels only (the mma and
+  // fa2 kernels refuse calls that use them: uses_sequence_options).
+  int64_t kv_heads = 0;  // query head h reads key/value head h / (heads / kv_heads)
+  bool bottom_right = false;  // per-sequence alignment when the sequences have their own lengths
+  int64_t window_left = -1, window_right = -1;  // around i + offset; -1 unbounded (causal: right 0)
+  double softcap = 0.0;  // s -> softcap * tanh(s / softcap) before ALiBi, the bias and the masks
+  const float* alibi_slopes = nullptr;  // -slope[b * alibi_sb + h * alibi_sh] * |i + offset - j|
+  int64_t alibi_sb = 0, alibi_sh = 0;
+  // Sequences with their own lengths (device int64 arrays; nullptr: every sequence q_len x kv_len):
+  // packed (varlen) tensors seen as (1, H, total, D), sequence b on rows cu_seqlens_q[b].. and keys
+  // cu_seqlens_k[b].., q_len / kv_len their maxima; or a KV cache, batch b using kv_lens[b] keys.
+  const int64_t* cu_seqlens_q = nullptr;
+  const int64_t* cu_seqlens_k = nullptr;
+  const int64_t* kv_lens = nullptr;
+  int64_t packed_q_rows = 0;  // total_q: the rows of the packed tensors (and of the logsumexp)
 };
+
+// Whether a call uses anything the mma and fa2 kernels do not implement (grouped heads, a window,
+// softcap, ALiBi, per-sequence lengths); such calls run on the generic kernels.
+inline bool uses_sequence_options(const ProblemShape& p) {
+  return (p.kv_heads != 0 && p.kv_heads != p.heads) || p.window_left >= 0 || (!p.is_causal && p.window_right >= 0) ||
+         p.softcap > 0 || p.alibi_slopes != nullptr || p.cu_seqlens_q != nullptr || p.kv_lens != nullptr;
+}
 
 struct ForwardArgs {
   ProblemShape shape;

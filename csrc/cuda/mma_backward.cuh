@@ -41,6 +41,7 @@ struct GradKeyValueConfig {
 inline bool backward_supported(const BackwardArgs& args, int device_major) {
   const ProblemShape& p = args.shape;
   if (device_major < 8 || args.grad_bias != nullptr) return false;
+  if (uses_sequence_options(p)) return false;  // issue 17's options: generic kernels only
   if (args.dtype != ElementType::Float16 && args.dtype != ElementType::BFloat16) return false;
   if (p.head_dim != p.v_head_dim || (p.head_dim != 64 && p.head_dim != 128)) return false;
   for (const ConstView4* view : {&args.q, &args.k, &args.v, &args.grad_out}) {

@@ -29,6 +29,7 @@ struct ForwardConfig {
 inline bool forward_supported(const ForwardArgs& args, int device_major) {
   const ProblemShape& p = args.shape;
   if (device_major < 8) return false;
+  if (uses_sequence_options(p)) return false;  // issue 17's options: generic kernels only
   if (args.dtype != ElementType::Float16 && args.dtype != ElementType::BFloat16) return false;
   if (p.head_dim != p.v_head_dim || (p.head_dim != 64 && p.head_dim != 128)) return false;
   for (const ConstView4* view : {&args.q, &args.k, &args.v}) {

@@ -18,6 +18,8 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <limits>
 #include <string>
 #include <utility>
 
@@ -26,9 +28,39 @@ namespace {
 using namespace qkv::cuda;
 using OptTensor = std::optional<at::Tensor>;
 
+// Issue 17's options as the emulated ops take them (defaults: none). Packed (varlen) calls pass
+// q/k/v as the (1, H, total, D) views of the packed tensors and int64 offsets; KV-cache calls the
+// caches and int64 key counts per batch element.
+struct Options {
+  int64_t window_left = -1, window_right = -1;
+  double softcap = 0.0;
+  OptTensor alibi_slopes, cu_seqlens_q, cu_seqlens_k, kv_lens;
+  bool bottom_right = false;
+
+  bool packed() const { return cu_seqlens_q.has_value(); }
+  SequenceTensors tensors(const at::Tensor& q) const {
+    SequenceTensors t;
+    if (alibi_slopes.has_value()) t.alibi_slopes = *alibi_slopes;
+    if (packed()) {
+      t.cu_seqlens_q = cu_seqlens_q->contiguous();
+      t.cu_seqlens_k = cu_seqlens_k->contiguous();
+      t.total_q = q.size(2);
+    }
+    if (kv_lens.has_value()) t.kv_lens = kv_lens->contiguous();
+    return t;
+  }
+};
+
+int64_t longest(const at::Tensor& cu) {
+  int64_t m = 0;
+  for (int64_t b = 0; b + 1 < cu.size(0); ++b) m = std::max(m, cu[b + 1].item<int64_t>() - cu[b].item<int64_t>());
+  return m;
+}
+
 // What check_attention_args would produce; the Python side passes the resolved scalars.
 qkv::AttentionParams params_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool has_bias,
-                               double scale, bool is_causal, int64_t causal_offset, double dropout_p, int64_t seed) {
+                               double scale, bool is_causal, int64_t causal_offset, double dropout_p, int64_t seed,
+                               const Options& o = {}) {
   qkv::AttentionParams p;
   p.batch = q.size(0);
   p.heads = q.size(1);
@@ -42,6 +74,17 @@ qkv::AttentionParams params_of(const at::Tensor& q, const at::Tensor& k, const a
   p.dropout_p = dropout_p;
   p.dropout_seed = static_cast<uint64_t>(seed);
   p.has_bias = has_bias;
+  p.kv_heads = k.size(1);
+  p.bottom_right = o.bottom_right;
+  p.window_left = o.window_left;
+  p.window_right = o.window_right;
+  p.softcap = o.softcap;
+  p.has_alibi = o.alibi_slopes.has_value();
+  if (o.packed()) {  // sequences: the offsets' count, lengths: the longest (flash-attn's max_seqlen)
+    p.batch = o.cu_seqlens_q->size(0) - 1;
+    p.q_len = longest(*o.cu_seqlens_q);
+    p.kv_len = longest(*o.cu_seqlens_k);
+  }
   return p;
 }
 
@@ -162,12 +205,23 @@ void fa2_backward(BackwardArgs args, const at::Tensor& q, const Fa2Choice& choic
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                            const OptTensor& expanded_bias, double scale, bool is_causal,
                                            int64_t causal_offset, double dropout_p, int64_t seed,
-                                           const std::string& kernel) {
+                                           const std::string& kernel, int64_t window_left, int64_t window_right,
+                                           double softcap, const OptTensor& alibi_slopes,
+                                           const OptTensor& cu_seqlens_q, const OptTensor& cu_seqlens_k,
+                                           const OptTensor& kv_lens, bool bottom_right) {
+  const Options o{window_left, window_right, softcap, alibi_slopes, cu_seqlens_q, cu_seqlens_k, kv_lens, bottom_right};
   const at::Tensor bias = expanded_bias.value_or(at::Tensor());
-  const auto p = params_of(q, k, v, bias.defined(), scale, is_causal, causal_offset, dropout_p, seed);
+  const auto p = params_of(q, k, v, bias.defined(), scale, is_causal, causal_offset, dropout_p, seed, o);
   at::Tensor out = token_major(q, p.v_head_dim);
-  at::Tensor lse = at::empty({p.batch, p.heads, p.q_len}, q.options().dtype(acc_dtype_of(q)));
-  const ForwardArgs args = forward_args(p, q, k, v, bias, out, lse);
+  // (B, H, L); packed: (1, H, total_q), as the launcher's (H, total_q)
+  at::Tensor lse = at::empty({q.size(0), p.heads, q.size(2)}, q.options().dtype(acc_dtype_of(q)));
+  if (o.packed()) {  // rows of no sequence, as the launcher
+    out.zero_();
+    lse.fill_(-std::numeric_limits<double>::infinity());
+  }
+  const SequenceTensors sequences = o.tensors(q);
+  ForwardArgs args = forward_args(p, q, k, v, bias, out, lse);
+  set_sequence_tensors(args.shape, sequences);
   if (p.batch * p.heads * p.q_len == 0) return {out, lse};
   if (is_fa2(kernel)) {
     fa2_forward(args, fa2_choice(kernel));
@@ -211,10 +265,12 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
 
 // As the launcher's lse_normalizers (attention_cuda.cpp): the factors the kernels multiply exp(s - lse) by.
 at::Tensor lse_normalizers(const qkv::AttentionParams& p, const at::Tensor& q, const at::Tensor& k,
-                           const at::Tensor& expanded_bias, const at::Tensor& lse_contiguous) {
+                           const at::Tensor& expanded_bias, const at::Tensor& lse_contiguous,
+                           const SequenceTensors& sequences = {}) {
   at::Tensor normalizers = at::empty_like(lse_contiguous);
   if (p.batch * p.heads * p.q_len == 0) return normalizers;
-  const LseNormalizerArgs args = lse_normalizer_args(p, q, k, expanded_bias, lse_contiguous, normalizers);
+  LseNormalizerArgs args = lse_normalizer_args(p, q, k, expanded_bias, lse_contiguous, normalizers);
+  set_sequence_tensors(args.shape, sequences);
   dispatch_element_type(args.dtype, [&](auto type) {
     using T = typename decltype(type)::type;
     using Config = WeightsConfig<T>;
@@ -225,14 +281,20 @@ at::Tensor lse_normalizers(const qkv::AttentionParams& p, const at::Tensor& q, c
 }
 
 at::Tensor weights(const at::Tensor& q, const at::Tensor& k, const OptTensor& expanded_bias, const at::Tensor& lse,
-                   double scale, bool is_causal, int64_t causal_offset, double dropout_p, int64_t seed) {
+                   double scale, bool is_causal, int64_t causal_offset, double dropout_p, int64_t seed,
+                   int64_t window_left, int64_t window_right, double softcap, const OptTensor& alibi_slopes,
+                   bool bottom_right) {
+  const Options o{window_left, window_right, softcap, alibi_slopes, std::nullopt, std::nullopt, std::nullopt,
+                  bottom_right};
   const at::Tensor bias = expanded_bias.value_or(at::Tensor());
-  const auto p = params_of(q, k, k, bias.defined(), scale, is_causal, causal_offset, dropout_p, seed);
+  const auto p = params_of(q, k, k, bias.defined(), scale, is_causal, causal_offset, dropout_p, seed, o);
   at::Tensor w = at::empty({p.batch, p.heads, p.q_len, p.kv_len}, q.options());
   if (w.numel() == 0) return w;
   const at::Tensor lse_c = lse.contiguous();
-  const at::Tensor normalizers = lse_normalizers(p, q, k, bias, lse_c);
-  const WeightsArgs args = weights_args(p, q, k, bias, lse_c, normalizers, w);
+  const SequenceTensors sequences = o.tensors(q);
+  const at::Tensor normalizers = lse_normalizers(p, q, k, bias, lse_c, sequences);
+  WeightsArgs args = weights_args(p, q, k, bias, lse_c, normalizers, w);
+  set_sequence_tensors(args.shape, sequences);
   dispatch_element_type(args.dtype, [&](auto type) {
     using T = typename decltype(type)::type;
     using Config = WeightsConfig<T>;
@@ -246,21 +308,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const OptTensor& bias, const OptTensor& expanded_bias, const at::Tensor& out, const at::Tensor& lse,
     double scale, bool is_causal, int64_t causal_offset, double dropout_p, int64_t seed, bool bias_requires_grad,
-    const std::string& kernel) {
+    const std::string& kernel, int64_t window_left, int64_t window_right, double softcap,
+    const OptTensor& alibi_slopes, const OptTensor& cu_seqlens_q, const OptTensor& cu_seqlens_k, bool bottom_right) {
+  const Options o{window_left, window_right, softcap, alibi_slopes, cu_seqlens_q, cu_seqlens_k, std::nullopt,
+                  bottom_right};
   const at::Tensor expanded = expanded_bias.value_or(at::Tensor());
-  const auto p = params_of(q, k, v, expanded.defined(), scale, is_causal, causal_offset, dropout_p, seed);
+  const auto p = params_of(q, k, v, expanded.defined(), scale, is_causal, causal_offset, dropout_p, seed, o);
   at::Tensor grad_q = token_major(q, p.head_dim), grad_k = token_major(k, p.head_dim);
   at::Tensor grad_v = token_major(v, p.v_head_dim);
+  if (o.packed()) {  // rows and keys of no sequence get zeros, as the launcher
+    grad_q.zero_();
+    grad_k.zero_();
+    grad_v.zero_();
+  }
+  const SequenceTensors sequences = o.tensors(q);
   const bool want_bias_grad = bias_requires_grad && expanded.defined();
   at::Tensor grad_bias = want_bias_grad ? at::empty(bias->sizes(), bias->options()) : at::empty({0}, q.options());
   if (p.batch * p.heads == 0) return {grad_q, grad_k, grad_v, grad_bias.zero_()};
   const at::Tensor lse_c = lse.contiguous();
-  at::Tensor delta = at::empty({p.batch, p.heads, p.q_len}, q.options().dtype(acc_dtype_of(q)));
+  at::Tensor delta = at::empty_like(lse_c);
   BiasGradBuffer bias_grad;
   if (want_bias_grad) bias_grad = bias_grad_buffer(*bias, p, acc_dtype_of(q));
-  const at::Tensor normalizers = lse_normalizers(p, q, k, expanded, lse_c);
-  const BackwardArgs args = backward_args(p, grad_out, q, k, v, expanded, out, lse_c, normalizers, delta, grad_q,
-                                          grad_k, grad_v, want_bias_grad ? &bias_grad : nullptr);
+  const at::Tensor normalizers = lse_normalizers(p, q, k, expanded, lse_c, sequences);
+  BackwardArgs args = backward_args(p, grad_out, q, k, v, expanded, out, lse_c, normalizers, delta, grad_q, grad_k,
+                                    grad_v, want_bias_grad ? &bias_grad : nullptr);
+  set_sequence_tensors(args.shape, sequences);
   if (is_fa2(kernel)) {
     fa2_backward(args, q, fa2_choice(kernel));
     if (want_bias_grad) grad_bias.copy_(bias_grad.sum.view(bias->sizes()));
@@ -443,13 +515,19 @@ TORCH_LIBRARY(qkv_emulated, m) {
   m.def("swizzle_probe(int rows, int cols) -> Tensor");
   m.def("barrier_probe(bool with_barrier) -> Tensor");
   m.def("ldmatrix_probe(Tensor a, Tensor b) -> Tensor");
+  // Issue 17's options are keyword arguments with "none" defaults (see Options).
   m.def("forward(Tensor q, Tensor k, Tensor v, Tensor? expanded_bias, float scale, bool is_causal, "
-        "int causal_offset, float dropout_p, int seed, str kernel) -> (Tensor, Tensor)");
+        "int causal_offset, float dropout_p, int seed, str kernel, int window_left=-1, int window_right=-1, "
+        "float softcap=0.0, Tensor? alibi_slopes=None, Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, "
+        "Tensor? kv_lens=None, bool bottom_right=False) -> (Tensor, Tensor)");
   m.def("weights(Tensor q, Tensor k, Tensor? expanded_bias, Tensor lse, float scale, bool is_causal, "
-        "int causal_offset, float dropout_p, int seed) -> Tensor");
+        "int causal_offset, float dropout_p, int seed, int window_left=-1, int window_right=-1, "
+        "float softcap=0.0, Tensor? alibi_slopes=None, bool bottom_right=False) -> Tensor");
   m.def("backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? expanded_bias, Tensor out, "
         "Tensor lse, float scale, bool is_causal, int causal_offset, float dropout_p, int seed, "
-        "bool bias_requires_grad, str kernel) -> (Tensor, Tensor, Tensor, Tensor)");
+        "bool bias_requires_grad, str kernel, int window_left=-1, int window_right=-1, float softcap=0.0, "
+        "Tensor? alibi_slopes=None, Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, "
+        "bool bottom_right=False) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(qkv_emulated, CPU, m) {
