@@ -164,6 +164,11 @@ void forward_tiled(const TileContext<scalar_t>& ctx, const SequenceLayout& layou
           const int64_t i0 = qb * QB, rows = std::min(QB, s.q_len - i0);
           // The queries times score_scale: the products come out as scores, no pass over them.
           scaled_rows(ctx.q, s.tb, h, s.q0 + i0, rows, D, ctx.score_scale, qs);
+          if (qb + groups < q_blocks) {  // the next block's queries and output rows, while this one computes
+            const int64_t next = i0 + groups * QB, next_rows = std::min(QB, s.q_len - next);
+            prefetch_rows(ctx.q.at(s.tb, h, s.q0 + next), ctx.q.s2, next_rows, D, ctx.q.s3, false);
+            prefetch_rows(out.o.at(s.tb, h, s.q0 + next), out.o.s2, next_rows, Dv, out.o.s3, true);
+          }
           softmax.reset(rows);
           const int64_t j_begin = s.key_begin(i0) / BK * BK, j_end = s.key_end(i0 + rows - 1);
           int64_t tiles_done = 0;

@@ -100,6 +100,10 @@ acc_t mask_row_max(acc_t* s, int64_t span_begin, int64_t span_end, int64_t begin
     using Vec = at::vec::Vectorized<float>;
     Vec vmax(neg_inf);
     for (; c + Vec::size() <= end; c += Vec::size()) vmax = at::vec::maximum(vmax, Vec::loadu(s + c));
+    if (c < end) {  // the tail as one vector, its missing lanes -inf
+      vmax = at::vec::maximum(vmax, Vec::set(Vec(neg_inf), Vec::loadu(s + c, end - c), end - c));
+      c = end;
+    }
     m = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
   }
   for (; c < end; ++c) m = std::isnan(s[c]) ? s[c] : std::max(m, s[c]);

@@ -35,6 +35,14 @@ struct Simd<float> {
   static reg load(const float* p) { return _mm512_loadu_ps(p); }
   static reg broadcast(const float* p) { return _mm512_set1_ps(*p); }  // folds into the FMA as {1to16}
   static void store(float* p, reg x) { _mm512_storeu_ps(p, x); }
+  // The first n < width lanes at p (the rest `fill`), and their store: a row's tail in one
+  // masked instruction instead of a scalar loop (masked-off lanes are never touched).
+  static reg load_partial(const float* p, int64_t n, float fill) {
+    return _mm512_mask_loadu_ps(_mm512_set1_ps(fill), static_cast<__mmask16>((1u << n) - 1), p);
+  }
+  static void store_partial(float* p, int64_t n, reg x) {
+    _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), x);
+  }
   static reg fmadd(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
   static reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
   static reg sub(reg a, reg b) { return _mm512_sub_ps(a, b); }
@@ -90,6 +98,14 @@ struct Simd<float> {
   static reg load(const float* p) { return _mm256_loadu_ps(p); }
   static reg broadcast(const float* p) { return _mm256_broadcast_ss(p); }
   static void store(float* p, reg x) { _mm256_storeu_ps(p, x); }
+  static __m256i first_lanes(int64_t n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static reg load_partial(const float* p, int64_t n, float fill) {
+    const __m256i lanes = first_lanes(n);
+    return _mm256_blendv_ps(_mm256_set1_ps(fill), _mm256_maskload_ps(p, lanes), _mm256_castsi256_ps(lanes));
+  }
+  static void store_partial(float* p, int64_t n, reg x) { _mm256_maskstore_ps(p, first_lanes(n), x); }
   static reg fmadd(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
   static reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
   static reg sub(reg a, reg b) { return _mm256_sub_ps(a, b); }
@@ -163,6 +179,8 @@ struct Simd {
   static reg load(const T* p) { return reg::loadu(p); }
   static reg broadcast(const T* p) { return reg(*p); }
   static void store(T* p, reg x) { x.store(p); }
+  static reg load_partial(const T* p, int64_t n, T fill) { return reg::set(reg(fill), reg::loadu(p, n), n); }
+  static void store_partial(T* p, int64_t n, reg x) { x.store(p, n); }
   static reg fmadd(reg a, reg b, reg c) { return at::vec::fmadd(a, b, c); }
   static reg add(reg a, reg b) { return a + b; }
   static reg sub(reg a, reg b) { return a - b; }

@@ -122,6 +122,28 @@ void store_row(scalar_t* dst, int64_t stride, const acc_t* src, int64_t n, acc_t
   }
 }
 
+// Asks for rows [i0, i0 + rows) of slice (b, h) ahead of use (`for_write`: rows about to be
+// stored). A row of a head in a (B, L, H, D) tensor shares its 4 KiB page with at most a few
+// rows of the same head, so the hardware prefetcher, which stays within a page, does not fetch
+// the next rows. Under a narrow window a query block's compute is short, and perf put the loads
+// of its Q rows and the stores of its O rows among the hottest instructions of the forward (B1
+// L8192 H8 D64, window 256); prefetching one block ahead measured 3% faster there.
+template <typename T>
+void prefetch_rows(const T* first, int64_t row_stride, int64_t rows, int64_t cols, int64_t col_stride,
+                   bool for_write) {
+  const int64_t bytes = ((cols - 1) * col_stride + 1) * static_cast<int64_t>(sizeof(T));
+  for (int64_t r = 0; r < rows; ++r) {
+    const char* row = reinterpret_cast<const char*>(first + r * row_stride);
+    for (int64_t off = 0; off < bytes; off += 64) {
+      if (for_write) {
+        __builtin_prefetch(row + off, 1, 3);
+      } else {
+        __builtin_prefetch(row + off, 0, 3);
+      }
+    }
+  }
+}
+
 // Everything the tile loops need to know about one call. Query heads h read key/value head
 // h / group (grouped-query attention: the shared heads are read in place); every mask, the
 // ALiBi distances and the dropout counter are those of a Sequence (sequences.h).

@@ -63,12 +63,15 @@ inline float exp2_and_sum_simd(float* x, int64_t n, float shift, float mul) {
     R::store(x + i, e);
     sum0 = R::add(sum0, e);
   }
-  float sum = R::reduce_add(R::add(sum0, sum1));
-  for (; i < n; ++i) {
-    x[i] = std::exp2((x[i] - shift) * mul);
-    sum += x[i];
+  if (i < n) {
+    // The tail in one masked vector: the lanes past it read -inf, whose 2^x is 0. A scalar exp2
+    // loop here cost as much as the vector body on the short spans of a window's band.
+    const typename R::reg d = R::sub(R::load_partial(x + i, n - i, -std::numeric_limits<float>::infinity()), vshift);
+    const typename R::reg e = R::exp2_nonpositive(kScaled ? R::mul(d, vmul) : d);
+    R::store_partial(x + i, n - i, e);
+    sum1 = R::add(sum1, e);
   }
-  return sum;
+  return R::reduce_add(R::add(sum0, sum1));
 }
 }  // namespace detail
 
@@ -90,6 +93,13 @@ void exp2_into(acc_t* dst, const acc_t* x, int64_t n, acc_t shift, acc_t mul, bo
       typename R::reg e = R::exp2_nonpositive(R::mul(R::sub(R::load(x + i), vshift), vmul));
       if (accumulate) e = R::add(e, R::load(dst + i));
       R::store(dst + i, e);
+    }
+    if (i < n) {  // the tail masked, as in exp2_and_sum
+      const float neg_inf = -std::numeric_limits<float>::infinity();
+      typename R::reg e = R::exp2_nonpositive(R::mul(R::sub(R::load_partial(x + i, n - i, neg_inf), vshift), vmul));
+      if (accumulate) e = R::add(e, R::load_partial(dst + i, n - i, 0.f));
+      R::store_partial(dst + i, n - i, e);
+      i = n;
     }
   }
   for (; i < n; ++i) {
