@@ -113,11 +113,6 @@ void set_score_options(AttentionParams& p, bool is_causal, bool bottom_right, in
   p.has_alibi = alibi_slopes.has_value() && alibi_slopes->defined();
 }
 
-bool uses_score_options(const AttentionParams& p) {
-  return p.kv_heads != p.heads || p.window_left >= 0 || (!p.is_causal && p.window_right >= 0) || p.softcap > 0 ||
-         p.has_alibi;
-}
-
 uint64_t settle_dropout_seed(const at::Tensor& query, double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
   if (dropout_p <= 0.0 || query.is_meta()) return 0;
   return static_cast<uint64_t>(

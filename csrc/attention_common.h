@@ -98,10 +98,6 @@ void set_score_options(AttentionParams& p, bool is_causal, bool bottom_right, in
 // "query's heads (H) must be divisible by key's heads (Hk)": grouped-query attention.
 void check_head_groups(const char* op, const c10::SymInt& heads, const c10::SymInt& kv_heads);
 
-// Whether a call uses any option of issue 17 (grouped heads, a window, softcap, ALiBi): the
-// kernels that lack them (CUDA) refuse such calls by name.
-bool uses_score_options(const AttentionParams& p);
-
 // The seed a device kernel uses: the one given (a CPU tensor, read without a device sync), or
 // a fresh draw with dropout_p > 0; 0 without dropout or on meta tensors.
 uint64_t settle_dropout_seed(const at::Tensor& query, double dropout_p, const std::optional<at::Tensor>& dropout_seed);
