@@ -143,7 +143,7 @@ def build_extension():
 
 setup(
     package_dir={"": "python"},
-    packages=find_packages("python"),  # qkv and qkv.bench
+    packages=find_packages("python"),  # every package under python/ (qkv and its subpackages)
     ext_modules=[build_extension()],
     # Links against the shared C++ runtime torch uses, and records the link (see the module).
     cmdclass={"build_ext": with_shared_cxx_runtime(BuildExtension).with_options(use_ninja=True)},
