@@ -13,7 +13,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 STAMP_DEPS := $(VENV)/.deps-installed
 EXT_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') csrc/sources.txt setup.py
 
-.PHONY: all venv build test test-python test-cpp bench bench-quick clean cuda-check gpu-check
+.PHONY: all venv build test test-python test-cpp bench bench-quick clean cuda-check gpu-check aarch64-cross-compiler
 
 all: build
 
@@ -43,9 +43,23 @@ build: python/qkv/.built
 
 test: test-python test-cpp
 
-test-python: build $(STAMP_TRANSFORMERS)
+# tests/test_aarch64_build.py cross-compiles the CPU extension for aarch64 (the portable path,
+# issue 16) with Debian's g++-aarch64-linux-gnu: a 56 MB download (212 MB installed), ~20 s to
+# install, then 15 compiles at -O3 (2 min 15 s of CPU time on the 2-core Xeon: about 1.2 min at
+# MAX_JOBS=2). Installed here when missing, and required (the test fails, never skips, without
+# it); AARCH64_CHECK=0 leaves it out (the test then skips, saying why).
+AARCH64_CHECK ?= 1
+AARCH64_CXX := aarch64-linux-gnu-g++
+aarch64-cross-compiler:
+ifeq ($(AARCH64_CHECK),1)
+	@command -v $(AARCH64_CXX) >/dev/null || { echo "Installing the aarch64 cross compiler (g++-aarch64-linux-gnu)"; \
+	  (apt-get update -qq && apt-get install -y -qq g++-aarch64-linux-gnu) >/dev/null || \
+	  { echo "could not install g++-aarch64-linux-gnu; install it, or run with AARCH64_CHECK=0"; exit 1; }; }
+endif
+
+test-python: build $(STAMP_TRANSFORMERS) aarch64-cross-compiler
 	PYTHONPATH=$(CURDIR)/python QKV_REQUIRE_TRANSFORMERS=1 QKV_TRANSFORMERS_VERSION=$(TRANSFORMERS_VERSION) \
-	  $(PY) -m pytest -q tests
+	  QKV_REQUIRE_AARCH64_CHECK=$(AARCH64_CHECK) $(PY) -m pytest -q tests
 
 # LibTorch build through CMake (the path C++ users take) and the GoogleTest suite via ctest.
 CMAKE_BUILD := build/cmake

@@ -17,7 +17,6 @@ Install into your own environment with `pip install --no-build-isolation .` so t
 uses your installed torch (pip's isolated build would download an unpinned one).
 """
 import os
-import platform
 import sys
 
 from setuptools import find_packages, setup
@@ -25,21 +24,13 @@ from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
+from build_config import baseline_cxx_flags, cpu_capabilities, read_source_list  # noqa: E402
 from shared_cxx_runtime import with_shared_cxx_runtime  # noqa: E402
 
-# The copies of the CPU kernels: (name, compiler flags). CPU_CAPABILITY names the inline
-# namespace of each copy (as in ATen, whose vector types follow the same macro), so no two
-# copies share an inline function. Only x86-64 has copies beyond the portable one.
-CPU_CAPABILITIES = [("DEFAULT", [])]
-if platform.machine().lower() in ("x86_64", "amd64"):
-    CPU_CAPABILITIES += [
-        ("AVX2", ["-mavx2", "-mfma", "-mf16c"]),
-        # -Wno-(maybe-)uninitialized: GCC 12 warns inside its own _mm512_max_ps and other
-        # intrinsics that start from _mm512_undefined_ps (GCC bug 105593);
-        # the same sources' other copies still get the warning.
-        ("AVX512", ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx2", "-mfma", "-mf16c",
-                    "-Wno-uninitialized", "-Wno-maybe-uninitialized"]),
-    ]
+# The copies of the CPU kernels for this machine (only x86-64 has more than the portable one),
+# the baseline flags and the source list: scripts/build_config.py, which the aarch64 compile check
+# (scripts/aarch64_compile_check.py) reads too.
+CPU_CAPABILITIES = cpu_capabilities()
 
 
 def _cuda_wanted() -> bool:
@@ -52,20 +43,6 @@ def _cuda_wanted() -> bool:
             raise RuntimeError("QKV_CUDA=1 but no CUDA toolchain (CUDA_HOME) or no CUDA build of torch was found")
         return True
     return available
-
-
-def read_source_list(path=os.path.join("csrc", "sources.txt")):
-    """csrc/sources.txt, the one source list (CMake reads it too): {group: [path, ...]}."""
-    groups = {}
-    with open(os.path.join(ROOT, path)) as f:
-        for number, line in enumerate(f, 1):
-            fields = line.split("#", 1)[0].split()
-            if not fields:
-                continue
-            if len(fields) != 2:
-                raise ValueError(f"{path}:{number}: expected `<group> <path>`, got {line.strip()!r}")
-            groups.setdefault(fields[0], []).append(fields[1])
-    return groups
 
 
 def _headers():
@@ -109,8 +86,7 @@ def build_extension():
     debug = os.environ.get("QKV_DEBUG") == "1"
     # Baseline flags only: instruction sets beyond the architecture's baseline are for the
     # per-capability copies of the CPU kernels (BuildExtension above).
-    cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
-    cxx_flags += ["-std=c++20", "-fopenmp"]
+    cxx_flags = baseline_cxx_flags(debug)
     groups = read_source_list()
     # core and python build once with the baseline flags; the cpu_kernel group is compiled once
     # per capability by BuildExtension above.
@@ -143,7 +119,7 @@ def build_extension():
 
 setup(
     package_dir={"": "python"},
-    packages=find_packages("python"),  # qkv and qkv.bench
+    packages=find_packages("python"),  # every package under python/ (qkv and its subpackages)
     ext_modules=[build_extension()],
     # Links against the shared C++ runtime torch uses, and records the link (see the module).
     cmdclass={"build_ext": with_shared_cxx_runtime(BuildExtension).with_options(use_ninja=True)},

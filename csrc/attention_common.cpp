@@ -23,12 +23,19 @@ bool is_supported_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
-namespace {
-
-void check_4d(const char* op, const char* name, const at::Tensor& t, const char* layout) {
+void check_dims(const char* op, const char* name, const at::Tensor& t, int64_t dim, const char* layout) {
   TORCH_CHECK(t.defined(), op, ": ", name, " must be a tensor; got None");
-  TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be a 4-D tensor ", layout, "; got ", describe(t));
+  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be a ", dim, "-D tensor ", layout, "; got ", describe(t));
 }
+
+void check_like_query(const char* op, const char* name, const at::Tensor& t, const at::Tensor& query) {
+  TORCH_CHECK(t.scalar_type() == query.scalar_type(), op, ": ", name, " must have the query's dtype ",
+              query.scalar_type(), "; got ", describe(t));
+  TORCH_CHECK(t.device() == query.device(), op, ": ", name, " must be on the query's device ", query.device(),
+              "; got ", describe(t));
+}
+
+namespace {
 
 // Sizes equal as a SymBool: a true check on symbolic sizes records a relation (or a runtime
 // assert), never a specialisation to one value.
@@ -113,11 +120,6 @@ void set_score_options(AttentionParams& p, bool is_causal, bool bottom_right, in
   p.has_alibi = alibi_slopes.has_value() && alibi_slopes->defined();
 }
 
-bool uses_score_options(const AttentionParams& p) {
-  return p.kv_heads != p.heads || p.window_left >= 0 || (!p.is_causal && p.window_right >= 0) || p.softcap > 0 ||
-         p.has_alibi;
-}
-
 uint64_t settle_dropout_seed(const at::Tensor& query, double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
   if (dropout_p <= 0.0 || query.is_meta()) return 0;
   return static_cast<uint64_t>(
@@ -130,17 +132,13 @@ AttentionShape check_attention_inputs(const char* op, const at::Tensor& query, c
                                       const std::optional<at::Tensor>& dropout_seed, int64_t window_left,
                                       int64_t window_right, double softcap,
                                       const std::optional<at::Tensor>& alibi_slopes) {
-  check_4d(op, "query", query, "(batch, heads, query_len, head_dim)");
-  check_4d(op, "key", key, "(batch, key_heads, key_len, head_dim)");
-  check_4d(op, "value", value, "(batch, key_heads, key_len, value_head_dim)");
+  check_dims(op, "query", query, 4, "(batch, heads, query_len, head_dim)");
+  check_dims(op, "key", key, 4, "(batch, key_heads, key_len, head_dim)");
+  check_dims(op, "value", value, 4, "(batch, key_heads, key_len, value_head_dim)");
   TORCH_CHECK(is_supported_dtype(query.scalar_type()), op,
               ": query must be float32, float64, float16 or bfloat16; got ", describe(query));
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"key", key}, {"value", value}}) {
-    TORCH_CHECK(t.scalar_type() == query.scalar_type(), op, ": ", name,
-                " must have the query's dtype ", query.scalar_type(), "; got ", describe(t));
-    TORCH_CHECK(t.device() == query.device(), op, ": ", name, " must be on the query's device ",
-                query.device(), "; got ", describe(t));
-  }
+  check_like_query(op, "key", key, query);
+  check_like_query(op, "value", value, query);
   AttentionShape s(query.sym_size(0), query.sym_size(1), query.sym_size(2), key.sym_size(2), query.sym_size(3),
                    value.sym_size(3), key.sym_size(1));
   TORCH_SYM_CHECK(key.sym_size(0).sym_eq(s.batch).sym_and(key.sym_size(3).sym_eq(s.head_dim)), op,

@@ -66,6 +66,10 @@ struct AttentionShape {
 std::string describe(const at::Tensor& t);
 // float32, float64, float16 or bfloat16: the dtypes the kernels take.
 bool is_supported_dtype(at::ScalarType t);
+// "<name> must be a tensor" of `dim` dimensions, `layout` naming them, e.g. "(batch, heads, query_len, head_dim)".
+void check_dims(const char* op, const char* name, const at::Tensor& t, int64_t dim, const char* layout);
+// `t` has the query's dtype and device.
+void check_like_query(const char* op, const char* name, const at::Tensor& t, const at::Tensor& query);
 
 // Every check of query/key/value/bias/dropout_p/scale/dropout_seed and the score options, on
 // symbolic sizes: what the Meta kernels run. Does not read the seed. key and value may have
@@ -97,10 +101,6 @@ void set_score_options(AttentionParams& p, bool is_causal, bool bottom_right, in
 
 // "query's heads (H) must be divisible by key's heads (Hk)": grouped-query attention.
 void check_head_groups(const char* op, const c10::SymInt& heads, const c10::SymInt& kv_heads);
-
-// Whether a call uses any option of issue 17 (grouped heads, a window, softcap, ALiBi): the
-// kernels that lack them (CUDA) refuse such calls by name.
-bool uses_score_options(const AttentionParams& p);
 
 // The seed a device kernel uses: the one given (a CPU tensor, read without a device sync), or
 // a fresh draw with dropout_p > 0; 0 without dropout or on meta tensors.

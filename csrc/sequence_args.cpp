@@ -12,18 +12,6 @@
 namespace qkv {
 namespace {
 
-void check_dims(const char* op, const char* name, const at::Tensor& t, int64_t dim, const char* layout) {
-  TORCH_CHECK(t.defined(), op, ": ", name, " must be a tensor; got None");
-  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be a ", dim, "-D tensor ", layout, "; got ", describe(t));
-}
-
-void check_like_query(const char* op, const char* name, const at::Tensor& t, const at::Tensor& query) {
-  TORCH_CHECK(t.scalar_type() == query.scalar_type(), op, ": ", name, " must have the query's dtype ",
-              query.scalar_type(), "; got ", describe(t));
-  TORCH_CHECK(t.device() == query.device(), op, ": ", name, " must be on the query's device ", query.device(),
-              "; got ", describe(t));
-}
-
 void check_index_tensor(const char* op, const char* name, const at::Tensor& t, const at::Tensor& query,
                         const std::string& shape) {
   TORCH_CHECK((t.scalar_type() == at::kInt || t.scalar_type() == at::kLong) && t.device() == query.device(), op,

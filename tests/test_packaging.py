@@ -53,7 +53,8 @@ def installed(tmp_path_factory):
 def test_the_sdist_carries_what_the_build_reads(installed):
     names = {name.split("/", 1)[1] for name in tarfile.open(installed["sdist"]).getnames() if "/" in name}
     for needed in ("csrc/sources.txt", "csrc/include/qkv/qkv.h", "csrc/cuda/mma_common.cuh", "csrc/cuda/mma_attention.cu",
-                   "scripts/shared_cxx_runtime.py", "CMakeLists.txt", "cmake/QkvSources.cmake", "python/qkv/bench/__main__.py"):
+                   "scripts/shared_cxx_runtime.py", "scripts/build_config.py",
+                   "CMakeLists.txt", "cmake/QkvSources.cmake", "python/qkv/bench/__main__.py"):
         assert needed in names, f"{needed} is not in the sdist"
 
 
