@@ -452,11 +452,12 @@ struct RowShiftBiasGrad {
   }
 };
 
-// Tasks are (group of (sequence, key/value head) pairs, chunk of key blocks), the split a
-// function of the problem alone (backward_tasks.h): every thread has work when there are few
-// pairs, and the gradients do not depend on the thread count. A task owns the key and value
-// gradients of its key blocks: it runs every query head that reads its key head against them
-// (grouped-query attention sums their contributions in one task, no copies).
+// Tasks are (group of (sequence, key/value head) pairs, chunk of key blocks or one query head),
+// the split a function of the problem alone (backward_tasks.h): every thread has work when
+// there are few pairs, and the gradients do not depend on the thread count. A chunk's task owns
+// the key and value gradients of its key blocks: it runs every query head that reads its key
+// head against them (grouped-query attention sums their contributions in one task, no copies).
+// A task per query head writes its dQ whole and hands its key blocks' dK and dV to kv_sums.
 template <typename scalar_t>
 void attention_backward_cpu_impl(const AttentionParams& p, const SequenceLayout& layout, const at::Tensor& grad_out,
                                  const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
