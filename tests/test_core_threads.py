@@ -195,3 +195,96 @@ def test_varlen_backward(window):
     want_out, _ = varlen_reference(*inputs, cu_q, cu_k, is_causal=True, bottom_right=True, window=window,
                                    softcap=softcap, alibi_slopes=slopes)
     assert_close_to_reference(results[0], torch.autograd.grad(want_out, inputs, grad.double()), ("dq", "dk", "dv"))
+
+
+# ---- grouped-query attention split by query heads (backward_tasks.h: BackwardTasks::subsets).
+# With several query heads per key head and few pairs, a task runs one query head, and dK, dV
+# are summed over the heads key block by key block in head order (KvBlockSums) however the tasks
+# end. "8-per-key-head" and "4-per-key-head" split by heads; "many-pairs" has enough (sequence,
+# key head) pairs to run each whole in one task. D = 32 float32 writes dQ, dK and dV straight
+# into the gradients, D = 24 and bfloat16 through buffers.
+GQA_SPLITS = {  # name: B, H, Hk, L, S
+    "8-per-key-head": (1, 16, 2, 300, 1100),
+    "4-per-key-head": (2, 8, 2, 150, 700),
+    "many-pairs": (4, 16, 8, 100, 300),
+}
+
+
+def gqa_inputs(B, H, Hk, L, S, D, dtype=torch.float32):
+    return torch.randn(B, H, L, D, dtype=dtype), torch.randn(B, Hk, S, D, dtype=dtype), torch.randn(B, Hk, S, D,
+                                                                                                     dtype=dtype)
+
+
+@pytest.mark.parametrize("split", GQA_SPLITS, ids=str)
+@pytest.mark.parametrize("D,dtype", [(32, torch.float32), (24, torch.float32), (32, torch.bfloat16)], ids=str)
+@pytest.mark.parametrize("options", ["causal", "window-alibi-softcap"], ids=str)
+def test_backward_split_by_query_heads(split, D, dtype, options):
+    B, H, Hk, L, S = GQA_SPLITS[split]
+    q, k, v = gqa_inputs(B, H, Hk, L, S, D, dtype)
+    window, softcap, slopes = ((-1, -1), 0.0, None) if options == "causal" else ((700, -1), SOFTCAP, alibi_slopes(H))
+    out, lse = attention(q, k, v, None, 0.0, True, True, None, None, *window, softcap, slopes)
+    grad = torch.randn_like(out)
+    results = for_each_thread_count(
+        lambda: torch.ops.qkv.attention_backward(grad, q, k, v, None, out, lse, 0.0, True, True, None, None, False,
+                                                 *window, softcap, slopes)[:3])
+    assert_all_bitwise_equal(results, ("dq", "dk", "dv"))
+    inputs = [t.double().requires_grad_() for t in (q, k, v)]
+    want_out, _ = feature_reference(*inputs, is_causal=True, bottom_right=True, window=window, softcap=softcap,
+                                    alibi_slopes=slopes)
+    want = torch.autograd.grad(want_out, inputs, grad.double())
+    if dtype == torch.float32:
+        assert_close_to_reference(results[0], want, ("dq", "dk", "dv"))
+    else:  # bfloat16 inputs and outputs: the reference to bfloat16's precision
+        for name, g, w in zip(("dq", "dk", "dv"), results[0], want):
+            torch.testing.assert_close(g.double(), w, atol=5e-2, rtol=5e-2, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("bias_shape", BIAS_SHAPES, ids=str)
+def test_backward_split_by_query_heads_and_bias_gradient(bias_shape):
+    # A bias broadcast over heads keeps a pair's heads in one task (key chunks instead); the others
+    # split by heads, each task writing its own head's elements.
+    B, H, Hk, L, S, D = 2, 8, 1, 130, 1100, 16
+    q, k, v = gqa_inputs(B, H, Hk, L, S, D)
+    bias = torch.randn(BIAS_SHAPES[bias_shape](B, H, L, S))
+    out, lse = attention(q, k, v, bias)
+    grad = torch.randn_like(out)
+    results = for_each_thread_count(
+        lambda: torch.ops.qkv.attention_backward(grad, q, k, v, bias, out, lse, 0.0, False, False, None, None, True))
+    assert_all_bitwise_equal(results, ("dq", "dk", "dv", "dbias"))
+    inputs = [t.double().requires_grad_() for t in (q, k, v, bias)]
+    want_out, _ = feature_reference(*inputs)
+    want = torch.autograd.grad(want_out, inputs, grad.double())
+    assert_close_to_reference(results[0], want, ("dq", "dk", "dv", "dbias"))
+
+
+@pytest.mark.parametrize("window", WINDOWS, ids=str)
+def test_varlen_backward_split_by_query_heads(window):
+    H, Hk, D = 8, 1, 32
+    lengths_q, lengths_k = [300, 40, 600], [1100, 30, 700]
+    cu_q = torch.tensor([0, *itertools.accumulate(lengths_q)], dtype=torch.int32)
+    cu_k = torch.tensor([0, *itertools.accumulate(lengths_k)], dtype=torch.int32)
+    q = torch.randn(sum(lengths_q), H, D)
+    k, v = torch.randn(sum(lengths_k), Hk, D), torch.randn(sum(lengths_k), Hk, D)
+    slopes = alibi_slopes(H)
+    args = (cu_q, cu_k, max(lengths_q), max(lengths_k), 0.0, True, True, None, None, *window, SOFTCAP, slopes)
+    out, lse = torch.ops.qkv.attention_varlen(q, k, v, *args)
+    grad = torch.randn_like(out)
+    results = for_each_thread_count(
+        lambda: torch.ops.qkv.attention_varlen_backward(grad, q, k, v, out, lse, *args))
+    assert_all_bitwise_equal(results, ("dq", "dk", "dv"))
+    inputs = [t.double().requires_grad_() for t in (q, k, v)]
+    want_out, _ = varlen_reference(*inputs, cu_q, cu_k, is_causal=True, bottom_right=True, window=window,
+                                   softcap=SOFTCAP, alibi_slopes=slopes)
+    assert_close_to_reference(results[0], torch.autograd.grad(want_out, inputs, grad.double()), ("dq", "dk", "dv"))
+
+
+def test_backward_split_by_query_heads_and_dropout():
+    B, H, Hk, L, S, D = 1, 8, 1, 200, 600, 32
+    q, k, v = gqa_inputs(B, H, Hk, L, S, D)
+    seed = torch.tensor(1234, dtype=torch.int64)
+    out, lse = attention(q, k, v, None, 0.3, True, False, None, seed)
+    grad = torch.randn_like(out)
+    results = for_each_thread_count(
+        lambda: torch.ops.qkv.attention_backward(grad, q, k, v, None, out, lse, 0.3, True, False, None, seed,
+                                                 False)[:3])
+    assert_all_bitwise_equal(results, ("dq", "dk", "dv"))

@@ -457,11 +457,12 @@ struct RowShiftBiasGrad {
   }
 };
 
-// Tasks are (group of (sequence, key/value head) pairs, chunk of key blocks), the split a
-// function of the problem alone (backward_tasks.h): every thread has work when there are few
-// pairs, and the gradients do not depend on the thread count. A task owns the key and value
-// gradients of its key blocks: it runs every query head that reads its key head against them
-// (grouped-query attention sums their contributions in one task, no copies).
+// Tasks are (group of (sequence, key/value head) pairs, chunk of key blocks or one query head),
+// the split a function of the problem alone (backward_tasks.h): every thread has work when
+// there are few pairs, and the gradients do not depend on the thread count. A chunk's task owns
+// the key and value gradients of its key blocks: it runs every query head that reads its key
+// head against them (grouped-query attention sums their contributions in one task, no copies).
+// A task per query head writes its dQ whole and hands its key blocks' dK and dV to kv_sums.
 template <typename scalar_t>
 void attention_backward_cpu_impl(const AttentionParams& p, const SequenceLayout& layout, const at::Tensor& grad_out,
                                  const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
@@ -491,12 +492,22 @@ void attention_backward_cpu_impl(const AttentionParams& p, const SequenceLayout&
   const int64_t n_sequences = static_cast<int64_t>(sequences.size());
   const bool bias_grad_per_key = bias_requires_grad && p.has_bias && !BiasGradLayout(p, *bias).shifts_rows();
   const BackwardTasks tasks(p, n_sequences, KH, bias, bias_grad_per_key, kv_blocks);
-  const int64_t chunks = tasks.chunks;
+  const int64_t chunks = tasks.chunks, subsets = tasks.subsets;
   const int64_t blocks_per_chunk = (kv_blocks + chunks - 1) / chunks;
   // Accumulator rows are padded to whole panels, the row stride gemm_packed writes with.
   const int64_t ld_dq = padded_to_panels<acc_t>(D), ld_dv = padded_to_panels<acc_t>(Dv);
-  // The dQ partials of (sequence with work n, query head h), as n * heads + h, per chunk.
+  // A task that runs every key block of a query head (one chunk) writes its dQ whole: straight
+  // into grad_q when that already is acc_t rows that no panel padding overruns, else through
+  // one partial. With chunks, the dQ partials of (sequence with work n, query head h), as
+  // n * heads + h, per chunk.
+  const bool dq_in_place = std::is_same_v<scalar_t, acc_t> && chunks == 1 && dq.s3 == 1 && D == ld_dq;
   DqPartials<acc_t> dq_partials(n_sequences * p.heads, chunks, L, ld_dq);
+  // With a task per query head, dK and dV of (sequence with work n, key head kh, key block kb),
+  // as (n * KH + kh) * kv_blocks + kb, summed over the heads block by block: in grad_k and
+  // grad_v themselves when they are acc_t rows without panel padding, else in buffers.
+  const bool kv_in_place = std::is_same_v<scalar_t, acc_t> && dk.s3 == 1 && dv.s3 == 1 && D == ld_dq && Dv == ld_dv;
+  KvBlockSums<acc_t> kv_sums(subsets > 1 ? n_sequences * KH * kv_blocks : 0, subsets, BK * (ld_dq + ld_dv),
+                             !kv_in_place);
   const BiasGradAccumulator<acc_t> bias_grad(p, bias, bias_requires_grad);
   const RowShiftBiasGrad<acc_t> row_shift_grad(p, bias, bias_requires_grad, chunks);
 
@@ -520,8 +531,10 @@ void attention_backward_cpu_impl(const AttentionParams& p, const SequenceLayout&
   const int64_t L_padded = (L + QB - 1) / QB * QB;
   const bool dout_in_place = reads_rows_in_place<acc_t>(dout, L, Dv);
   // With several query heads per key head, a task's key and value gradients add up over its
-  // heads: they live in the task's scratch for all its key blocks (K- and V-sized at most).
-  const int64_t kv_acc_rows = (G > 1 ? blocks_per_chunk : 1) * BK;
+  // heads: they live in the task's scratch for all its key blocks (K- and V-sized at most). A
+  // task of one query head (G == 1, or a task per head) is done with a key block after it.
+  const bool kv_per_block = G == 1 || subsets > 1;
+  const int64_t kv_acc_rows = (kv_per_block ? 1 : blocks_per_chunk) * BK;
   const int64_t cap_grad_size = p.softcap > 0 ? QB * BK : 0;
 
   for_each_task(tasks.count(), flops, [&](int64_t) {
@@ -544,6 +557,7 @@ void attention_backward_cpu_impl(const AttentionParams& p, const SequenceLayout&
       acc_t* dv_all = dk_all + kv_acc_rows * ld_dq;
       acc_t* dq_row = dv_all + kv_acc_rows * ld_dv;  // one row of the summed dQ partials
       const int64_t group = tasks.group_of(task), chunk = tasks.chunk_of(task);
+      const auto [head_first, head_last] = tasks.heads_of(tasks.subset_of(task));  // of the pair's G
 
       for (int64_t m = 0; m < tasks.pairs_per_group; ++m) {
         const int64_t pair = tasks.pair(group, m), seq = pair / KH, kh = pair % KH;
@@ -552,6 +566,12 @@ void attention_backward_cpu_impl(const AttentionParams& p, const SequenceLayout&
         // The task that finishes the last chunk of (sequence, head h) sums its dQ partials in
         // chunk order, whichever task that is; chunks past a short sequence's keys have none.
         const auto finish_dq = [&](int64_t h) {
+          if (dq_in_place) {
+            for (int64_t i = 0; i < s.q_len; ++i) {
+              scale_row(reinterpret_cast<acc_t*>(dq.at(s.tb, h, s.q0 + i)), D, acc_t(p.scale));
+            }
+            return;
+          }
           const int64_t n = seq * p.heads + h;
           if (!dq_partials.finish(n)) return;
           const int64_t used = std::min(chunks, seq_blocks);
@@ -565,11 +585,40 @@ void attention_backward_cpu_impl(const AttentionParams& p, const SequenceLayout&
           }
           dq_partials.release(n);
         };
+        // With a task per query head: hands in this head's dK and dV of a key block (`block`: BK
+        // rows of dK, then of dV), added over the pair's heads in head order (KvBlockSums); the
+        // call that adds the last head's scales the sum into grad_k and grad_v.
+        const auto add_key_block = [&](int64_t slot, int64_t head, int64_t j0, int64_t cols, const acc_t* block) {
+          const auto k_row = [&](acc_t* sum, int64_t c) {
+            return sum != nullptr ? sum + c * ld_dq : reinterpret_cast<acc_t*>(dk.at(s.tb, kh, s.k0 + j0 + c));
+          };
+          const auto v_row = [&](acc_t* sum, int64_t c) {
+            return sum != nullptr ? sum + BK * ld_dq + c * ld_dv
+                                  : reinterpret_cast<acc_t*>(dv.at(s.tb, kh, s.k0 + j0 + c));
+          };
+          const auto add = [&](acc_t* sum, const acc_t* x, bool first) {
+            for (int64_t c = 0; c < cols; ++c) {
+              sum_into(k_row(sum, c), x + c * ld_dq, D, first);
+              sum_into(v_row(sum, c), x + BK * ld_dq + c * ld_dv, Dv, first);
+            }
+          };
+          if (!kv_sums.hand_in(slot, head, block, add)) return;
+          acc_t* sum = kv_sums.sum(slot);
+          for (int64_t c = 0; c < cols; ++c) {
+            if (sum == nullptr) {  // summed in place: dV is done, dK takes its scale
+              scale_row(k_row(nullptr, c), D, acc_t(p.scale));
+            } else {
+              store_row(dk.at(s.tb, kh, s.k0 + j0 + c), dk.s3, k_row(sum, c), D, acc_t(p.scale));
+              store_row(dv.at(s.tb, kh, s.k0 + j0 + c), dv.s3, v_row(sum, c), Dv, acc_t(1));
+            }
+          }
+          kv_sums.release(slot);
+        };
         if (chunk >= seq_blocks) {  // a short sequence has fewer key blocks than chunks
           for (int64_t h = kh * G; h < (kh + 1) * G; ++h) finish_dq(h);
           continue;
         }
-        if (G > 1) {
+        if (!kv_per_block) {
           std::fill(dk_all, dk_all + kv_acc_rows * ld_dq, acc_t(0));
           std::fill(dv_all, dv_all + kv_acc_rows * ld_dv, acc_t(0));
         }
@@ -582,13 +631,23 @@ void attention_backward_cpu_impl(const AttentionParams& p, const SequenceLayout&
         const int64_t first_written_end =
             first_q_end > q_begin ? std::min(s.q_len, q_begin + (first_q_end - q_begin + QB - 1) / QB * QB) : q_begin;
 
-        for (int64_t h = kh * G; h < (kh + 1) * G; ++h) {
+        for (int64_t h = kh * G + head_first; h < kh * G + head_last; ++h) {
           const acc_t* lse_row = lse_data + layout.row(s, h, 0);
           const acc_t* delta_row = delta + layout.row(s, h, 0);
           const acc_t* normalizer_row = normalizer_data == nullptr ? nullptr : normalizer_data + layout.row(s, h, 0);
-          acc_t* dq_acc = dq_partials.take(seq * p.heads + h, chunk);
-          std::fill(dq_acc, dq_acc + q_begin * ld_dq, acc_t(0));
-          std::fill(dq_acc + first_written_end * ld_dq, dq_acc + s.q_len * ld_dq, acc_t(0));
+          acc_t* dq_acc = nullptr;
+          int64_t ld_dq_acc = ld_dq;
+          if (dq_in_place) {
+            dq_acc = reinterpret_cast<acc_t*>(dq.at(s.tb, h, s.q0));  // acc_t is scalar_t here
+            ld_dq_acc = dq.s2;
+          } else {
+            dq_acc = dq_partials.take(seq * p.heads + h, chunk);
+          }
+          const auto zero_dq_rows = [&](int64_t from, int64_t to) {
+            for (int64_t i = from; i < to; ++i) std::fill_n(dq_acc + i * ld_dq_acc, ld_dq, acc_t(0));
+          };
+          zero_dq_rows(0, q_begin);
+          zero_dq_rows(first_written_end, s.q_len);
           acc_t* row_shift_sums = row_shift_grad.active ? row_shift_grad.sums_of(chunk, s.b * p.heads + h, L) : nullptr;
           int64_t ldq, ldo;
           const acc_t* dot_all = tile_rows<acc_t>(dout, s.tb, h, s.q0, s.q_len, Dv, do_rows, ldo);
@@ -603,14 +662,14 @@ void attention_backward_cpu_impl(const AttentionParams& p, const SequenceLayout&
           // so contiguous ranges would leave one task with most of the work.
           for (int64_t kb = chunk; kb < seq_blocks; kb += chunks) {
             const int64_t j0 = kb * BK, cols = std::min(BK, s.kv_len - j0);
-            acc_t* dk_acc = G > 1 ? dk_all + (kb / chunks) * BK * ld_dq : dk_all;
-            acc_t* dv_acc = G > 1 ? dv_all + (kb / chunks) * BK * ld_dv : dv_all;
+            acc_t* dk_acc = kv_per_block ? dk_all : dk_all + (kb / chunks) * BK * ld_dq;
+            acc_t* dv_acc = kv_per_block ? dv_all : dv_all + (kb / chunks) * BK * ld_dv;
             // K^T times score_scale: the products with Q are the scores themselves.
             const Panels<acc_t> kt_panels = ctx.pack_keys_transposed(kt_space, s, h, j0, cols);
             scale_row(kt_space, padded_to_panels<acc_t>(cols) * D, ctx.score_scale);
             const Panels<acc_t> k_panels = pack_panels(ctx.k_row(s, h, j0), cols, D, ctx.k.s2, ctx.k.s3, k_space);
             const Panels<acc_t> vt_panels = pack_panels(ctx.v_row(s, h, j0), Dv, cols, ctx.v.s3, ctx.v.s2, vt_space);
-            if (G == 1) {
+            if (kv_per_block) {
               std::fill(dk_acc, dk_acc + cols * ld_dq, acc_t(0));
               std::fill(dv_acc, dv_acc + cols * ld_dv, acc_t(0));
             }
@@ -658,7 +717,7 @@ void attention_backward_cpu_impl(const AttentionParams& p, const SequenceLayout&
               const auto seeing = ctx.seeing_extent(s, i0, j0);
               gemm_packed<acc_t>(cols, Dv, rows, st, 1, BK, do_panels, dv_acc, ld_dv, true, seeing);  // dV += P'^T dO
               gemm_packed<acc_t>(cols, D, rows, dpt, 1, BK, q_panels, dk_acc, ld_dq, true, seeing);   // dK += dS^T Q
-              gemm_packed<acc_t>(rows, D, cols, dpt, BK, 1, k_panels, dq_acc + i0 * ld_dq, ld_dq, kb != chunk,
+              gemm_packed<acc_t>(rows, D, cols, dpt, BK, 1, k_panels, dq_acc + i0 * ld_dq_acc, ld_dq_acc, kb != chunk,
                                  ctx.visible_key_depth(s, i0, j0, cols));  // dQ (+)= dS K
             }
             if (G == 1) {
@@ -666,11 +725,13 @@ void attention_backward_cpu_impl(const AttentionParams& p, const SequenceLayout&
                 store_row(dk.at(s.tb, kh, s.k0 + j0 + c), dk.s3, dk_acc + c * ld_dq, D, acc_t(p.scale));
                 store_row(dv.at(s.tb, kh, s.k0 + j0 + c), dv.s3, dv_acc + c * ld_dv, Dv, acc_t(1));
               }
+            } else if (subsets > 1) {
+              add_key_block(pair * kv_blocks + kb, h - kh * G, j0, cols, dk_acc);
             }
           }
           finish_dq(h);
         }
-        if (G > 1) {  // the group's summed key and value gradients
+        if (!kv_per_block) {  // the group's summed key and value gradients
           for (int64_t kb = chunk; kb < seq_blocks; kb += chunks) {
             const int64_t j0 = kb * BK, cols = std::min(BK, s.kv_len - j0);
             const acc_t* dk_acc = dk_all + (kb / chunks) * BK * ld_dq;
