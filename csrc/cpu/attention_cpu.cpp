@@ -457,6 +457,22 @@ struct RowShiftBiasGrad {
   }
 };
 
+// dS = P * (dP - delta) with dP = dO V^T (rows x cols, ld `ld`), computed in the product's
+// epilogue (SoftmaxGradEpilogue) from the probabilities `prob` (same layout) over the panels that
+// `extent_of` keeps: float32 only; returns false, having done nothing, for float64.
+template <typename acc_t, typename ExtentOf>
+bool softmax_grad_in_product(int64_t rows, int64_t cols, int64_t Dv, const acc_t* dot, int64_t ldo,
+                             Panels<acc_t> vt_panels, acc_t* dpt, int64_t ld, const acc_t* prob, const acc_t* delta,
+                             const ExtentOf& extent_of) {
+  if constexpr (!std::is_same_v<acc_t, float>) {
+    return false;
+  } else {
+    gemm_packed_epilogue<float>(rows, cols, Dv, dot, ldo, 1, vt_panels, dpt, ld, extent_of,
+                                SoftmaxGradEpilogue{prob, ld, delta});
+    return true;
+  }
+}
+
 // Tasks are (group of (sequence, key/value head) pairs, chunk of key blocks or one query head),
 // the split a function of the problem alone (backward_tasks.h): every thread has work when
 // there are few pairs, and the gradients do not depend on the thread count. A chunk's task owns
@@ -679,29 +695,47 @@ void attention_backward_cpu_impl(const AttentionParams& p, const SequenceLayout&
               const acc_t* qt = tile_rows<acc_t>(ctx.q, s.tb, h, s.q0 + i0, rows, D, qs, ldq);
               const acc_t* dot = dot_all + i0 * ldo;
               const Panels<acc_t> q_panels{q_space + i0 * ld_dq, rows}, do_panels{do_space + i0 * ld_dv, rows};
-              ctx.scores(st, BK, qt, ldq, kt_panels, s, h, i0, rows, j0, cols, nullptr, /*whole_rows=*/true, cap_grad);
+              // P, in the scores' product where it can (plain scores, float32), else scores then a
+              // pass per row.
+              const bool p_in_product = normalizer_row == nullptr &&
+                                        ctx.probabilities_in_product(st, BK, qt, ldq, kt_panels, s, i0, rows, j0,
+                                                                     cols, lse_row + i0);
+              if (!p_in_product) {
+                ctx.scores(st, BK, qt, ldq, kt_panels, s, h, i0, rows, j0, cols, nullptr, /*whole_rows=*/true,
+                           cap_grad);
+              }
               for (int64_t r = 0; r < rows; ++r) {
-                const acc_t normalizer = normalizer_row == nullptr ? acc_t(1) : normalizer_row[i0 + r];
                 const auto [begin, end] = s.visible(i0 + r, j0, cols);
                 acc_t* prob = st + r * BK;
                 std::fill(prob, prob + begin, acc_t(0));  // hidden keys: probability 0, no exp2 spent
                 std::fill(prob + end, prob + cols, acc_t(0));
-                ctx.probabilities_row(prob + begin, end - begin, lse_row[i0 + r], normalizer);
+                if (!p_in_product) {
+                  const acc_t normalizer = normalizer_row == nullptr ? acc_t(1) : normalizer_row[i0 + r];
+                  ctx.probabilities_row(prob + begin, end - begin, lse_row[i0 + r], normalizer);
+                }
               }
               // The products below skip what the band hides; the dP columns they leave unwritten
-              // are zeroed per row.
-              gemm_packed<acc_t>(rows, cols, Dv, dot, ldo, 1, vt_panels, dpt, BK, false,
-                                 ctx.visible_key_columns(s, i0, j0, cols));  // dP = dO V^T
+              // are zeroed per row. dS = P * (dP - delta) goes in dP's product too where no
+              // dropout mask or row sums come between.
+              const auto visible_keys = ctx.visible_key_columns(s, i0, j0, cols);
+              const bool ds_in_product = p_in_product && p.dropout_p == 0 && row_shift_sums == nullptr &&
+                                         softmax_grad_in_product(rows, cols, Dv, dot, ldo, vt_panels, dpt, BK, st,
+                                                                 delta_row + i0, visible_keys);
+              if (!ds_in_product) {
+                gemm_packed<acc_t>(rows, cols, Dv, dot, ldo, 1, vt_panels, dpt, BK, false, visible_keys);  // dP = dO V^T
+              }
               for (int64_t r = 0; r < rows; ++r) {
                 acc_t* prob = st + r * BK;
                 acc_t* dp = dpt + r * BK;
                 const auto [begin, end] = s.visible(i0 + r, j0, cols);
-                // The forward used P' = P * keep / (1 - p): dP needs the same mask, dV needs P'.
-                if (p.dropout_p > 0) ctx.dropout_row(dp + begin, s, h, i0 + r, j0 + begin, end - begin);
-                if (row_shift_sums != nullptr) {
-                  row_shift_grad.add_row(row_shift_sums + (i0 + r) * 4, prob + begin, dp + begin, end - begin);
+                if (!ds_in_product) {
+                  // The forward used P' = P * keep / (1 - p): dP needs the same mask, dV needs P'.
+                  if (p.dropout_p > 0) ctx.dropout_row(dp + begin, s, h, i0 + r, j0 + begin, end - begin);
+                  if (row_shift_sums != nullptr) {
+                    row_shift_grad.add_row(row_shift_sums + (i0 + r) * 4, prob + begin, dp + begin, end - begin);
+                  }
+                  softmax_grad_row(dp + begin, prob + begin, end - begin, delta_row[i0 + r]);  // dS = P * (dP - delta)
                 }
-                softmax_grad_row(dp + begin, prob + begin, end - begin, delta_row[i0 + r]);  // dS = P * (dP - delta)
                 std::fill(dp, dp + begin, acc_t(0));
                 std::fill(dp + end, dp + cols, acc_t(0));
                 if (p.dropout_p > 0) ctx.dropout_row(prob, s, h, i0 + r, j0, cols);

@@ -131,6 +131,15 @@ struct WholeProduct {
   RowBlockExtent operator()(int64_t, int64_t) const { return {INT64_MAX, 0, INT64_MAX}; }
 };
 
+// What a product does to each row of a register tile before storing it: `epilogue(i, j, lo, hi)`
+// gets row i of C and the panel starting at column j (lo: columns j..j+V-1, hi: the next V) in
+// registers, and may change them. A pass over a tile fused this way reads and writes no memory
+// of its own (the backward's probabilities and dS, tile_math.h).
+struct NoEpilogue {
+  template <typename reg>
+  QKV_ALWAYS_INLINE void operator()(int64_t, int64_t, reg&, reg&) const {}
+};
+
 namespace detail {
 
 // C[MR x W] = A[MR x k] . panel[k x W] (+ C when accumulating), in registers: 2 * MR
@@ -141,9 +150,10 @@ namespace detail {
 // product's terms to C one by one: a sum over many calls (P V over key tiles, dV over query
 // blocks) then rounds like a sum of tile partials, whose error grows with the number of tiles
 // instead of the number of terms.
-template <typename acc_t, int MR, bool kAccumulate, bool kRowMax = false>
+template <typename acc_t, int MR, bool kAccumulate, bool kRowMax = false, typename Epilogue = NoEpilogue>
 inline void micro_kernel(int64_t k, const acc_t* a, int64_t rsa, int64_t csa, const acc_t* panel, acc_t* c,
-                         int64_t ldc, acc_t* vmax = nullptr) {
+                         int64_t ldc, acc_t* vmax = nullptr, const Epilogue& epilogue = {}, int64_t row0 = 0,
+                         int64_t col0 = 0) {
   static_assert(kPanelRegs == 2, "the micro-kernel holds a panel in two registers");
   using R = Simd<acc_t>;
   using reg = typename R::reg;
@@ -169,6 +179,7 @@ inline void micro_kernel(int64_t k, const acc_t* a, int64_t rsa, int64_t csa, co
       lo[i] = R::add(R::load(c + i * ldc), lo[i]);
       hi[i] = R::add(R::load(c + i * ldc + V), hi[i]);
     }
+    epilogue(row0 + i, col0, lo[i], hi[i]);
     R::store(c + i * ldc, lo[i]);
     R::store(c + i * ldc + V, hi[i]);
     if constexpr (kRowMax) R::store(vmax + i * V, R::max(R::load(vmax + i * V), R::max(lo[i], hi[i])));
@@ -176,22 +187,26 @@ inline void micro_kernel(int64_t k, const acc_t* a, int64_t rsa, int64_t csa, co
 }
 
 // micro_kernel for a run-time row count mr in [1, MR].
-template <typename acc_t, bool kAccumulate, bool kRowMax = false, int MR = kMicroRows>
+template <typename acc_t, bool kAccumulate, bool kRowMax = false, int MR = kMicroRows, typename Epilogue = NoEpilogue>
 inline void micro_kernel_rows(int64_t mr, int64_t k, const acc_t* a, int64_t rsa, int64_t csa, const acc_t* panel,
-                              acc_t* c, int64_t ldc, acc_t* vmax = nullptr) {
+                              acc_t* c, int64_t ldc, acc_t* vmax = nullptr, const Epilogue& epilogue = {},
+                              int64_t row0 = 0, int64_t col0 = 0) {
   if constexpr (MR > 1) {
-    if (mr < MR) return micro_kernel_rows<acc_t, kAccumulate, kRowMax, MR - 1>(mr, k, a, rsa, csa, panel, c, ldc, vmax);
+    if (mr < MR) {
+      return micro_kernel_rows<acc_t, kAccumulate, kRowMax, MR - 1>(mr, k, a, rsa, csa, panel, c, ldc, vmax, epilogue,
+                                                                    row0, col0);
+    }
   }
-  micro_kernel<acc_t, MR, kAccumulate, kRowMax>(k, a, rsa, csa, panel, c, ldc, vmax);
+  micro_kernel<acc_t, MR, kAccumulate, kRowMax>(k, a, rsa, csa, panel, c, ldc, vmax, epilogue, row0, col0);
 }
 
 
 // Loop order: each block of MR rows of A (held in L1) against every panel of B (streamed
 // from L2 in order). Measured as fast as or faster than panel-outer and k-chunked orders on
 // the attention tile shapes.
-template <typename acc_t, bool kAccumulate, typename ExtentOf>
+template <typename acc_t, bool kAccumulate, typename ExtentOf, typename Epilogue = NoEpilogue>
 void gemm_packed(int64_t m, int64_t n, int64_t k, const acc_t* a, int64_t rsa, int64_t csa, Panels<acc_t> b,
-                 acc_t* c, int64_t ldc, const ExtentOf& extent_of) {
+                 acc_t* c, int64_t ldc, const ExtentOf& extent_of, const Epilogue& epilogue = {}) {
   constexpr int64_t W = kPanelWidth<acc_t>;
   for (int64_t i0 = 0; i0 < m; i0 += kMicroRows) {
     const int64_t mr = std::min<int64_t>(kMicroRows, m - i0);
@@ -201,7 +216,8 @@ void gemm_packed(int64_t m, int64_t n, int64_t k, const acc_t* a, int64_t rsa, i
     if (depth <= 0 && kAccumulate) continue;
     for (int64_t j0 = std::max<int64_t>(e.cols_begin, 0) / W * W; j0 < cols; j0 += W) {
       micro_kernel_rows<acc_t, kAccumulate>(mr, std::max<int64_t>(depth, 0), a + i0 * rsa + p0 * csa, rsa, csa,
-                                            b.data + j0 * b.depth + p0 * W, c + i0 * ldc + j0, ldc);
+                                            b.data + j0 * b.depth + p0 * W, c + i0 * ldc + j0, ldc, nullptr,
+                                            epilogue, i0, j0);
     }
   }
 }
@@ -220,6 +236,15 @@ void gemm_packed(int64_t m, int64_t n, int64_t k, const acc_t* a, int64_t rsa, i
   } else {
     detail::gemm_packed<acc_t, false>(m, n, k, a, rsa, csa, b, c, ldc, extent_of);
   }
+}
+
+// C = epilogue(A . B) as gemm_packed without accumulate: the epilogue (NoEpilogue) sees each
+// row of each panel that `extent_of` keeps before it is stored, padding columns included.
+template <typename acc_t, typename ExtentOf, typename Epilogue>
+void gemm_packed_epilogue(int64_t m, int64_t n, int64_t k, const acc_t* a, int64_t rsa, int64_t csa,
+                          Panels<acc_t> b, acc_t* c, int64_t ldc, const ExtentOf& extent_of,
+                          const Epilogue& epilogue) {
+  detail::gemm_packed<acc_t, false>(m, n, k, a, rsa, csa, b, c, ldc, extent_of, epilogue);
 }
 
 // C = A . B as gemm_packed (no accumulate, whole product), and row_max[i] = the maximum of

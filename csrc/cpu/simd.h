@@ -18,6 +18,14 @@
 
 #include <cstdint>
 
+// For code that runs on registers inside a micro-kernel (the epilogues, packed_gemm.h): a call
+// that is not inlined spills the kernel's accumulators to memory.
+#if defined(__GNUC__)
+#define QKV_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define QKV_ALWAYS_INLINE inline
+#endif
+
 namespace qkv {
 inline namespace CPU_CAPABILITY {
 

@@ -280,6 +280,30 @@ struct TileContext {
     }
   }
 
+  // The probabilities of a tile straight from its product, for the backward: out = 2^(s - lse
+  // shift of the row) computed in the product's epilogue (ProbabilitiesEpilogue) over the
+  // panels of each block's keys, where the scores are the products (no bias, softcap or ALiBi:
+  // log2 units) and float32. `lse` holds the tile's rows' logsumexps. The keys a row does not
+  // see hold garbage or nothing: the caller zeroes them. Returns false, having done nothing,
+  // where the scores need a pass of their own (then scores() and probabilities_row()).
+  bool probabilities_in_product(acc_t* out, int64_t ldo, const acc_t* qt, int64_t ldq, Panels<acc_t> k_panels,
+                                const Sequence& s, int64_t i0, int64_t rows, int64_t j0, int64_t cols,
+                                const acc_t* lse) const {
+    if constexpr (!std::is_same_v<acc_t, float>) {
+      return false;
+    } else {
+      if (transforms_scores() || rows > kQueryBlock) return false;
+      alignas(64) float shift[kQueryBlock];
+      for (int64_t r = 0; r < rows; ++r) {  // a row that sees nothing (lse -inf): 2^-inf = 0
+        shift[r] = lse[r] == -std::numeric_limits<float>::infinity() ? std::numeric_limits<float>::infinity()
+                                                                     : lse_shift(lse[r]);
+      }
+      gemm_packed_epilogue<float>(rows, cols, p.head_dim, qt, ldq, 1, k_panels, out, ldo,
+                                  visible_key_columns(s, i0, j0, cols), ProbabilitiesEpilogue{shift});
+      return true;
+    }
+  }
+
   // The columns a row's pass covers: the whole tile, or its product block's keys.
   std::pair<int64_t, int64_t> row_span(const Sequence& s, int64_t i0, int64_t rows, int64_t j0, int64_t cols,
                                        int64_t r, bool whole_rows) const {

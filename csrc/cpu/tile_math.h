@@ -176,6 +176,39 @@ void softmax_grad_row(acc_t* dp, const acc_t* prob, int64_t n, acc_t delta) {
   for (; c < n; ++c) dp[c] = prob[c] * (dp[c] - delta);
 }
 
+// The backward's row passes as epilogues of its tile products (packed_gemm.h), for float32
+// tiles: applied while a row of the product is in registers, they cost no pass over the tile.
+// Each computes what its row function above does, in the same operations.
+
+// P = 2^(s - shift[i]) (exp2_and_sum without the sum): the probabilities of scores in log2 units,
+// row i shifted by its logsumexp; +inf gives a row of zeros.
+struct ProbabilitiesEpilogue {
+  const float* shift;
+  template <typename reg>
+  QKV_ALWAYS_INLINE void operator()(int64_t i, int64_t, reg& lo, reg& hi) const {
+    using R = Simd<float>;
+    const reg s = R::set1(shift[i]);
+    lo = R::exp2_nonpositive(R::sub(lo, s));
+    hi = R::exp2_nonpositive(R::sub(hi, s));
+  }
+};
+
+// dS = P * (dP - delta[i]) (softmax_grad_row) with the product as dP and P read from `prob`,
+// a tile laid out as the product (row stride ld).
+struct SoftmaxGradEpilogue {
+  const float* prob;
+  int64_t ld;
+  const float* delta;
+  template <typename reg>
+  QKV_ALWAYS_INLINE void operator()(int64_t i, int64_t j, reg& lo, reg& hi) const {
+    using R = Simd<float>;
+    const reg d = R::set1(delta[i]);
+    const float* p = prob + i * ld + j;
+    lo = R::mul(R::load(p), R::sub(lo, d));
+    hi = R::mul(R::load(p + R::width), R::sub(hi, d));
+  }
+};
+
 template <typename acc_t>
 void scale_row(acc_t* x, int64_t n, acc_t factor) {
   for (int64_t i = 0; i < n; ++i) x[i] *= factor;
