@@ -175,9 +175,11 @@ def test_backward_with_groups_and_bias_gradient(bias_shape):
     assert_all_bitwise_equal(results, ("dq", "dk", "dv", "dbias"))
 
 
+# (4, 2, 16): the key-chunk split; (8, 1, 32): one task per query head (backward_tasks.h:
+# BackwardTasks::subsets), dK and dV summed in head order.
+@pytest.mark.parametrize("H, Hk, D", [(4, 2, 16), (8, 1, 32)], ids=["key-chunks", "query-heads"])
 @pytest.mark.parametrize("window", WINDOWS, ids=str)
-def test_varlen_backward(window):
-    H, Hk, D = 4, 2, 16
+def test_varlen_backward(window, H, Hk, D):
     lengths_q, lengths_k = [300, 40, 600], [1100, 30, 700]  # the 30-key sequence has fewer key blocks than chunks
     cu_q = torch.tensor([0, *itertools.accumulate(lengths_q)], dtype=torch.int32)
     cu_k = torch.tensor([0, *itertools.accumulate(lengths_k)], dtype=torch.int32)
@@ -255,27 +257,6 @@ def test_backward_split_by_query_heads_and_bias_gradient(bias_shape):
     want_out, _ = feature_reference(*inputs)
     want = torch.autograd.grad(want_out, inputs, grad.double())
     assert_close_to_reference(results[0], want, ("dq", "dk", "dv", "dbias"))
-
-
-@pytest.mark.parametrize("window", WINDOWS, ids=str)
-def test_varlen_backward_split_by_query_heads(window):
-    H, Hk, D = 8, 1, 32
-    lengths_q, lengths_k = [300, 40, 600], [1100, 30, 700]
-    cu_q = torch.tensor([0, *itertools.accumulate(lengths_q)], dtype=torch.int32)
-    cu_k = torch.tensor([0, *itertools.accumulate(lengths_k)], dtype=torch.int32)
-    q = torch.randn(sum(lengths_q), H, D)
-    k, v = torch.randn(sum(lengths_k), Hk, D), torch.randn(sum(lengths_k), Hk, D)
-    slopes = alibi_slopes(H)
-    args = (cu_q, cu_k, max(lengths_q), max(lengths_k), 0.0, True, True, None, None, *window, SOFTCAP, slopes)
-    out, lse = torch.ops.qkv.attention_varlen(q, k, v, *args)
-    grad = torch.randn_like(out)
-    results = for_each_thread_count(
-        lambda: torch.ops.qkv.attention_varlen_backward(grad, q, k, v, out, lse, *args))
-    assert_all_bitwise_equal(results, ("dq", "dk", "dv"))
-    inputs = [t.double().requires_grad_() for t in (q, k, v)]
-    want_out, _ = varlen_reference(*inputs, cu_q, cu_k, is_causal=True, bottom_right=True, window=window,
-                                   softcap=SOFTCAP, alibi_slopes=slopes)
-    assert_close_to_reference(results[0], torch.autograd.grad(want_out, inputs, grad.double()), ("dq", "dk", "dv"))
 
 
 def test_backward_split_by_query_heads_and_dropout():
