@@ -182,6 +182,21 @@ def matmul_ceiling(dtype, n=8192):
     return 2.0 * n**3 / (start.elapsed_time(end) / 10 * 1e-3) / 1e12
 
 
+TABLE_HEADER = "| case | side | ms | TFLOP/s | % mm | x flash | x cudnn | err |\n| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+
+
+def table_row(r, mm):
+    err = "-" if r["err"] is None else f"{r['err']:.1e}" + (" BAD" if r["err"] > 2e-2 else "")
+    x_cudnn = "-" if r["x_cudnn"] is None else f"{r['x_cudnn']:.2f}"
+    return (f"| {r['case']} | {r['side']} | {r['ms']:.3f} | {r['tflops']:.0f} | {100 * r['tflops'] / mm:.0f}% | "
+            f"{r['x_flash']:.2f} | {x_cudnn} | {err} |")
+
+
+def save(path, device, dtype, mm, rows):
+    with open(path, "w") as f:
+        json.dump(dict(device=device, torch=torch.__version__, dtype=dtype, matmul_tflops=mm, rows=rows), f, indent=1)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dims", default="64,96,128,256")
@@ -267,19 +282,17 @@ def main(argv=None):
                                          tflops=work / (ms * 1e-3) / 1e12, x_flash=times["flash"] / ms,
                                          x_cudnn=times["cudnn"] / ms if "cudnn" in times else None,
                                          err=errors.get(s.name)))
+                        # Each row as soon as it is timed, and the file rewritten after every case:
+                        # a run cut short by the lease keeps what it measured.
+                        print(table_row(rows[-1], mm), flush=True)
+                    save(args.json, device, args.dtype, mm, rows)
                     torch.cuda.empty_cache()
                 print(f"  done d{d}-L{l}{'-causal' if causal else ''}", flush=True)
 
-    with open(args.json, "w") as f:
-        json.dump(dict(device=device, torch=torch.__version__, dtype=args.dtype, matmul_tflops=mm, rows=rows), f,
-                  indent=1)
-    print(f"\n| case | side | ms | TFLOP/s | % mm | x flash | x cudnn | err |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    save(args.json, device, args.dtype, mm, rows)
+    print(f"\n{TABLE_HEADER}")
     for r in rows:
-        err = "-" if r["err"] is None else f"{r['err']:.1e}" + (" BAD" if r["err"] > 2e-2 else "")
-        x_cudnn = "-" if r["x_cudnn"] is None else f"{r['x_cudnn']:.2f}"
-        print(f"| {r['case']} | {r['side']} | {r['ms']:.3f} | {r['tflops']:.0f} | {100 * r['tflops'] / mm:.0f}% | "
-              f"{r['x_flash']:.2f} | {x_cudnn} | {err} |")
+        print(table_row(r, mm))
     # Ranking: per head dim and mode, geometric mean over the cases of each qkv side's x flash.
     print("\n| D | mode | side | geomean x flash | min x flash | geomean x cudnn | cases |")
     print("| ---: | --- | --- | ---: | ---: | ---: | ---: |")

@@ -16,6 +16,7 @@
 #
 # Environment: PYTHON (default python3), MAX_JOBS (default: all cores), QKV_TEST_WORKERS (pytest-xdist
 # workers, default 8), QKV_GPU_CHECK_TEST_TIMEOUT (seconds for all tests, default 600),
+# QKV_GPU_CHECK_BENCH_TIMEOUT (seconds for the benchmark, default 600),
 # QKV_GPU_CHECK_OUT / OUT (where to copy the files), QKV_GPU_CHECK_NCU=0 (skip ncu).
 set -uo pipefail
 
@@ -75,7 +76,7 @@ if [[ "$build" == OK ]]; then
 
   # ---- 3. benchmark ---------------------------------------------------------------------------
   echo "gpu-check: python -m qkv.bench --device cuda --quick ($(elapsed))"
-  if PYTHONPATH="$ROOT/python" timeout 600 "$PY" -m qkv.bench --device cuda --quick --no-progress --out "$RESULTS" \
+  if PYTHONPATH="$ROOT/python" timeout "${QKV_GPU_CHECK_BENCH_TIMEOUT:-600}" "$PY" -m qkv.bench --device cuda --quick --no-progress --out "$RESULTS" \
        >"$RESULTS/gpu-check-bench.log" 2>&1; then
     echo "benchmark: OK, $RESULTS/results.md ($(elapsed))" >>"$SUMMARY"
   else

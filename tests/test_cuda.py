@@ -33,7 +33,7 @@ if DEVICE == "cuda" and not torch.cuda.is_available():
 
 ops = torch.ops.qkv
 # (dtype, kernel path), the path being a QKV_CUDA_KERNEL value: "auto" dispatches as in production
-# (the tensor-core forward where the call qualifies), "generic" forces the generic kernels, "mma"
+# (the fa2 kernels where the call qualifies, else mma, else generic), "generic" forces the generic kernels, "mma"
 # and "fa2" force those tensor-core kernels, which refuse (raise) a call they cannot serve instead
 # of falling back; float32/float64 only have the generic kernels.
 DTYPE_PATHS = [
@@ -490,20 +490,14 @@ def feature_inputs(B, Hq, Hk, L, S, D, dtype, seed):
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("path", ["auto", "generic"])
 def test_flash_attn_features_match_reference(case, LS, dtype, path, monkeypatch):
-    """flash_attn_func with each option on the generic kernels (QKV_CUDA_KERNEL=generic; "auto" refuses
-    them on CUDA until this test has passed on a GPU), output and gradients against the float64 reference."""
+    """flash_attn_func with each option, forced onto the generic kernels and through the production
+    dispatch (which takes them for these options), output and gradients against the float64 reference."""
     select_kernel_path(monkeypatch, path)
     Hq, Hk, window, softcap, slope_kind, causal = FEATURE_CASES[case]
     L, S = LS
     B, D = 2, 64
     slopes = None if slope_kind is None else _alibi_slopes(Hq, B if slope_kind == "bh" else None)
     q, k, v = feature_inputs(B, Hq, Hk, L, S, D, dtype, seed=seed_of(case, LS))
-    if DEVICE == "cuda" and path == "auto":
-        # Opt-in (QKV_CUDA_KERNEL=generic) until this file has passed them on a GPU: auto refuses.
-        with pytest.raises(RuntimeError, match="not implemented by the CUDA kernels yet"):
-            qkv.flash_attn_func(q, k, v, softmax_scale=0.2, causal=causal, window_size=window, softcap=softcap,
-                                alibi_slopes=None if slopes is None else slopes.to(DEVICE))
-        return
     out = qkv.flash_attn_func(q, k, v, softmax_scale=0.2, causal=causal, window_size=window, softcap=softcap,
                               alibi_slopes=None if slopes is None else slopes.to(DEVICE))
     leaves = [t.detach().cpu().double().transpose(1, 2).requires_grad_() for t in (q, k, v)]
@@ -519,10 +513,9 @@ def test_flash_attn_features_match_reference(case, LS, dtype, path, monkeypatch)
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("causal", [False, True])
-def test_flash_attn_varlen_matches_reference(dtype, causal, monkeypatch):
+def test_flash_attn_varlen_matches_reference(dtype, causal):
     """Packed sequences, empty ones included (no queries; no keys: rows that see nothing), GQA 2:1,
     a window and ALiBi; rows past the last offset stay zero."""
-    select_kernel_path(monkeypatch, "generic")  # opt-in on CUDA until this passes on a GPU
     lengths = [(5, 7), (0, 3), (40, 33), (6, 0), (17, 70), (1, 1)]
     cu_q = torch.tensor([0] + list(torch.tensor([a for a, _ in lengths]).cumsum(0)), dtype=torch.int32)
     cu_k = torch.tensor([0] + list(torch.tensor([b for _, b in lengths]).cumsum(0)), dtype=torch.int32)
@@ -547,10 +540,9 @@ def test_flash_attn_varlen_matches_reference(dtype, causal, monkeypatch):
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("seqlen_new", [1, 4])
-def test_flash_attn_with_kvcache_matches_reference(dtype, seqlen_new, monkeypatch):
+def test_flash_attn_with_kvcache_matches_reference(dtype, seqlen_new):
     """Decoding with GQA 4:1: the new keys are written into the caches at cache_seqlens[b], then each
     batch element attends to its first cache_seqlens[b] + seqlen_new keys (bottom-right aligned)."""
-    select_kernel_path(monkeypatch, "generic")  # opt-in on CUDA until this passes on a GPU
     B, H, Hk, D, cache = 3, 8, 2, 64, 96
     g = torch.Generator().manual_seed(11)
     q = torch.randn(B, seqlen_new, H, D, generator=g, dtype=torch.float64)
@@ -591,10 +583,9 @@ def test_forced_fast_path_names_the_generic_only_option(path, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_varlen_dropout_masks_identical_on_cpu_and_cuda(dtype, monkeypatch):
+def test_varlen_dropout_masks_identical_on_cpu_and_cuda(dtype):
     """The dropout counter of packed sequences (logical sequence index, max_seqlen strides) is the CPU
     kernel's: same seed, same output and gradients."""
-    select_kernel_path(monkeypatch, "generic")  # opt-in on CUDA until this passes on a GPU
     if DEVICE != "cuda":
         pytest.skip("compares the CUDA kernels with the CPU kernels")
     lengths = [(5, 7), (0, 3), (40, 33), (17, 70)]

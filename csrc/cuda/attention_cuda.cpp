@@ -2,15 +2,16 @@
 // shared with the CPU and Meta kernels (attention_common), the device guard and current stream,
 // then plain-data arguments handed to the kernel launchers (*.cu, which include no ATen headers).
 //
-// Dispatch: the tensor-core kernels (float16/bfloat16, head_dim == v_head_dim in {64, 128},
-// aligned rows, sm_80+; the backward also no bias gradient) when the call qualifies, else the
-// generic kernels. Issue 17's options (grouped key/value heads, windows, softcap, ALiBi) and the
-// packed (varlen) and KV-cache doors run on the generic kernels only, and only with
-// QKV_CUDA_KERNEL=generic until they pass tests/test_cuda.py on a GPU (see check_generic_only). The environment variable QKV_CUDA_KERNEL overrides this per call: "generic"
-// always takes the generic kernels, "mma" requires the tensor-core kernels and "fa2" the
-// FlashAttention-2-class kernels (an error if the call does not qualify); tests use each to check
-// every path against the same reference. fa2 stays opt-in until tests/test_cuda.py passes with it
-// on a GPU. Its backward sums dQ in a fixed order when torch.use_deterministic_algorithms is on.
+// Dispatch ("auto"): the fa2 kernels (FlashAttention-2 class: float16/bfloat16, head_dim ==
+// v_head_dim in {64, 96, 128, 256}, aligned rows, sm_80+) when the call qualifies, else the older
+// tensor-core kernels (mma: head dims 64 and 128, no bias gradient), else the generic kernels.
+// Issue 17's options (grouped key/value heads, windows, softcap, ALiBi) and the packed (varlen) and
+// KV-cache doors run on the generic kernels. The environment variable QKV_CUDA_KERNEL overrides
+// this per call: "generic" always takes the generic kernels, "mma" requires the mma kernels and
+// "fa2" the fa2 kernels (an error if the call does not qualify, or has an option only the generic
+// kernels implement); tests use each to check every path against the same reference. The fa2
+// backward adds dQ with atomics (any order) unless torch.use_deterministic_algorithms is on, when
+// it adds them in a fixed order.
 #include "../attention_common.h"
 #include "../sequence_args.h"
 #include "kernel_args.h"
@@ -74,16 +75,12 @@ std::string generic_only_options(const AttentionParams& p, const char* door = nu
   return names.str();
 }
 
-// Issue 17's options on CUDA are opt-in until tests/test_cuda.py has passed them on a GPU: their
-// generic-kernel path is verified only in the CPU emulation so far, and a CUDA path that has not
-// passed on a real GPU is never the default. `auto` refuses them (the device suites expect this
-// exact refusal), QKV_CUDA_KERNEL=generic runs them, and a forced fast path is an error naming them.
-void check_generic_only(const char* op, KernelChoice choice, const std::string& options) {
-  if (options.empty() || choice == KernelChoice::Generic) return;
-  TORCH_CHECK(choice != KernelChoice::Auto, op, ": ", options,
-              " not implemented by the CUDA kernels yet by default: the generic kernels implement them but have "
-              "been verified only in the CPU emulation, not on a GPU; set QKV_CUDA_KERNEL=generic to use them "
-              "(see docs/cuda.md)");
+// The kernel choice for a call with `options` (generic_only_options): the generic kernels are the
+// only ones that implement issue 17's options, so auto takes them, and a forced fast path is an
+// error naming the options (never a silent fallback).
+KernelChoice resolve_kernel_choice(const char* op, KernelChoice choice, const std::string& options) {
+  if (options.empty()) return choice;
+  if (choice == KernelChoice::Auto || choice == KernelChoice::Generic) return KernelChoice::Generic;
   TORCH_CHECK(false, op, ": QKV_CUDA_KERNEL=", choice == KernelChoice::Mma ? "mma" : "fa2", ", but the ",
               choice == KernelChoice::Mma ? "mma" : "fa2", " kernels do not implement ", options,
               " (only the generic kernels do: set QKV_CUDA_KERNEL=generic)");
@@ -138,10 +135,11 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(
   ForwardArgs args = forward_args(p, query, key, value, expanded_bias, out, lse);
   set_sequence_tensors(args.shape, sequences);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(query.get_device()).stream();
-  const KernelChoice choice = kernel_choice();
-  check_generic_only("qkv.attention", choice, generic_only_options(p));
-  if (choice == KernelChoice::Fa2) {
-    TORCH_CHECK(fa2_forward_supported(args, device_major(query)),
+  const KernelChoice choice = resolve_kernel_choice("qkv.attention", kernel_choice(), generic_only_options(p));
+  const bool fa2_qualifies =
+      (choice == KernelChoice::Auto || choice == KernelChoice::Fa2) && fa2_forward_supported(args, device_major(query));
+  if (choice == KernelChoice::Fa2 || fa2_qualifies) {
+    TORCH_CHECK(fa2_qualifies,
                 "qkv.attention: QKV_CUDA_KERNEL=fa2, but this call does not qualify for the fa2 kernels (they need "
                 "float16/bfloat16, head_dim == value_head_dim in {64, 96, 128, 256}, unit-stride rows with "
                 "8-element-aligned strides and 16-byte-aligned data, and compute capability 8.0+); got ",
@@ -192,8 +190,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cu
   at::Tensor delta = at::empty({p.batch, p.heads, p.q_len}, query.options().dtype(acc_dtype));
   const at::Tensor expanded_bias = p.has_bias ? expand_bias(*bias, p) : at::Tensor();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(query.get_device()).stream();
-  const KernelChoice choice = kernel_choice();
-  check_generic_only("qkv.attention_backward", choice, generic_only_options(p));
+  const KernelChoice choice =
+      resolve_kernel_choice("qkv.attention_backward", kernel_choice(), generic_only_options(p));
   const SequenceTensors sequences = sequence_tensors(alibi_slopes);
   const at::Tensor normalizers = lse_normalizers(p, query, key, expanded_bias, lse, stream, sequences);
 
@@ -202,8 +200,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cu
   BackwardArgs args = backward_args(p, grad_out, query, key, value, expanded_bias, out, lse, normalizers, delta, grad_q,
                                     grad_k, grad_v, want_bias_grad ? &bias_grad : nullptr);
   set_sequence_tensors(args.shape, sequences);
-  if (choice == KernelChoice::Fa2) {
-    TORCH_CHECK(fa2_backward_supported(args, device_major(query)),
+  const bool fa2_qualifies =
+      (choice == KernelChoice::Auto || choice == KernelChoice::Fa2) && fa2_backward_supported(args, device_major(query));
+  if (choice == KernelChoice::Fa2 || fa2_qualifies) {
+    TORCH_CHECK(fa2_qualifies,
                 "qkv.attention_backward: QKV_CUDA_KERNEL=fa2, but this call does not qualify for the fa2 kernels "
                 "(they need float16/bfloat16, head_dim == value_head_dim in {64, 96, 128, 256}, unit-stride rows "
                 "with 8-element-aligned strides and 16-byte-aligned data for query, key, value and grad_out, no "
@@ -246,10 +246,7 @@ at::Tensor attention_weights_cuda(const at::Tensor& query, const at::Tensor& key
   const auto p = check_attention_weights_args(query, key, bias, logsumexp, dropout_p, is_causal, bottom_right, scale,
                                               dropout_seed, window_left, window_right, softcap, alibi_slopes);
   check_cuda_limits("qkv.attention_weights", query, p);
-  // The weights always take the generic kernels; issue 17's options there are opt-in as above.
-  check_generic_only("qkv.attention_weights",
-                     kernel_choice() == KernelChoice::Generic ? KernelChoice::Generic : KernelChoice::Auto,
-                     generic_only_options(p));
+  // The weights always take the generic kernels (QKV_CUDA_KERNEL steers attention and its backward).
   const c10::cuda::CUDAGuard device_guard(query.device());
   if (average_heads) {
     // The CPU kernel sums heads in place; here the per-head weights are built, then averaged.
@@ -296,7 +293,7 @@ PackedCall packed_call(const char* op, const at::Tensor& query, const at::Tensor
                                  max_seqlen_q, "query");
   const auto cu_k = read_offsets(op, "cu_seqlens_k", cu_seqlens_k, key.size(0), "key", "max_seqlen_k", max_seqlen_k,
                                  "key");
-  check_generic_only(op, kernel_choice(), generic_only_options(call.p, "packed sequences (cu_seqlens)"));
+  resolve_kernel_choice(op, kernel_choice(), generic_only_options(call.p, "packed sequences (cu_seqlens)"));
   call.sequences = sequence_tensors(alibi_slopes);
   call.sequences.cu_seqlens_q = on_device(cu_q, query);
   call.sequences.cu_seqlens_k = on_device(cu_k, query);
@@ -370,7 +367,7 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_cuda(
                                             window_left, window_right, softcap, alibi_slopes);
   const AttentionParams& p = kv.p;
   check_cuda_limits(op, query, p);
-  check_generic_only(op, kernel_choice(), generic_only_options(p, "a KV cache"));
+  resolve_kernel_choice(op, kernel_choice(), generic_only_options(p, "a KV cache"));
   if (key.has_value() && key->defined()) write_into_caches(kv, k_cache, v_cache, *key, *value);
   at::Tensor out = empty_attention_output(query, p);
   at::Tensor lse = empty_logsumexp(query, p);

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# One device call that spends a short GPU lease in order of value, each step cut to the time left,
+# so that whatever the lease allows comes back (docs/cuda.md, "A GPU session"):
+#   check  make gpu-check: build (with the fa2 tuning tiles), the CUDA tests, the quick benchmark
+#   tune   scripts/cuda_tune.py on D 128 and 64: fa2 tiles against mma, SDPA's flash and cuDNN
+#   race   compute-sanitizer racecheck, then memcheck, on one fa2 forward+backward per head dim
+#   ncu    Nsight Compute on each kernel of a training step (default path, then generic)
+#   tune2  scripts/cuda_tune.py on D 96 and 256
+#   cpu    the CPU targets benchmark on the host's cores (issue 16)
+# Then benchmarks/results/ and the logs are packed into $OUT/lease.tgz, and the summaries printed
+# last (the device tool returns the end of the output).
+#
+#   QKV_LEASE_SECONDS  deadline for everything (default 540); a step gets min(its cap, time left)
+#   QKV_LEASE_STEPS    the steps to run, in order (default "check tune race ncu tune2 cpu")
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+PY="${PYTHON:-python3}"
+OUTDIR="${OUT:-$PWD/lease-out}"
+LOGS="$PWD/lease-logs"
+mkdir -p "$OUTDIR" "$LOGS"
+T0=$(date +%s)
+BUDGET="${QKV_LEASE_SECONDS:-540}"
+RESERVE=25  # packing the results
+now() { echo $(( $(date +%s) - T0 )); }
+
+# step NAME CAP COMMAND...: runs COMMAND under `timeout`, at most CAP seconds and never past the deadline.
+step() {
+  local name=$1 cap=$2 left limit rc
+  shift 2
+  left=$(( BUDGET - RESERVE - $(now) ))
+  limit=$(( cap < left ? cap : left ))
+  if (( limit < 20 )); then
+    echo "[lease $(now)s] $name: skipped, ${left}s left" | tee -a "$LOGS/steps.txt"
+    return
+  fi
+  echo "[lease $(now)s] $name: start, limit ${limit}s" | tee -a "$LOGS/steps.txt"
+  timeout -k 5 "$limit" "$@" >"$LOGS/$name.log" 2>&1
+  rc=$?
+  echo "[lease $(now)s] $name: exit $rc$( ((rc == 124 || rc == 137)) && echo ' (time limit)')" | tee -a "$LOGS/steps.txt"
+}
+
+race_case() {
+  cat >"$LOGS/race_case.py" <<'EOF'
+import torch, qkv  # noqa: F401
+for d in (64, 96, 128, 256):
+    q, k, v = (torch.randn(1, 2, 200, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    for causal in (False, True):
+        out = torch.ops.qkv.attention(q, k, v, None, 0.0, causal, True)[0]
+        torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+torch.cuda.synchronize()
+print("race case done")
+EOF
+  for tool in racecheck memcheck; do
+    QKV_CUDA_KERNEL=fa2 PYTHONPATH=python compute-sanitizer --tool "$tool" --print-limit 20 "$PY" "$LOGS/race_case.py" \
+      >"$LOGS/sanitizer-$tool.log" 2>&1
+    echo "$tool exit $?: $(grep -E 'ERROR SUMMARY|race case done' "$LOGS/sanitizer-$tool.log" | tr '\n' ' ')"
+  done
+}
+
+ncu_kernels() {
+  local metrics
+  metrics="$(ncu --query-metrics 2>/dev/null | "$PY" scripts/gpu_check.py ncu-metrics)"
+  PYTHONPATH=python ncu --profile-from-start off --csv --page raw --metrics "$metrics" \
+    "$PY" scripts/gpu_profile_kernels.py >"$LOGS/ncu.csv" 2>"$LOGS/ncu.err" || return 1
+  "$PY" scripts/gpu_check.py ncu-summary "$LOGS/ncu.csv" "$metrics"
+}
+
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,temperature.gpu --format=csv,noheader >"$LOGS/gpu.txt" 2>&1
+git log --oneline -1 >"$LOGS/commit.txt" 2>&1
+for s in ${QKV_LEASE_STEPS:-check tune race ncu tune2 cpu}; do
+  case "$s" in
+    check) step check 330 env NVCC_APPEND_FLAGS=-DQKV_FA2_TUNING QKV_GPU_CHECK_NCU=0 QKV_GPU_CHECK_TEST_TIMEOUT=170 \
+             QKV_GPU_CHECK_BENCH_TIMEOUT=110 QKV_GPU_CHECK_OUT="$LOGS/gpu-check-files" PYTHON="$PY" scripts/gpu_check.sh ;;
+    tune) step tune 150 env PYTHONPATH=python "$PY" scripts/cuda_tune.py --dims 128,64 --json "$LOGS/cuda_tune.json" ;;
+    race) step race 70 race_case ;;
+    ncu) command -v ncu >/dev/null && step ncu 70 ncu_kernels ;;
+    tune2) step tune2 120 env PYTHONPATH=python "$PY" scripts/cuda_tune.py --dims 96,256 --no-mma \
+             --json "$LOGS/cuda_tune_96_256.json" ;;
+    cpu) step cpu 150 env PYTHONPATH=python "$PY" -m qkv.bench --device cpu --cases targets --no-progress ;;
+    *) echo "unknown step $s" ;;
+  esac
+done
+
+tar czf "$OUTDIR/lease.tgz" benchmarks/results "$(basename "$LOGS")" 2>/dev/null
+echo
+echo "==== steps"; cat "$LOGS/steps.txt"
+for f in gpu-check-files/gpu-check-summary.txt; do [[ -f "$LOGS/$f" ]] && { echo "==== $f"; cat "$LOGS/$f"; }; done
+for t in tune tune2; do
+  [[ -f "$LOGS/$t.log" ]] || continue
+  echo "==== $t"
+  if grep -q 'geomean x flash' "$LOGS/$t.log"; then sed -n '/geomean x flash/,$p' "$LOGS/$t.log"; else tail -n 30 "$LOGS/$t.log"; fi
+done
+echo "==== race"; cat "$LOGS/race.log" 2>/dev/null
+echo "==== ncu"; head -40 "$LOGS/ncu.log" 2>/dev/null
+echo "==== cpu"; grep -E '^\|' "$LOGS/cpu.log" 2>/dev/null | tail -25
+echo "[lease $(now)s] done"
