@@ -64,8 +64,9 @@ if [[ "$build" == OK ]]; then
   mapfile -t device_tests < <("${HELPER[@]}" device-tests)
   echo "gpu-check: tests/test_cuda.py, tests/test_errors_in_child.py, cuda runs of ${#device_tests[@]} core test files ($(elapsed))"
   # timeout signals the whole process group (pytest and its workers) if the tests hang
+  # -v: a run cut short by the time limit still names, in the log, every test it finished
   PYTHONPATH="$ROOT/python" timeout "${QKV_GPU_CHECK_TEST_TIMEOUT:-600}" "${HELPER[@]}" run-tests \
-    "$RESULTS/gpu-check-tests" -q -m "not cpu" tests/test_cuda.py tests/test_errors_in_child.py "${device_tests[@]}"
+    "$RESULTS/gpu-check-tests" -v -m "not cpu" tests/test_cuda.py tests/test_errors_in_child.py "${device_tests[@]}"
   tests_rc=$?
   if [[ -f "$RESULTS/gpu-check-tests.xml" ]]; then
     { echo -n "tests ($(elapsed)): "; "${HELPER[@]}" test-summary "$RESULTS/gpu-check-tests.xml"; } >>"$SUMMARY"

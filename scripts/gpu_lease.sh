@@ -70,11 +70,11 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,temperature.gpu
 git log --oneline -1 >"$LOGS/commit.txt" 2>&1
 for s in ${QKV_LEASE_STEPS:-check tune race ncu tune2 cpu}; do
   case "$s" in
-    check) step check 330 env NVCC_APPEND_FLAGS=-DQKV_FA2_TUNING QKV_GPU_CHECK_NCU=0 QKV_GPU_CHECK_TEST_TIMEOUT=170 \
-             QKV_GPU_CHECK_BENCH_TIMEOUT=110 QKV_GPU_CHECK_OUT="$LOGS/gpu-check-files" PYTHON="$PY" scripts/gpu_check.sh ;;
-    tune) step tune 150 env PYTHONPATH=python "$PY" scripts/cuda_tune.py --dims 128,64 --json "$LOGS/cuda_tune.json" ;;
-    race) step race 70 race_case ;;
-    ncu) command -v ncu >/dev/null && step ncu 70 ncu_kernels ;;
+    check) step check 370 env NVCC_APPEND_FLAGS=-DQKV_FA2_TUNING QKV_GPU_CHECK_NCU=0 QKV_GPU_CHECK_TEST_TIMEOUT=200 \
+             QKV_GPU_CHECK_BENCH_TIMEOUT=90 QKV_GPU_CHECK_OUT="$LOGS/gpu-check-files" PYTHON="$PY" scripts/gpu_check.sh ;;
+    tune) step tune 130 env PYTHONPATH=python "$PY" scripts/cuda_tune.py --dims 128,64 --json "$LOGS/cuda_tune.json" ;;
+    race) step race 60 race_case ;;
+    ncu) command -v ncu >/dev/null && step ncu 60 ncu_kernels ;;
     tune2) step tune2 120 env PYTHONPATH=python "$PY" scripts/cuda_tune.py --dims 96,256 --no-mma \
              --json "$LOGS/cuda_tune_96_256.json" ;;
     cpu) step cpu 150 env PYTHONPATH=python "$PY" -m qkv.bench --device cpu --cases targets --no-progress ;;
@@ -86,6 +86,9 @@ tar czf "$OUTDIR/lease.tgz" benchmarks/results "$(basename "$LOGS")" 2>/dev/null
 echo
 echo "==== steps"; cat "$LOGS/steps.txt"
 for f in gpu-check-files/gpu-check-summary.txt; do [[ -f "$LOGS/$f" ]] && { echo "==== $f"; cat "$LOGS/$f"; }; done
+echo "==== failed tests (from the log: complete even when the run was cut short)"
+grep -hE '(FAILED|ERROR) tests/' benchmarks/results/*/gpu-check-tests.log 2>/dev/null | sed 's/^\[gw[0-9]*\] \[ *[0-9]*%\] //' | sort | uniq | head -40
+grep -hE '^[0-9]+ (passed|failed)|[0-9]+ passed' benchmarks/results/*/gpu-check-tests.log 2>/dev/null | tail -2
 for t in tune tune2; do
   [[ -f "$LOGS/$t.log" ]] || continue
   echo "==== $t"
