@@ -66,6 +66,8 @@ ncu_kernels() {
   "$PY" scripts/gpu_check.py ncu-summary "$LOGS/ncu.csv" "$metrics"
 }
 
+export LOGS PY
+export -f race_case ncu_kernels  # run under `timeout` through bash -c
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,temperature.gpu --format=csv,noheader >"$LOGS/gpu.txt" 2>&1
 git log --oneline -1 >"$LOGS/commit.txt" 2>&1
 for s in ${QKV_LEASE_STEPS:-check tune race ncu tune2 cpu}; do
@@ -73,8 +75,8 @@ for s in ${QKV_LEASE_STEPS:-check tune race ncu tune2 cpu}; do
     check) step check 370 env NVCC_APPEND_FLAGS=-DQKV_FA2_TUNING QKV_GPU_CHECK_NCU=0 QKV_GPU_CHECK_TEST_TIMEOUT=200 \
              QKV_GPU_CHECK_BENCH_TIMEOUT=90 QKV_GPU_CHECK_OUT="$LOGS/gpu-check-files" PYTHON="$PY" scripts/gpu_check.sh ;;
     tune) step tune 130 env PYTHONPATH=python "$PY" scripts/cuda_tune.py --dims 128,64 --json "$LOGS/cuda_tune.json" ;;
-    race) step race 60 race_case ;;
-    ncu) command -v ncu >/dev/null && step ncu 60 ncu_kernels ;;
+    race) step race 60 bash -c race_case ;;
+    ncu) command -v ncu >/dev/null && step ncu 60 bash -c ncu_kernels ;;
     tune2) step tune2 120 env PYTHONPATH=python "$PY" scripts/cuda_tune.py --dims 96,256 --no-mma \
              --json "$LOGS/cuda_tune_96_256.json" ;;
     cpu) step cpu 150 env PYTHONPATH=python "$PY" -m qkv.bench --device cpu --cases targets --no-progress ;;
