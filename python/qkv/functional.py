@@ -419,7 +419,7 @@ def _masks_to_bias(
         _check_key_padding_mask(key_padding_mask, src_len, bsz)
         key_padding_mask = key_padding_mask.view(bsz, 1, 1, src_len)
     if attn_mask is not None and attn_mask.dim() == 3:
-        attn_mask = attn_mask.unflatten(0, (bsz, num_heads))
+        attn_mask = torch.unflatten(attn_mask, 0, (bsz, num_heads))
     bias = add_biases(attn_mask, key_padding_mask)
     if bias is not None:
         # Float masks of another dtype, and autocast's reduced-precision q: float32 stays float32
@@ -463,11 +463,11 @@ def _packed_in_projection(
     E = query.size(-1)
     if key is value:
         if query is key:
-            q, k, v = F.linear(query, w, b).unflatten(-1, (3, E)).unbind(-2)
+            q, k, v = torch.unflatten(F.linear(query, w, b), -1, (3, E)).unbind(-2)
             return q, k, v
         w_q, w_kv = w.split([E, E * 2])
         b_q, b_kv = (None, None) if b is None else b.split([E, E * 2])
-        k, v = F.linear(key, w_kv, b_kv).unflatten(-1, (2, E)).unbind(-2)
+        k, v = torch.unflatten(F.linear(key, w_kv, b_kv), -1, (2, E)).unbind(-2)
         return F.linear(query, w_q, b_q), k, v
     w_q, w_k, w_v = w.chunk(3)
     b_q, b_k, b_v = (None, None, None) if b is None else b.chunk(3)
@@ -476,7 +476,9 @@ def _packed_in_projection(
 
 def _split_heads(x: Tensor, num_heads: int, bdim: int) -> Tensor:
     """(T, N, E) if bdim == 1 or (N, T, E) if bdim == 0 -> (N, H, T, E // H), a strided view."""
-    x = x.unflatten(-1, (num_heads, -1))
+    # torch.unflatten, not Tensor.unflatten: under a torch.device context manager, dynamo
+    # (torch 2.11-2.13) cannot trace the Tensor method (a Python override calling super()).
+    x = torch.unflatten(x, -1, (num_heads, -1))
     return x.permute(1, 2, 0, 3) if bdim == 1 else x.transpose(1, 2)
 
 
@@ -486,7 +488,7 @@ def _static_heads(name: str, static: Tensor, bsz: int, num_heads: int, head_dim:
         raise AssertionError(f"expecting {name}.size(0) of {bsz * num_heads}, but got {static.size(0)}")
     if static.size(2) != head_dim:
         raise AssertionError(f"expecting {name}.size(2) of {head_dim}, but got {static.size(2)}")
-    return static.unflatten(0, (bsz, num_heads))
+    return torch.unflatten(static, 0, (bsz, num_heads))
 
 
 def _merge_heads_and_project(out: Tensor, out_proj_weight: Tensor, out_proj_bias: Tensor | None, bdim: int) -> Tensor:

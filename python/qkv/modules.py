@@ -300,9 +300,11 @@ class MultiheadAttention(nn.Module):
             q = F.linear(pq.values, self.q_proj_weight, b_q)
             k = F.linear(pk.values, self.k_proj_weight, b_k)
             v = F.linear(pv.values, self.v_proj_weight, b_v)
-        heads = (self.num_heads, self.head_dim)
+        # torch.unflatten, not Tensor.unflatten: under a torch.device context manager, dynamo
+        # (torch 2.11-2.13) cannot trace the Tensor method (a Python override calling super()).
+        q, k, v = (torch.unflatten(t, -1, (self.num_heads, self.head_dim)) for t in (q, k, v))
         out, weights = packed_attention(
-            pq, pk, q.unflatten(-1, heads), k.unflatten(-1, heads), v.unflatten(-1, heads),
+            pq, pk, q, k, v,
             self.dropout if self.training else 0.0, need_weights=need_weights,
             average_attn_weights=average_attn_weights)
         return unpack(F.linear(out.flatten(-2), self.out_proj.weight, self.out_proj.bias), pq), weights
@@ -364,7 +366,7 @@ def _attention_bias(
                     f"a 3-D attn_mask must have shape (batch * num_heads, L, S) = "
                     f"{(batch * num_heads, q_len, kv_len)}; got {tuple(mask.shape)}"
                 )
-            mask = mask.unflatten(0, (batch, num_heads))
+            mask = torch.unflatten(mask, 0, (batch, num_heads))
         elif mask.dim() not in (2, 4):
             raise ValueError(
                 "attn_mask must be (L, S), (batch * num_heads, L, S) or 4-D broadcastable to "
@@ -454,8 +456,8 @@ class _BatchFirstAttention(nn.Module):
             q, k, v = F.linear(px.values, w_q, b_q), F.linear(pm.values, w_k, b_k), F.linear(pm.values, w_v, b_v)
         kv_heads = (self.num_kv_heads, self.head_dim)
         out, _ = packed_attention(
-            px, pm, q.unflatten(-1, (self.num_heads, self.head_dim)), k.unflatten(-1, kv_heads),
-            v.unflatten(-1, kv_heads), self.dropout if self.training else 0.0, is_causal, window)
+            px, pm, torch.unflatten(q, -1, (self.num_heads, self.head_dim)), torch.unflatten(k, -1, kv_heads),
+            torch.unflatten(v, -1, kv_heads), self.dropout if self.training else 0.0, is_causal, window)
         return unpack(F.linear(out.flatten(-2), self.out_proj.weight, self.out_proj.bias), px)
 
     def _dropout_args(self) -> tuple[float, Tensor | None]:
