@@ -12,13 +12,9 @@ GPU against the same float64 reference (reference.py). What must stay on the CPU
 (``dropout_seed``, generators). Each device's run also carries a mark of its name, so
 ``-m cuda`` (or ``-m "not cpu"``) selects the GPU runs, as ``make gpu-check`` does.
 
-Two marks refine the cuda run:
+A mark refines the cuda run:
   @pytest.mark.cpu_only("why")   the test checks something only the CPU kernels have (thread
                                  counts, their tiling): skipped on other devices with that reason.
-  @pytest.mark.cuda_refuses      the test uses options the CUDA kernels do not implement yet
-                                 (issue 17's features, varlen, KV cache): on cuda it must pass, or
-                                 raise exactly their "not implemented by the CUDA kernels yet"
-                                 refusal, which is reported as XFAIL, never as a skip or a pass.
 """
 import os
 import sys
@@ -34,16 +30,12 @@ DEVICES = [
     pytest.param("cpu", id="cpu"),
     pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
 ]
-# What csrc/cuda/attention_cuda.cpp says when it refuses an option it does not implement yet.
-CUDA_REFUSAL = "not implemented by the CUDA kernels yet"
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cpu: the cpu run of a device-parametrized test")
     config.addinivalue_line("markers", "cuda: a run on a CUDA device (device-parametrized, or tests/test_cuda.py)")
     config.addinivalue_line("markers", "cpu_only(reason): checks only the CPU kernels have; skipped on other devices")
-    config.addinivalue_line("markers", "cuda_refuses: on cuda, passes or raises the CUDA kernels' "
-                                       "'not implemented yet' refusal (XFAIL)")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -65,23 +57,6 @@ def device(request):
         return
     with torch.device(name):
         yield name
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_pyfunc_call(pyfuncitem):
-    callspec = getattr(pyfuncitem, "callspec", None)
-    if (callspec is None or callspec.params.get("device") != "cuda"
-            or pyfuncitem.get_closest_marker("cuda_refuses") is None):
-        return (yield)
-    try:
-        return (yield)
-    except Exception as error:  # noqa: BLE001  (opcheck and torch.compile wrap the op's RuntimeError)
-        cause = error
-        while cause is not None and CUDA_REFUSAL not in str(cause):
-            cause = cause.__cause__
-        if cause is None:
-            raise
-        pytest.xfail(f"the CUDA kernels refuse it: {str(cause).splitlines()[0][:200]}")
 
 
 @pytest.fixture(autouse=True)

@@ -597,7 +597,7 @@ def test_varlen_dropout_masks_identical_on_cpu_and_cuda(dtype):
     v = torch.randn(int(cu_k[-1]), 2, 32, generator=g).to(dtype)
     results = []
     for device in ("cpu", "cuda"):
-        leaves = [t.to(device).requires_grad_() for t in (q, k, v)]
+        leaves = [t.detach().to(device).requires_grad_() for t in (q, k, v)]
         out, _ = ops.attention_varlen(*leaves, cu_q.to(device), cu_k.to(device), 40, 70, 0.3, True, True, 0.2,
                                       torch.tensor(99), 25, -1, 0.0, None)
         out.backward(torch.ones_like(out))

@@ -8,7 +8,7 @@ import torch
 
 from reference import alibi_slopes, dropout_seed, feature_reference
 
-pytestmark = [pytest.mark.usefixtures("device"), pytest.mark.cuda_refuses]  # cuda: passes, or XFAIL on its refusal
+pytestmark = pytest.mark.usefixtures("device")
 
 attention = torch.ops.qkv.attention
 

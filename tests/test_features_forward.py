@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 
 from reference import alibi_slopes, dropout_seed, feature_reference, tolerance, visible_keys
 
-pytestmark = [pytest.mark.usefixtures("device"), pytest.mark.cuda_refuses]  # cuda: passes, or XFAIL on its refusal
+pytestmark = pytest.mark.usefixtures("device")
 
 attention = torch.ops.qkv.attention
 

@@ -5,7 +5,7 @@ import torch
 
 from reference import alibi_slopes, kvcache_reference, tolerance
 
-pytestmark = [pytest.mark.usefixtures("device"), pytest.mark.cuda_refuses]  # cuda: passes, or XFAIL on its refusal
+pytestmark = pytest.mark.usefixtures("device")
 
 kvcache = torch.ops.qkv.attention_kvcache
 

@@ -7,7 +7,7 @@ import torch
 
 from reference import alibi_slopes, dropout_seed, tolerance, varlen_reference
 
-pytestmark = [pytest.mark.usefixtures("device"), pytest.mark.cuda_refuses]  # cuda: passes, or XFAIL on its refusal
+pytestmark = pytest.mark.usefixtures("device")
 
 varlen = torch.ops.qkv.attention_varlen
 
