@@ -15,7 +15,7 @@
 # Exit status: 0 when the build, the tests and the benchmark passed; 1 otherwise; 2 without a GPU.
 #
 # Environment: PYTHON (default python3), MAX_JOBS (default: all cores), QKV_TEST_WORKERS (pytest-xdist
-# workers, default 8), QKV_GPU_CHECK_TEST_TIMEOUT (seconds for all tests, default 600),
+# workers, default: one per core), QKV_GPU_CHECK_TEST_TIMEOUT (seconds for all tests, default 600),
 # QKV_GPU_CHECK_BENCH_TIMEOUT (seconds for the benchmark, default 600),
 # QKV_GPU_CHECK_OUT / OUT (where to copy the files), QKV_GPU_CHECK_NCU=0 (skip ncu).
 set -uo pipefail
