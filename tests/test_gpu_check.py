@@ -137,6 +137,12 @@ def test_ncu_summary_has_a_row_per_kernel():
     assert gpu_check.ncu_summary("==ERROR== ERR_NVGPUCTRPERM", chosen) == "ncu wrote no kernel results"
 
 
+def test_ncu_summary_reports_durations_in_microseconds_whatever_unit_ncu_chose():
+    chosen = gpu_check.ncu_metrics(QUERY_METRICS)
+    in_ns = NCU_CSV.replace('"%","us"', '"%","ns"').replace('"9,440.13"', '"9,440,130"')
+    assert gpu_check.ncu_summary(in_ns, chosen).splitlines()[1].split()[-1] == "9440"
+
+
 def test_collect_copies_at_most_eight_existing_files(tmp_path):
     files = []
     for i in range(10):
