@@ -163,6 +163,24 @@ def test_backward_with_groups_window_alibi_softcap(bottom_right, window):
     assert_close_to_reference(results[0], torch.autograd.grad(want_out, inputs, grad.double()), ("dq", "dk", "dv"))
 
 
+# A band bounded on both sides (not causal): the chunks take contiguous key blocks, and each packs
+# and sums only the queries that see them (attention_cpu.cpp, contiguous_chunks); 2100 keys give 4
+# chunks of a key head, so inner chunks' query ranges start and end inside the sequence.
+@pytest.mark.parametrize("window", [(300, 150), (40, 500)], ids=str)
+def test_backward_with_a_two_sided_window(window):
+    B, H, Hk, L, S, D = 1, 2, 2, 1900, 2100, 16
+    q, k, v = torch.randn(B, H, L, D), torch.randn(B, Hk, S, D), torch.randn(B, Hk, S, D)
+    out, lse = attention(q, k, v, None, 0.0, False, False, None, None, *window)
+    grad = torch.randn_like(out)
+    results = for_each_thread_count(
+        lambda: torch.ops.qkv.attention_backward(grad, q, k, v, None, out, lse, 0.0, False, False, None, None,
+                                                 False, *window)[:3])
+    assert_all_bitwise_equal(results, ("dq", "dk", "dv"))
+    inputs = [t.double().requires_grad_() for t in (q, k, v)]
+    want_out, _ = feature_reference(*inputs, is_causal=False, bottom_right=False, window=window)
+    assert_close_to_reference(results[0], torch.autograd.grad(want_out, inputs, grad.double()), ("dq", "dk", "dv"))
+
+
 @pytest.mark.parametrize("bias_shape", ["over-heads", "over-batch-and-heads", "key-padding"], ids=str)
 def test_backward_with_groups_and_bias_gradient(bias_shape):
     B, H, Hk, L, S, D = 2, 4, 2, 130, 1100, 16

@@ -510,6 +510,23 @@ void attention_backward_cpu_impl(const AttentionParams& p, const SequenceLayout&
   const BackwardTasks tasks(p, n_sequences, KH, bias, bias_grad_per_key, kv_blocks);
   const int64_t chunks = tasks.chunks, subsets = tasks.subsets;
   const int64_t blocks_per_chunk = (kv_blocks + chunks - 1) / chunks;
+  // A band bounded on both sides (a sliding window) shows every key block about the same number
+  // of queries: chunks take contiguous key blocks, and each packs and writes only the queries that
+  // see them (about L / chunks + window rows). Other masks interleave the blocks (below).
+  const bool contiguous_chunks = p.window_left >= 0 && (p.is_causal || p.window_right >= 0);
+  // The key blocks [first, end) of `chunk` in a sequence of `seq_blocks`, every `step`-th.
+  struct ChunkBlocks {
+    int64_t first, end, step;
+    bool empty() const { return first >= end; }
+    int64_t last() const { return first + (end - 1 - first) / step * step; }
+    int64_t index(int64_t kb) const { return (kb - first) / step; }  // of kb among the chunk's blocks
+  };
+  TORCH_INTERNAL_ASSERT(chunks <= kBackwardTargetTasks);  // the dQ sum's table of chunk rows
+  const auto blocks_of = [&](int64_t chunk, int64_t seq_blocks) {
+    if (!contiguous_chunks) return ChunkBlocks{chunk, seq_blocks, chunks};
+    const int64_t per = (seq_blocks + chunks - 1) / chunks;
+    return ChunkBlocks{chunk * per, std::min(seq_blocks, (chunk + 1) * per), 1};
+  };
   // Accumulator rows are padded to whole panels, the row stride gemm_packed writes with.
   const int64_t ld_dq = padded_to_panels<acc_t>(D), ld_dv = padded_to_panels<acc_t>(Dv);
   // A task that runs every key block of a query head (one chunk) writes its dQ whole: straight
@@ -545,6 +562,20 @@ void attention_backward_cpu_impl(const AttentionParams& p, const SequenceLayout&
   });
 
   const int64_t L_padded = (L + QB - 1) / QB * QB;
+  // The query rows a chunk of sequence `s` works on: queries [begin, end) see its keys, and the
+  // sum of the dQ partials reads each only there; its products write whole query blocks, up to
+  // written_end (rows past `end` get zeros: those queries see none of its keys).
+  struct ChunkRows {
+    int64_t begin = 0, end = 0, written_end = 0;
+  };
+  const auto rows_of = [&](const Sequence& s, const ChunkBlocks& blocks) {
+    ChunkRows r;
+    if (blocks.empty()) return r;
+    r.begin = s.query_begin(blocks.first * BK) / QB * QB;
+    r.end = s.query_end(std::min(s.kv_len, (blocks.last() + 1) * BK) - 1);
+    r.written_end = r.end > r.begin ? std::min(s.q_len, (r.end + QB - 1) / QB * QB) : r.begin;
+    return r;
+  };
   const bool dout_in_place = reads_rows_in_place<acc_t>(dout, L, Dv);
   // With several query heads per key head, a task's key and value gradients add up over its
   // heads: they live in the task's scratch for all its key blocks (K- and V-sized at most). A
@@ -590,13 +621,21 @@ void attention_backward_cpu_impl(const AttentionParams& p, const SequenceLayout&
           }
           const int64_t n = seq * p.heads + h;
           if (!dq_partials.finish(n)) return;
-          const int64_t used = std::min(chunks, seq_blocks);
-          for (int64_t i = 0; i < s.q_len; ++i) {
-            std::copy_n(dq_partials.partial(n, 0) + i * ld_dq, D, dq_row);
-            for (int64_t c = 1; c < used; ++c) {
+          std::array<ChunkRows, kBackwardTargetTasks> defined;  // chunks <= kBackwardTargetTasks
+          for (int64_t c = 0; c < chunks; ++c) defined[c] = rows_of(s, blocks_of(c, seq_blocks));
+          for (int64_t i = 0; i < s.q_len; ++i) {  // in chunk order, each partial where it is defined
+            bool first = true;
+            for (int64_t c = 0; c < chunks; ++c) {
+              if (i < defined[c].begin || i >= defined[c].end) continue;
               const acc_t* part = dq_partials.partial(n, c) + i * ld_dq;
-              for (int64_t d = 0; d < D; ++d) dq_row[d] += part[d];
+              if (first) {
+                std::copy_n(part, D, dq_row);
+              } else {
+                for (int64_t d = 0; d < D; ++d) dq_row[d] += part[d];
+              }
+              first = false;
             }
+            if (first) std::fill_n(dq_row, D, acc_t(0));  // a query that sees no key
             store_row(dq.at(s.tb, h, s.q0 + i), dq.s3, dq_row, D, acc_t(p.scale));
           }
           dq_partials.release(n);
@@ -630,7 +669,8 @@ void attention_backward_cpu_impl(const AttentionParams& p, const SequenceLayout&
           }
           kv_sums.release(slot);
         };
-        if (chunk >= seq_blocks) {  // a short sequence has fewer key blocks than chunks
+        const ChunkBlocks blocks = blocks_of(chunk, seq_blocks);
+        if (blocks.empty()) {  // a short sequence has fewer key blocks than chunks
           for (int64_t h = kh * G; h < (kh + 1) * G; ++h) finish_dq(h);
           continue;
         }
@@ -638,12 +678,14 @@ void attention_backward_cpu_impl(const AttentionParams& p, const SequenceLayout&
           std::fill(dk_all, dk_all + kv_acc_rows * ld_dq, acc_t(0));
           std::fill(dv_all, dv_all + kv_acc_rows * ld_dv, acc_t(0));
         }
-        // Queries that see some key of this chunk (chunks take interleaved key blocks).
-        const int64_t q_begin = s.query_begin(chunk * BK) / QB * QB, q_end = s.query_end(s.kv_len - 1);
+        // Queries that see some key of this chunk.
+        const ChunkRows chunk_rows = rows_of(s, blocks);
+        const int64_t q_begin = chunk_rows.begin, q_end = chunk_rows.end;
         // The chunk's first key block writes its query blocks of the dQ partial (a product
         // without accumulate: no zero-filling pass), the later blocks add to them (they are seen
-        // by no earlier query); the rows the first block does not reach are zeroed.
-        const int64_t first_q_end = s.query_end(std::min(s.kv_len, (chunk + 1) * BK) - 1);
+        // by no earlier query); the rows the first block does not reach are zeroed, up to the
+        // partial's end (the whole of grad_q when dQ is written in place).
+        const int64_t first_q_end = s.query_end(std::min(s.kv_len, (blocks.first + 1) * BK) - 1);
         const int64_t first_written_end =
             first_q_end > q_begin ? std::min(s.q_len, q_begin + (first_q_end - q_begin + QB - 1) / QB * QB) : q_begin;
 
@@ -662,8 +704,8 @@ void attention_backward_cpu_impl(const AttentionParams& p, const SequenceLayout&
           const auto zero_dq_rows = [&](int64_t from, int64_t to) {
             for (int64_t i = from; i < to; ++i) std::fill_n(dq_acc + i * ld_dq_acc, ld_dq, acc_t(0));
           };
-          zero_dq_rows(0, q_begin);
-          zero_dq_rows(first_written_end, s.q_len);
+          if (dq_in_place) zero_dq_rows(0, q_begin);
+          zero_dq_rows(first_written_end, dq_in_place ? s.q_len : chunk_rows.written_end);
           acc_t* row_shift_sums = row_shift_grad.active ? row_shift_grad.sums_of(chunk, s.b * p.heads + h, L) : nullptr;
           int64_t ldq, ldo;
           const acc_t* dot_all = tile_rows<acc_t>(dout, s.tb, h, s.q0, s.q_len, Dv, do_rows, ldo);
@@ -674,12 +716,12 @@ void attention_backward_cpu_impl(const AttentionParams& p, const SequenceLayout&
             pack_panels(dot_all + i0 * ldo, rows, Dv, ldo, int64_t(1), do_space + i0 * ld_dv);
           }
 
-          // Chunks take interleaved key blocks: under a causal mask early keys see more queries,
-          // so contiguous ranges would leave one task with most of the work.
-          for (int64_t kb = chunk; kb < seq_blocks; kb += chunks) {
+          // Without a window the chunks take interleaved key blocks: under a causal mask early keys
+          // see more queries, so contiguous ranges would leave one task with most of the work.
+          for (int64_t kb = blocks.first; kb < blocks.end; kb += blocks.step) {
             const int64_t j0 = kb * BK, cols = std::min(BK, s.kv_len - j0);
-            acc_t* dk_acc = kv_per_block ? dk_all : dk_all + (kb / chunks) * BK * ld_dq;
-            acc_t* dv_acc = kv_per_block ? dv_all : dv_all + (kb / chunks) * BK * ld_dv;
+            acc_t* dk_acc = kv_per_block ? dk_all : dk_all + blocks.index(kb) * BK * ld_dq;
+            acc_t* dv_acc = kv_per_block ? dv_all : dv_all + blocks.index(kb) * BK * ld_dv;
             // K^T times score_scale: the products with Q are the scores themselves.
             const Panels<acc_t> kt_panels = ctx.pack_keys_transposed(kt_space, s, h, j0, cols);
             scale_row(kt_space, padded_to_panels<acc_t>(cols) * D, ctx.score_scale);
@@ -751,8 +793,8 @@ void attention_backward_cpu_impl(const AttentionParams& p, const SequenceLayout&
               const auto seeing = ctx.seeing_extent(s, i0, j0);
               gemm_packed<acc_t>(cols, Dv, rows, st, 1, BK, do_panels, dv_acc, ld_dv, true, seeing);  // dV += P'^T dO
               gemm_packed<acc_t>(cols, D, rows, dpt, 1, BK, q_panels, dk_acc, ld_dq, true, seeing);   // dK += dS^T Q
-              gemm_packed<acc_t>(rows, D, cols, dpt, BK, 1, k_panels, dq_acc + i0 * ld_dq_acc, ld_dq_acc, kb != chunk,
-                                 ctx.visible_key_depth(s, i0, j0, cols));  // dQ (+)= dS K
+              gemm_packed<acc_t>(rows, D, cols, dpt, BK, 1, k_panels, dq_acc + i0 * ld_dq_acc, ld_dq_acc,
+                                 kb != blocks.first, ctx.visible_key_depth(s, i0, j0, cols));  // dQ (+)= dS K
             }
             if (G == 1) {
               for (int64_t c = 0; c < cols; ++c) {
@@ -766,10 +808,10 @@ void attention_backward_cpu_impl(const AttentionParams& p, const SequenceLayout&
           finish_dq(h);
         }
         if (!kv_per_block) {  // the group's summed key and value gradients
-          for (int64_t kb = chunk; kb < seq_blocks; kb += chunks) {
+          for (int64_t kb = blocks.first; kb < blocks.end; kb += blocks.step) {
             const int64_t j0 = kb * BK, cols = std::min(BK, s.kv_len - j0);
-            const acc_t* dk_acc = dk_all + (kb / chunks) * BK * ld_dq;
-            const acc_t* dv_acc = dv_all + (kb / chunks) * BK * ld_dv;
+            const acc_t* dk_acc = dk_all + blocks.index(kb) * BK * ld_dq;
+            const acc_t* dv_acc = dv_all + blocks.index(kb) * BK * ld_dv;
             for (int64_t c = 0; c < cols; ++c) {
               store_row(dk.at(s.tb, kh, s.k0 + j0 + c), dk.s3, dk_acc + c * ld_dq, D, acc_t(p.scale));
               store_row(dv.at(s.tb, kh, s.k0 + j0 + c), dv.s3, dv_acc + c * ld_dv, Dv, acc_t(1));
