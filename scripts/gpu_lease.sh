@@ -6,13 +6,15 @@
 #   tune   scripts/cuda_tune.py on D 128 and 64: fa2 tiles against mma, SDPA's flash and cuDNN
 #   race   compute-sanitizer racecheck, then memcheck, on one fa2 forward+backward per head dim
 #   ncu    Nsight Compute on each kernel of a training step (default path, then generic)
+#   stalls Nsight Compute's warp-state, scheduler and source-counter sections of the fa2 kernels:
+#          where their warps wait (the fa2 backward issued in 20% of cycles on 2026-11-26)
 #   tune2  scripts/cuda_tune.py on D 96 and 256
 #   cpu    the CPU targets benchmark on the host's cores (issue 16)
 # Then benchmarks/results/ and the logs are packed into $OUT/lease.tgz, and the summaries printed
 # last (the device tool returns the end of the output).
 #
 #   QKV_LEASE_SECONDS  deadline for everything (default 540); a step gets min(its cap, time left)
-#   QKV_LEASE_STEPS    the steps to run, in order (default "check sass tune race ncu tune2 cpu")
+#   QKV_LEASE_STEPS    the steps to run, in order (default "check sass tune race ncu stalls tune2 cpu")
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -71,7 +73,7 @@ export LOGS PY
 export -f race_case ncu_kernels  # run under `timeout` through bash -c
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,temperature.gpu --format=csv,noheader >"$LOGS/gpu.txt" 2>&1
 git log --oneline -1 >"$LOGS/commit.txt" 2>&1
-for s in ${QKV_LEASE_STEPS:-check sass tune race ncu tune2 cpu}; do
+for s in ${QKV_LEASE_STEPS:-check sass tune race ncu stalls tune2 cpu}; do
   case "$s" in
     check) step check 400 env NVCC_APPEND_FLAGS=-DQKV_FA2_TUNING QKV_GPU_CHECK_NCU=0 QKV_GPU_CHECK_TEST_TIMEOUT=240 \
              QKV_GPU_CHECK_BENCH_TIMEOUT=90 QKV_GPU_CHECK_OUT="$LOGS/gpu-check-files" PYTHON="$PY" scripts/gpu_check.sh ;;
@@ -79,6 +81,9 @@ for s in ${QKV_LEASE_STEPS:-check sass tune race ncu tune2 cpu}; do
     tune) step tune 130 env PYTHONPATH=python "$PY" scripts/cuda_tune.py --dims 128,64 --json "$LOGS/cuda_tune.json" ;;
     race) step race 60 bash -c race_case ;;
     ncu) command -v ncu >/dev/null && step ncu 60 bash -c ncu_kernels ;;
+    stalls) command -v ncu >/dev/null && step stalls 60 env PYTHONPATH=python ncu --profile-from-start off \
+              -k regex:fa2_ --section WarpStateStats --section SchedulerStats --section SourceCounters \
+              "$PY" scripts/gpu_profile_kernels.py ;;
     tune2) step tune2 120 env PYTHONPATH=python "$PY" scripts/cuda_tune.py --dims 96,256 --no-mma \
              --json "$LOGS/cuda_tune_96_256.json" ;;
     cpu) step cpu 150 env PYTHONPATH=python "$PY" -m qkv.bench --device cpu --cases targets --no-progress ;;
@@ -101,5 +106,6 @@ done
 echo "==== sass"; tail -n 3 "$LOGS/sass.log" 2>/dev/null
 echo "==== race"; cat "$LOGS/race.log" 2>/dev/null
 echo "==== ncu"; head -40 "$LOGS/ncu.log" 2>/dev/null
+echo "==== stalls"; grep -E 'fa2_|Stall|stall|Issued|Eligible|Active Warps' "$LOGS/stalls.log" 2>/dev/null | head -40
 echo "==== cpu"; grep -E '^\|' "$LOGS/cpu.log" 2>/dev/null | tail -25
 echo "[lease $(now)s] done"
