@@ -555,7 +555,16 @@ void attention_backward_cpu_impl(const AttentionParams& p, const SequenceLayout&
         const scalar_t* g = dout.at(s.tb, h, s.q0 + i);
         const scalar_t* y = o.at(s.tb, h, s.q0 + i);
         acc_t sum = 0;
-        for (int64_t c = 0; c < Dv; ++c) sum += static_cast<acc_t>(g[c * dout.s3]) * static_cast<acc_t>(y[c * o.s3]);
+        if (std::is_same_v<scalar_t, acc_t> && dout.s3 == 1 && o.s3 == 1) {
+          // Vectorised: the scalar loop was 6% of a sliding-window backward (B1 L8192 H8 D64,
+          // window 256, one thread), whose products are short.
+          using Vec = at::vec::Vectorized<acc_t>;
+          sum = at::vec::map2_reduce_all<acc_t>([](Vec a, Vec b) { return a * b; },
+                                                [](Vec a, Vec b) { return a + b; },
+                                                reinterpret_cast<const acc_t*>(g), reinterpret_cast<const acc_t*>(y), Dv);
+        } else {
+          for (int64_t c = 0; c < Dv; ++c) sum += static_cast<acc_t>(g[c * dout.s3]) * static_cast<acc_t>(y[c * o.s3]);
+        }
         delta[layout.row(s, h, i)] = sum;
       }
     }
@@ -711,6 +720,11 @@ void attention_backward_cpu_impl(const AttentionParams& p, const SequenceLayout&
           const acc_t* dot_all = tile_rows<acc_t>(dout, s.tb, h, s.q0, s.q_len, Dv, do_rows, ldo);
           for (int64_t i0 = q_begin; i0 < q_end; i0 += QB) {
             const int64_t rows = std::min(QB, s.q_len - i0);
+            if (const int64_t next = i0 + QB; next < q_end) {  // rows 2 KiB apart: see prefetch_rows
+              const int64_t next_rows = std::min(QB, s.q_len - next);
+              prefetch_rows(ctx.q.at(s.tb, h, s.q0 + next), ctx.q.s2, next_rows, D, ctx.q.s3, false);
+              prefetch_rows(dout.at(s.tb, h, s.q0 + next), dout.s2, next_rows, Dv, dout.s3, false);
+            }
             const acc_t* qt = tile_rows<acc_t>(ctx.q, s.tb, h, s.q0 + i0, rows, D, qs, ldq);
             pack_panels(qt, rows, D, ldq, int64_t(1), q_space + i0 * ld_dq);
             pack_panels(dot_all + i0 * ldo, rows, Dv, ldo, int64_t(1), do_space + i0 * ld_dv);
@@ -720,6 +734,11 @@ void attention_backward_cpu_impl(const AttentionParams& p, const SequenceLayout&
           // see more queries, so contiguous ranges would leave one task with most of the work.
           for (int64_t kb = blocks.first; kb < blocks.end; kb += blocks.step) {
             const int64_t j0 = kb * BK, cols = std::min(BK, s.kv_len - j0);
+            if (const int64_t next = kb + blocks.step; next < blocks.end) {  // the next block's K and V rows
+              const int64_t next_cols = std::min(BK, s.kv_len - next * BK);
+              prefetch_rows(ctx.k_row(s, h, next * BK), ctx.k.s2, next_cols, D, ctx.k.s3, false);
+              prefetch_rows(ctx.v_row(s, h, next * BK), ctx.v.s2, next_cols, Dv, ctx.v.s3, false);
+            }
             acc_t* dk_acc = kv_per_block ? dk_all : dk_all + blocks.index(kb) * BK * ld_dq;
             acc_t* dv_acc = kv_per_block ? dv_all : dv_all + blocks.index(kb) * BK * ld_dv;
             // K^T times score_scale: the products with Q are the scores themselves.
