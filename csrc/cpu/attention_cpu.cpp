@@ -633,6 +633,7 @@ void attention_backward_cpu_impl(const AttentionParams& p, const SequenceLayout&
           std::array<ChunkRows, kBackwardTargetTasks> defined;  // chunks <= kBackwardTargetTasks
           for (int64_t c = 0; c < chunks; ++c) defined[c] = rows_of(s, blocks_of(c, seq_blocks));
           for (int64_t i = 0; i < s.q_len; ++i) {  // in chunk order, each partial where it is defined
+            if (i + 8 < s.q_len) prefetch_rows(dq.at(s.tb, h, s.q0 + i + 8), dq.s2, 1, D, dq.s3, true);
             bool first = true;
             for (int64_t c = 0; c < chunks; ++c) {
               if (i < defined[c].begin || i >= defined[c].end) continue;
@@ -717,7 +718,10 @@ void attention_backward_cpu_impl(const AttentionParams& p, const SequenceLayout&
           zero_dq_rows(first_written_end, dq_in_place ? s.q_len : chunk_rows.written_end);
           acc_t* row_shift_sums = row_shift_grad.active ? row_shift_grad.sums_of(chunk, s.b * p.heads + h, L) : nullptr;
           int64_t ldq, ldo;
-          const acc_t* dot_all = tile_rows<acc_t>(dout, s.tb, h, s.q0, s.q_len, Dv, do_rows, ldo);
+          // dO rows [q_begin, q_end) (converted to acc_t unless read in place), indexed by query row.
+          const acc_t* dot_chunk =
+              tile_rows<acc_t>(dout, s.tb, h, s.q0 + q_begin, std::max<int64_t>(q_end - q_begin, 0), Dv, do_rows, ldo);
+          const auto dot_row = [&](int64_t i) { return dot_chunk + (i - q_begin) * ldo; };
           for (int64_t i0 = q_begin; i0 < q_end; i0 += QB) {
             const int64_t rows = std::min(QB, s.q_len - i0);
             if (const int64_t next = i0 + QB; next < q_end) {  // rows 2 KiB apart: see prefetch_rows
@@ -727,7 +731,7 @@ void attention_backward_cpu_impl(const AttentionParams& p, const SequenceLayout&
             }
             const acc_t* qt = tile_rows<acc_t>(ctx.q, s.tb, h, s.q0 + i0, rows, D, qs, ldq);
             pack_panels(qt, rows, D, ldq, int64_t(1), q_space + i0 * ld_dq);
-            pack_panels(dot_all + i0 * ldo, rows, Dv, ldo, int64_t(1), do_space + i0 * ld_dv);
+            pack_panels(dot_row(i0), rows, Dv, ldo, int64_t(1), do_space + i0 * ld_dv);
           }
 
           // Without a window the chunks take interleaved key blocks: under a causal mask early keys
@@ -738,6 +742,10 @@ void attention_backward_cpu_impl(const AttentionParams& p, const SequenceLayout&
               const int64_t next_cols = std::min(BK, s.kv_len - next * BK);
               prefetch_rows(ctx.k_row(s, h, next * BK), ctx.k.s2, next_cols, D, ctx.k.s3, false);
               prefetch_rows(ctx.v_row(s, h, next * BK), ctx.v.s2, next_cols, Dv, ctx.v.s3, false);
+            }
+            if (G == 1) {  // this block's dK and dV rows, stored when it is done
+              prefetch_rows(dk.at(s.tb, kh, s.k0 + j0), dk.s2, cols, D, dk.s3, true);
+              prefetch_rows(dv.at(s.tb, kh, s.k0 + j0), dv.s2, cols, Dv, dv.s3, true);
             }
             acc_t* dk_acc = kv_per_block ? dk_all : dk_all + blocks.index(kb) * BK * ld_dq;
             acc_t* dv_acc = kv_per_block ? dv_all : dv_all + blocks.index(kb) * BK * ld_dv;
@@ -754,7 +762,7 @@ void attention_backward_cpu_impl(const AttentionParams& p, const SequenceLayout&
             for (int64_t i0 = s.query_begin(j0) / QB * QB; i0 < block_q_end; i0 += QB) {
               const int64_t rows = std::min(QB, s.q_len - i0);
               const acc_t* qt = tile_rows<acc_t>(ctx.q, s.tb, h, s.q0 + i0, rows, D, qs, ldq);
-              const acc_t* dot = dot_all + i0 * ldo;
+              const acc_t* dot = dot_row(i0);
               const Panels<acc_t> q_panels{q_space + i0 * ld_dq, rows}, do_panels{do_space + i0 * ld_dv, rows};
               // P, in the scores' product where it can (plain scores, float32), else scores then a
               // pass per row.
