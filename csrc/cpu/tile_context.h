@@ -256,13 +256,14 @@ struct TileContext {
     };
   }
 
-  // The tile's first columns that every row [i0, i0 + rows) sees, in whole panels, fewer than
-  // `cols` (0 when there are none, or when the whole tile is seen).
-  static int64_t seen_by_all_prefix(const Sequence& s, int64_t i0, int64_t rows, int64_t j0, int64_t cols) {
-    if (s.key_begin(i0 + rows - 1) > j0) return 0;
-    const int64_t seen = std::clamp<int64_t>(s.key_end(i0) - j0, 0, cols);
-    const int64_t prefix = seen / kPanelWidth<acc_t> * kPanelWidth<acc_t>;
-    return prefix < cols ? prefix : 0;
+  // The tile's columns [first, second) that every row [i0, i0 + rows) sees, in whole panels
+  // (empty when there are none).
+  static std::pair<int64_t, int64_t> seen_by_all(const Sequence& s, int64_t i0, int64_t rows, int64_t j0,
+                                                 int64_t cols) {
+    constexpr int64_t W = kPanelWidth<acc_t>;
+    const int64_t begin = (std::clamp<int64_t>(s.key_begin(i0 + rows - 1) - j0, 0, cols) + W - 1) / W * W;
+    const int64_t end = std::clamp<int64_t>(s.key_end(i0) - j0, 0, cols) / W * W;
+    return {begin, std::max(begin, end)};
   }
 
   // scores[r] = scale * q_r . k (+ softcap, ALiBi, bias) in score units, -inf where hidden, and,
@@ -282,17 +283,24 @@ struct TileContext {
       } else {
         gemm_packed<acc_t>(rows, cols, p.head_dim, qt, ldq, 1, k_panels, out, ldo, false);
       }
-    } else if (const int64_t prefix = seen_by_all_prefix(s, i0, rows, j0, cols);
-               prefix > 0 && row_max != nullptr && !whole_rows && !transforms_scores() && cap_grad == nullptr &&
-               rows <= kForwardQueryBlock) {
-      // A tile that the band's edge cuts (the diagonal tile of a causal block): the whole panels
-      // every row sees take the fused product, only the rest is masked. (The diagonal tiles hold
-      // about a third of a causal forward's products with 96 x 512 tiles.)
-      gemm_packed_row_max<acc_t>(rows, prefix, p.head_dim, qt, ldq, 1, k_panels, out, ldo, row_max);
-      alignas(64) acc_t rest_max[kForwardQueryBlock];
-      scores(out + prefix, ldo, qt, ldq, Panels<acc_t>{k_panels.data + prefix * k_panels.depth, k_panels.depth}, s,
-             h, i0, rows, j0 + prefix, cols - prefix, rest_max, /*whole_rows=*/false);
-      for (int64_t r = 0; r < rows; ++r) row_max[r] = std::max(row_max[r], rest_max[r]);
+    } else if (const auto [seen_begin, seen_end] = seen_by_all(s, i0, rows, j0, cols);
+               seen_end > seen_begin && row_max != nullptr && !whole_rows && !transforms_scores() &&
+               cap_grad == nullptr && rows <= kForwardQueryBlock) {
+      // A tile that the band's edges cut (the diagonal tile of a causal block, a window's edges):
+      // the whole panels every row sees take the fused product, only the rest is masked. (Cut
+      // tiles hold about a third of a causal forward's products with 96 x 512 tiles.)
+      gemm_packed_row_max<acc_t>(rows, seen_end - seen_begin, p.head_dim, qt, ldq, 1,
+                                 Panels<acc_t>{k_panels.data + seen_begin * k_panels.depth, k_panels.depth},
+                                 out + seen_begin, ldo, row_max);
+      alignas(64) acc_t part_max[kForwardQueryBlock];
+      const auto masked_part = [&](int64_t c0, int64_t c1) {  // columns [c0, c1): no whole panel seen by all
+        if (c0 >= c1) return;
+        scores(out + c0, ldo, qt, ldq, Panels<acc_t>{k_panels.data + c0 * k_panels.depth, k_panels.depth}, s, h, i0,
+               rows, j0 + c0, c1 - c0, part_max, /*whole_rows=*/false);
+        for (int64_t r = 0; r < rows; ++r) row_max[r] = std::max(row_max[r], part_max[r]);
+      };
+      masked_part(0, seen_begin);
+      masked_part(seen_end, cols);
     } else {
       gemm_packed<acc_t>(rows, cols, p.head_dim, qt, ldq, 1, k_panels, out, ldo, false,
                          visible_key_columns(s, i0, j0, cols));
