@@ -1,0 +1,125 @@
+#pragma once
+// Which calls the split-KV decode forward serves, and how it cuts one up (rows per block, lanes per
+// key, number of key splits). Plain C++ on the kernel arguments of kernel_params.h: used by the
+// torch-facing layer (attention_cuda.cpp, to decide and to size the workspace), by the launcher
+// (decode_forward.cu) and by the CPU emulation tests, so all three agree on one plan.
+#include "kernel_params.h"
+
+#include <cstdint>
+
+namespace qkv::cuda {
+
+constexpr int64_t kDecodeMaxQueryRows = 16;  // q_len of a decode-shaped call (new tokens per step)
+constexpr int64_t kDecodeMaxSplits = 256;
+// A split streams at least this many keys (unless the call has fewer): below it the partial's
+// write and merge cost about as much as the keys themselves.
+constexpr int64_t kDecodeMinKeysPerSplit = 128;
+// Blocks of 128 threads a multiprocessor keeps resident for this kernel (registers permitting):
+// the heuristic aims to give every multiprocessor that many, so enough loads are in flight to
+// stream K and V at memory speed.
+constexpr int64_t kDecodeBlocksPerSm = 4;
+
+// Elements of one 16-byte load (the kernel reads K and V rows in 16-byte chunks).
+inline int decode_vector_elems(ElementType t) { return t == ElementType::Float32 ? 4 : 8; }
+
+inline bool aligned_16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Whether the split decode forward computes this call exactly as the generic forward does.
+// Everything else (float64, dropout, packed varlen tensors, prefill-sized q_len, head_dim !=
+// value_head_dim, K/V rows that cannot be read in aligned 16-byte chunks) takes the usual dispatch.
+// Served: per-batch key counts (KV caches), both causal alignments, grouped key/value heads,
+// windows, softcap, ALiBi and an additive bias (read per score, as the generic kernels do).
+inline bool split_decode_supported(const ForwardArgs& a) {
+  const ProblemShape& p = a.shape;
+  if (a.dtype == ElementType::Float64) return false;
+  if (p.dropout_p > 0.0 || p.cu_seqlens_q != nullptr) return false;
+  if (p.q_len < 1 || p.q_len > kDecodeMaxQueryRows) return false;
+  if (p.head_dim != p.v_head_dim || p.head_dim > kMaxHeadDim) return false;
+  const int64_t vec = decode_vector_elems(a.dtype);
+  if (p.head_dim % vec != 0) return false;
+  for (const ConstView4* t : {&a.k, &a.v}) {
+    if (t->s3 != 1 || t->s0 % vec != 0 || t->s1 % vec != 0 || t->s2 % vec != 0 || !aligned_16(t->data)) return false;
+  }
+  return true;
+}
+
+struct DecodePlan {
+  int rows_per_block = 1;
+  int64_t row_chunks = 1;
+  int lanes_per_key = 4;
+  int chunks_per_lane = 1;
+  int64_t splits = 1;
+};
+
+// The number of key splits: FlashAttention-2's idea (flash_api.cpp, num_splits_heuristic: split
+// only while the grid does not fill the GPU), for this kernel's small blocks. `base_blocks` blocks
+// run without splitting; the GPU keeps sm_count * kDecodeBlocksPerSm resident. Enough blocks
+// already: 1. Otherwise as many splits as fit in that one wave (rounding down, so no second,
+// nearly empty wave), but never so many that a split gets fewer than kDecodeMinKeysPerSplit keys.
+inline int64_t decode_num_splits(int64_t base_blocks, int64_t max_keys, int64_t sm_count) {
+  const int64_t resident = (sm_count > 0 ? sm_count : 1) * kDecodeBlocksPerSm;
+  if (base_blocks <= 0 || base_blocks * 2 > resident) return 1;
+  int64_t splits = resident / base_blocks;
+  const int64_t by_keys = (max_keys + kDecodeMinKeysPerSplit - 1) / kDecodeMinKeysPerSplit;
+  if (splits > by_keys) splits = by_keys;
+  if (splits > kDecodeMaxSplits) splits = kDecodeMaxSplits;
+  return splits < 1 ? 1 : splits;
+}
+
+// The keys a query row of the call may see at most: the longest sequence (`max_kv_len`, the cache
+// length or the longest cache_seqlens + new tokens), narrowed by a window.
+inline int64_t decode_max_keys(const ProblemShape& p, int64_t max_kv_len) {
+  int64_t keys = max_kv_len;
+  const int64_t right = p.is_causal ? 0 : p.window_right;
+  if (p.window_left >= 0 && right >= 0) {
+    const int64_t band = p.window_left + right + p.q_len;
+    if (band < keys) keys = band;
+  }
+  return keys;
+}
+
+// The plan of a call split_decode_supported accepts. `forced_splits` > 0 (QKV_DECODE_SPLITS)
+// replaces the heuristic; `sm_count` is the device's multiprocessor count.
+inline DecodePlan decode_plan(const ForwardArgs& a, int64_t sm_count, int64_t max_kv_len, int64_t forced_splits = 0) {
+  const ProblemShape& p = a.shape;
+  DecodePlan plan;
+  const int64_t kv_heads = p.kv_heads > 0 ? p.kv_heads : p.heads;
+  // Every query row of a key/value head (its group of query heads times q_len) shares the block's
+  // K/V loads: 1, 4 or 8 rows per block (three instantiations), more rows in several chunks.
+  const int64_t rows = (p.heads / kv_heads) * p.q_len;
+  plan.rows_per_block = rows <= 1 ? 1 : (rows <= 4 ? 4 : 8);
+  plan.row_chunks = (rows + plan.rows_per_block - 1) / plan.rows_per_block;
+  // A key row is read as head_dim / vec chunks of 16 bytes, one per lane of a power-of-two group
+  // of lanes (at least 4, so a warp holds at most 8 keys; two chunks per lane past 32 chunks).
+  const int64_t chunks = p.head_dim / decode_vector_elems(a.dtype);
+  plan.chunks_per_lane = chunks > 32 ? 2 : 1;
+  plan.lanes_per_key = 4;
+  while (plan.lanes_per_key < 32 && plan.lanes_per_key * plan.chunks_per_lane < chunks) plan.lanes_per_key *= 2;
+  const int64_t base = p.batch * kv_heads * plan.row_chunks;
+  plan.splits = forced_splits > 0 ? forced_splits : decode_num_splits(base, decode_max_keys(p, max_kv_len), sm_count);
+  return plan;
+}
+
+// float32 elements of the workspace a plan needs: per dense query row and split, max, sum and
+// the v_head_dim partial output.
+inline int64_t decode_workspace_elems(const ProblemShape& p, const DecodePlan& plan) {
+  return p.batch * p.heads * p.q_len * plan.splits * (p.v_head_dim + 2);
+}
+
+// Fills DecodeArgs from a plan and its workspace (decode_workspace_elems floats).
+inline DecodeArgs decode_args(const ForwardArgs& fwd, const DecodePlan& plan, float* workspace) {
+  DecodeArgs d;
+  d.fwd = fwd;
+  d.rows_per_block = plan.rows_per_block;
+  d.row_chunks = plan.row_chunks;
+  d.splits = plan.splits;
+  d.lanes_per_key = plan.lanes_per_key;
+  d.chunks_per_lane = plan.chunks_per_lane;
+  const int64_t partials = fwd.shape.batch * fwd.shape.heads * fwd.shape.q_len * plan.splits;
+  d.part_max = workspace;
+  d.part_sum = workspace + partials;
+  d.part_out = workspace + 2 * partials;
+  return d;
+}
+
+}  // namespace qkv::cuda
