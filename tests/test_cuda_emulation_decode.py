@@ -224,19 +224,20 @@ def test_split_decode_refuses_what_it_does_not_serve(emulated, why):
 
 
 def test_split_count_heuristic(emulated):
-    """decode_plan.h: one split once the grid fills half the resident blocks; otherwise as many as
-    one wave holds (132 multiprocessors x 4 blocks), at least 128 keys each, at most 256."""
+    """decode_plan.h: one split once the grid fills more than half the resident blocks (here 528:
+    132 multiprocessors x 4); otherwise as many as one wave holds, at least 128 keys each, at most 256."""
     splits = emulated.decode_splits
-    assert splits(16, 4096, 132) == 32  # B 1, H 16, MHA: limited by keys (4096 / 128)
-    assert splits(16, 16384, 132) == 33  # limited by the wave: 528 / 16
-    assert splits(64, 16384, 132) == 8  # B 4
-    assert splits(512, 16384, 132) == 1  # B 32: enough blocks already
-    assert splits(2, 16384, 132) == 128  # B 1 with 2 key/value heads
-    assert splits(1, 1 << 20, 132) == 256  # the cap
-    assert splits(4, 100, 132) == 1  # fewer keys than one split's minimum
-    assert splits(4, 0, 132) == 1
+    assert splits(16, 4096, 528) == 32  # B 1, H 16, MHA: limited by keys (4096 / 128)
+    assert splits(16, 16384, 528) == 33  # limited by the wave: 528 / 16
+    assert splits(16, 16384, 396) == 24  # 3 blocks per multiprocessor
+    assert splits(64, 16384, 528) == 8  # B 4
+    assert splits(512, 16384, 528) == 1  # B 32: enough blocks already
+    assert splits(2, 16384, 528) == 128  # B 1 with 2 key/value heads
+    assert splits(1, 1 << 20, 528) == 256  # the cap
+    assert splits(4, 100, 528) == 1  # fewer keys than one split's minimum
+    assert splits(4, 0, 528) == 1
     for base in (1, 3, 16, 100, 263, 264, 265, 1000):
         for keys in (1, 128, 129, 5000, 16384):
-            n = splits(base, keys, 132)
+            n = splits(base, keys, 528)
             assert 1 <= n <= 256 and (n == 1 or base * n <= 528)
             assert n == 1 or (keys + 127) // 128 >= n

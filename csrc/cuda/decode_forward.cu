@@ -25,4 +25,16 @@ void launch_split_decode_forward(const DecodeArgs& args, cudaStream_t stream) {
   });
 }
 
+int split_decode_blocks_per_sm(const DecodeArgs& args) {
+  int blocks = 0;
+  decode::dispatch_split_decode(args, [&](auto type, auto rows, auto lanes, auto chunks) {
+    using T = typename decltype(type)::type;
+    constexpr int R = decltype(rows)::value, LPK = decltype(lanes)::value, CPL = decltype(chunks)::value;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &blocks, decode::split_decode_kernel<T, R, LPK, CPL>, decode::kThreads,
+        decode::SplitConfig<T, R, LPK, CPL>::shared_bytes()));
+  });
+  return blocks > 0 ? blocks : 1;
+}
+
 }  // namespace qkv::cuda

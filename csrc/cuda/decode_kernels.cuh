@@ -46,15 +46,22 @@ __device__ __forceinline__ void unpack_word(unsigned w, float* out, const __half
 }
 __device__ __forceinline__ void unpack_word(unsigned w, float* out, const float*) { out[0] = __uint_as_float(w); }
 
-// The 16 bytes at `src` (16-byte aligned) as 16 / sizeof(T) floats.
+// 16 bytes (16 / sizeof(T) elements of type T) as floats. The loads keep the raw words, and
+// convert only where they are used: a float per element would double the registers of the keys a
+// lane has in flight.
 template <typename T>
-__device__ __forceinline__ void load_16(const T* src, float* out) {
+__device__ __forceinline__ void unpack_16(const uint4& raw, float* out) {
   constexpr int kPerWord = 4 / static_cast<int>(sizeof(T));
-  const uint4 raw = *reinterpret_cast<const uint4*>(src);
-  unpack_word(raw.x, out, src);
-  unpack_word(raw.y, out + kPerWord, src);
-  unpack_word(raw.z, out + 2 * kPerWord, src);
-  unpack_word(raw.w, out + 3 * kPerWord, src);
+  const T* tag = nullptr;
+  unpack_word(raw.x, out, tag);
+  unpack_word(raw.y, out + kPerWord, tag);
+  unpack_word(raw.z, out + 2 * kPerWord, tag);
+  unpack_word(raw.w, out + 3 * kPerWord, tag);
+}
+
+template <typename T>
+__device__ __forceinline__ uint4 load_16(const T* src) {  // src: 16-byte aligned
+  return *reinterpret_cast<const uint4*>(src);
 }
 
 // ---- kernel 1: one split's partial ----------------------------------------------------------------
@@ -65,7 +72,8 @@ struct SplitConfig {
   static constexpr int kCols = CPL * kVec;                          // head-dim columns per lane
   static constexpr int kWidth = LPK * kCols;                        // columns a slot covers (>= head_dim)
   static constexpr int kSlots = kWarps * (kWarpSize / LPK);         // key slots per block
-  static constexpr int kKeysPerStep = R <= 4 ? 4 : 2;               // keys a slot loads before using any
+  // Keys a slot loads before using any (registers: each costs 2 * kCols, and rows cost 2 * kCols each).
+  static constexpr int kKeysPerStep = R == 1 ? 4 : (R == 4 ? 2 : 1);
   // Shared memory of the slot merge: per slot and row, max and sum, then the output columns.
   static size_t shared_bytes() { return sizeof(float) * kSlots * R * (2 + kWidth); }
   static int64_t blocks(const DecodeArgs& d) {
@@ -152,7 +160,7 @@ __global__ void __launch_bounds__(kThreads) split_decode_kernel(const DecodeArgs
   const T* v_base = row_ptr<T>(args.fwd.v, seq.tb, hk, seq.k0);
   for (int64_t j0 = j_begin; j0 < j_end; j0 += kSlots * KPI) {
     // Every load of the step first, so KPI * 2 * CPL 16-byte loads per lane are in flight at once.
-    float kf[KPI][kCols], vf[KPI][kCols];
+    uint4 k_raw[KPI][CPL], v_raw[KPI][CPL];
     bool in_split[KPI];
 #pragma unroll
     for (int u = 0; u < KPI; ++u) {
@@ -162,11 +170,10 @@ __global__ void __launch_bounds__(kThreads) split_decode_kernel(const DecodeArgs
       for (int c = 0; c < CPL; ++c) {
         const int col = (sub + c * LPK) * kVec;
         if (in_split[u] && col < D) {
-          load_16(k_base + j * args.fwd.k.s2 + col, &kf[u][c * kVec]);
-          load_16(v_base + j * args.fwd.v.s2 + col, &vf[u][c * kVec]);
+          k_raw[u][c] = load_16(k_base + j * args.fwd.k.s2 + col);
+          v_raw[u][c] = load_16(v_base + j * args.fwd.v.s2 + col);
         } else {
-#pragma unroll
-          for (int e = 0; e < kVec; ++e) kf[u][c * kVec + e] = vf[u][c * kVec + e] = 0.f;
+          k_raw[u][c] = v_raw[u][c] = uint4{0u, 0u, 0u, 0u};  // zeros in every element type
         }
       }
     }
@@ -177,7 +184,12 @@ __global__ void __launch_bounds__(kThreads) split_decode_kernel(const DecodeArgs
       for (int u = 0; u < KPI; ++u) {
         float s = 0.f;
 #pragma unroll
-        for (int c = 0; c < kCols; ++c) s += q[r][c] * kf[u][c];
+        for (int c = 0; c < CPL; ++c) {
+          float kf[kVec];
+          unpack_16<T>(k_raw[u][c], kf);
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) s += q[r][c * kVec + e] * kf[e];
+        }
 #pragma unroll
         for (int offset = LPK / 2; offset > 0; offset /= 2) s += __shfl_xor_sync(kFullMask, s, offset);
         const int64_t j = j0 + u * kSlots + slot;
@@ -204,7 +216,12 @@ __global__ void __launch_bounds__(kThreads) split_decode_kernel(const DecodeArgs
           const float prob = exp_acc(x[u] - new_max);
           l[r] += prob;
 #pragma unroll
-          for (int c = 0; c < kCols; ++c) acc[r][c] += prob * vf[u][c];
+          for (int c = 0; c < CPL; ++c) {
+            float vf[kVec];
+            unpack_16<T>(v_raw[u][c], vf);
+#pragma unroll
+            for (int e = 0; e < kVec; ++e) acc[r][c * kVec + e] += prob * vf[e];
+          }
         }
         m[r] = new_max;
       }
@@ -323,7 +340,8 @@ struct CombineConfig {
 
 // Calls fn(TypeTag<T>, integral_constant R, integral_constant LPK, integral_constant CPL) for the
 // instantiation that serves `d` (float16, bfloat16, float32; R in {1, 4, 8}; (LPK, CPL) in
-// {(4,1), (8,1), (16,1), (32,1), (32,2)}): the launcher and the CPU emulation pick kernels alike.
+// {(4,1), (8,1), (16,1), (32,1)}, and (32,2) for float32): the launcher and the CPU emulation pick
+// kernels alike. 39 split kernels.
 template <typename Fn>
 void dispatch_split_decode(const DecodeArgs& d, Fn&& fn) {
   auto with_rows = [&](auto type) {
@@ -334,7 +352,11 @@ void dispatch_split_decode(const DecodeArgs& d, Fn&& fn) {
         case 81: return fn(type, rows, integral_constant<int, 8>{}, integral_constant<int, 1>{});
         case 161: return fn(type, rows, integral_constant<int, 16>{}, integral_constant<int, 1>{});
         case 321: return fn(type, rows, integral_constant<int, 32>{}, integral_constant<int, 1>{});
-        case 322: return fn(type, rows, integral_constant<int, 32>{}, integral_constant<int, 2>{});
+        case 322:  // only float32 has more than 32 chunks (D > 128)
+          if constexpr (std::is_same_v<typename decltype(type)::type, float>) {
+            return fn(type, rows, integral_constant<int, 32>{}, integral_constant<int, 2>{});
+          }
+          break;
       }
       TORCH_CHECK(false, "qkv: internal error: no split decode kernel for ", d.lanes_per_key, " lanes per key and ",
                   d.chunks_per_lane, " chunks per lane");

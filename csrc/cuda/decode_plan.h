@@ -14,10 +14,10 @@ constexpr int64_t kDecodeMaxSplits = 256;
 // A split streams at least this many keys (unless the call has fewer): below it the partial's
 // write and merge cost about as much as the keys themselves.
 constexpr int64_t kDecodeMinKeysPerSplit = 128;
-// Blocks of 128 threads a multiprocessor keeps resident for this kernel (registers permitting):
-// the heuristic aims to give every multiprocessor that many, so enough loads are in flight to
-// stream K and V at memory speed.
-constexpr int64_t kDecodeBlocksPerSm = 4;
+// Blocks of 128 threads a multiprocessor keeps resident when the device cannot be asked (the CPU
+// emulation); the launcher asks the CUDA occupancy calculator for the kernel it will run
+// (split_decode_blocks_per_sm: 2-3 on an H100, registers being the limit).
+constexpr int64_t kDecodeBlocksPerSmGuess = 4;
 
 // Elements of one 16-byte load (the kernel reads K and V rows in 16-byte chunks).
 inline int decode_vector_elems(ElementType t) { return t == ElementType::Float32 ? 4 : 8; }
@@ -53,11 +53,12 @@ struct DecodePlan {
 
 // The number of key splits: FlashAttention-2's idea (flash_api.cpp, num_splits_heuristic: split
 // only while the grid does not fill the GPU), for this kernel's small blocks. `base_blocks` blocks
-// run without splitting; the GPU keeps sm_count * kDecodeBlocksPerSm resident. Enough blocks
-// already: 1. Otherwise as many splits as fit in that one wave (rounding down, so no second,
-// nearly empty wave), but never so many that a split gets fewer than kDecodeMinKeysPerSplit keys.
-inline int64_t decode_num_splits(int64_t base_blocks, int64_t max_keys, int64_t sm_count) {
-  const int64_t resident = (sm_count > 0 ? sm_count : 1) * kDecodeBlocksPerSm;
+// run without splitting; the GPU keeps `resident` blocks of this kernel at once (multiprocessors x
+// blocks per multiprocessor). Enough blocks already (more than half a wave): 1. Otherwise as many
+// splits as fit in that one wave (rounding down, so no second, nearly empty wave), but never so
+// many that a split gets fewer than kDecodeMinKeysPerSplit keys, and at most kDecodeMaxSplits.
+inline int64_t decode_num_splits(int64_t base_blocks, int64_t max_keys, int64_t resident) {
+  if (resident < 1) resident = 1;
   if (base_blocks <= 0 || base_blocks * 2 > resident) return 1;
   int64_t splits = resident / base_blocks;
   const int64_t by_keys = (max_keys + kDecodeMinKeysPerSplit - 1) / kDecodeMinKeysPerSplit;
@@ -78,9 +79,9 @@ inline int64_t decode_max_keys(const ProblemShape& p, int64_t max_kv_len) {
   return keys;
 }
 
-// The plan of a call split_decode_supported accepts. `forced_splits` > 0 (QKV_DECODE_SPLITS)
-// replaces the heuristic; `sm_count` is the device's multiprocessor count.
-inline DecodePlan decode_plan(const ForwardArgs& a, int64_t sm_count, int64_t max_kv_len, int64_t forced_splits = 0) {
+// The layout of a call split_decode_supported accepts: rows per block, row chunks, lanes per key
+// (plan.splits stays 1; decode_split_count sets it).
+inline DecodePlan decode_layout(const ForwardArgs& a) {
   const ProblemShape& p = a.shape;
   DecodePlan plan;
   const int64_t kv_heads = p.kv_heads > 0 ? p.kv_heads : p.heads;
@@ -95,9 +96,17 @@ inline DecodePlan decode_plan(const ForwardArgs& a, int64_t sm_count, int64_t ma
   plan.chunks_per_lane = chunks > 32 ? 2 : 1;
   plan.lanes_per_key = 4;
   while (plan.lanes_per_key < 32 && plan.lanes_per_key * plan.chunks_per_lane < chunks) plan.lanes_per_key *= 2;
-  const int64_t base = p.batch * kv_heads * plan.row_chunks;
-  plan.splits = forced_splits > 0 ? forced_splits : decode_num_splits(base, decode_max_keys(p, max_kv_len), sm_count);
   return plan;
+}
+
+// The split count of a layout: `forced_splits` > 0 (QKV_DECODE_SPLITS) or the heuristic, for a GPU
+// that keeps `resident` blocks of the kernel at once; `max_kv_len` is the longest sequence.
+inline int64_t decode_split_count(const ForwardArgs& a, const DecodePlan& layout, int64_t resident,
+                                  int64_t max_kv_len, int64_t forced_splits) {
+  if (forced_splits > 0) return forced_splits;
+  const ProblemShape& p = a.shape;
+  const int64_t kv_heads = p.kv_heads > 0 ? p.kv_heads : p.heads;
+  return decode_num_splits(p.batch * kv_heads * layout.row_chunks, decode_max_keys(p, max_kv_len), resident);
 }
 
 // float32 elements of the workspace a plan needs: per dense query row and split, max, sum and

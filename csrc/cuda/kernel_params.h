@@ -141,6 +141,9 @@ struct DecodeArgs {
 };
 
 void launch_split_decode_forward(const DecodeArgs& args, cudaStream_t stream);
+// Blocks of the split kernel serving `args` (its layout; splits and workspace unused) that one
+// multiprocessor of the current device keeps resident (the CUDA occupancy calculator).
+int split_decode_blocks_per_sm(const DecodeArgs& args);
 
 // The largest head_dim / v_head_dim the CUDA kernels handle (accumulators live in registers).
 constexpr int64_t kMaxHeadDim = 256;

@@ -204,12 +204,13 @@ void fa2_backward(BackwardArgs args, const at::Tensor& q, const Fa2Choice& choic
 }
 
 // The split-KV decode forward (decode_kernels.cuh), as the launcher runs it: kernel "split" (the
-// heuristic's split count for an H100's 132 multiprocessors) or "split:N" (N splits).
+// heuristic's split count for 132 multiprocessors x kDecodeBlocksPerSmGuess) or "split:N" (N splits).
 void split_decode_forward(const ForwardArgs& args, const at::Tensor& q, const std::string& kernel, int64_t max_kv_len) {
   TORCH_CHECK(split_decode_supported(args), "qkv_emulated.forward: the call does not qualify for the split decode");
   const size_t colon = kernel.find(':');
   const int64_t forced = colon == std::string::npos ? 0 : std::stoll(kernel.substr(colon + 1));
-  const DecodePlan plan = decode_plan(args, 132, max_kv_len, forced);
+  DecodePlan plan = decode_layout(args);
+  plan.splits = decode_split_count(args, plan, 132 * kDecodeBlocksPerSmGuess, max_kv_len, forced);
   const at::Tensor workspace = at::empty({decode_workspace_elems(args.shape, plan)}, q.options().dtype(at::kFloat));
   const DecodeArgs d = decode_args(args, plan, workspace.data_ptr<float>());
   decode::dispatch_split_decode(d, [&](auto type, auto rows, auto lanes, auto chunks) {
@@ -537,12 +538,12 @@ at::Tensor swizzle_probe(int64_t rows, int64_t cols) {
 }  // namespace
 
 // The split count decode_plan.h's heuristic picks (decode_num_splits).
-int64_t decode_splits(int64_t base_blocks, int64_t max_keys, int64_t sm_count) {
-  return decode_num_splits(base_blocks, max_keys, sm_count);
+int64_t decode_splits(int64_t base_blocks, int64_t max_keys, int64_t resident) {
+  return decode_num_splits(base_blocks, max_keys, resident);
 }
 
 TORCH_LIBRARY(qkv_emulated, m) {
-  m.def("decode_splits(int base_blocks, int max_keys, int sm_count) -> int", &decode_splits);
+  m.def("decode_splits(int base_blocks, int max_keys, int resident) -> int", &decode_splits);
   m.def("swizzle_probe(int rows, int cols) -> Tensor");
   m.def("barrier_probe(bool with_barrier) -> Tensor");
   m.def("ldmatrix_probe(Tensor a, Tensor b) -> Tensor");
