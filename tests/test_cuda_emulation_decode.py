@@ -205,8 +205,8 @@ def test_split_decode_reads_strided_queries_and_sliced_caches(emulated):
     assert_lse(lse, want_lse)
 
 
-@pytest.mark.parametrize("why", ["float64", "dropout", "head_dim", "d_ne_dv", "value_column_stride", "unaligned",
-                                 "prefill"])
+@pytest.mark.parametrize("why", ["float64", "dropout", "head_dim", "d_ne_dv", "value_column_stride",
+                                 "value_transposed", "unaligned", "prefill"])
 def test_split_decode_refuses_what_it_does_not_serve(emulated, why):
     B, H, L, S, D = 1, 2, 1, 40, 64
     dtype = torch.float64 if why == "float64" else torch.bfloat16
@@ -214,10 +214,12 @@ def test_split_decode_refuses_what_it_does_not_serve(emulated, why):
     Dq = 60 if why == "head_dim" else D
     q, k = token_major(B, H, L, Dq, dtype, 1), token_major(B, H, S, Dq, dtype, 2)
     v = token_major(B, H, S, 32 if why == "d_ne_dv" else Dq, dtype, 3)
-    if why == "value_column_stride":
+    if why == "value_column_stride":  # rows 16-byte aligned, but every other element
+        v = randn(B, H, S, 2 * Dq, dtype=dtype, seed=4)[..., ::2]
+    if why == "value_transposed":
         v = randn(B, H, Dq, S, dtype=dtype, seed=4).transpose(-1, -2)
-    if why == "unaligned":
-        k = randn(B, H, S * Dq + 1, dtype=dtype, seed=5)[..., 1:].view(B, H, S, Dq)
+    if why == "unaligned":  # strides in whole 16-byte vectors, the first element 2 bytes past a boundary
+        k = randn(B, H, S, Dq + 8, dtype=dtype, seed=5)[..., 1:1 + Dq]
     dropout = 0.1 if why == "dropout" else 0.0
     with pytest.raises(RuntimeError, match="does not qualify for the split decode"):
         emulated.forward(q, k, v, None, 0.1, False, 0, dropout, 0, "split:2")
