@@ -105,7 +105,7 @@ __global__ void __launch_bounds__(kThreads) split_decode_kernel(const DecodeArgs
 
   // The block's rows: row r is query row i of query head h = hk * group + g, with r + chunk * R =
   // g * q_len + i; rows past group * q_len are padding (never visible, never written).
-  int64_t row_h[R], row_i[R];
+  int row_h[R], row_i[R];  // 32-bit: heads and q_len <= 16 fit, and 8 rows of int64 pairs cost 32 registers
   bool row_valid[R];
   float row_slope[R];
   const ScoreTransform<float, T> transform = score_transform<float, T>(p, args.fwd.bias, seq, hk * group);
@@ -114,8 +114,8 @@ __global__ void __launch_bounds__(kThreads) split_decode_kernel(const DecodeArgs
   for (int r = 0; r < R; ++r) {
     const int64_t rr = chunk * R + r;
     row_valid[r] = rr < group * seq.q_len;
-    row_h[r] = hk * group + (row_valid[r] ? rr / seq.q_len : 0);
-    row_i[r] = row_valid[r] ? rr % seq.q_len : 0;
+    row_h[r] = static_cast<int>(hk * group + (row_valid[r] ? rr / seq.q_len : 0));
+    row_i[r] = static_cast<int>(row_valid[r] ? rr % seq.q_len : 0);
     row_slope[r] = p.alibi_slopes != nullptr ? p.alibi_slopes[seq.b * p.alibi_sb + row_h[r] * p.alibi_sh] : 0.f;
     if (row_valid[r]) {
       const int64_t kb = seq.key_begin(row_i[r]), ke = seq.key_end(row_i[r]);
