@@ -8,7 +8,8 @@
 #          split vs SDPA (about 20 s)
 #   sass   scripts/cuda_sass_check.py on that build: registers, spills, the instructions per kernel
 #   tune   scripts/cuda_tune.py on D 128 and 64: fa2 tiles against mma, SDPA's flash and cuDNN
-#   race   compute-sanitizer racecheck, then memcheck, on one fa2 forward+backward per head dim
+#   race   compute-sanitizer racecheck, then memcheck, on one fa2 forward+backward per head dim and
+#          the split decode kernels (1, 4, 8 rows per block, float32 D 256)
 #   ncu    Nsight Compute on each kernel of a training step (default path, then generic)
 #   stalls Nsight Compute's warp-state, scheduler and source-counter sections of the fa2 kernels:
 #          where their warps wait (the fa2 backward issued in 20% of cycles on 2026-11-26)
@@ -55,6 +56,14 @@ for d in (64, 96, 128, 256):
     for causal in (False, True):
         out = torch.ops.qkv.attention(q, k, v, None, 0.0, causal, True)[0]
         torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+# The split-KV decode kernels (opt-in): 1, 4 and 8 query rows per block, float32's two-chunk lanes.
+import os
+os.environ.update(QKV_CUDA_KERNEL="auto", QKV_CUDA_DECODE="split-required")
+for dtype, d, hk, l in ((torch.bfloat16, 128, 8, 1), (torch.float16, 64, 2, 1), (torch.bfloat16, 128, 2, 2),
+                        (torch.float32, 256, 8, 1)):
+    q = torch.randn(2, 8, l, d, device="cuda", dtype=dtype)
+    k, v = (torch.randn(2, hk, 1500, d, device="cuda", dtype=dtype) for _ in range(2))
+    torch.ops.qkv.attention(q, k, v, None, 0.0, True, True)
 torch.cuda.synchronize()
 print("race case done")
 EOF
