@@ -1,7 +1,8 @@
 """What only the CUDA kernels have, against the plain float64 references of reference.py: the kernel
 paths (QKV_CUDA_KERNEL = auto, generic, mma, fa2) and which calls each forced path must refuse,
-the tensor-core kernels of each head dim, fa2's deterministic backward, CUDA-only limits and
-errors, and agreement with the CPU kernels (dropout masks, projection ops).
+the tensor-core kernels of each head dim, fa2's deterministic backward, the opt-in split-KV decode
+forward (QKV_CUDA_DECODE=split-required: decode shapes, split counts, the KV-cache door, fallback and
+refusal), CUDA-only limits and errors, and agreement with the CPU kernels (dropout masks, projection ops).
 
 Everything else the ops promise is checked on the GPU by the core tests themselves, which run on
 every device (conftest.py's `device` fixture: test_core_*.py, test_features_*.py, test_varlen.py,
