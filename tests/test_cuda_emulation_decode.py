@@ -226,20 +226,26 @@ def test_split_decode_refuses_what_it_does_not_serve(emulated, why):
 
 
 def test_split_count_heuristic(emulated):
-    """decode_plan.h: one split once the grid fills more than half the resident blocks (here 528:
-    132 multiprocessors x 4); otherwise as many as one wave holds, at least 128 keys each, at most 256."""
+    """decode_plan.h, after FlashAttention-2's num_splits_heuristic: 1 split once the grid fills 80% of
+    the resident blocks (528: 132 multiprocessors x 4; 396: x 3); otherwise the smallest split count,
+    among those that change the keys per split (blocks of 128 keys), whose last wave is within 85% of
+    the fullest one; at most 256."""
     splits = emulated.decode_splits
-    assert splits(16, 4096, 528) == 32  # B 1, H 16, MHA: limited by keys (4096 / 128)
-    assert splits(16, 16384, 528) == 33  # limited by the wave: 528 / 16
-    assert splits(16, 16384, 396) == 24  # 3 blocks per multiprocessor
-    assert splits(64, 16384, 528) == 8  # B 4
+    assert splits(16, 4096, 528) == 32  # B 1, H 16, MHA, S 4096: 32 key blocks, one per split
+    assert splits(16, 16384, 528) == 32  # S 16384: 512 of 528 resident blocks
+    assert splits(16, 16384, 396) == 19  # 3 blocks per multiprocessor
+    assert splits(64, 16384, 396) == 6  # B 4
+    assert splits(256, 16384, 396) == 3  # B 16: 768 blocks, two nearly full waves
+    assert splits(100, 16384, 396) == 7  # 700 blocks: 1.77 waves (2 or 3 splits leave one less full)
     assert splits(512, 16384, 528) == 1  # B 32: enough blocks already
-    assert splits(2, 16384, 528) == 128  # B 1 with 2 key/value heads
-    assert splits(1, 1 << 20, 528) == 256  # the cap
-    assert splits(4, 100, 528) == 1  # fewer keys than one split's minimum
+    assert splits(4, 16384, 264) == 64  # B 1, GQA 4:1 (4 rows per block)
+    assert splits(2, 16384, 528) == 128  # B 1 with 2 key/value heads: one split per key block
+    assert splits(1, 1 << 20, 528) == 222  # 222 of 256: the first within 85% of the best wave
+    assert splits(1, 200, 528) == 2  # two key blocks
+    assert splits(4, 100, 528) == 1  # one key block
     assert splits(4, 0, 528) == 1
     for base in (1, 3, 16, 100, 263, 264, 265, 1000):
         for keys in (1, 128, 129, 5000, 16384):
             n = splits(base, keys, 528)
-            assert 1 <= n <= 256 and (n == 1 or base * n <= 528)
-            assert n == 1 or (keys + 127) // 128 >= n
+            assert 1 <= n <= 256 and n <= (keys + 127) // 128
+            assert n == 1 or base * 5 < 528 * 4

@@ -51,20 +51,35 @@ struct DecodePlan {
   int64_t splits = 1;
 };
 
-// The number of key splits: FlashAttention-2's idea (flash_api.cpp, num_splits_heuristic: split
-// only while the grid does not fill the GPU), for this kernel's small blocks. `base_blocks` blocks
-// run without splitting; the GPU keeps `resident` blocks of this kernel at once (multiprocessors x
-// blocks per multiprocessor). Enough blocks already (more than half a wave): 1. Otherwise as many
-// splits as fit in that one wave (rounding down, so no second, nearly empty wave), but never so
-// many that a split gets fewer than kDecodeMinKeysPerSplit keys, and at most kDecodeMaxSplits.
+// The number of key splits, after FlashAttention-2's num_splits_heuristic (flash_api.cpp), with this
+// kernel's small blocks counted in `resident` (the blocks the GPU keeps at once: multiprocessors x
+// blocks per multiprocessor) rather than one per multiprocessor. `base_blocks` blocks run without
+// splitting. A grid that already fills 80% of one wave: 1 split. Otherwise, of the split counts n
+// that change the keys per split (ceil(key_blocks / n) != ceil(key_blocks / (n - 1)), key blocks of
+// kDecodeMinKeysPerSplit keys: a split's partial costs about what that many keys do), take the
+// smallest whose wave efficiency (base n / resident over its ceiling: how full the last wave is)
+// is within 85% of the best; at most kDecodeMaxSplits.
 inline int64_t decode_num_splits(int64_t base_blocks, int64_t max_keys, int64_t resident) {
   if (resident < 1) resident = 1;
-  if (base_blocks <= 0 || base_blocks * 2 > resident) return 1;
-  int64_t splits = resident / base_blocks;
-  const int64_t by_keys = (max_keys + kDecodeMinKeysPerSplit - 1) / kDecodeMinKeysPerSplit;
-  if (splits > by_keys) splits = by_keys;
-  if (splits > kDecodeMaxSplits) splits = kDecodeMaxSplits;
-  return splits < 1 ? 1 : splits;
+  if (base_blocks <= 0 || max_keys <= 0 || base_blocks * 5 >= resident * 4) return 1;
+  const int64_t key_blocks = (max_keys + kDecodeMinKeysPerSplit - 1) / kDecodeMinKeysPerSplit;
+  const int64_t max_splits = key_blocks < kDecodeMaxSplits ? key_blocks : kDecodeMaxSplits;
+  auto eligible = [&](int64_t n) {
+    return n == 1 || (key_blocks + n - 1) / n != (key_blocks + n - 2) / (n - 1);
+  };
+  auto efficiency = [&](int64_t n) {
+    const double waves = static_cast<double>(base_blocks * n) / static_cast<double>(resident);
+    const double full = static_cast<double>((base_blocks * n + resident - 1) / resident);
+    return waves / full;
+  };
+  double best = 0.0;
+  for (int64_t n = 1; n <= max_splits; ++n) {
+    if (eligible(n) && efficiency(n) > best) best = efficiency(n);
+  }
+  for (int64_t n = 1; n <= max_splits; ++n) {
+    if (eligible(n) && efficiency(n) >= 0.85 * best) return n;
+  }
+  return 1;
 }
 
 // The keys a query row of the call may see at most: the longest sequence (`max_kv_len`, the cache
