@@ -122,11 +122,13 @@ def main(argv=None):
                 torch.manual_seed(b * 131 + s + hk)  # drawn on the device: gigabytes at B 32
                 q, k, v = (torch.randn(b, h, n, args.dim, device=DEVICE, dtype=dtype)
                            for h, n in ((args.heads, 1), (hk, s), (hk, s)))
-                sides = {"default": qkv_side(q, k, v, QKV_CUDA_DECODE=None, QKV_DECODE_SPLITS=None),
+                auto = dict(QKV_CUDA_KERNEL=None)  # whatever the caller's environment says
+                sides = {"default": qkv_side(q, k, v, **auto, QKV_CUDA_DECODE=None, QKV_DECODE_SPLITS=None),
                          "generic": qkv_side(q, k, v, QKV_CUDA_KERNEL="generic", QKV_CUDA_DECODE=None),
-                         "split": qkv_side(q, k, v, QKV_CUDA_DECODE="split-required", QKV_DECODE_SPLITS=None)}
+                         "split": qkv_side(q, k, v, **auto, QKV_CUDA_DECODE="split-required",
+                                           QKV_DECODE_SPLITS=None)}
                 for n in extra:
-                    sides[f"split:{n}"] = qkv_side(q, k, v, QKV_CUDA_DECODE="split-required",
+                    sides[f"split:{n}"] = qkv_side(q, k, v, **auto, QKV_CUDA_DECODE="split-required",
                                                    QKV_DECODE_SPLITS=str(n))
                 sides["sdpa"] = sdpa_side(q, k, v)
                 want = sides["sdpa"]()
