@@ -7,6 +7,9 @@ and the instructions that make it fast.
 
 Checks: every tensor-core kernel contains HMMA (mma.sync); the fa2 forward/backward kernels also
 LDSM (ldmatrix) and LDGSTS (cp.async); the mma kernels use no local memory (no LDL/STL, STACK:0);
+the split-KV decode kernels read K/V with 128-bit loads (LDG.E.128) and, like the fa2 kernels,
+spill at most SPILL_BUDGET bytes (at 8 query rows per block they sit at the register cap: 8-16 bytes
+on sm_80);
 the fa2 kernels, which sit at the 255-register cap as FlashAttention-2's do, spill at most
 SPILL_BUDGET bytes (ptxas parks a few cold lane values there; the table shows each kernel's
 stack bytes and LDL+STL count, and a larger spill fails). The exit status is 1 when a check fails.
@@ -27,7 +30,7 @@ import sys
 from collections import defaultdict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SPILL_BUDGET = 128  # bytes of stack an fa2 kernel may use for spills
+SPILL_BUDGET = 128  # bytes of stack an fa2 or split decode kernel may use for spills
 # The PyPI packages of the two tools (cuobjdump runs nvdisasm), for toolkits without them.
 TOOL_PACKAGES = ["nvidia-cuda-cuobjdump==13.4.92", "nvidia-cuda-nvdisasm==13.4.92"]
 
@@ -68,7 +71,7 @@ def short_name(demangled: str) -> str:
     """qkv::cuda::fa2::fa2_forward_kernel<__nv_bfloat16, 128, qkv::cuda::fa2::ForwardTile<128, 64, 4>, false>
     -> fa2_forward_kernel<bf16, 128, ForwardTile<128, 64, 4>, false>"""
     name = demangled.split("(")[0].removeprefix("void ")
-    name = re.sub(r"qkv::cuda::(fa2::|mma::)?", "", name)
+    name = re.sub(r"qkv::cuda::(fa2::|mma::|decode::)?", "", name)
     return name.replace("__nv_bfloat16", "bf16").replace("__half", "f16")
 
 
@@ -101,6 +104,8 @@ def instruction_counts(so: str) -> dict[tuple[str, str], dict[str, int]]:
             for key in ("HMMA", "LDSM", "LDGSTS", "LDL", "STL"):
                 if op == key:
                     counts[(arch, function)][key] += 1
+            if op == "LDG" and re.search(r"LDG\.E(\.\w+)*\.128", line):
+                counts[(arch, function)]["LDG128"] += 1
     proc.wait()
     return counts
 
@@ -109,7 +114,7 @@ def main(argv: list[str]) -> int:
     so = library(argv[1] if len(argv) > 1 else os.path.join(ROOT, "build", "cuda-check", "lib", "qkv"))
     usage = resource_usage(so)
     counts = instruction_counts(so)
-    keys = [k for k in usage if re.search(r"(fa2|mma)_\w*kernel", k[1])]
+    keys = [k for k in usage if re.search(r"(fa2|mma|split_decode)_\w*kernel", k[1])]
     names = demangle(sorted({k[1] for k in keys}))
     failures = []
     rows = []
@@ -120,24 +125,27 @@ def main(argv: list[str]) -> int:
         spilled = u.get("LOCAL", 0) or u.get("STACK", 0) or c.get("LDL", 0) or c.get("STL", 0)
         if spilled and name.startswith("mma_"):
             problems.append("local memory")
-        if "fa2_" in name and u.get("STACK", 0) + u.get("LOCAL", 0) > SPILL_BUDGET:
+        if name.startswith("split_decode_kernel") and not c.get("LDG128"):
+            problems.append("no 128-bit K/V loads")
+        if ("fa2_" in name or "split_decode" in name) and u.get("STACK", 0) + u.get("LOCAL", 0) > SPILL_BUDGET:
             problems.append(f"spills over {SPILL_BUDGET} bytes")
-        tensor_core = "convert_dq" not in name
+        tensor_core = "convert_dq" not in name and "split_decode" not in name
         if tensor_core and not c.get("HMMA"):
             problems.append("no HMMA")
         if "fa2_" in name and tensor_core and not (c.get("LDSM") and c.get("LDGSTS")):
             problems.append("no LDSM/LDGSTS")
         rows.append((arch, name, u.get("REG", 0), u.get("STACK", 0), u.get("LOCAL", 0), c.get("HMMA", 0),
-                     c.get("LDSM", 0), c.get("LDGSTS", 0), c.get("LDL", 0) + c.get("STL", 0), ", ".join(problems)))
+                     c.get("LDSM", 0), c.get("LDGSTS", 0), c.get("LDG128", 0), c.get("LDL", 0) + c.get("STL", 0),
+                     ", ".join(problems)))
         if problems:
             failures.append(f"{arch} {name}: {', '.join(problems)}")
     print(f"cuda_sass_check: {so}")
-    print("| arch | kernel | REG | STACK | LOCAL | HMMA | LDSM | LDGSTS | LDL+STL | problem |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    print("| arch | kernel | REG | STACK | LOCAL | HMMA | LDSM | LDGSTS | LDG.128 | LDL+STL | problem |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for row in rows:
         print("| " + " | ".join(str(x) for x in row) + " |")
     if not rows:
-        failures.append("no mma/fa2 kernel found")
+        failures.append("no mma/fa2/split_decode kernel found")
     for f in failures:
         print(f"cuda_sass_check: FAIL: {f}")
     print(f"cuda_sass_check: {len(rows)} kernels, {len(failures)} problems")

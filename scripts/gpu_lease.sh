@@ -2,9 +2,14 @@
 # One device call that spends a short GPU lease in order of value, each step cut to the time left,
 # so that whatever the lease allows comes back (docs/cuda.md, "A GPU session"):
 #   check  make gpu-check: build (with the fa2 tuning tiles), the CUDA tests, the quick benchmark
+#   decode the split-KV decode forward (QKV_CUDA_DECODE, opt-in): its tests/test_cuda.py cases again
+#          (forced; the check step runs them among the rest), then scripts/cuda_decode_bench.py: decode
+#          L 1, S 4096-16384, batch 1/4/32, H 16 (and GQA 4:1), D 128, bf16: default vs generic vs
+#          split vs SDPA (about 20 s)
 #   sass   scripts/cuda_sass_check.py on that build: registers, spills, the instructions per kernel
 #   tune   scripts/cuda_tune.py on D 128 and 64: fa2 tiles against mma, SDPA's flash and cuDNN
-#   race   compute-sanitizer racecheck, then memcheck, on one fa2 forward+backward per head dim
+#   race   compute-sanitizer racecheck, then memcheck, on one fa2 forward+backward per head dim and
+#          the split decode kernels (1, 4, 8 rows per block, float32 D 256)
 #   ncu    Nsight Compute on each kernel of a training step (default path, then generic)
 #   stalls Nsight Compute's warp-state, scheduler and source-counter sections of the fa2 kernels:
 #          where their warps wait (the fa2 backward issued in 20% of cycles on 2026-11-26)
@@ -14,7 +19,7 @@
 # last (the device tool returns the end of the output).
 #
 #   QKV_LEASE_SECONDS  deadline for everything (default 540); a step gets min(its cap, time left)
-#   QKV_LEASE_STEPS    the steps to run, in order (default "check sass tune race ncu stalls tune2 cpu")
+#   QKV_LEASE_STEPS    the steps to run, in order (default "check decode sass tune race ncu stalls tune2 cpu")
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -51,6 +56,14 @@ for d in (64, 96, 128, 256):
     for causal in (False, True):
         out = torch.ops.qkv.attention(q, k, v, None, 0.0, causal, True)[0]
         torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+# The split-KV decode kernels (opt-in): 1, 4 and 8 query rows per block, float32's two-chunk lanes.
+import os
+os.environ.update(QKV_CUDA_KERNEL="auto", QKV_CUDA_DECODE="split-required")
+for dtype, d, hk, l in ((torch.bfloat16, 128, 8, 1), (torch.float16, 64, 2, 1), (torch.bfloat16, 128, 2, 2),
+                        (torch.float32, 256, 8, 1)):
+    q = torch.randn(2, 8, l, d, device="cuda", dtype=dtype)
+    k, v = (torch.randn(2, hk, 1500, d, device="cuda", dtype=dtype) for _ in range(2))
+    torch.ops.qkv.attention(q, k, v, None, 0.0, True, True)
 torch.cuda.synchronize()
 print("race case done")
 EOF
@@ -59,6 +72,14 @@ EOF
       >"$LOGS/sanitizer-$tool.log" 2>&1
     echo "$tool exit $?: $(grep -E 'ERROR SUMMARY|race case done' "$LOGS/sanitizer-$tool.log" | tr '\n' ' ')"
   done
+}
+
+decode_step() {
+  local workers=()
+  "$PY" -c "import xdist" 2>/dev/null && workers=(-n "${QKV_TEST_WORKERS:-8}")
+  PYTHONPATH=python "$PY" -m pytest -q -p no:cacheprovider "${workers[@]}" tests/test_cuda.py -k split_decode 2>&1 |
+    tail -n 25
+  PYTHONPATH=python "$PY" scripts/cuda_decode_bench.py --json "$LOGS/cuda_decode_bench.json"
 }
 
 ncu_kernels() {
@@ -70,13 +91,14 @@ ncu_kernels() {
 }
 
 export LOGS PY
-export -f race_case ncu_kernels  # run under `timeout` through bash -c
+export -f race_case ncu_kernels decode_step  # run under `timeout` through bash -c
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,temperature.gpu --format=csv,noheader >"$LOGS/gpu.txt" 2>&1
 git log --oneline -1 >"$LOGS/commit.txt" 2>&1
-for s in ${QKV_LEASE_STEPS:-check sass tune race ncu stalls tune2 cpu}; do
+for s in ${QKV_LEASE_STEPS:-check decode sass tune race ncu stalls tune2 cpu}; do
   case "$s" in
     check) step check 400 env NVCC_APPEND_FLAGS=-DQKV_FA2_TUNING QKV_GPU_CHECK_NCU=0 QKV_GPU_CHECK_TEST_TIMEOUT=240 \
              QKV_GPU_CHECK_BENCH_TIMEOUT=90 QKV_GPU_CHECK_OUT="$LOGS/gpu-check-files" PYTHON="$PY" scripts/gpu_check.sh ;;
+    decode) step decode 75 bash -c decode_step ;;
     sass) step sass 30 "$PY" scripts/cuda_sass_check.py python/qkv ;;
     tune) step tune 130 env PYTHONPATH=python "$PY" scripts/cuda_tune.py --dims 128,64 --json "$LOGS/cuda_tune.json" ;;
     race) step race 60 bash -c race_case ;;
@@ -103,6 +125,7 @@ for t in tune tune2; do
   echo "==== $t"
   if grep -q 'geomean x flash' "$LOGS/$t.log"; then sed -n '/geomean x flash/,$p' "$LOGS/$t.log"; else tail -n 30 "$LOGS/$t.log"; fi
 done
+echo "==== decode"; grep -E 'passed|failed|FAILED|Error|\| split \||split vs sdpa|dropped' "$LOGS/decode.log" 2>/dev/null | head -40
 echo "==== sass"; tail -n 3 "$LOGS/sass.log" 2>/dev/null
 echo "==== race"; cat "$LOGS/race.log" 2>/dev/null
 echo "==== ncu"; head -40 "$LOGS/ncu.log" 2>/dev/null

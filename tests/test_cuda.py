@@ -1,7 +1,8 @@
 """What only the CUDA kernels have, against the plain float64 references of reference.py: the kernel
 paths (QKV_CUDA_KERNEL = auto, generic, mma, fa2) and which calls each forced path must refuse,
-the tensor-core kernels of each head dim, fa2's deterministic backward, CUDA-only limits and
-errors, and agreement with the CPU kernels (dropout masks, projection ops).
+the tensor-core kernels of each head dim, fa2's deterministic backward, the opt-in split-KV decode
+forward (QKV_CUDA_DECODE=split-required: decode shapes, split counts, the KV-cache door, fallback and
+refusal), CUDA-only limits and errors, and agreement with the CPU kernels (dropout masks, projection ops).
 
 Everything else the ops promise is checked on the GPU by the core tests themselves, which run on
 every device (conftest.py's `device` fixture: test_core_*.py, test_features_*.py, test_varlen.py,
@@ -605,3 +606,120 @@ def test_varlen_dropout_masks_identical_on_cpu_and_cuda(dtype):
     tol = 1e-5 if dtype == torch.float32 else 5e-2
     for name, a, b in zip(("out", "dq", "dk", "dv"), *results):
         torch.testing.assert_close(b, a, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+
+
+# ---- the split-KV decode forward (QKV_CUDA_DECODE, opt-in; csrc/cuda/decode_kernels.cuh) ------------
+
+# (B, H, Hk, L, S, D): MHA with one row per block, a GQA group of 4 sharing a block, 8 heads x 4
+# rows in four row chunks, odd S, head dims of every lanes-per-key choice.
+DECODE_CASES = {
+    "mha_L1": (1, 16, 16, 1, 4099, 128),
+    "gqa4_L1": (3, 8, 2, 1, 1000, 64),
+    "gqa8_L4": (2, 16, 2, 4, 777, 128),
+    "mha_L3_d256": (2, 4, 4, 3, 301, 256),
+    "mqa_L1_d32": (2, 6, 1, 1, 515, 32),
+}
+
+
+def select_decode(monkeypatch, mode: str, splits=None) -> None:
+    """QKV_CUDA_DECODE=mode ("split-required": the split kernel must serve the call) and
+    QKV_DECODE_SPLITS (None: the heuristic). The CPU kernels ignore both."""
+    monkeypatch.setenv("QKV_CUDA_DECODE", mode)
+    if splits is None:
+        monkeypatch.delenv("QKV_DECODE_SPLITS", raising=False)
+    else:
+        monkeypatch.setenv("QKV_DECODE_SPLITS", str(splits))
+
+
+def decode_inputs(B, H, Hk, L, S, D, dtype, seed):
+    """Token-major q, k, v ((B, H, L, D) views of (B, L, H, D) memory), requiring gradients."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, n, h, D, generator=g, dtype=torch.float64) for n, h in ((L, H), (S, Hk), (S, Hk)))
+    return [t.to(DEVICE, dtype).transpose(1, 2).detach().requires_grad_() for t in (q, k, v)]
+
+
+@pytest.mark.parametrize("case", list(DECODE_CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("causal", CAUSAL, ids=["full", "causal", "causal_bottom_right"])
+@pytest.mark.parametrize("splits", [None, 1, 7, 256])
+def test_split_decode_matches_reference_and_generic(case, dtype, causal, splits, monkeypatch):
+    """Output and logsumexp of the split decode forward against the float64 reference and the generic
+    forward, and the gradients the backward computes from that logsumexp."""
+    B, H, Hk, L, S, D = DECODE_CASES[case]
+    is_causal, bottom_right = causal
+    q, k, v = decode_inputs(B, H, Hk, L, S, D, dtype, seed=seed_of("decode", case, str(dtype)))
+    select_decode(monkeypatch, "split-required", splits)
+    out, lse = ops.attention(q, k, v, None, 0.0, is_causal, bottom_right, 0.1)
+    leaves = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
+    want, want_lse = feature_reference(*leaves, None, is_causal, bottom_right, 0.1)
+    feature_close("out", out, want, dtype)
+    assert torch.equal(torch.isneginf(lse).cpu(), torch.isneginf(want_lse)), "lse -inf exactly on hidden rows"
+    finite = torch.isfinite(want_lse)
+    torch.testing.assert_close(lse.double().cpu()[finite], want_lse.detach()[finite], rtol=1e-4, atol=1e-4)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    got = torch.autograd.grad(out, (q, k, v), grad_out.to(DEVICE, dtype))
+    for name, g, w in zip(("dq", "dk", "dv"), got, torch.autograd.grad(want, leaves, grad_out)):
+        feature_close(name, g, w, dtype)
+    select_decode(monkeypatch, "generic")
+    generic_out, generic_lse = ops.attention(q, k, v, None, 0.0, is_causal, bottom_right, 0.1)
+    feature_close("out vs generic", out, generic_out.detach().cpu(), dtype)
+    torch.testing.assert_close(lse[finite.to(lse.device)], generic_lse[finite.to(lse.device)], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("seqlen_new", [1, 4])
+@pytest.mark.parametrize("splits", [None, 3])
+def test_split_decode_kv_cache_matches_reference(dtype, seqlen_new, splits, monkeypatch):
+    """The KV-cache door on the split decode forward: GQA 4:1, per-batch lengths from an empty cache
+    to a full one, a window and softcap."""
+    select_decode(monkeypatch, "split-required", splits)
+    B, H, Hk, D, cache = 4, 8, 2, 128, 2000
+    g = torch.Generator().manual_seed(21)
+    q = torch.randn(B, seqlen_new, H, D, generator=g, dtype=torch.float64)
+    k_cache = torch.randn(B, cache, Hk, D, generator=g, dtype=torch.float64)
+    v_cache = torch.randn(B, cache, Hk, D, generator=g, dtype=torch.float64)
+    k_new = torch.randn(B, seqlen_new, Hk, D, generator=g, dtype=torch.float64)
+    v_new = torch.randn(B, seqlen_new, Hk, D, generator=g, dtype=torch.float64)
+    cache_seqlens = torch.tensor([0, 37, 1500, cache - seqlen_new], dtype=torch.int32)
+    for window, softcap in (((-1, -1), 0.0), ((700, -1), 4.0)):
+        kc, vc = k_cache.to(DEVICE, dtype), v_cache.to(DEVICE, dtype)
+        out = qkv.flash_attn_with_kvcache(q.to(DEVICE, dtype), kc, vc, k_new.to(DEVICE, dtype),
+                                          v_new.to(DEVICE, dtype), cache_seqlens=cache_seqlens.to(DEVICE),
+                                          softmax_scale=0.08, causal=True, window_size=window, softcap=softcap)
+        t = lambda x: x.transpose(1, 2)  # noqa: E731
+        want, _, _, _ = kvcache_reference(t(q), t(k_cache), t(v_cache), t(k_new), t(v_new), cache_seqlens,
+                                          is_causal=True, scale=0.08, window=window, softcap=softcap)
+        feature_close("out", out, t(want), dtype)
+
+
+def test_split_decode_falls_back_or_refuses(monkeypatch):
+    """QKV_CUDA_DECODE=split leaves a call it does not serve to the usual dispatch (float64, prefill-
+    sized q_len, dropout, head dims not a multiple of 8); split-required raises for it; bad values of
+    the variables are clear errors."""
+    if DEVICE != "cuda":
+        pytest.skip("QKV_CUDA_DECODE only steers the CUDA kernels")
+    calls = [(torch.float64, 1, 64, 0.0), (torch.bfloat16, 40, 64, 0.0), (torch.bfloat16, 1, 60, 0.0)]
+    for dtype, L, D, dropout in calls:
+        q, k, v = (t.detach() for t in decode_inputs(2, 4, 4, L, 300, D, dtype, seed=3))
+        select_decode(monkeypatch, "split")
+        out, _ = ops.attention(q, k, v, None, dropout, True, True)
+        want, _ = feature_reference(q.cpu(), k.cpu(), v.cpu(), None, True, True)
+        feature_close("out", out, want, dtype)
+        select_decode(monkeypatch, "split-required")
+        with pytest.raises(RuntimeError, match="does not qualify for the split decode"):
+            ops.attention(q, k, v, None, dropout, True, True)
+    q, k, v = (t.detach() for t in decode_inputs(1, 4, 4, 1, 300, 64, torch.bfloat16, seed=4))
+    with pytest.raises(RuntimeError, match="does not qualify for the split decode"):
+        ops.attention(q, k, v, None, 0.1, False, False, None, dropout_seed(5))
+    monkeypatch.setenv("QKV_CUDA_DECODE", "splitt")
+    with pytest.raises(RuntimeError, match="QKV_CUDA_DECODE must be generic, split or split-required"):
+        ops.attention(q, k, v)
+    for bad in ("0", "257", "x", "4x"):
+        select_decode(monkeypatch, "split", bad)
+        with pytest.raises(RuntimeError, match="QKV_DECODE_SPLITS must be an integer from 1 to 256"):
+            ops.attention(q, k, v)
+    # A forced tensor-core path keeps its own contract: QKV_CUDA_DECODE does not take its calls.
+    select_decode(monkeypatch, "split-required")
+    monkeypatch.setenv("QKV_CUDA_KERNEL", "fa2")
+    out, _ = ops.attention(q, k, v)
+    feature_close("out", out, feature_reference(q.cpu(), k.cpu(), v.cpu())[0], torch.bfloat16)

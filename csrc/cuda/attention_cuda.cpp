@@ -12,8 +12,17 @@
 // kernels implement); tests use each to check every path against the same reference. The fa2
 // backward adds dQ with atomics (any order) unless torch.use_deterministic_algorithms is on, when
 // it adds them in a fixed order.
+//
+// Decode-shaped calls (q_len <= 16, through qkv.attention or the KV-cache door) can take the
+// split-KV decode forward instead (decode_kernels.cuh; opt-in until tests/test_cuda.py passes with
+// it on a GPU): QKV_CUDA_DECODE=split takes it for every call it qualifies for (split_decode_supported)
+// and leaves the rest to the dispatch above; "split-required" raises for a call that does not
+// qualify (for tests); unset or "generic" never takes it. It steps in only where QKV_CUDA_KERNEL is
+// auto or generic (a forced mma/fa2 still serves or refuses the call itself). QKV_DECODE_SPLITS=n
+// replaces the split-count heuristic (decode_plan.h) for tuning.
 #include "../attention_common.h"
 #include "../sequence_args.h"
+#include "decode_plan.h"
 #include "kernel_args.h"
 #include "kernel_params.h"
 
@@ -24,6 +33,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -53,6 +63,29 @@ KernelChoice kernel_choice() {
   if (std::strcmp(value, "fa2") == 0) return KernelChoice::Fa2;
   TORCH_CHECK(false, "qkv: the environment variable QKV_CUDA_KERNEL must be auto, generic, mma or fa2; got '", value,
               "'");
+}
+
+enum class DecodeChoice { Generic, Split, SplitRequired };
+
+DecodeChoice decode_choice() {
+  const char* value = std::getenv("QKV_CUDA_DECODE");
+  if (value == nullptr || std::strcmp(value, "") == 0 || std::strcmp(value, "generic") == 0) return DecodeChoice::Generic;
+  if (std::strcmp(value, "split") == 0) return DecodeChoice::Split;
+  if (std::strcmp(value, "split-required") == 0) return DecodeChoice::SplitRequired;
+  TORCH_CHECK(false, "qkv: the environment variable QKV_CUDA_DECODE must be generic, split or split-required; got '",
+              value, "'");
+}
+
+// QKV_DECODE_SPLITS: 0 (unset: the heuristic) or a split count in [1, kDecodeMaxSplits].
+int64_t forced_decode_splits() {
+  const char* value = std::getenv("QKV_DECODE_SPLITS");
+  if (value == nullptr || std::strcmp(value, "") == 0) return 0;
+  char* end = nullptr;
+  const long long n = std::strtoll(value, &end, 10);
+  TORCH_CHECK(end != value && *end == '\0' && n >= 1 && n <= kDecodeMaxSplits,
+              "qkv: the environment variable QKV_DECODE_SPLITS must be an integer from 1 to ", kDecodeMaxSplits,
+              " (or unset for the heuristic); got '", value, "'");
+  return n;
 }
 
 // The options of a call that only the generic kernels implement, named for the error a forced
@@ -116,6 +149,38 @@ int device_major(const at::Tensor& t) {
   return major;
 }
 
+int multiprocessor_count(const at::Tensor& t) {
+  int count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, t.get_device()));
+  return count;
+}
+
+// Runs the split-KV decode forward when QKV_CUDA_DECODE asks for it, `kernel` (the resolved
+// QKV_CUDA_KERNEL choice) leaves room for it and the call qualifies; returns whether it ran.
+// `max_kv_len`: the most keys a batch element has (the KV-cache door knows its cache_seqlens).
+bool run_split_decode(const char* op, const ForwardArgs& args, KernelChoice kernel, const at::Tensor& query,
+                      int64_t max_kv_len, cudaStream_t stream) {
+  const DecodeChoice choice = decode_choice();
+  if (choice == DecodeChoice::Generic || kernel == KernelChoice::Mma || kernel == KernelChoice::Fa2) return false;
+  const bool qualifies = split_decode_supported(args);
+  TORCH_CHECK(qualifies || choice != DecodeChoice::SplitRequired, op,
+              ": QKV_CUDA_DECODE=split-required, but this call does not qualify for the split decode forward (it "
+              "needs float16/bfloat16/float32, 1 to ", kDecodeMaxQueryRows, " query rows, no dropout, head_dim == "
+              "value_head_dim, a multiple of 8 (4 for float32), and key/value rows of unit stride readable in aligned "
+              "16-byte chunks); got ", query.scalar_type(), ", ", args.shape.q_len, " query rows, dropout_p ",
+              args.shape.dropout_p, ", head dims ", args.shape.head_dim, "/", args.shape.v_head_dim);
+  if (!qualifies) return false;
+  DecodePlan plan = decode_layout(args);
+  const int64_t forced = forced_decode_splits();
+  const int64_t resident =
+      forced > 0 ? 0 : int64_t{multiprocessor_count(query)} * split_decode_blocks_per_sm(decode_args(args, plan, nullptr));
+  plan.splits = decode_split_count(args, plan, resident, max_kv_len, forced);
+  const at::Tensor workspace =
+      at::empty({decode_workspace_elems(args.shape, plan)}, query.options().dtype(at::kFloat));
+  launch_split_decode_forward(decode_args(args, plan, workspace.data_ptr<float>()), stream);
+  return true;
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& bias, double dropout_p, bool is_causal, bool bottom_right,
@@ -136,6 +201,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(
   set_sequence_tensors(args.shape, sequences);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(query.get_device()).stream();
   const KernelChoice choice = resolve_kernel_choice("qkv.attention", kernel_choice(), generic_only_options(p));
+  if (run_split_decode("qkv.attention", args, choice, query, p.kv_len, stream)) return {out, lse};
   const bool fa2_qualifies =
       (choice == KernelChoice::Auto || choice == KernelChoice::Fa2) && fa2_forward_supported(args, device_major(query));
   if (choice == KernelChoice::Fa2 || fa2_qualifies) {
@@ -367,7 +433,7 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_cuda(
                                             window_left, window_right, softcap, alibi_slopes);
   const AttentionParams& p = kv.p;
   check_cuda_limits(op, query, p);
-  resolve_kernel_choice(op, kernel_choice(), generic_only_options(p, "a KV cache"));
+  const KernelChoice choice = resolve_kernel_choice(op, kernel_choice(), generic_only_options(p, "a KV cache"));
   if (key.has_value() && key->defined()) write_into_caches(kv, k_cache, v_cache, *key, *value);
   at::Tensor out = empty_attention_output(query, p);
   at::Tensor lse = empty_logsumexp(query, p);
@@ -376,7 +442,10 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_cuda(
   sequences.kv_lens = on_device(kv.kv_lens, query);
   ForwardArgs args = forward_args(p, query, k_cache, v_cache, at::Tensor(), out, lse);
   set_sequence_tensors(args.shape, sequences);
-  launch_generic_forward(args, c10::cuda::getCurrentCUDAStream(query.get_device()).stream());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(query.get_device()).stream();
+  const int64_t max_kv_len = *std::max_element(kv.kv_lens.begin(), kv.kv_lens.end());
+  if (run_split_decode(op, args, choice, query, max_kv_len, stream)) return {out, lse};
+  launch_generic_forward(args, stream);
   return {out, lse};
 }
 

@@ -121,6 +121,30 @@ struct BackwardArgs {
   int* dq_semaphore = nullptr;
 };
 
+// The split-KV ("flash-decoding") forward of decode-shaped calls (decode_kernels.cuh; the plan and
+// its qualification test in decode_plan.h): a block per (batch, key/value head, row chunk, split)
+// leaves its split's partial softmax state in a float32 workspace, then a combine kernel merges the
+// splits into `out` and the logsumexp. Opt-in (QKV_CUDA_DECODE=split) until tests/test_cuda.py
+// passes with it on a GPU.
+struct DecodeArgs {
+  ForwardArgs fwd;
+  int rows_per_block = 1;   // query rows of one key/value head a block serves (group * q_len, chunked)
+  int64_t row_chunks = 1;   // blocks per (batch, key/value head) for those rows
+  int64_t splits = 1;       // key ranges per (batch, key/value head, row chunk)
+  int lanes_per_key = 4;    // lanes that share one key row (16-byte chunks of the head dim)
+  int chunks_per_lane = 1;  // 16-byte chunks of a key row per lane
+  // Workspace, float32, per dense query row (b * H + h) * q_len + i and split s, at row * splits + s:
+  // the split's running max and sum of exp(score - max), and its unnormalised output (v_head_dim).
+  float* part_max = nullptr;
+  float* part_sum = nullptr;
+  float* part_out = nullptr;
+};
+
+void launch_split_decode_forward(const DecodeArgs& args, cudaStream_t stream);
+// Blocks of the split kernel serving `args` (its layout; splits and workspace unused) that one
+// multiprocessor of the current device keeps resident (the CUDA occupancy calculator).
+int split_decode_blocks_per_sm(const DecodeArgs& args);
+
 // The largest head_dim / v_head_dim the CUDA kernels handle (accumulators live in registers).
 constexpr int64_t kMaxHeadDim = 256;
 

@@ -5,6 +5,7 @@
 // the CUDA launcher; the launch configurations are the kernels' own *Config structs.
 #include "cuda_emulator.h"  // first: defines the CUDA built-ins the kernel headers use
 
+#include "cuda/decode_kernels.cuh"
 #include "cuda/dispatch.cuh"
 #include "cuda/fa2_tiles.cuh"
 #include "cuda/generic_kernels.cuh"
@@ -202,6 +203,27 @@ void fa2_backward(BackwardArgs args, const at::Tensor& q, const Fa2Choice& choic
   });
 }
 
+// The split-KV decode forward (decode_kernels.cuh), as the launcher runs it: kernel "split" (the
+// heuristic's split count for 132 multiprocessors x kDecodeBlocksPerSmGuess) or "split:N" (N splits).
+void split_decode_forward(const ForwardArgs& args, const at::Tensor& q, const std::string& kernel, int64_t max_kv_len) {
+  TORCH_CHECK(split_decode_supported(args), "qkv_emulated.forward: the call does not qualify for the split decode");
+  const size_t colon = kernel.find(':');
+  const int64_t forced = colon == std::string::npos ? 0 : std::stoll(kernel.substr(colon + 1));
+  DecodePlan plan = decode_layout(args);
+  plan.splits = decode_split_count(args, plan, 132 * kDecodeBlocksPerSmGuess, max_kv_len, forced);
+  const at::Tensor workspace = at::empty({decode_workspace_elems(args.shape, plan)}, q.options().dtype(at::kFloat));
+  const DecodeArgs d = decode_args(args, plan, workspace.data_ptr<float>());
+  decode::dispatch_split_decode(d, [&](auto type, auto rows, auto lanes, auto chunks) {
+    using T = typename decltype(type)::type;
+    constexpr int R = decltype(rows)::value, LPK = decltype(lanes)::value, CPL = decltype(chunks)::value;
+    using Config = decode::SplitConfig<T, R, LPK, CPL>;
+    qkv_emu::launch(Config::blocks(d), decode::kThreads, Config::shared_bytes(),
+                    [&] { decode::split_decode_kernel<T, R, LPK, CPL>(d); });
+    qkv_emu::launch(decode::CombineConfig::blocks(d), decode::CombineConfig::kThreads, 0,
+                    [&] { decode::split_decode_combine_kernel<T>(d); });
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                            const OptTensor& expanded_bias, double scale, bool is_causal,
                                            int64_t causal_offset, double dropout_p, int64_t seed,
@@ -227,6 +249,10 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
     fa2_forward(args, fa2_choice(kernel));
     return {out, lse};
   }
+  if (kernel.rfind("split", 0) == 0) {
+    split_decode_forward(args, q, kernel, kv_lens.has_value() ? kv_lens->max().item<int64_t>() : p.kv_len);
+    return {out, lse};
+  }
   if (kernel == "mma") {
     TORCH_CHECK(mma::forward_supported(args, 8), "qkv_emulated.forward: the call does not qualify for mma");
     auto run = [&](auto type, auto dim) {
@@ -249,7 +275,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
     }
     return {out, lse};
   }
-  TORCH_CHECK(kernel == "generic", "qkv_emulated.forward: kernel must be generic, mma or fa2[:tile]");
+  TORCH_CHECK(kernel == "generic", "qkv_emulated.forward: kernel must be generic, mma, fa2[:tile] or split[:N]");
   const int kc = columns_per_lane(std::max(p.head_dim, p.v_head_dim));
   dispatch_element_type(args.dtype, [&](auto type) {
     using T = typename decltype(type)::type;
@@ -511,7 +537,13 @@ at::Tensor swizzle_probe(int64_t rows, int64_t cols) {
 
 }  // namespace
 
+// The split count decode_plan.h's heuristic picks (decode_num_splits).
+int64_t decode_splits(int64_t base_blocks, int64_t max_keys, int64_t resident) {
+  return decode_num_splits(base_blocks, max_keys, resident);
+}
+
 TORCH_LIBRARY(qkv_emulated, m) {
+  m.def("decode_splits(int base_blocks, int max_keys, int resident) -> int", &decode_splits);
   m.def("swizzle_probe(int rows, int cols) -> Tensor");
   m.def("barrier_probe(bool with_barrier) -> Tensor");
   m.def("ldmatrix_probe(Tensor a, Tensor b) -> Tensor");
