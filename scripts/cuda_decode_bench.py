@@ -18,7 +18,6 @@ events; a side's time is its median. Before timing, each qkv side's output is co
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -27,25 +26,10 @@ import sys
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cuda_tune import environment  # noqa: E402  (the same environment switch as the tuning script)
+
 DEVICE = "cuda"  # tests/test_cuda_decode_bench_script.py runs the logic on the CPU
-
-
-@contextlib.contextmanager
-def environment(**values):
-    old = {k: os.environ.get(k) for k in values}
-    for k, v in values.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def qkv_side(q, k, v, **env):
