@@ -512,20 +512,12 @@ void attention_backward_cpu_impl(const AttentionParams& p, const SequenceLayout&
   const int64_t blocks_per_chunk = (kv_blocks + chunks - 1) / chunks;
   // A band bounded on both sides (a sliding window) shows every key block about the same number
   // of queries: chunks take contiguous key blocks, and each packs and writes only the queries that
-  // see them (about L / chunks + window rows). Other masks interleave the blocks (below).
+  // see them (about L / chunks + window rows). Other masks fold the blocks (ChunkBlocks).
   const bool contiguous_chunks = p.window_left >= 0 && (p.is_causal || p.window_right >= 0);
-  // The key blocks [first, end) of `chunk` in a sequence of `seq_blocks`, every `step`-th.
-  struct ChunkBlocks {
-    int64_t first, end, step;
-    bool empty() const { return first >= end; }
-    int64_t last() const { return first + (end - 1 - first) / step * step; }
-    int64_t index(int64_t kb) const { return (kb - first) / step; }  // of kb among the chunk's blocks
-  };
   TORCH_INTERNAL_ASSERT(chunks <= kBackwardTargetTasks);  // the dQ sum's table of chunk rows
   const auto blocks_of = [&](int64_t chunk, int64_t seq_blocks) {
-    if (!contiguous_chunks) return ChunkBlocks{chunk, seq_blocks, chunks};
-    const int64_t per = (seq_blocks + chunks - 1) / chunks;
-    return ChunkBlocks{chunk * per, std::min(seq_blocks, (chunk + 1) * per), 1};
+    return contiguous_chunks ? ChunkBlocks::contiguous(chunk, chunks, seq_blocks)
+                             : ChunkBlocks::folded(chunk, chunks, seq_blocks);
   };
   // Accumulator rows are padded to whole panels, the row stride gemm_packed writes with.
   const int64_t ld_dq = padded_to_panels<acc_t>(D), ld_dv = padded_to_panels<acc_t>(Dv);
@@ -580,7 +572,7 @@ void attention_backward_cpu_impl(const AttentionParams& p, const SequenceLayout&
   const auto rows_of = [&](const Sequence& s, const ChunkBlocks& blocks) {
     ChunkRows r;
     if (blocks.empty()) return r;
-    r.begin = s.query_begin(blocks.first * BK) / QB * QB;
+    r.begin = s.query_begin(blocks.first() * BK) / QB * QB;
     r.end = s.query_end(std::min(s.kv_len, (blocks.last() + 1) * BK) - 1);
     r.written_end = r.end > r.begin ? std::min(s.q_len, (r.end + QB - 1) / QB * QB) : r.begin;
     return r;
@@ -695,7 +687,7 @@ void attention_backward_cpu_impl(const AttentionParams& p, const SequenceLayout&
         // without accumulate: no zero-filling pass), the later blocks add to them (they are seen
         // by no earlier query); the rows the first block does not reach are zeroed, up to the
         // partial's end (the whole of grad_q when dQ is written in place).
-        const int64_t first_q_end = s.query_end(std::min(s.kv_len, (blocks.first + 1) * BK) - 1);
+        const int64_t first_q_end = s.query_end(std::min(s.kv_len, (blocks.first() + 1) * BK) - 1);
         const int64_t first_written_end =
             first_q_end > q_begin ? std::min(s.q_len, q_begin + (first_q_end - q_begin + QB - 1) / QB * QB) : q_begin;
 
@@ -734,11 +726,11 @@ void attention_backward_cpu_impl(const AttentionParams& p, const SequenceLayout&
             pack_panels(dot_row(i0), rows, Dv, ldo, int64_t(1), do_space + i0 * ld_dv);
           }
 
-          // Without a window the chunks take interleaved key blocks: under a causal mask early keys
-          // see more queries, so contiguous ranges would leave one task with most of the work.
-          for (int64_t kb = blocks.first; kb < blocks.end; kb += blocks.step) {
+          // Without a window the chunks take folded key blocks (ChunkBlocks): under a causal mask
+          // early keys see more queries, so contiguous ranges would leave one task most of the work.
+          for (int64_t kb = blocks.first(); kb < blocks.end(); kb = blocks.next(kb)) {
             const int64_t j0 = kb * BK, cols = std::min(BK, s.kv_len - j0);
-            if (const int64_t next = kb + blocks.step; next < blocks.end) {  // the next block's K and V rows
+            if (const int64_t next = blocks.next(kb); next < blocks.end()) {  // the next block's K and V rows
               const int64_t next_cols = std::min(BK, s.kv_len - next * BK);
               prefetch_rows(ctx.k_row(s, h, next * BK), ctx.k.s2, next_cols, D, ctx.k.s3, false);
               prefetch_rows(ctx.v_row(s, h, next * BK), ctx.v.s2, next_cols, Dv, ctx.v.s3, false);
@@ -821,7 +813,7 @@ void attention_backward_cpu_impl(const AttentionParams& p, const SequenceLayout&
               gemm_packed<acc_t>(cols, Dv, rows, st, 1, BK, do_panels, dv_acc, ld_dv, true, seeing);  // dV += P'^T dO
               gemm_packed<acc_t>(cols, D, rows, dpt, 1, BK, q_panels, dk_acc, ld_dq, true, seeing);   // dK += dS^T Q
               gemm_packed<acc_t>(rows, D, cols, dpt, BK, 1, k_panels, dq_acc + i0 * ld_dq_acc, ld_dq_acc,
-                                 kb != blocks.first, ctx.visible_key_depth(s, i0, j0, cols));  // dQ (+)= dS K
+                                 kb != blocks.first(), ctx.visible_key_depth(s, i0, j0, cols));  // dQ (+)= dS K
             }
             if (G == 1) {
               for (int64_t c = 0; c < cols; ++c) {
@@ -835,7 +827,7 @@ void attention_backward_cpu_impl(const AttentionParams& p, const SequenceLayout&
           finish_dq(h);
         }
         if (!kv_per_block) {  // the group's summed key and value gradients
-          for (int64_t kb = blocks.first; kb < blocks.end; kb += blocks.step) {
+          for (int64_t kb = blocks.first(); kb < blocks.end(); kb = blocks.next(kb)) {
             const int64_t j0 = kb * BK, cols = std::min(BK, s.kv_len - j0);
             const acc_t* dk_acc = dk_all + blocks.index(kb) * BK * ld_dq;
             const acc_t* dv_acc = dv_all + blocks.index(kb) * BK * ld_dv;

@@ -118,6 +118,55 @@ struct BackwardTasks {
   }
 };
 
+// The key blocks of one chunk of a pair's work, visited in ascending order (the first one writes
+// the chunk's dQ partial, the later ones add to it).
+// - contiguous: blocks [chunk * per, (chunk + 1) * per), for bands bounded on both sides (sliding
+//   windows), where every block is seen by about as many queries and a chunk then packs and writes
+//   only the queries near its blocks;
+// - folded, for every other mask: the blocks are dealt to the chunks back and forth, chunk
+//   0 1 .. C-1 C-1 .. 1 0 0 1 .., two blocks per chunk in every 2C. Under a causal mask a block's
+//   work falls with its index, so each chunk gets one block from either end: equal work. Dealt
+//   round-robin (c, c + C, ..), chunk 0 had twice the work of chunk C-1 (8 blocks, 4 chunks), and
+//   with as many threads as tasks the backward waited on the big chunks (B1 H8 L2048 on 16 threads:
+//   21 units of time instead of 16 in a model of the task queue).
+class ChunkBlocks {
+ public:
+  static ChunkBlocks contiguous(int64_t chunk, int64_t chunks, int64_t blocks) {
+    const int64_t per = (blocks + chunks - 1) / chunks;
+    return ChunkBlocks(chunk, 0, std::min(blocks, chunk * per), std::min(blocks, (chunk + 1) * per));
+  }
+  static ChunkBlocks folded(int64_t chunk, int64_t chunks, int64_t blocks) {
+    return ChunkBlocks(chunk, chunks, std::min(chunk, blocks), blocks);
+  }
+
+  bool empty() const { return first_ >= end_; }
+  int64_t first() const { return first_; }
+  int64_t end() const { return end_; }  // past the last block: next() of the last one
+  int64_t next(int64_t kb) const {
+    if (chunks_ == 0) return kb + 1;
+    const int64_t period = 2 * chunks_;
+    const int64_t n = kb % period == chunk_ ? kb + period - 1 - 2 * chunk_ : kb + 2 * chunk_ + 1;
+    return std::min(n, end_);
+  }
+  int64_t last() const {
+    int64_t kb = first_;
+    for (int64_t n = next(kb); n < end_; n = next(n)) kb = n;
+    return kb;
+  }
+  // The position of block kb among the chunk's blocks; below ceil(blocks / chunks).
+  int64_t index(int64_t kb) const {
+    if (chunks_ == 0) return kb - first_;
+    const int64_t period = 2 * chunks_;
+    return 2 * (kb / period) + (kb % period == chunk_ ? 0 : 1);
+  }
+
+ private:
+  ChunkBlocks(int64_t chunk, int64_t chunks, int64_t first, int64_t end)
+      : chunk_(chunk), chunks_(chunks), first_(first), end_(end) {}
+  int64_t chunk_, chunks_;  // chunks_ == 0: contiguous
+  int64_t first_, end_;
+};
+
 // Equal-sized buffers of acc_t that tasks take and give back, so that only the work in progress
 // holds memory (sizes rounded up to whole cache lines: no two workers write one line).
 template <typename acc_t>

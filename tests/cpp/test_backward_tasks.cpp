@@ -70,6 +70,51 @@ struct Log {
   }
 };
 
+// Every key block belongs to exactly one chunk, each chunk's blocks come in ascending order and
+// index() numbers them 0, 1, .. below ceil(blocks / chunks) (the size of a chunk's dK/dV scratch).
+void expect_partition(bool contiguous, int64_t chunks, int64_t blocks) {
+  std::vector<int> owners(blocks, 0);
+  for (int64_t c = 0; c < chunks; ++c) {
+    const qkv::ChunkBlocks chunk = contiguous ? qkv::ChunkBlocks::contiguous(c, chunks, blocks)
+                                              : qkv::ChunkBlocks::folded(c, chunks, blocks);
+    int64_t previous = -1, position = 0;
+    for (int64_t kb = chunk.first(); kb < chunk.end(); kb = chunk.next(kb)) {
+      ASSERT_GT(kb, previous);
+      ASSERT_EQ(chunk.index(kb), position++);
+      ASSERT_LT(chunk.index(kb), (blocks + chunks - 1) / chunks);
+      ++owners[kb];
+      previous = kb;
+    }
+    EXPECT_EQ(chunk.empty(), position == 0);
+    if (position > 0) EXPECT_EQ(chunk.last(), previous);
+  }
+  for (int64_t kb = 0; kb < blocks; ++kb) EXPECT_EQ(owners[kb], 1) << "block " << kb;
+}
+
+TEST(ChunkBlocks, EveryBlockInOneChunkInOrder) {
+  for (const bool contiguous : {false, true}) {
+    for (int64_t chunks = 1; chunks <= 6; ++chunks) {
+      for (int64_t blocks = 1; blocks <= 30; ++blocks) {
+        SCOPED_TRACE(testing::Message() << "contiguous " << contiguous << " chunks " << chunks << " blocks " << blocks);
+        expect_partition(contiguous, chunks, blocks);
+      }
+    }
+  }
+}
+
+TEST(ChunkBlocks, FoldedChunksShareACausalBackwardEvenly) {
+  // Under a causal mask block kb of n is seen by about n - kb - 1/2 block rows of queries.
+  for (const int64_t blocks : {8, 16, 32}) {
+    const int64_t chunks = 4;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const qkv::ChunkBlocks chunk = qkv::ChunkBlocks::folded(c, chunks, blocks);
+      double work = 0;
+      for (int64_t kb = chunk.first(); kb < chunk.end(); kb = chunk.next(kb)) work += blocks - kb - 0.5;
+      EXPECT_DOUBLE_EQ(work, blocks * blocks / 2.0 / chunks) << "chunk " << c << " of " << blocks << " blocks";
+    }
+  }
+}
+
 TEST(KvBlockSums, AddsInHeadOrderWhateverTheArrivalOrder) {
   // In float32, 1e8 + 1 is 1e8: ((1e8 + 1) - 1e8) + 1 = 1, where arrival order gives 2.
   const float x[4] = {1e8f, 1.0f, -1e8f, 1.0f};
