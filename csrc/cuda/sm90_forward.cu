@@ -44,13 +44,10 @@ ForwardParams<Traits> forward_params(const ForwardArgs& args) {
   params.out_s1 = args.out.s1;
   params.out_s2 = args.out.s2;
   params.lse = static_cast<float*>(args.lse);
-  params.q_len = i32(p.q_len);
-  params.kv_len = i32(p.kv_len);
+  params.shape = p;
   params.heads = i32(p.heads);
   params.head_group = i32(head_group(p));
   params.m_blocks = i32((p.q_len + Traits::kBlockM - 1) / Traits::kBlockM);
-  params.causal_offset = p.causal_offset;
-  params.is_causal = p.is_causal;
   params.scale = static_cast<float>(p.scale);
   params.scale_log2 = static_cast<float>(p.scale * 1.4426950408889634);
   return params;

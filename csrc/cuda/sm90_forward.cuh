@@ -31,6 +31,7 @@
 //     barriers around each warpgroup's GEMMs): both go in the consumer loop, `consumer_step`;
 //   - a persistent tile scheduler and a TMA store of O.
 #include "kernel_params.h"
+#include "masking.cuh"  // the fast paths' dense masks: MaskInfo, key_end_for_rows
 
 #include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>
@@ -151,12 +152,11 @@ struct ForwardParams {
   typename Traits::TmaK tma_k;
   typename Traits::TmaV tma_v;
   TmaShape shape_q, shape_k, shape_vt;
+  ProblemShape shape;  // lengths and the causal mask (masking.cuh reads it)
   void* out = nullptr;
   int64_t out_s0 = 0, out_s1 = 0, out_s2 = 0;
   float* lse = nullptr;  // contiguous (B, H, L)
-  int32_t q_len = 0, kv_len = 0, heads = 0, head_group = 1, m_blocks = 0;
-  int64_t causal_offset = 0;  // key j hidden from query i when j > i + causal_offset
-  bool is_causal = false;
+  int32_t heads = 0, head_group = 1, m_blocks = 0;
   float scale = 1.f;       // natural-log units
   float scale_log2 = 1.f;  // scale * log2(e)
 };
@@ -224,19 +224,14 @@ template <typename Params>
 __device__ __forceinline__ BlockCoord block_coord(const Params& p) {
   const int32_t tile = static_cast<int32_t>(blockIdx.x % static_cast<uint32_t>(p.m_blocks));
   const int32_t bh = static_cast<int32_t>(blockIdx.x / static_cast<uint32_t>(p.m_blocks));
-  return {p.is_causal ? p.m_blocks - 1 - tile : tile, bh % p.heads, bh / p.heads};
+  return {p.shape.is_causal ? p.m_blocks - 1 - tile : tile, bh % p.heads, bh / p.heads};
 }
 
 // Key tiles a block of query rows [row0, row0 + kBlockM) visits: [0, n_blocks).
-template <int kBlockM, int kBlockN, typename Params>
-__device__ __forceinline__ int32_t key_blocks(const Params& p, int64_t row0) {
-  int64_t end = p.kv_len;
-  if (p.is_causal) {
-    const int64_t rows_end = row0 + kBlockM < p.q_len ? row0 + kBlockM : p.q_len;
-    const int64_t e = rows_end + p.causal_offset;  // one past the last key the last row sees
-    end = e < 0 ? 0 : (e < end ? e : end);
-  }
-  return static_cast<int32_t>((end + kBlockN - 1) / kBlockN);
+template <int kBlockM, int kBlockN>
+__device__ __forceinline__ int32_t key_blocks(const ProblemShape& p, int64_t row0) {
+  const int64_t rows_end = row0 + kBlockM < p.q_len ? row0 + kBlockM : p.q_len;
+  return static_cast<int32_t>((key_end_for_rows(p, rows_end) + kBlockN - 1) / kBlockN);
 }
 
 // A coordinate of a TMA view: 0 along a collapsed (size-1) dimension.
@@ -260,7 +255,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const int thread = static_cast<int>(threadIdx.x);
   const BlockCoord coord = block_coord(params);
   const int64_t row0 = int64_t{coord.m_block} * kBlockM;
-  const int32_t n_blocks = key_blocks<kBlockM, kBlockN>(params, row0);
+  const int32_t n_blocks = key_blocks<kBlockM, kBlockN>(params.shape, row0);
 
   if (thread == 0) {
     prefetch_tma_descriptor(params.tma_q.get_tma_descriptor());
@@ -351,6 +346,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   }
   const float scale_log2 = params.scale_log2;
   const int64_t wg_row0 = row0 + 64 * consumer_warpgroup;  // this warpgroup's first query row
+  const MaskInfo mask = mask_of(params.shape);
 
   if (n_blocks > 0) {
     smem.barrier_q.wait(0);
@@ -364,14 +360,13 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       pipeline_k.consumer_release(read);
 
       // ---- masks: keys past the end; under a causal mask, keys past this row's diagonal ----
-      const bool crosses_end = j0 + kBlockN > params.kv_len;
-      const bool crosses_diagonal = params.is_causal && j0 + kBlockN - 1 > wg_row0 + params.causal_offset;
+      // (Rows past the query end are masked too when a tile needs the test; they are never stored.)
+      const bool crosses_end = j0 + kBlockN > mask.kv_len;
+      const bool crosses_diagonal = mask.is_causal && j0 + kBlockN - 1 > wg_row0 + mask.causal_offset;
       if (crosses_end || crosses_diagonal) {
         CUTLASS_PRAGMA_UNROLL
         for (int e = 0; e < size(tSrS); ++e) {
-          const int64_t i = row0 + get<0>(tScS(e));
-          const int64_t j = j0 + get<1>(tScS(e));
-          if (j >= params.kv_len || (params.is_causal && j > i + params.causal_offset)) tSrS(e) = -INFINITY;
+          if (!mask.visible(row0 + get<0>(tScS(e)), j0 + get<1>(tScS(e)))) tSrS(e) = -INFINITY;
         }
       }
 
@@ -428,7 +423,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   cutlass::arch::fence_view_async_shared();  // generic-proxy writes to memory the async proxy (TMA, wgmma) used
   Tensor o = make_tensor(tOrO.data(), accumulator_rows_cols(tOrO.layout()));
   Tensor o_coord = make_tensor(tOcO.data(), accumulator_rows_cols(tOcO.layout()));
-  float* lse = params.lse + (int64_t{coord.b} * params.heads + coord.h) * params.q_len;
+  const int64_t q_len = params.shape.q_len;
+  float* lse = params.lse + (int64_t{coord.b} * params.heads + coord.h) * q_len;
   CUTLASS_PRAGMA_UNROLL
   for (int r = 0; r < kRows; ++r) {
     const float total = quad_sum(row_sum[r]);
@@ -437,7 +433,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     for (int c = 0; c < size<1>(o); ++c) o(r, c) *= inv;
     const int row = get<0>(o_coord(r, 0));
     const int64_t i = row0 + row;
-    if (get<1>(o_coord(r, 0)) == 0 && i < params.q_len) {  // one thread of the row's quad
+    if (get<1>(o_coord(r, 0)) == 0 && i < q_len) {  // one thread of the row's quad
       lse[i] = total == 0.f ? -INFINITY : row_max[r] * params.scale + log2f(total) * 0.69314718055994531f;
     }
   }
@@ -455,7 +451,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   for (int idx = wg_thread; idx < 64 * kChunks; idx += 128) {
     const int row = 64 * consumer_warpgroup + idx / kChunks, chunk = idx % kChunks;
     const int64_t i = row0 + row;
-    if (i < params.q_len) {
+    if (i < q_len) {
       *reinterpret_cast<uint4*>(out + i * params.out_s2 + chunk * 8) =
           *reinterpret_cast<const uint4*>(staged + row * Traits::kOPitch + chunk * 8);
     }

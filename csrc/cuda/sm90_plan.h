@@ -104,7 +104,4 @@ inline bool forward_supported(const ForwardArgs& args, int major, int minor) {
   return forward_refusal(args, major, minor) == nullptr;
 }
 
-// The key/value head that query head h reads (grouped-query attention): h / (heads / kv_heads).
-inline int64_t head_group(const ProblemShape& p) { return p.heads / (p.kv_heads > 0 ? p.kv_heads : p.heads); }
-
 }  // namespace qkv::cuda::sm90
