@@ -57,7 +57,7 @@ ifeq ($(AARCH64_CHECK),1)
 	  { echo "could not install g++-aarch64-linux-gnu; install it, or run with AARCH64_CHECK=0"; exit 1; }; }
 endif
 
-test-python: build $(STAMP_TRANSFORMERS) aarch64-cross-compiler
+test-python: build $(STAMP_TRANSFORMERS) aarch64-cross-compiler cutlass-wheel
 	PYTHONPATH=$(CURDIR)/python QKV_REQUIRE_TRANSFORMERS=1 QKV_TRANSFORMERS_VERSION=$(TRANSFORMERS_VERSION) \
 	  QKV_REQUIRE_AARCH64_CHECK=$(AARCH64_CHECK) $(PY) -m pytest -q tests
 

@@ -32,6 +32,7 @@
 //   - a persistent tile scheduler and a TMA store of O.
 #include "kernel_params.h"
 #include "masking.cuh"  // the fast paths' dense masks: MaskInfo, key_end_for_rows
+#include "sm90_plan.h"  // TmaView
 
 #include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>
@@ -160,6 +161,51 @@ struct ForwardParams {
   float scale = 1.f;       // natural-log units
   float scale_log2 = 1.f;  // scale * log2(e)
 };
+
+// The kernel's parameters for a call sm90_plan.h accepted: the TMA descriptors of Q, K and V^T
+// (CuTe's make_tma_copy, which calls cuTensorMapEncodeTiled through the runtime's driver entry point:
+// no -lcuda) over the views sm90_plan.h describes. Host code; tests/cuda_emulation/sm90_tma_probe.cu
+// records the descriptors it builds, without a GPU.
+template <typename Traits>
+ForwardParams<Traits> make_forward_params(const ForwardArgs& args) {
+  using Element = typename Traits::Element;
+  const ProblemShape& p = args.shape;
+  const int64_t kv_heads = p.heads / head_group(p);
+  const TmaView q = tma_view(args.q.data, args.q.s0, args.q.s1, args.q.s2, p.batch, p.heads, p.q_len, p.head_dim);
+  const TmaView k = tma_view(args.k.data, args.k.s0, args.k.s1, args.k.s2, p.batch, kv_heads, p.kv_len, p.head_dim);
+  const TmaView v = tma_view(args.v.data, args.v.s0, args.v.s1, args.v.s2, p.batch, kv_heads, p.kv_len, p.head_dim);
+  auto i32 = [](int64_t x) { return static_cast<int32_t>(x); };
+
+  ForwardParams<Traits> params;
+  params.shape_q = TmaShape{i32(q.rows), i32(q.cols), i32(q.heads), i32(q.batch)};
+  params.shape_k = TmaShape{i32(k.rows), i32(k.cols), i32(k.heads), i32(k.batch)};
+  params.shape_vt = TmaShape{i32(v.cols), i32(v.rows), i32(v.heads), i32(v.batch)};
+  Tensor mQ = make_tensor(make_gmem_ptr(static_cast<Element const*>(q.data)), params.shape_q,
+                          TmaStrideRowMajor{q.row_stride, _1{}, q.head_stride, q.batch_stride});
+  Tensor mK = make_tensor(make_gmem_ptr(static_cast<Element const*>(k.data)), params.shape_k,
+                          TmaStrideRowMajor{k.row_stride, _1{}, k.head_stride, k.batch_stride});
+  Tensor mVt = make_tensor(make_gmem_ptr(static_cast<Element const*>(v.data)), params.shape_vt,
+                           TmaStrideTransposed{_1{}, v.row_stride, v.head_stride, v.batch_stride});
+  params.tma_q = make_tma_copy(SM90_TMA_LOAD{}, mQ, typename Traits::SmemLayoutQ{},
+                               Shape<Int<Traits::kBlockM>, Int<Traits::kHeadDim>>{}, _1{});
+  params.tma_k = make_tma_copy(SM90_TMA_LOAD{}, mK, take<0, 2>(typename Traits::SmemLayoutK{}),
+                               Shape<Int<Traits::kBlockN>, Int<Traits::kHeadDim>>{}, _1{});
+  params.tma_v = make_tma_copy(SM90_TMA_LOAD{}, mVt, take<0, 2>(typename Traits::SmemLayoutVt{}),
+                               Shape<Int<Traits::kHeadDim>, Int<Traits::kBlockN>>{}, _1{});
+
+  params.out = args.out.data;
+  params.out_s0 = args.out.s0;
+  params.out_s1 = args.out.s1;
+  params.out_s2 = args.out.s2;
+  params.lse = static_cast<float*>(args.lse);
+  params.shape = p;
+  params.heads = i32(p.heads);
+  params.head_group = i32(head_group(p));
+  params.m_blocks = i32((p.q_len + Traits::kBlockM - 1) / Traits::kBlockM);
+  params.scale = static_cast<float>(p.scale);
+  params.scale_log2 = static_cast<float>(p.scale * 1.4426950408889634);
+  return params;
+}
 
 // ---- register-fragment views (the layout algebra of FlashAttention-3's utils.h) -----------------
 
