@@ -21,7 +21,8 @@
 # Environment: PYTHON (default python3), MAX_JOBS (default: all cores), QKV_TEST_WORKERS (pytest-xdist
 # workers, default: one per core), QKV_GPU_CHECK_TEST_TIMEOUT (seconds for all tests, default 600),
 # QKV_GPU_CHECK_BENCH_TIMEOUT (seconds for the benchmark, default 600),
-# QKV_GPU_CHECK_OUT / OUT (where to copy the files), QKV_GPU_CHECK_NCU=0 (skip ncu).
+# QKV_GPU_CHECK_OUT / OUT (where to copy the files), QKV_GPU_CHECK_NCU=0 (skip ncu),
+# QKV_GPU_CHECK_BUILD_ONLY=1 (step 1 only: gpu_lease.sh's `build` step, for a session that runs its own tests).
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -84,7 +85,7 @@ if [[ "$build" != OK ]]; then
 fi
 
 # ---- 2. tests ---------------------------------------------------------------------------------
-if [[ "$build" == OK ]]; then
+if [[ "$build" == OK && "${QKV_GPU_CHECK_BUILD_ONLY:-0}" != 1 ]]; then
   mapfile -t device_tests < <("${HELPER[@]}" device-tests)
   echo "gpu-check: tests/test_cuda.py, tests/test_errors_in_child.py, cuda runs of ${#device_tests[@]} core test files ($(elapsed))"
   # timeout signals the whole process group (pytest and its workers) if the tests hang
