@@ -5,7 +5,8 @@ CuTe's make_tma_copy over sm90_plan.h's views) with cuTensorMapEncodeTiled repla
 every descriptor the GPU would get is printed: for Q, K and V^T the global dims and byte strides
 (innermost first), the box and the swizzle. A wrong stride, a broadcast dimension that was not
 collapsed, V described as something other than its own rows, or a box that does not match the
-kernel's tiles would load the wrong data on the device; here it fails on any machine with nvcc.
+kernel's tiles would load the wrong data on the device; here it fails on any machine with nvcc. The
+same probe checks the register-fragment layouts the kernel's softmax and P V product rely on.
 """
 from __future__ import annotations
 
@@ -148,3 +149,14 @@ def test_tma_descriptors_describe_each_tensor_and_the_kernels_tiles(probe, name)
         assert desc["elem"] == [1, 1, 1, 1]
         assert desc["swizzle"] == SWIZZLE_128B
     assert result["params"] == {"heads": H, "group": H // Hk, "m_blocks": -(-L // BLOCK_M)}
+
+
+def test_fragment_layouts_the_softmax_and_the_p_v_product_rely_on(probe):
+    """From CuTe's own partitions of the kernel's tiled MMAs (host-evaluable layout algebra), for
+    each dtype and head dim: the S accumulator registers, read through accumulator_as_operand_a, are
+    register for register the A operand the RS wgmma of P V expects (P reuses S in place); each row
+    of accumulator_rows_cols lies on one query row, the same in S and O, and the 4 threads of a row
+    quad share it (the max/sum shuffles); one thread writes each row's logsumexp; every S element
+    has exactly one owner; warpgroup w owns rows [64 w, 64 w + 64)."""
+    out = subprocess.run([str(probe), "layouts"], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == ["layouts D=64 ok", "layouts D=128 ok"] * 2, out

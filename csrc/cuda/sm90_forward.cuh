@@ -208,11 +208,12 @@ ForwardParams<Traits> make_forward_params(const ForwardArgs& args) {
 }
 
 // ---- register-fragment views (the layout algebra of FlashAttention-3's utils.h) -----------------
+// Host and device: tests/cuda_emulation/sm90_tma_probe.cu checks them against CuTe's partitions.
 
 // The wgmma accumulator layout ((2, 2, N / 8), MMA_M, MMA_N) as (rows = (2, MMA_M), cols = (2, N / 8, MMA_N)):
 // a thread's values of one row are (r, _).
 template <typename Layout0>
-__device__ __forceinline__ auto accumulator_rows_cols(Layout0 acc) {
+CUTE_HOST_DEVICE constexpr auto accumulator_rows_cols(Layout0 acc) {
   static_assert(decltype(rank<0>(acc))::value == 3 && decltype(rank(acc))::value == 3);
   static_assert(decltype(size<0, 0>(acc))::value == 2 && decltype(size<0, 1>(acc))::value == 2);
   return make_layout(make_layout(get<0, 1>(acc), get<1>(acc)), make_layout(get<0, 0>(acc), get<0, 2>(acc), get<2>(acc)));
@@ -221,7 +222,7 @@ __device__ __forceinline__ auto accumulator_rows_cols(Layout0 acc) {
 // The S accumulator ((2, 2, N / 8), MMA_M, MMA_N) as the A operand of the P V wgmma for 16-bit
 // types: ((2, 2, 2), MMA_M, (N / 16, MMA_N)): each k16 slice of P is two n8 column blocks of S.
 template <typename Layout0>
-__device__ __forceinline__ auto accumulator_as_operand_a(Layout0 acc) {
+CUTE_HOST_DEVICE constexpr auto accumulator_as_operand_a(Layout0 acc) {
   auto l = logical_divide(get<0, 2>(acc), Tile<_2>{});  // ((2, N / 16))
   return make_layout(make_layout(get<0, 0>(acc), get<0, 1>(acc), get<0, 0>(l)), get<1>(acc),
                      coalesce(make_layout(get<0, 1>(l), get<2>(acc))));

@@ -5,7 +5,8 @@
 // nvcc (host code only), feeds it calls as text and checks every descriptor: dims, strides, box
 // and swizzle of Q, K and V^T for each head dim and layout.
 //
-// stdin, one call a line: `dtype D B H Hk L S  q_s0 q_s1 q_s2  k_s0 k_s1 k_s2  v_s0 v_s1 v_s2` (element
+// `probe layouts`: the register-fragment facts the kernel relies on (check_layouts below).
+// Otherwise stdin, one call a line: `dtype D B H Hk L S  q_s0 q_s1 q_s2  k_s0 k_s1 k_s2  v_s0 v_s1 v_s2` (element
 // strides; the column stride is 1). stdout, per call: `call N`, then one line per descriptor:
 // `tma rank=R dims=.. strides=.. box=.. elem=.. swizzle=S`, then `params heads=.. group=.. m_blocks=..`.
 #include "cuda/sm90_forward.cuh"
@@ -43,9 +44,78 @@ void record(const ForwardArgs& args) {
   std::printf("params heads=%d group=%d m_blocks=%d\n", params.heads, params.head_group, params.m_blocks);
 }
 
+// The register-fragment facts the kernel's softmax and its P V product rely on, from CuTe's own
+// layouts (host-evaluable): prints `layouts D=.. ok` or the first few violations.
+template <typename Traits>
+void check_layouts() {
+  using namespace cute;
+  constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, D = Traits::kHeadDim;
+  typename Traits::TiledMmaQK mma_qk;
+  typename Traits::TiledMmaPV mma_pv;
+  auto cS = make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{});  // S (and P as PV's A): (rows, keys)
+  auto cO = make_identity_tensor(Shape<Int<kBlockM>, Int<D>>{});
+  int failures = 0;
+  auto fail = [&](const char* what, int t, int i, int a0, int a1, int b0, int b1) {
+    if (failures++ < 8) std::printf("layouts D=%d: %s: thread %d element %d: (%d, %d) vs (%d, %d)\n", D, what, t, i, a0, a1, b0, b1);
+  };
+  static int seen_s[kBlockM][kBlockN], lse_writers[kBlockM];
+  for (auto& row : seen_s) for (int& x : row) x = 0;
+  for (int& x : lse_writers) x = 0;
+  for (int t = 0; t < Traits::kConsumerThreads; ++t) {
+    Tensor tScS = mma_qk.get_thread_slice(t).partition_C(cS);
+    Tensor tOcO = mma_pv.get_thread_slice(t).partition_C(cO);
+    Tensor tPcA = mma_pv.get_thread_slice(t).partition_A(cS);  // what the RS wgmma expects in each A register
+    // P reuses the S registers: the converted view must name, register for register, the A operand.
+    Tensor s_as_a = make_tensor(tScS.data(), sm90::accumulator_as_operand_a(tScS.layout()));
+    if (size(s_as_a) != size(tPcA)) fail("P/A sizes", t, 0, int(size(s_as_a)), 0, int(size(tPcA)), 0);
+    for (int i = 0; i < int(size(tPcA)); ++i) {
+      const int a0 = get<0>(s_as_a(i)), a1 = get<1>(s_as_a(i)), b0 = get<0>(tPcA(i)), b1 = get<1>(tPcA(i));
+      if (a0 != b0 || a1 != b1) fail("S register != P V's A operand", t, i, a0, a1, b0, b1);
+    }
+    // Rows: every value of row r of the (rows, cols) view lies on one query row, the same for S and O.
+    Tensor s_rc = make_tensor(tScS.data(), sm90::accumulator_rows_cols(tScS.layout()));
+    Tensor o_rc = make_tensor(tOcO.data(), sm90::accumulator_rows_cols(tOcO.layout()));
+    for (int r = 0; r < int(size<0>(s_rc)); ++r) {
+      const int row = get<0>(s_rc(r, 0));
+      for (int c = 0; c < int(size<1>(s_rc)); ++c) {
+        if (get<0>(s_rc(r, c)) != row) fail("S row", t, c, get<0>(s_rc(r, c)), 0, row, 0);
+      }
+      for (int c = 0; c < int(size<1>(o_rc)); ++c) {
+        if (get<0>(o_rc(r, c)) != row) fail("O row", t, c, get<0>(o_rc(r, c)), 0, row, 0);
+      }
+      // The row's quad (lanes t ^ 1, t ^ 2) holds the rest of it: same row, and the max/sum shuffles stay in the warp.
+      for (int other : {t ^ 1, t ^ 2, t ^ 3}) {
+        Tensor q_rc = make_tensor(mma_qk.get_thread_slice(other).partition_C(cS).data(),
+                                  sm90::accumulator_rows_cols(tScS.layout()));
+        if (get<0>(q_rc(r, 0)) != row) fail("quad row", t, other, get<0>(q_rc(r, 0)), 0, row, 0);
+      }
+      if (get<1>(o_rc(r, 0)) == 0) ++lse_writers[row];
+    }
+    for (int i = 0; i < int(size(tScS)); ++i) ++seen_s[get<0>(tScS(i))][get<1>(tScS(i))];
+    // Warpgroup w owns rows [64 w, 64 w + 64): the rows whose Q it reads and whose O it stores.
+    for (int i = 0; i < int(size(tOcO)); ++i) {
+      if (get<0>(tOcO(i)) / 64 != t / 128) fail("warpgroup rows", t, i, get<0>(tOcO(i)), 0, t / 128, 0);
+    }
+  }
+  for (int r = 0; r < kBlockM; ++r) {
+    if (lse_writers[r] != 1) fail("lse writers per row", r, 0, lse_writers[r], 0, 1, 0);
+    for (int c = 0; c < kBlockN; ++c) {
+      if (seen_s[r][c] != 1) fail("S element owners", r, c, seen_s[r][c], 0, 1, 0);
+    }
+  }
+  std::printf("layouts D=%d %s\n", D, failures ? "FAILED" : "ok");
+}
+
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
+  if (argc > 1 && std::string(argv[1]) == "layouts") {
+    check_layouts<sm90::ForwardTraits<cutlass::bfloat16_t, 64>>();
+    check_layouts<sm90::ForwardTraits<cutlass::bfloat16_t, 128>>();
+    check_layouts<sm90::ForwardTraits<cutlass::half_t, 64>>();
+    check_layouts<sm90::ForwardTraits<cutlass::half_t, 128>>();
+    return 0;
+  }
   // Base addresses only need the 16-byte alignment sm90_plan.h requires: nothing is read.
   alignas(16) static char memory[64];
   std::string dtype;
