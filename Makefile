@@ -13,7 +13,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 STAMP_DEPS := $(VENV)/.deps-installed
 EXT_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') csrc/sources.txt setup.py
 
-.PHONY: all venv build test test-python test-cpp bench bench-quick clean cuda-check gpu-check aarch64-cross-compiler
+.PHONY: all venv build test test-python test-cpp bench bench-quick clean cuda-check gpu-check aarch64-cross-compiler cutlass-wheel
 
 all: build
 
@@ -57,7 +57,7 @@ ifeq ($(AARCH64_CHECK),1)
 	  { echo "could not install g++-aarch64-linux-gnu; install it, or run with AARCH64_CHECK=0"; exit 1; }; }
 endif
 
-test-python: build $(STAMP_TRANSFORMERS) aarch64-cross-compiler
+test-python: build $(STAMP_TRANSFORMERS) aarch64-cross-compiler cutlass-wheel
 	PYTHONPATH=$(CURDIR)/python QKV_REQUIRE_TRANSFORMERS=1 QKV_TRANSFORMERS_VERSION=$(TRANSFORMERS_VERSION) \
 	  QKV_REQUIRE_AARCH64_CHECK=$(AARCH64_CHECK) $(PY) -m pytest -q tests
 
@@ -79,10 +79,18 @@ bench: build
 bench-quick: build
 	PYTHONPATH=$(CURDIR)/python $(PY) -m qkv.bench --quick $(BENCH_ARGS)
 
+# The pinned CUTLASS header wheel (scripts/build_config.py: CUTLASS_REQUIREMENT; 6.4 MB) in .deps/
+# (git-ignored): the CUDA check installs it from there, and a GPU session carries the folder to the
+# GPU machine, which has no network (scripts/gpu_check.sh installs it there). See docs/cuda.md.
+CUTLASS_REQUIREMENT = $(shell $(PYTHON) scripts/build_config.py cutlass-requirement)
+cutlass-wheel:
+	@ls .deps/nvidia_cutlass-$(subst nvidia-cutlass==,,$(CUTLASS_REQUIREMENT))-*.whl >/dev/null 2>&1 || \
+	  $(PYTHON) -m pip download -q --disable-pip-version-check --no-deps --only-binary :all: -d .deps "$(CUTLASS_REQUIREMENT)"
+
 # Compiles and links the CUDA extension against a CUDA build of torch (in .venv-cuda) and imports it,
 # then checks the tensor-core kernels' machine code (scripts/cuda_sass_check.py); needs nvcc, no
 # GPU. See scripts/cuda_build_check.sh and docs/cuda.md.
-cuda-check:
+cuda-check: cutlass-wheel
 	scripts/cuda_build_check.sh
 	$${QKV_CUDA_VENV:-.venv-cuda}/bin/python scripts/cuda_sass_check.py $${QKV_CUDA_BUILD:-build/cuda-check}/lib/qkv
 

@@ -3,7 +3,10 @@ present, CUDA) extension that registers the torch.ops.qkv operators.
 
 Environment switches:
   QKV_CUDA=1 / QKV_CUDA=0   force the CUDA build on or off (default: auto-detect)
-  QKV_CUDA_ARCHS="8.0;9.0"  CUDA architectures (TORCH_CUDA_ARCH_LIST is honoured too)
+  QKV_CUDA_ARCHS="8.0;9.0"  CUDA architectures (TORCH_CUDA_ARCH_LIST is honoured too); with 9.0 in the
+                            list the sm90 group of csrc/sources.txt is built too, for sm_90a only, against
+                            CUTLASS's headers (scripts/build_config.py: cutlass_include_dir)
+  QKV_CUDA_SM90=0           leave the sm90 kernels out even when the archs include 9.0
   MAX_JOBS=N                parallel compile jobs (torch.utils.cpp_extension)
   QKV_DEBUG=1               -O0 -g build
   QKV_VERBOSE_BUILD=1       print the full link record (always written to <build_temp>/link-command.txt)
@@ -25,7 +28,8 @@ from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
-from build_config import baseline_cxx_flags, cpu_capabilities, read_source_list  # noqa: E402
+from build_config import (baseline_cxx_flags, cpu_capabilities, cutlass_include_dir, read_source_list,  # noqa: E402
+                          sm90_wanted)
 from shared_cxx_runtime import with_shared_cxx_runtime  # noqa: E402
 
 # The copies of the CPU kernels for this machine (only x86-64 has more than the portable one),
@@ -66,6 +70,7 @@ class BuildExtension(cpp_extension.BuildExtension):
 
     def build_extension(self, ext):
         kernel_sources = getattr(ext, "cpu_kernel_sources", [])
+        sm90_sources = getattr(ext, "sm90_sources", [])
         flags = ext.extra_compile_args
         cxx_flags = list(flags["cxx"] if isinstance(flags, dict) else flags)
 
@@ -81,11 +86,26 @@ class BuildExtension(cpp_extension.BuildExtension):
                 depends=ext.depends,
             )
 
+        def compile_sm90():
+            # sm_90a code only: an explicit -gencode keeps torch from adding TORCH_CUDA_ARCH_LIST's.
+            return self.compiler.compile(
+                sm90_sources,
+                output_dir=os.path.join(self.build_temp, "sm90a"),
+                macros=ext.define_macros,
+                include_dirs=ext.include_dirs + [ext.cutlass_include],
+                debug=self.debug,
+                extra_postargs={"cxx": cxx_flags, "nvcc": list(flags["nvcc"]) + ["-gencode=arch=compute_90a,code=sm_90a"]},
+                depends=ext.depends,
+            ) if sm90_sources else []
+
         # The copies build concurrently (each its own ninja run in its own folder): one after the
         # other they left most of a 16-core machine idle (165 s of a CUDA build on the H100 host,
         # 2026-11-26, most of it three 2-file compiles in a row). The link order stays the list's.
-        with concurrent.futures.ThreadPoolExecutor(max_workers=len(CPU_CAPABILITIES)) as pool:
+        # The sm_90a sources (their own gencode, so their own ninja run) build beside them.
+        with concurrent.futures.ThreadPoolExecutor(max_workers=len(CPU_CAPABILITIES) + 1) as pool:
+            sm90 = pool.submit(compile_sm90)
             objects = [obj for copy in pool.map(compile_copy, CPU_CAPABILITIES) for obj in copy]
+            objects += sm90.result()
         ext.extra_objects = list(ext.extra_objects or []) + objects
         super().build_extension(ext)
 
@@ -115,10 +135,18 @@ def build_extension():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         nvcc_flags = ["-O3", "-std=c++20", "--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo"]
         kwargs["sources"] = sources + groups["cuda"]
+        # The Hopper kernels (group cuda_sm90): sm_90a code on CUTLASS/CuTe, compiled by
+        # BuildExtension above with their own gencode; QKV_CUDA_SM90 tells the dispatch they exist.
+        with_sm90 = sm90_wanted(os.environ["TORCH_CUDA_ARCH_LIST"]) and os.environ.get("QKV_CUDA_SM90") != "0"
+        cutlass_include = cutlass_include_dir() if with_sm90 else None
+        sm90_flags = ["-DQKV_CUDA_SM90"] if with_sm90 else []
         ext = cpp_extension.CUDAExtension(
-            extra_compile_args={"cxx": cxx_flags + ["-DQKV_WITH_CUDA"], "nvcc": nvcc_flags},
+            extra_compile_args={"cxx": cxx_flags + ["-DQKV_WITH_CUDA"] + sm90_flags, "nvcc": nvcc_flags + sm90_flags},
             **kwargs,
         )
+        if with_sm90:
+            ext.sm90_sources = groups["cuda_sm90"]
+            ext.cutlass_include = cutlass_include
     else:
         ext = cpp_extension.CppExtension(extra_compile_args={"cxx": cxx_flags}, **kwargs)
     ext.cpu_kernel_sources = groups["cpu_kernel"]

@@ -52,3 +52,65 @@ def read_source_list(path=os.path.join("csrc", "sources.txt")):
                 raise ValueError(f"{path}:{number}: expected `<group> <path>`, got {line.strip()!r}")
             groups.setdefault(fields[0], []).append(fields[1])
     return groups
+
+
+# ---- CUTLASS/CuTe: the headers of the sm90a (Hopper) kernels ------------------------------------
+
+# The pinned CUTLASS release, as PyPI's header wheel (6.4 MB; install it with --no-deps: its Python
+# dependencies are for CUTLASS's own code generators, which qkv does not use). `make cutlass-wheel`
+# downloads exactly this into CUTLASS_WHEEL_DIR; the CUDA check's venv and the GPU machines install
+# it from there (docs/cuda.md, "CUTLASS").
+CUTLASS_REQUIREMENT = "nvidia-cutlass==4.2.0.0"
+CUTLASS_VERSION = CUTLASS_REQUIREMENT.split("==")[1]
+CUTLASS_WHEEL_DIR = os.path.join(ROOT, ".deps")  # git-ignored
+
+
+def sm90_wanted(cuda_archs):
+    """Whether a CUDA build for `cuda_archs` (TORCH_CUDA_ARCH_LIST syntax: "8.0;9.0", "9.0a",
+    "9.0+PTX") compiles the sm90 group of csrc/sources.txt: those sources are sm_90a code, built
+    (for sm_90a only) whenever the list has compute capability 9.0."""
+    archs = cuda_archs.replace(" ", ";").split(";")
+    return any(arch.split("+")[0] in ("9.0", "9.0a") for arch in archs)
+
+
+def cutlass_include_dir():
+    """The CUTLASS/CuTe include folder (it holds cute/ and cutlass/): $QKV_CUTLASS_INCLUDE when set,
+    else the installed nvidia-cutlass wheel's (`cutlass_library.source_path + "/include"`), which
+    must be the pinned version. Raises with what to do when neither is there."""
+    override = os.environ.get("QKV_CUTLASS_INCLUDE")
+    if override:
+        folder = override
+    else:
+        try:
+            import cutlass_library
+        except ImportError:
+            raise RuntimeError(
+                f"qkv: the sm90 (Hopper) kernels need CUTLASS's headers: pip install --no-deps '{CUTLASS_REQUIREMENT}' "
+                f"(`make cutlass-wheel` downloads the wheel into .deps/ for machines without a network), or set "
+                f"QKV_CUTLASS_INCLUDE to a CUTLASS include folder, or leave 9.0 out of QKV_CUDA_ARCHS") from None
+        from importlib import metadata
+        try:
+            installed = metadata.version("nvidia-cutlass")
+        except metadata.PackageNotFoundError:
+            installed = "unknown"
+        if installed != CUTLASS_VERSION:
+            raise RuntimeError(f"qkv: CUTLASS {installed} is installed, but the sm90 kernels are built and tested "
+                               f"against {CUTLASS_REQUIREMENT}: pip install --no-deps '{CUTLASS_REQUIREMENT}'")
+        folder = os.path.join(cutlass_library.source_path, "include")
+    for header in ("cute/tensor.hpp", "cutlass/cutlass.h"):
+        if not os.path.isfile(os.path.join(folder, header)):
+            raise RuntimeError(f"qkv: {folder} has no {header}: not a CUTLASS include folder")
+    return os.path.abspath(folder)
+
+
+if __name__ == "__main__":
+    # For CMake and the shell scripts: `build_config.py cutlass-include | cutlass-requirement`.
+    import sys
+
+    commands = {"cutlass-include": cutlass_include_dir, "cutlass-requirement": lambda: CUTLASS_REQUIREMENT}
+    if len(sys.argv) != 2 or sys.argv[1] not in commands:
+        sys.exit(f"usage: {sys.argv[0]} {'|'.join(commands)}")
+    try:
+        print(commands[sys.argv[1]]())
+    except RuntimeError as error:
+        sys.exit(str(error))

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Proves the CUDA extension compiles and links on a machine without a GPU:
 #  1. creates .venv-cuda (if missing) with a CUDA build of torch (scripts/cuda-venv-requirements.txt),
+#     and installs the pinned CUTLASS header wheel into it (scripts/build_config.py's
+#     CUTLASS_REQUIREMENT, from .deps/: `make cutlass-wheel`) for the sm_90a kernels,
 #  2. builds qkv._C with QKV_CUDA=1 for the archs in QKV_CUDA_ARCHS (default "8.0;9.0") into
 #     build/cuda-check (incremental: ninja reuses objects whose sources did not change),
 #  3. imports qkv from that build (no CUDA call happens at import) and checks that the core ops
@@ -73,6 +75,15 @@ if [[ ! -f "$VENV_STAMP" ]] || ! cmp -s "$REQS" "$VENV_STAMP"; then
   "$PY" -m pip install "${pip_args[@]}" -r "$REQS"
   cp "$REQS" "$VENV_STAMP"
 fi
+# The pinned CUTLASS headers (the sm_90a kernels): their own step and stamp, so a new pin installs
+# one 6 MB wheel (--no-deps, from .deps/) instead of recreating the venv.
+CUTLASS_REQ="$(python3 scripts/build_config.py cutlass-requirement)"
+CUTLASS_STAMP="$VENV/.qkv-cutlass"
+if [[ "$(cat "$CUTLASS_STAMP" 2>/dev/null)" != "$CUTLASS_REQ" ]]; then
+  echo "cuda-check: installing $CUTLASS_REQ into $VENV (from .deps/)"
+  "$PY" -m pip install -q --disable-pip-version-check --no-deps --no-index --find-links "$ROOT/.deps" "$CUTLASS_REQ"
+  echo "$CUTLASS_REQ" >"$CUTLASS_STAMP"
+fi
 t1=$(stamp)
 "$PY" -c "import torch; assert torch.version.cuda, 'torch in $VENV is not a CUDA build'; print('cuda-check: torch', torch.__version__, 'CUDA', torch.version.cuda)"
 
@@ -111,6 +122,7 @@ t3=$(stamp)
 CMAKE_BUILD="$BUILD/cmake"
 CMAKE_ARCHS="${QKV_CMAKE_CUDA_ARCHS:-9.0}"
 cmake_args=(-DQKV_CUDA=ON -DQKV_CUDA_ARCHS="$CMAKE_ARCHS" -DCMAKE_BUILD_TYPE=Release
+            -DPython3_EXECUTABLE="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")"
             -DCUDA_TOOLKIT_ROOT_DIR="$CUDA_HOME" -DCMAKE_CUDA_COMPILER="$CUDA_HOME/bin/nvcc"
             -DCMAKE_PREFIX_PATH="$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)')")
 # torch's CMake config links NVRTC; a toolkit assembled from pip wheels may have it only in the venv.

@@ -12,7 +12,9 @@ spill at most SPILL_BUDGET bytes (at 8 query rows per block they sit at the regi
 on sm_80);
 the fa2 kernels, which sit at the 255-register cap as FlashAttention-2's do, spill at most
 SPILL_BUDGET bytes (ptxas parks a few cold lane values there; the table shows each kernel's
-stack bytes and LDL+STL count, and a larger spill fails). The exit status is 1 when a check fails.
+stack bytes and LDL+STL count, and a larger spill fails); the sm90 (Hopper) forward kernels exist
+only as sm_90a code and must use wgmma (HGMMA), TMA loads (UTMALDG) and mbarriers (SYNCS), within
+the same spill budget. The exit status is 1 when a check fails.
 Part of `make cuda-check`.
 
 cuobjdump and nvdisasm come from CUDA_HOME/bin or the PATH; where the toolkit lacks them (the
@@ -71,7 +73,8 @@ def short_name(demangled: str) -> str:
     """qkv::cuda::fa2::fa2_forward_kernel<__nv_bfloat16, 128, qkv::cuda::fa2::ForwardTile<128, 64, 4>, false>
     -> fa2_forward_kernel<bf16, 128, ForwardTile<128, 64, 4>, false>"""
     name = demangled.split("(")[0].removeprefix("void ")
-    name = re.sub(r"qkv::cuda::(fa2::|mma::|decode::)?", "", name)
+    name = re.sub(r"qkv::cuda::(fa2::|mma::|decode::|sm90::)?", "", name)
+    name = name.replace("cutlass::bfloat16_t", "bf16").replace("cutlass::half_t", "f16")
     return name.replace("__nv_bfloat16", "bf16").replace("__half", "f16")
 
 
@@ -101,7 +104,7 @@ def instruction_counts(so: str) -> dict[tuple[str, str], dict[str, int]]:
             function = m.group(1)
         elif function and (m := re.search(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)):
             op = m.group(1)
-            for key in ("HMMA", "LDSM", "LDGSTS", "LDL", "STL"):
+            for key in ("HMMA", "LDSM", "LDGSTS", "LDL", "STL", "HGMMA", "UTMALDG", "SYNCS"):
                 if op == key:
                     counts[(arch, function)][key] += 1
             if op == "LDG" and re.search(r"LDG\.E(\.\w+)*\.128", line):
@@ -114,7 +117,7 @@ def main(argv: list[str]) -> int:
     so = library(argv[1] if len(argv) > 1 else os.path.join(ROOT, "build", "cuda-check", "lib", "qkv"))
     usage = resource_usage(so)
     counts = instruction_counts(so)
-    keys = [k for k in usage if re.search(r"(fa2|mma|split_decode)_\w*kernel", k[1])]
+    keys = [k for k in usage if re.search(r"(fa2|mma|split_decode|sm90)_\w*kernel", k[1])]
     names = demangle(sorted({k[1] for k in keys}))
     failures = []
     rows = []
@@ -127,25 +130,33 @@ def main(argv: list[str]) -> int:
             problems.append("local memory")
         if name.startswith("split_decode_kernel") and not c.get("LDG128"):
             problems.append("no 128-bit K/V loads")
-        if ("fa2_" in name or "split_decode" in name) and u.get("STACK", 0) + u.get("LOCAL", 0) > SPILL_BUDGET:
+        hopper = "sm90_" in name
+        if ("fa2_" in name or "split_decode" in name or hopper) and u.get("STACK", 0) + u.get("LOCAL", 0) > SPILL_BUDGET:
             problems.append(f"spills over {SPILL_BUDGET} bytes")
-        tensor_core = "convert_dq" not in name and "split_decode" not in name
+        if hopper and arch != "sm_90a":
+            problems.append("sm90 code outside sm_90a")
+        if hopper and not (c.get("HGMMA") and c.get("UTMALDG") and c.get("SYNCS")):
+            problems.append("no HGMMA/UTMALDG/SYNCS")
+        tensor_core = "convert_dq" not in name and "split_decode" not in name and not hopper
         if tensor_core and not c.get("HMMA"):
             problems.append("no HMMA")
         if "fa2_" in name and tensor_core and not (c.get("LDSM") and c.get("LDGSTS")):
             problems.append("no LDSM/LDGSTS")
         rows.append((arch, name, u.get("REG", 0), u.get("STACK", 0), u.get("LOCAL", 0), c.get("HMMA", 0),
-                     c.get("LDSM", 0), c.get("LDGSTS", 0), c.get("LDG128", 0), c.get("LDL", 0) + c.get("STL", 0),
-                     ", ".join(problems)))
+                     c.get("LDSM", 0), c.get("LDGSTS", 0), c.get("LDG128", 0), c.get("HGMMA", 0),
+                     c.get("UTMALDG", 0), c.get("LDL", 0) + c.get("STL", 0), ", ".join(problems)))
         if problems:
             failures.append(f"{arch} {name}: {', '.join(problems)}")
     print(f"cuda_sass_check: {so}")
-    print("| arch | kernel | REG | STACK | LOCAL | HMMA | LDSM | LDGSTS | LDG.128 | LDL+STL | problem |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    print("| arch | kernel | REG | STACK | LOCAL | HMMA | LDSM | LDGSTS | LDG.128 | HGMMA | UTMALDG | LDL+STL | problem |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for row in rows:
         print("| " + " | ".join(str(x) for x in row) + " |")
     if not rows:
         failures.append("no mma/fa2/split_decode kernel found")
+    # A build for 9.0 must carry the Hopper kernels (QKV_CUDA_SM90); their absence is a build bug.
+    if any(arch == "sm_90" for arch, _ in usage) and not any("sm90_" in short_name(names[f]) for _, f in keys):
+        failures.append("a build for sm_90 without the sm90 (sm_90a) kernels")
     for f in failures:
         print(f"cuda_sass_check: FAIL: {f}")
     print(f"cuda_sass_check: {len(rows)} kernels, {len(failures)} problems")

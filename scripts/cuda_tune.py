@@ -19,7 +19,9 @@ when causal; backward 2.5x forward). Tiles that this build lacks are listed and 
 
 Sides: "fa2:<fwd tile>" (forward), "fa2:<fwd tile>/<bwd tile>" (forward + backward), "fa2-det"
 (the default tiles with torch.use_deterministic_algorithms on: the fixed dQ order), "mma" (D 64
-and 128), "flash", "cudnn". The last table ranks the tiles per head dim by the geometric mean of
+and 128), "flash", "cudnn", and with --sm90 "sm90" (D 64 and 128: the opt-in Hopper forward,
+QKV_CUDA_KERNEL=sm90, whose backward is auto's; dropped with a note on other GPUs).
+--default-tiles times only each head dim's default fa2 tiles (a short run). The last table ranks the tiles per head dim by the geometric mean of
 their speed over the flash backend.
 """
 from __future__ import annotations
@@ -206,6 +208,8 @@ def main(argv=None):
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-mma", action="store_true", help="skip qkv's mma kernels (slow at long L)")
+    parser.add_argument("--sm90", action="store_true", help="add the sm90 (Hopper) forward, D 64 and 128")
+    parser.add_argument("--default-tiles", action="store_true", help="only the default fa2 tiles")
     parser.add_argument("--tokens", type=int, default=TOKENS, help="B * L of every case")
     parser.add_argument("--matmul-n", type=int, default=8192, help="size of the matmul ceiling probe")
     parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "cuda_tune.json"))
@@ -226,6 +230,8 @@ def main(argv=None):
     tiles = {}
     for d in dims:
         tiles[d] = available_tiles(d, dtype)
+        if args.default_tiles:
+            tiles[d] = tuple(found[:1] for found in tiles[d])
         missing = [t for t in FORWARD_TILES[d] if t not in tiles[d][0]] + \
                   [t for t in BACKWARD_TILES[d] if t not in tiles[d][1]]
         print(f"  D={d}: forward tiles {tiles[d][0]}, backward tiles {tiles[d][1]}"
@@ -255,6 +261,8 @@ def main(argv=None):
                                                   det=True))
                     if d in (64, 128) and not args.no_mma:
                         sides.append(qkv_side("mma", inputs, mode, causal, "mma"))
+                    if d in (64, 128) and args.sm90:
+                        sides.append(qkv_side("sm90", inputs, mode, causal, "sm90"))
                     case = f"d{d}-L{l}{'-causal' if causal else ''}-{mode}"
                     # Every side once: the flash backend is the reference; a side that raises (a
                     # backend that refuses the shape, out of memory) is dropped with a note.

@@ -35,19 +35,12 @@ MAX_COLLECTED = 8  # the device tool hands back at most 8 files
 
 # ---- device -------------------------------------------------------------------------------------
 
-# PTX/SASS that only the arch-specific target (sm_90a) accepts: wgmma, setmaxnreg, TMA multicast.
-ARCH_SPECIFIC_FEATURES = re.compile(r"wgmma|setmaxnreg|__CUDA_ARCH_FEAT_SM90_ALL|multicast::cluster")
-
-
-def arch_list(capability: tuple[int, int], cuda_sources: Path = ROOT / "csrc" / "cuda") -> str:
-    """TORCH_CUDA_ARCH_LIST for this GPU: its own arch, plus the arch-specific variant (9.0a)
-    when a kernel uses instructions only that target has."""
+def arch_list(capability: tuple[int, int]) -> str:
+    """TORCH_CUDA_ARCH_LIST for this GPU: its own arch. The sm_90a-only kernels (wgmma, TMA: the
+    cuda_sm90 group of csrc/sources.txt) get their own gencode from setup.py whenever the list has
+    9.0, so the rest of the extension is not compiled twice (for sm_90 and sm_90a)."""
     major, minor = capability
-    arch = f"{major}.{minor}"
-    if major >= 9 and any(ARCH_SPECIFIC_FEATURES.search(p.read_text(errors="replace"))
-                          for p in cuda_sources.glob("*") if p.suffix in (".cu", ".cuh", ".h")):
-        return f"{arch};{arch}a"
-    return arch
+    return f"{major}.{minor}"
 
 
 def machine_name(gpu_name: str) -> str:

@@ -3,7 +3,11 @@
 # machine with a GPU and nothing but this repository (no network):
 #  1. builds qkv._C in place with CUDA for this GPU's own architecture (gpu_check.py device),
 #     with every core, against this python's torch; saves the link command and the check that the
-#     library uses the shared C++ runtime;
+#     library uses the shared C++ runtime. On a 9.0 GPU (H100/H200) that includes the sm_90a kernels,
+#     which need CUTLASS's headers: when this python lacks the pinned nvidia-cutlass, the wheel is
+#     installed (pip --no-deps --no-index --target build/cutlass-site) from .deps/, where
+#     `make cutlass-wheel` put it and the GPU session carried it (GPU machines have no network);
+#     without it the build leaves those kernels out and says so;
 #  2. runs tests/test_cuda.py, tests/test_errors_in_child.py and the cuda runs of the core tests
 #     (every file parametrized over the device, -m "not cpu") so that a test that crashes its
 #     process fails alone (pytest-xdist workers, or a resume-after-crash loop), one line per failure;
@@ -17,7 +21,8 @@
 # Environment: PYTHON (default python3), MAX_JOBS (default: all cores), QKV_TEST_WORKERS (pytest-xdist
 # workers, default: one per core), QKV_GPU_CHECK_TEST_TIMEOUT (seconds for all tests, default 600),
 # QKV_GPU_CHECK_BENCH_TIMEOUT (seconds for the benchmark, default 600),
-# QKV_GPU_CHECK_OUT / OUT (where to copy the files), QKV_GPU_CHECK_NCU=0 (skip ncu).
+# QKV_GPU_CHECK_OUT / OUT (where to copy the files), QKV_GPU_CHECK_NCU=0 (skip ncu),
+# QKV_GPU_CHECK_BUILD_ONLY=1 (step 1 only: gpu_lease.sh's `build` step, for a session that runs its own tests).
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -43,6 +48,25 @@ JOBS="${MAX_JOBS:-$(nproc)}"
 status=0
 
 # ---- 1. build ---------------------------------------------------------------------------------
+sm90_note=""
+if [[ "$GPU_ARCHS" == 9.0* ]]; then
+  cutlass_ready() { "$PY" scripts/build_config.py cutlass-include >/dev/null 2>&1; }
+  if ! cutlass_ready; then
+    CUTLASS_SITE="$ROOT/build/cutlass-site"
+    wheel="$(ls .deps/nvidia_cutlass-*.whl 2>/dev/null | head -n 1)"
+    if [[ -n "$wheel" ]]; then
+      "$PY" -m pip install -q --disable-pip-version-check --no-deps --no-index --target "$CUTLASS_SITE" "$wheel" \
+        >/dev/null 2>&1 || "$PY" -m zipfile -e "$wheel" "$CUTLASS_SITE"  # (a wheel is a zip: no pip needed)
+      export PYTHONPATH="$CUTLASS_SITE${PYTHONPATH:+:$PYTHONPATH}"
+    fi
+  fi
+  if cutlass_ready; then
+    sm90_note="sm90 kernels: built (CUTLASS $("$PY" scripts/build_config.py cutlass-include))"
+  else
+    export QKV_CUDA_SM90=0
+    sm90_note="sm90 kernels: NOT built: $("$PY" scripts/build_config.py cutlass-include 2>&1 | tail -n 1) (carry .deps/ from \`make cutlass-wheel\`)"
+  fi
+fi
 echo "gpu-check: building qkv._C for CUDA archs $GPU_ARCHS with $JOBS jobs ($(elapsed))"
 if QKV_CUDA=1 QKV_CUDA_ARCHS="$GPU_ARCHS" MAX_JOBS="$JOBS" "$PY" setup.py build_ext --inplace \
      --build-temp build/gpu-check >"$RESULTS/gpu-check-build.log" 2>&1; then
@@ -54,13 +78,14 @@ fi
 cp build/gpu-check/link-command.txt "$RESULTS/gpu-check-link-command.txt" 2>/dev/null
 runtime="$("$PY" scripts/cxx_runtime_check.py python/qkv/_C*.so 2>&1)" || status=1
 echo "build: $build, archs $GPU_ARCHS, $(elapsed)" >>"$SUMMARY"
+[[ -n "$sm90_note" ]] && echo "$sm90_note" >>"$SUMMARY"
 echo "runtime link: $runtime" >>"$SUMMARY"
 if [[ "$build" != OK ]]; then
   tail -n 40 "$RESULTS/gpu-check-build.log" >>"$SUMMARY"
 fi
 
 # ---- 2. tests ---------------------------------------------------------------------------------
-if [[ "$build" == OK ]]; then
+if [[ "$build" == OK && "${QKV_GPU_CHECK_BUILD_ONLY:-0}" != 1 ]]; then
   mapfile -t device_tests < <("${HELPER[@]}" device-tests)
   echo "gpu-check: tests/test_cuda.py, tests/test_errors_in_child.py, cuda runs of ${#device_tests[@]} core test files ($(elapsed))"
   # timeout signals the whole process group (pytest and its workers) if the tests hang

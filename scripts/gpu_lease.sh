@@ -1,7 +1,21 @@
 #!/usr/bin/env bash
 # One device call that spends a short GPU lease in order of value, each step cut to the time left,
 # so that whatever the lease allows comes back (docs/cuda.md, "A GPU session"):
+#
+# CUTLASS: the sm_90a kernels (sm90 forward) need CUTLASS's headers, and the GPU machine has no
+# network. Before the call run `make cutlass-wheel` here (the pinned nvidia-cutlass wheel into .deps/,
+# git-ignored) and give the device tool `carry: [".deps"]` (6.4 MB); gpu_check.sh installs it there
+# (pip --no-deps --no-index --target build/cutlass-site). Without it the build leaves the sm90
+# kernels out, the summary says so and the sm90 tests fail.
+#
 #   check  make gpu-check: build (with the fa2 tuning tiles), the CUDA tests, the quick benchmark
+#   build  gpu_check.sh's build alone (no tests): the start of a session that debugs one kernel, e.g.
+#          QKV_LEASE_STEPS="build sm90 sass" (about 4 minutes on the H100 host)
+#   sm90   the opt-in Hopper forward (QKV_CUDA_KERNEL=sm90; about 2 minutes): scripts/sm90_smoke.py
+#          under a time limit (after a hang each case alone, to name it), the sm90 cases of
+#          tests/test_cuda.py (-k sm90 -s: every case prints its errors and fa2's, a mismatch where
+#          it is), compute-sanitizer memcheck on two smoke cases, and the forward timed against fa2,
+#          flash and cuDNN (cuda_tune.py --sm90 --default-tiles: D 128 and 64, L 1024 and 4096)
 #   decode the split-KV decode forward (QKV_CUDA_DECODE, opt-in): its tests/test_cuda.py cases again
 #          (forced; the check step runs them among the rest), then scripts/cuda_decode_bench.py: decode
 #          L 1, S 4096-16384, batch 1/4/32, H 16 (and GQA 4:1), D 128, bf16: default vs generic vs
@@ -19,7 +33,7 @@
 # last (the device tool returns the end of the output).
 #
 #   QKV_LEASE_SECONDS  deadline for everything (default 540); a step gets min(its cap, time left)
-#   QKV_LEASE_STEPS    the steps to run, in order (default "check decode sass tune race ncu stalls tune2 cpu")
+#   QKV_LEASE_STEPS    the steps to run, in order (default "check sm90 decode sass tune race ncu stalls tune2 cpu")
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -74,6 +88,34 @@ EOF
   done
 }
 
+sm90_step() {
+  local n i rc
+  echo "-- smoke: scripts/sm90_smoke.py (every case in one process, 40 s; after a hang, each case alone)"
+  PYTHONPATH=python timeout -k 5 40 "$PY" scripts/sm90_smoke.py
+  rc=$?
+  if ((rc == 124 || rc == 137)); then
+    n="$("$PY" scripts/sm90_smoke.py --list)"
+    for ((i = 0; i < n; i++)); do
+      PYTHONPATH=python timeout -k 3 12 "$PY" scripts/sm90_smoke.py --case "$i" >/dev/null 2>&1
+      rc=$?
+      case $rc in 0) echo "case $i: ok" ;; 1) echo "case $i: WRONG" ;; 124 | 137) echo "case $i: HANG" ;;
+        *) echo "case $i: crashed (exit $rc)" ;; esac
+    done
+  fi
+  echo "-- tests/test_cuda.py -k sm90 (each case prints its errors and fa2's)"
+  PYTHONPATH=python timeout -k 5 75 "$PY" -m pytest -q -s -p no:cacheprovider -rf --tb=short tests/test_cuda.py -k sm90 \
+    2>&1 | grep -vE '^\s*$' | tail -n 150
+  echo "-- compute-sanitizer memcheck, smoke cases 2 and 3"
+  for i in 2 3; do
+    PYTHONPATH=python timeout -k 5 30 compute-sanitizer --tool memcheck --print-limit 10 "$PY" scripts/sm90_smoke.py \
+      --case "$i" 2>&1 | grep -E 'ERROR SUMMARY|Invalid|out of bounds|^case [0-9]' | head -n 15
+  done
+  echo "-- timing: sm90 vs fa2 vs SDPA flash/cuDNN (forward, bf16)"
+  PYTHONPATH=python timeout -k 5 40 "$PY" scripts/cuda_tune.py --dims 128,64 --lengths 1024,4096 --modes fwd --sm90 \
+    --default-tiles --no-mma --rounds 3 --matmul-n 4096 --json "$LOGS/cuda_tune_sm90.json" 2>&1 |
+    grep -E '^\||dropped|cuda_tune'
+}
+
 decode_step() {
   local workers=()
   "$PY" -c "import xdist" 2>/dev/null && workers=(-n "${QKV_TEST_WORKERS:-8}")
@@ -91,13 +133,16 @@ ncu_kernels() {
 }
 
 export LOGS PY
-export -f race_case ncu_kernels decode_step  # run under `timeout` through bash -c
+export -f race_case ncu_kernels decode_step sm90_step  # run under `timeout` through bash -c
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,temperature.gpu --format=csv,noheader >"$LOGS/gpu.txt" 2>&1
 git log --oneline -1 >"$LOGS/commit.txt" 2>&1
-for s in ${QKV_LEASE_STEPS:-check decode sass tune race ncu stalls tune2 cpu}; do
+for s in ${QKV_LEASE_STEPS:-check sm90 decode sass tune race ncu stalls tune2 cpu}; do
   case "$s" in
     check) step check 400 env NVCC_APPEND_FLAGS=-DQKV_FA2_TUNING QKV_GPU_CHECK_NCU=0 QKV_GPU_CHECK_TEST_TIMEOUT=240 \
              QKV_GPU_CHECK_BENCH_TIMEOUT=90 QKV_GPU_CHECK_OUT="$LOGS/gpu-check-files" PYTHON="$PY" scripts/gpu_check.sh ;;
+    build) step build 240 env QKV_GPU_CHECK_BUILD_ONLY=1 QKV_GPU_CHECK_OUT="$LOGS/gpu-check-files" PYTHON="$PY" \
+             scripts/gpu_check.sh ;;
+    sm90) step sm90 150 bash -c sm90_step ;;
     decode) step decode 75 bash -c decode_step ;;
     sass) step sass 30 "$PY" scripts/cuda_sass_check.py python/qkv ;;
     tune) step tune 130 env PYTHONPATH=python "$PY" scripts/cuda_tune.py --dims 128,64 --json "$LOGS/cuda_tune.json" ;;
@@ -125,6 +170,7 @@ for t in tune tune2; do
   echo "==== $t"
   if grep -q 'geomean x flash' "$LOGS/$t.log"; then sed -n '/geomean x flash/,$p' "$LOGS/$t.log"; else tail -n 30 "$LOGS/$t.log"; fi
 done
+echo "==== sm90"; cat "$LOGS/sm90.log" 2>/dev/null | tail -n 120
 echo "==== decode"; grep -E 'passed|failed|FAILED|Error|\| split \||split vs sdpa|dropped' "$LOGS/decode.log" 2>/dev/null | head -40
 echo "==== sass"; tail -n 3 "$LOGS/sass.log" 2>/dev/null
 echo "==== race"; cat "$LOGS/race.log" 2>/dev/null

@@ -723,3 +723,209 @@ def test_split_decode_falls_back_or_refuses(monkeypatch):
     monkeypatch.setenv("QKV_CUDA_KERNEL", "fa2")
     out, _ = ops.attention(q, k, v)
     feature_close("out", out, feature_reference(q.cpu(), k.cpu(), v.cpu())[0], torch.bfloat16)
+
+
+# ---- the sm90 (Hopper) forward: opt-in, QKV_CUDA_KERNEL=sm90 ------------------------------------
+# sm_90a code (wgmma, TMA, mbarriers: csrc/cuda/sm90_forward.cuh), so it runs on compute capability
+# 9.0 only; csrc/cuda/sm90_plan.h says which calls it serves (tests/test_cuda_sm90_plan.py checks
+# that on the CPU). Every case prints its errors (and fa2's on the same inputs), and a mismatch
+# reports where it is, so one GPU run is enough to debug a wrong answer (scripts/gpu_lease.sh's sm90
+# step runs `-k sm90 -s`). The backward after an sm90 forward is auto's (it reads the logsumexp).
+
+# (B, H, Hk, L, S): one query and key, L and S off every tile size, S != L both ways, several blocks.
+SM90_SHAPES = [(1, 2, 2, 1, 1), (2, 3, 3, 77, 77), (1, 2, 2, 300, 300), (1, 2, 2, 1000, 1000), (2, 2, 2, 77, 300),
+               (1, 2, 2, 300, 77), (1, 4, 4, 1000, 129)]
+
+
+def require_sm90_gpu():
+    if DEVICE != "cuda":
+        pytest.skip("QKV_CUDA_KERNEL only steers the CUDA kernels")
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) != (9, 0):
+        pytest.skip(f"the sm90 forward is sm_90a code (compute capability 9.0, H100/H200); this GPU is {major}.{minor}")
+
+
+def mismatch_report(name, got, want, atol):
+    """Where `got` is off `want` (both indexed (b, h, i[, j])): the largest error and its index, the
+    first element off by more than atol, and which query rows (128-row blocks, 64-row warpgroup
+    halves) and columns hold the errors."""
+    got64, want64 = got.detach().double().cpu(), want.detach().double().cpu()
+    both_inf = torch.isinf(got64) & torch.isinf(want64) & (torch.sign(got64) == torch.sign(want64))
+    diff = torch.where(both_inf, torch.zeros_like(got64), (got64 - want64).abs())
+    diff = torch.where(torch.isnan(diff), torch.full_like(diff, float("inf")), diff)
+    lines = [f"{name}: shape {tuple(got.shape)}, non-finite got {int((~torch.isfinite(got64)).sum())} "
+             f"(want {int((~torch.isfinite(want64)).sum())})"]
+    if diff.numel() == 0:
+        return lines[0]
+    worst = diff.argmax().item()
+    index = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), diff.shape))
+    lines.append(f"  max error {diff.flatten()[worst].item():.4g} at {index}: got {got64[index].item():.6g}, "
+                 f"want {want64[index].item():.6g}")
+    bad = (diff > atol).nonzero()
+    if len(bad):
+        first = tuple(int(i) for i in bad[0])
+        rows = bad[:, 2]
+        lines.append(f"  {len(bad)} of {diff.numel()} off by > {atol:.3g}; first at {first}: got "
+                     f"{got64[first].item():.6g}, want {want64[first].item():.6g}")
+        lines.append(f"  rows {rows.min().item()}..{rows.max().item()}, 128-row blocks "
+                     f"{sorted(set((rows // 128).tolist()))[:12]}, warpgroup halves {sorted(set(((rows % 128) // 64).tolist()))}, "
+                     f"rows mod 16 {sorted(set((rows % 16).tolist()))}")
+        if bad.shape[1] > 3:
+            cols = bad[:, 3]
+            lines.append(f"  columns {cols.min().item()}..{cols.max().item()}, mod 8 {sorted(set((cols % 8).tolist()))}")
+    return "\n".join(lines)
+
+
+def sm90_check(label, q, k, v, is_causal, bottom_right, monkeypatch, fa2_inputs=None):
+    """The sm90 forward against the float64 reference (out and lse) and against the fa2 kernel on the
+    same inputs (`fa2_inputs`: inputs fa2 accepts for the same function, e.g. materialised heads)."""
+    dtype = q.dtype
+    select_kernel_path(monkeypatch, "sm90")
+    out, lse = ops.attention(q, k, v, None, 0.0, is_causal, bottom_right)
+    select_kernel_path(monkeypatch, "fa2")
+    out_fa2, _ = ops.attention(*(fa2_inputs or (q, k, v)), None, 0.0, is_causal, bottom_right)
+    ref, ref_lse = feature_reference(q, k, v, None, is_causal, bottom_right)
+    low = feature_reference(q, k, v, None, is_causal, bottom_right, dtype=dtype)[0]
+    scale = max(ref.abs().max().item(), 1.0)
+    floor = (2e-3 if dtype == torch.float16 else 1e-2) * scale
+    err, err_fa2, err_low = max_err(out, ref), max_err(out_fa2, ref), max_err(low, ref)
+    finite = torch.isfinite(ref_lse)
+    lse_err = max_err(lse[finite], ref_lse[finite]) if finite.any() else 0.0
+    print(f"sm90 {label}: out max err {err:.3g} (fa2 {err_fa2:.3g}, same-precision reference {err_low:.3g}), "
+          f"lse max err {lse_err:.3g}")
+    report = mismatch_report("out", out, ref, 3 * err_low + floor)
+    assert torch.isfinite(out).all() and err <= 3 * err_low + floor, f"sm90 {label}:\n{report}"
+    assert err <= 2 * err_fa2 + floor, f"sm90 {label}: error {err:.3g}, fa2's {err_fa2:.3g}\n{report}"
+    assert torch.equal(torch.isfinite(lse).cpu(), finite.cpu()), \
+        f"sm90 {label}: lse is -inf exactly on the rows that see no key\n{mismatch_report('lse', lse, ref_lse, 1e-4)}"
+    assert lse_err <= 1e-4 * max(ref_lse[finite].abs().max().item() if finite.any() else 1.0, 1.0), \
+        f"sm90 {label}:\n{mismatch_report('lse', lse, ref_lse, 1e-4)}"
+    return out, lse
+
+
+def max_err(a, b):
+    return (a.detach().double().cpu() - b.detach().double().cpu()).abs().max().item() if a.numel() else 0.0
+
+
+@pytest.mark.parametrize("causal", CAUSAL, ids=["full", "causal", "causal_bottom_right"])
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("shape", SM90_SHAPES, ids=lambda s: "B{}H{}Hk{}L{}S{}".format(*s))
+def test_sm90_forward_matches_reference_and_fa2(shape, D, dtype, causal, monkeypatch):
+    require_sm90_gpu()
+    B, H, Hk, L, S = shape
+    q, k, v = make_qkv(Shape(B, H, L, S, D, D), dtype, "token_major", seed=seed_of("sm90", shape, D, causal))
+    sm90_check(f"{shape} D{D} {str(dtype)[6:]} causal={causal}", q, k, v, *causal, monkeypatch)
+
+
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("heads", ["gqa4", "mqa", "expanded"])
+@pytest.mark.parametrize("causal", CAUSAL, ids=["full", "causal", "causal_bottom_right"])
+def test_sm90_forward_serves_grouped_key_value_heads(D, heads, causal, monkeypatch):
+    """Query head h reads key/value head h / (H / Hk) (the fa2 kernels take materialised heads)."""
+    require_sm90_gpu()
+    B, H, L, S = 2, 8, 300, 500
+    Hk = {"gqa4": 2, "mqa": 1, "expanded": 1}[heads]
+    g = torch.Generator().manual_seed(seed_of("sm90-gqa", D, heads))
+    q = torch.randn(B, L, H, D, generator=g).bfloat16().to(DEVICE).transpose(1, 2)
+    k, v = (torch.randn(B, S, Hk, D, generator=g).bfloat16().to(DEVICE).transpose(1, 2) for _ in range(2))
+    full = tuple(t.repeat_interleave(H // Hk, dim=1) for t in (k, v))
+    if heads == "expanded":  # one key/value head seen by every query head through stride 0
+        k, v = k.expand(B, H, S, D), v.expand(B, H, S, D)
+    sm90_check(f"{heads} D{D} causal={causal}", q, k, v, *causal, monkeypatch, fa2_inputs=(q, *full))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "packed_projection", "sliced", "batch_expanded", "offset_rows"])
+@pytest.mark.parametrize("D", [64, 128])
+def test_sm90_forward_reads_strided_views(layout, D, monkeypatch):
+    require_sm90_gpu()
+    B, H, L, S, dtype = 2, 3, 200, 333, torch.float16
+    g = torch.Generator().manual_seed(seed_of("sm90-views", layout, D))
+
+    def rand(*size):
+        return torch.randn(*size, generator=g).to(dtype).to(DEVICE)
+
+    if layout == "contiguous":
+        q, k, v = rand(B, H, L, D), rand(B, H, S, D), rand(B, H, S, D)
+    elif layout == "packed_projection":  # (B, L, 3, H, D): heads and q/k/v split out of one projection
+        packed = rand(B, L, 3, H, D)
+        q, k, v = (packed[:, :, i].transpose(1, 2) for i in range(3))
+    elif layout == "sliced":  # every other key row; queries from a longer buffer
+        q, k, v = rand(B, H, L + 40, D)[:, :, 40:], rand(B, H, 2 * S, D)[:, :, ::2], rand(B, H, 2 * S, D)[:, :, 1::2]
+    elif layout == "batch_expanded":  # keys/values shared by the batch (stride 0)
+        q, k, v = rand(B, H, L, D), rand(1, H, S, D).expand(B, H, S, D), rand(1, H, S, D).expand(B, H, S, D)
+    else:  # rows padded to D + 8 elements, columns from 8 on: 16-byte aligned, not contiguous
+        q, k, v = (rand(B, H, n, D + 8)[..., 8:] for n in (L, S, S))
+    for causal in CAUSAL:
+        sm90_check(f"{layout} D{D} causal={causal}", q, k, v, *causal, monkeypatch)
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_sm90_forward_then_the_backward_from_its_logsumexp(D, monkeypatch):
+    """With QKV_CUDA_KERNEL=sm90 the backward is auto's (fa2 here), reading the sm90 logsumexp."""
+    require_sm90_gpu()
+    select_kernel_path(monkeypatch, "sm90")
+    shape = Shape(2, 3, 300, 200, D, D)
+    q, k, v = make_qkv(shape, torch.bfloat16, "token_major", seed=seed_of("sm90-bwd", D))
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out, _ = ops.attention(*leaves, None, 0.0, True, True)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(6)).bfloat16().to(DEVICE)
+    got = torch.autograd.grad(out, leaves, grad_out)
+    ref = reference_grads(q, k, v, None, grad_out, True, True, torch.float64)
+    low = reference_grads(q, k, v, None, grad_out, True, True, torch.bfloat16)
+    for name, g, r, lo in zip(("dq", "dk", "dv"), got, ref, low):
+        print(f"sm90 backward D{D} {name}: max err {max_err(g, r):.3g} (same-precision reference {max_err(lo, r):.3g})")
+        assert_matches(name, g, r, lo, torch.bfloat16)
+
+
+def test_sm90_forward_refuses_calls_it_cannot_serve(monkeypatch):
+    """A forced sm90 path serves a call or raises naming why; it never falls back."""
+    if DEVICE != "cuda":
+        pytest.skip("QKV_CUDA_KERNEL only steers the CUDA kernels")
+    select_kernel_path(monkeypatch, "sm90")
+    shape = Shape(1, 2, 40, 50, 64, 64)
+    q, k, v = make_qkv(shape, torch.float16)
+    if torch.cuda.get_device_capability() != (9, 0):
+        with pytest.raises(RuntimeError, match="compute capability 9.0"):
+            ops.attention(q, k, v)
+        return
+    cases = [
+        (make_qkv(shape, torch.float32), {}, "float16 or bfloat16"),
+        (make_qkv(Shape(1, 2, 40, 50, 96, 96), torch.float16), {}, r"head_dim == value_head_dim in \{64, 128\}"),
+        (make_qkv(Shape(1, 2, 40, 50, 64, 128), torch.float16), {}, "head_dim == value_head_dim"),
+        ((q, k, v), {"bias": make_bias("full", shape, torch.float16)}, "no bias"),
+        ((q, k, v), {"dropout_p": 0.1}, "no dropout"),
+        ((q, k, v), {"scale": -0.1}, "scale > 0"),
+        (make_qkv(shape, torch.float16, "strided"), {}, "unit-stride rows|16-byte-aligned"),
+    ]
+    for (a, b, c), options, reason in cases:
+        with pytest.raises(RuntimeError, match=f"does not qualify for the sm90 \\(Hopper\\) forward: .*({reason})"):
+            ops.attention(a, b, c, options.get("bias"), options.get("dropout_p", 0.0), False, False,
+                          options.get("scale"), dropout_seed(1))
+    with pytest.raises(RuntimeError, match="QKV_CUDA_KERNEL=sm90, but the sm90 kernels do not implement window_size"):
+        qkv.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), window_size=(4, 4))
+
+
+def cuda_kernels_run(fn):
+    """Names of the CUDA kernels `fn` launches (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}
+
+
+def test_sm90_forward_runs_only_when_forced(monkeypatch):
+    """auto never takes the sm90 forward (opt-in until it passed here); forced, it is what runs."""
+    if DEVICE != "cuda":
+        pytest.skip("QKV_CUDA_KERNEL only steers the CUDA kernels")
+    q, k, v = make_qkv(Shape(2, 2, 300, 300, 128, 128), torch.bfloat16, "token_major")
+    select_kernel_path(monkeypatch, "auto")
+    names = cuda_kernels_run(lambda: ops.attention(q, k, v, None, 0.0, True))
+    assert names and not any("sm90_forward_kernel" in n for n in names), names
+    if torch.cuda.get_device_capability() != (9, 0):
+        return
+    select_kernel_path(monkeypatch, "sm90")
+    names = cuda_kernels_run(lambda: ops.attention(q, k, v, None, 0.0, True))
+    assert any("sm90_forward_kernel" in n for n in names), names

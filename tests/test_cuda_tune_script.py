@@ -48,16 +48,17 @@ def test_cuda_tune_runs_a_small_grid_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     out = tmp_path / "tune.json"
     tune.main(["--dims", "64", "--lengths", "32", "--tokens", "64", "--rounds", "1", "--matmul-n", "64",
-               "--dtype", "float16", "--json", str(out)])
+               "--dtype", "float16", "--sm90", "--json", str(out)])
     printed = capsys.readouterr().out
     result = json.loads(out.read_text())
     sides = {(r["mode"], r["side"]) for r in result["rows"]}
     assert ("fwd", "fa2:128x128x4") in sides and ("fwd", "mma") in sides and ("fwd", "flash") in sides
     assert ("fwdbwd", "fa2:128x128x4/128x128x8") in sides and ("fwdbwd", "fa2-det") in sides
+    assert ("fwd", "sm90") in sides and ("fwdbwd", "sm90") in sides  # --sm90 (the CPU ignores the kernel choice)
     assert not any(side == "cudnn" for _, side in sides), "a backend without a kernel for the call is dropped"
     assert "cudnn dropped" in printed
     for r in result["rows"]:
         assert r["ms"] > 0 and r["tflops"] > 0
-        if r["side"].startswith(("fa2", "mma")):
+        if r["side"].startswith(("fa2", "mma", "sm90")):
             assert r["err"] is not None and r["err"] < 2e-2, r  # the same function as the flash backend
     assert "| 64 | fwd | fa2:128x128x4 |" in printed  # the ranking table

@@ -12,11 +12,12 @@ import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
+import build_config  # noqa: E402
 import gpu_check  # noqa: E402
 
 
 def test_the_scripts_parse():
-    for script in ("gpu_check.sh", "cuda_build_check.sh"):
+    for script in ("gpu_check.sh", "cuda_build_check.sh", "gpu_lease.sh"):
         subprocess.run(["bash", "-n", str(ROOT / "scripts" / script)], check=True)
     if shutil.which("shellcheck"):
         subprocess.run(["shellcheck", "-S", "warning", str(ROOT / "scripts" / "gpu_check.sh")], check=True)
@@ -38,14 +39,18 @@ def test_without_a_gpu_the_script_stops_with_a_clear_message(tmp_path):
     assert not list(tmp_path.iterdir()), "nothing is built or written without a GPU"
 
 
-def test_arch_list_is_the_gpus_own_plus_the_arch_specific_target_when_a_kernel_needs_it(tmp_path):
-    (tmp_path / "plain.cu").write_text("__global__ void k() { asm volatile(\"mma.sync.aligned.m16n8k16\"); }")
-    assert gpu_check.arch_list((9, 0), tmp_path) == "9.0"
-    assert gpu_check.arch_list((8, 0), tmp_path) == "8.0"
-    (tmp_path / "hopper.cuh").write_text("asm volatile(\"wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16\");")
-    assert gpu_check.arch_list((9, 0), tmp_path) == "9.0;9.0a"
-    assert gpu_check.arch_list((8, 6), tmp_path) == "8.6"
-    assert gpu_check.arch_list((9, 0)) in ("9.0", "9.0;9.0a")  # the repository's own kernels
+def test_arch_list_is_the_gpus_own_arch_and_the_sm90a_kernels_come_with_9_0():
+    """sm_90a code has its own gencode in setup.py (build_config.sm90_wanted): the GPU's own arch is
+    the whole list, so the other kernels are not compiled a second time for sm_90a."""
+    assert gpu_check.arch_list((9, 0)) == "9.0"
+    assert gpu_check.arch_list((8, 0)) == "8.0"
+    assert gpu_check.arch_list((8, 6)) == "8.6"
+    assert build_config.sm90_wanted(gpu_check.arch_list((9, 0)))
+    assert not build_config.sm90_wanted(gpu_check.arch_list((8, 0)))
+    assert not build_config.sm90_wanted(gpu_check.arch_list((10, 0)))
+    for archs, wanted in [("8.0;9.0", True), ("9.0a", True), ("9.0+PTX", True), ("8.0 9.0", True), ("8.0;8.6", False),
+                          ("10.0", False), ("", False)]:
+        assert build_config.sm90_wanted(archs) == wanted, archs
 
 
 def test_machine_name_is_the_benchmarks_folder_name():

@@ -54,7 +54,8 @@ def test_the_sdist_carries_what_the_build_reads(installed):
     names = {name.split("/", 1)[1] for name in tarfile.open(installed["sdist"]).getnames() if "/" in name}
     for needed in ("csrc/sources.txt", "csrc/include/qkv/qkv.h", "csrc/cuda/mma_common.cuh", "csrc/cuda/mma_attention.cu",
                    "scripts/shared_cxx_runtime.py", "scripts/build_config.py",
-                   "CMakeLists.txt", "cmake/QkvSources.cmake", "python/qkv/bench/__main__.py"):
+                   "CMakeLists.txt", "cmake/QkvSources.cmake", "cmake/sm90a/CMakeLists.txt", "csrc/cuda/sm90_forward.cu",
+                   "csrc/cuda/sm90_plan.h", "python/qkv/bench/__main__.py"):
         assert needed in names, f"{needed} is not in the sdist"
 
 

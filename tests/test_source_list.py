@@ -4,7 +4,7 @@ import pathlib
 import re
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-GROUPS = {"core", "cpu_kernel", "cuda", "python"}
+GROUPS = {"core", "cpu_kernel", "cuda", "cuda_sm90", "python"}
 
 
 def read_entries():

@@ -9,7 +9,10 @@
 // KV-cache doors run on the generic kernels. The environment variable QKV_CUDA_KERNEL overrides
 // this per call: "generic" always takes the generic kernels, "mma" requires the mma kernels and
 // "fa2" the fa2 kernels (an error if the call does not qualify, or has an option only the generic
-// kernels implement); tests use each to check every path against the same reference. The fa2
+// kernels implement); tests use each to check every path against the same reference. "sm90" requires
+// the Hopper forward (sm90_forward.cuh, sm90_plan.h: wgmma + TMA, compute capability 9.0, builds
+// whose archs include 9.0; it also serves grouped key/value heads) and leaves the backward to auto:
+// it is opt-in, and auto never takes it, until tests/test_cuda.py passes with it on a GPU. The fa2
 // backward adds dQ with atomics (any order) unless torch.use_deterministic_algorithms is on, when
 // it adds them in a fixed order.
 //
@@ -25,6 +28,7 @@
 #include "decode_plan.h"
 #include "kernel_args.h"
 #include "kernel_params.h"
+#include "sm90_plan.h"
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -53,7 +57,17 @@ void check_cuda_limits(const char* op, const at::Tensor& query, const AttentionP
               p.head_dim, " and ", p.v_head_dim);
 }
 
-enum class KernelChoice { Auto, Generic, Mma, Fa2 };
+enum class KernelChoice { Auto, Generic, Mma, Fa2, Sm90 };
+
+const char* kernel_name(KernelChoice choice) {
+  switch (choice) {
+    case KernelChoice::Mma: return "mma";
+    case KernelChoice::Fa2: return "fa2";
+    case KernelChoice::Sm90: return "sm90";
+    case KernelChoice::Generic: return "generic";
+    default: return "auto";
+  }
+}
 
 KernelChoice kernel_choice() {
   const char* value = std::getenv("QKV_CUDA_KERNEL");
@@ -61,8 +75,9 @@ KernelChoice kernel_choice() {
   if (std::strcmp(value, "generic") == 0) return KernelChoice::Generic;
   if (std::strcmp(value, "mma") == 0) return KernelChoice::Mma;
   if (std::strcmp(value, "fa2") == 0) return KernelChoice::Fa2;
-  TORCH_CHECK(false, "qkv: the environment variable QKV_CUDA_KERNEL must be auto, generic, mma or fa2; got '", value,
-              "'");
+  if (std::strcmp(value, "sm90") == 0) return KernelChoice::Sm90;
+  TORCH_CHECK(false, "qkv: the environment variable QKV_CUDA_KERNEL must be auto, generic, mma, fa2 or sm90; got '",
+              value, "'");
 }
 
 enum class DecodeChoice { Generic, Split, SplitRequired };
@@ -89,8 +104,10 @@ int64_t forced_decode_splits() {
 }
 
 // The options of a call that only the generic kernels implement, named for the error a forced
-// fast path (QKV_CUDA_KERNEL=mma or fa2) raises; empty when there are none.
-std::string generic_only_options(const AttentionParams& p, const char* door = nullptr) {
+// fast path (QKV_CUDA_KERNEL=mma, fa2 or sm90) raises; empty when there are none. The sm90 forward
+// serves grouped key/value heads (`grouped_heads_served`).
+std::string generic_only_options(const AttentionParams& p, const char* door = nullptr,
+                                 bool grouped_heads_served = false) {
   std::ostringstream names;
   const char* sep = "";
   auto add = [&](auto&&... parts) {
@@ -99,7 +116,7 @@ std::string generic_only_options(const AttentionParams& p, const char* door = nu
     sep = ", ";
   };
   if (door != nullptr) add(door);
-  if (p.kv_heads != p.heads) add("grouped key/value heads (", p.kv_heads, " key heads for ", p.heads, " query heads)");
+  if (p.kv_heads != p.heads && !grouped_heads_served) add("grouped key/value heads (", p.kv_heads, " key heads for ", p.heads, " query heads)");
   if (p.window_left >= 0 || (!p.is_causal && p.window_right >= 0)) {
     add("window_size (", p.window_left, ", ", p.window_right, ")");
   }
@@ -114,9 +131,8 @@ std::string generic_only_options(const AttentionParams& p, const char* door = nu
 KernelChoice resolve_kernel_choice(const char* op, KernelChoice choice, const std::string& options) {
   if (options.empty()) return choice;
   if (choice == KernelChoice::Auto || choice == KernelChoice::Generic) return KernelChoice::Generic;
-  TORCH_CHECK(false, op, ": QKV_CUDA_KERNEL=", choice == KernelChoice::Mma ? "mma" : "fa2", ", but the ",
-              choice == KernelChoice::Mma ? "mma" : "fa2", " kernels do not implement ", options,
-              " (only the generic kernels do: set QKV_CUDA_KERNEL=generic)");
+  TORCH_CHECK(false, op, ": QKV_CUDA_KERNEL=", kernel_name(choice), ", but the ", kernel_name(choice),
+              " kernels do not implement ", options, " (only the generic kernels do: set QKV_CUDA_KERNEL=generic)");
 }
 
 // The ALiBi slopes (checked on the query's device by check_score_options); the doors add their
@@ -149,6 +165,31 @@ int device_major(const at::Tensor& t) {
   return major;
 }
 
+int device_minor(const at::Tensor& t) {
+  int minor = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, t.get_device()));
+  return minor;
+}
+
+// QKV_CUDA_KERNEL=sm90: the Hopper forward serves the call, or a clear error says why it cannot.
+void run_sm90_forward(const ForwardArgs& args, const at::Tensor& query, const at::Tensor& key,
+                      const at::Tensor& value, cudaStream_t stream) {
+#if defined(QKV_CUDA_SM90)
+  const char* refusal = sm90::forward_refusal(args, device_major(query), device_minor(query));
+  TORCH_CHECK(refusal == nullptr, "qkv.attention: QKV_CUDA_KERNEL=sm90, but this call does not qualify for the sm90 "
+              "(Hopper) forward: ", refusal, "; got ", query.scalar_type(), " on compute capability ",
+              device_major(query), ".", device_minor(query), ", head dims ", args.shape.head_dim, "/",
+              args.shape.v_head_dim, ", query strides ", query.strides(), ", key strides ", key.strides(),
+              ", value strides ", value.strides(), ", scale ", args.shape.scale, ", dropout_p ", args.shape.dropout_p,
+              ", bias ", args.bias.data != nullptr ? "given" : "none");
+  launch_sm90_forward(args, stream);
+#else
+  (void)args, (void)key, (void)value, (void)stream;
+  TORCH_CHECK(false, "qkv.attention: QKV_CUDA_KERNEL=sm90, but this build of qkv has no sm90 kernels: build with 9.0 "
+              "in QKV_CUDA_ARCHS and CUTLASS's headers installed (docs/cuda.md); device ", query.device());
+#endif
+}
+
 int multiprocessor_count(const at::Tensor& t) {
   int count = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, t.get_device()));
@@ -161,7 +202,10 @@ int multiprocessor_count(const at::Tensor& t) {
 bool run_split_decode(const char* op, const ForwardArgs& args, KernelChoice kernel, const at::Tensor& query,
                       int64_t max_kv_len, cudaStream_t stream) {
   const DecodeChoice choice = decode_choice();
-  if (choice == DecodeChoice::Generic || kernel == KernelChoice::Mma || kernel == KernelChoice::Fa2) return false;
+  if (choice == DecodeChoice::Generic || kernel == KernelChoice::Mma || kernel == KernelChoice::Fa2 ||
+      kernel == KernelChoice::Sm90) {
+    return false;
+  }
   const bool qualifies = split_decode_supported(args);
   TORCH_CHECK(qualifies || choice != DecodeChoice::SplitRequired, op,
               ": QKV_CUDA_DECODE=split-required, but this call does not qualify for the split decode forward (it "
@@ -200,8 +244,14 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(
   ForwardArgs args = forward_args(p, query, key, value, expanded_bias, out, lse);
   set_sequence_tensors(args.shape, sequences);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(query.get_device()).stream();
-  const KernelChoice choice = resolve_kernel_choice("qkv.attention", kernel_choice(), generic_only_options(p));
+  const KernelChoice requested = kernel_choice();
+  const KernelChoice choice = resolve_kernel_choice(
+      "qkv.attention", requested, generic_only_options(p, nullptr, requested == KernelChoice::Sm90));
   if (run_split_decode("qkv.attention", args, choice, query, p.kv_len, stream)) return {out, lse};
+  if (choice == KernelChoice::Sm90) {
+    run_sm90_forward(args, query, key, value, stream);
+    return {out, lse};
+  }
   const bool fa2_qualifies =
       (choice == KernelChoice::Auto || choice == KernelChoice::Fa2) && fa2_forward_supported(args, device_major(query));
   if (choice == KernelChoice::Fa2 || fa2_qualifies) {
@@ -256,8 +306,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cu
   at::Tensor delta = at::empty({p.batch, p.heads, p.q_len}, query.options().dtype(acc_dtype));
   const at::Tensor expanded_bias = p.has_bias ? expand_bias(*bias, p) : at::Tensor();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(query.get_device()).stream();
-  const KernelChoice choice =
-      resolve_kernel_choice("qkv.attention_backward", kernel_choice(), generic_only_options(p));
+  // The sm90 path is a forward: with QKV_CUDA_KERNEL=sm90 the backward is chosen as with auto.
+  const KernelChoice requested = kernel_choice() == KernelChoice::Sm90 ? KernelChoice::Auto : kernel_choice();
+  const KernelChoice choice = resolve_kernel_choice("qkv.attention_backward", requested, generic_only_options(p));
   const SequenceTensors sequences = sequence_tensors(alibi_slopes);
   const at::Tensor normalizers = lse_normalizers(p, query, key, expanded_bias, lse, stream, sequences);
 

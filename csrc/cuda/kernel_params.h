@@ -163,6 +163,12 @@ void launch_mma_forward(const ForwardArgs& args, cudaStream_t stream);
 bool mma_backward_supported(const BackwardArgs& args, int device_major);
 void launch_mma_backward(const BackwardArgs& args, cudaStream_t stream);
 
+// The Hopper forward (sm90_forward.cuh; wgmma + TMA, sm_90a code), in builds whose CUDA archs include
+// 9.0 (QKV_CUDA_SM90 defined): float16/bfloat16, head_dim == v_head_dim in {64, 128}, no bias, no
+// dropout, grouped key/value heads, both causal alignments; sm90_plan.h's forward_refusal says which
+// calls it serves. Opt-in (QKV_CUDA_KERNEL=sm90) until tests/test_cuda.py passes with it on a GPU.
+void launch_sm90_forward(const ForwardArgs& args, cudaStream_t stream);
+
 // FlashAttention-2-class kernels (fa2_*.cuh; sm_80+) for float16/bfloat16 with head_dim ==
 // v_head_dim in {64, 96, 128, 256} and 16-byte-aligned rows, with bias, its gradient, dropout and
 // both causal alignments. Opt-in (QKV_CUDA_KERNEL=fa2) until tests/test_cuda.py passes on a GPU.
