@@ -187,13 +187,20 @@ def test_the_flash_backward_kernel_still_serves_first_order_gradients():
         with _OpRecorder() as recorder:
             torch.autograd.grad(out.sum(), (q, k, v), create_graph=create_graph)
         assert ("qkv.attention_backward" in recorder.ops) == (not create_graph), recorder.ops
-    # The module too: first-order training gradients never build the L x S composite.
+    (x,) = leaves((1, 4, 3, 2, 3))
+    for create_graph in (False, True):
+        out = torch.ops.qkv.attention_qkvpacked(x, None, 0.0, True)[0]
+        with _OpRecorder() as recorder:
+            torch.autograd.grad(out.sum(), x, create_graph=create_graph)
+        assert ("qkv.attention_qkvpacked_backward" in recorder.ops) == (not create_graph), recorder.ops
+    # The module too: first-order training gradients never build the L x S composite (its
+    # self-attention runs the packed op).
     mha = qkv.MultiheadAttention(4, 2, dtype=F64)
     x = torch.randn(3, 2, 4, dtype=F64, requires_grad=True)
     out, _ = mha(x, x, x, need_weights=False)
     with _OpRecorder() as recorder:
         out.sum().backward()
-    assert "qkv.attention_backward" in recorder.ops and "aten._softmax" not in recorder.ops
+    assert "qkv.attention_qkvpacked_backward" in recorder.ops and "aten._softmax" not in recorder.ops
 
 
 VARLEN_OPTIONS = {
