@@ -242,6 +242,7 @@ class AttentionQkvpackedFunction : public torch::autograd::Function<AttentionQkv
     ctx->save_for_backward({qkv, bias.value_or(at::Tensor()), out, lse, dropout_seed.value_or(at::Tensor()),
                             alibi_slopes.value_or(at::Tensor())});
     save_options(ctx, dropout_p, is_causal, /*bottom_right=*/false, scale, window_left, window_right, softcap);
+    ctx->set_materialize_grads(false);  // the logsumexp's gradient: none, not a zero tensor
     return {out, lse};
   }
 
