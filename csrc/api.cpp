@@ -28,6 +28,14 @@ Pair attention(T query, T key, T value, OT bias, double dropout_p, bool is_causa
                      window_right, softcap, alibi_slopes);
 }
 
+Pair attention_qkvpacked(T qkv, OT bias, double dropout_p, bool is_causal, std::optional<double> scale,
+                         OT dropout_seed, int64_t window_left, int64_t window_right, double softcap, OT alibi_slopes) {
+  static const auto handle =
+      op<Pair(T, OT, double, bool, std::optional<double>, OT, int64_t, int64_t, double, OT)>("qkv::attention_qkvpacked");
+  return handle.call(qkv, bias, dropout_p, is_causal, scale, dropout_seed, window_left, window_right, softcap,
+                     alibi_slopes);
+}
+
 Pair attention_varlen(T query, T key, T value, T cu_seqlens_q, T cu_seqlens_k, int64_t max_seqlen_q,
                       int64_t max_seqlen_k, double dropout_p, bool is_causal, bool bottom_right,
                       std::optional<double> scale, OT dropout_seed, int64_t window_left, int64_t window_right,

@@ -246,6 +246,26 @@ AttentionParams check_attention_weights_args(const at::Tensor& query, const at::
   return p;
 }
 
+void check_qkvpacked(const char* op, const at::Tensor& qkv) {
+  check_dims(op, "qkv", qkv, 5, "(batch, seq, 3, heads, head_dim)");
+  TORCH_SYM_CHECK(qkv.sym_size(2).sym_eq(3), op,
+                  ": qkv must have shape (batch, seq, 3, heads, head_dim): query, key and value stacked in "
+                  "dimension 2; got ", describe(qkv));
+  TORCH_CHECK(is_supported_dtype(qkv.scalar_type()), op, ": qkv must be float32, float64, float16 or bfloat16; got ",
+              describe(qkv));
+}
+
+std::array<at::Tensor, 3> split_packed_qkv(const at::Tensor& packed) {
+  return {packed.select(2, 0).transpose(1, 2), packed.select(2, 1).transpose(1, 2),
+          packed.select(2, 2).transpose(1, 2)};
+}
+
+at::Tensor empty_qkv_gradient(const at::Tensor& qkv) {
+  // (Preserve would pick a channels-last-3d layout for some 5-D strides that are not dense.)
+  return at::empty_like(qkv, qkv.is_non_overlapping_and_dense() ? at::MemoryFormat::Preserve
+                                                                 : at::MemoryFormat::Contiguous);
+}
+
 at::Tensor expand_bias(const at::Tensor& bias, const AttentionShape& s) {
   at::Tensor b = bias;
   while (b.dim() < 4) b = b.unsqueeze(0);

@@ -13,6 +13,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/core/SymInt.h>
 
+#include <array>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -143,6 +144,19 @@ AttentionParams check_attention_weights_args(const at::Tensor& query, const at::
                                              const std::optional<at::Tensor>& dropout_seed, int64_t window_left = -1,
                                              int64_t window_right = -1, double softcap = 0.0,
                                              const std::optional<at::Tensor>& alibi_slopes = std::nullopt);
+
+// ---- packed self-attention (attention_qkvpacked) ----------------------------------------------
+
+// qkv is a packed (batch, seq, 3, heads, head_dim) tensor of a dtype the kernels take; the messages
+// name `qkv`. (Everything else `attention` checks, on the three views.)
+void check_qkvpacked(const char* op, const at::Tensor& qkv);
+// The query, key and value of a packed (B, L, 3, H, D) tensor as (B, H, L, D) views (no copies):
+// packed[:, :, i].transpose(1, 2). Also the views a gradient buffer is written through.
+std::array<at::Tensor, 3> split_packed_qkv(const at::Tensor& packed);
+// The buffer of qkv's gradient: qkv's strides when it is dense and non-overlapping (the gradient of
+// a projection's view stays a view of one buffer all the way back), contiguous otherwise. Every
+// device's kernel allocates it here, so fake tensors get the real strides.
+at::Tensor empty_qkv_gradient(const at::Tensor& qkv);
 
 // ---- layouts ----------------------------------------------------------------------------------
 

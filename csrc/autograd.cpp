@@ -227,6 +227,71 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_autograd(
   return {outs[0], outs[1]};
 }
 
+// Packed self-attention: one input, qkv (B, L, 3, H, D), whose gradient the backward op writes
+// as one tensor (the three views' gradients would otherwise be stacked by a copy).
+class AttentionQkvpackedFunction : public torch::autograd::Function<AttentionQkvpackedFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& qkv, const OptTensor& bias, double dropout_p,
+                               bool is_causal, std::optional<double> scale, const OptTensor& dropout_seed,
+                               int64_t window_left, int64_t window_right, double softcap,
+                               const OptTensor& alibi_slopes) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, lse] = qkv::attention_qkvpacked(qkv, bias, dropout_p, is_causal, scale, dropout_seed, window_left,
+                                               window_right, softcap, alibi_slopes);
+    ctx->mark_non_differentiable({lse});
+    ctx->save_for_backward({qkv, bias.value_or(at::Tensor()), out, lse, dropout_seed.value_or(at::Tensor()),
+                            alibi_slopes.value_or(at::Tensor())});
+    save_options(ctx, dropout_p, is_causal, /*bottom_right=*/false, scale, window_left, window_right, softcap);
+    ctx->set_materialize_grads(false);  // the logsumexp's gradient: none, not a zero tensor
+    return {out, lse};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    if (!grads[0].defined()) return variable_list(10);
+    const bool qkv_grad = ctx->needs_input_grad(0);
+    const bool bias_grad = saved[1].defined() && ctx->needs_input_grad(1);  // bias is edge 1 when present
+    variable_list result(10);
+    if (second_order_requested()) {
+      // The differentiable composite on the three views; their gradients stacked (differentiably)
+      // into qkv's. Second-order use is rare: the copy does not matter here.
+      const auto [q, k, v] = split_packed_qkv(saved[0]);
+      auto g = differentiable_attention_grads(grads[0], {}, false, q, k, v, saved[1], saved[3], saved[4], saved[5],
+                                              saved_options(ctx), {qkv_grad, qkv_grad, qkv_grad, bias_grad});
+      if (qkv_grad) result[0] = at::stack({g[0].transpose(1, 2), g[1].transpose(1, 2), g[2].transpose(1, 2)}, 2);
+      result[1] = g[3];
+      return result;
+    }
+    static const auto backward_op =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("qkv::attention_qkvpacked_backward", "")
+            .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const OptTensor&,
+                                                      const at::Tensor&, const at::Tensor&, double, bool,
+                                                      std::optional<double>, const OptTensor&, bool, int64_t, int64_t,
+                                                      double, const OptTensor&)>();
+    auto [dqkv, dbias] = backward_op.call(
+        grads[0], saved[0], saved_optional(saved[1]), saved[2], saved[3], ctx->saved_data["dropout_p"].toDouble(),
+        ctx->saved_data["is_causal"].toBool(), ctx->saved_data["scale"].toOptional<double>(),
+        saved_optional(saved[4]), bias_grad, saved_int(ctx, "window_left"), saved_int(ctx, "window_right"),
+        ctx->saved_data["softcap"].toDouble(), saved_optional(saved[5]));
+    result[0] = dqkv;
+    result[1] = bias_grad ? dbias : at::Tensor();
+    return result;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> attention_qkvpacked_autograd(const at::Tensor& qkv, const OptTensor& bias,
+                                                                double dropout_p, bool is_causal,
+                                                                std::optional<double> scale,
+                                                                const OptTensor& dropout_seed, int64_t window_left,
+                                                                int64_t window_right, double softcap,
+                                                                const OptTensor& alibi_slopes) {
+  auto outs = AttentionQkvpackedFunction::apply(qkv, bias, dropout_p, is_causal, scale,
+                                                ensure_seed(dropout_p, dropout_seed), window_left, window_right,
+                                                softcap, alibi_slopes);
+  return {outs[0], outs[1]};
+}
+
 class AttentionWeightsFunction : public torch::autograd::Function<AttentionWeightsFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& query, const at::Tensor& key,
@@ -380,6 +445,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_au
   return {outs[0], outs[1], outs[2], outs[3]};
 }
 
+std::tuple<at::Tensor, at::Tensor> attention_qkvpacked_backward_autograd(
+    const at::Tensor& grad_out, const at::Tensor& qkv, const OptTensor& bias, const at::Tensor& out,
+    const at::Tensor& logsumexp, double dropout_p, bool is_causal, std::optional<double> scale,
+    const OptTensor& dropout_seed, bool bias_requires_grad, int64_t window_left, int64_t window_right,
+    double softcap, const OptTensor& alibi_slopes) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("qkv::attention_qkvpacked_backward", "")
+                             .typed<decltype(attention_qkvpacked_backward_autograd)>();
+  auto outs = OnceDifferentiable::apply(
+      std::string("qkv.attention_qkvpacked_backward"),
+      std::function<variable_list()>([&] {
+        auto [dqkv, db] = op.call(grad_out, qkv, bias, out, logsumexp, dropout_p, is_causal, scale, dropout_seed,
+                                  bias_requires_grad, window_left, window_right, softcap, alibi_slopes);
+        return variable_list{dqkv, db};
+      }),
+      grad_out, qkv, out, logsumexp, bias);
+  return {outs[0], outs[1]};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_weights_backward_autograd(
     const at::Tensor& grad_weights, const at::Tensor& query, const at::Tensor& key, const OptTensor& bias,
     const at::Tensor& logsumexp, double dropout_p, bool is_causal, bool bottom_right, std::optional<double> scale,
@@ -476,6 +560,8 @@ TORCH_LIBRARY_IMPL(qkv, Autograd, m) {
   m.impl("attention_weights", &attention_weights_autograd);
   m.impl("attention_with_weights", &attention_with_weights_autograd);
   m.impl("attention_backward", &attention_backward_autograd);
+  m.impl("attention_qkvpacked", &attention_qkvpacked_autograd);
+  m.impl("attention_qkvpacked_backward", &attention_qkvpacked_backward_autograd);
   m.impl("attention_weights_backward", &attention_weights_backward_autograd);
   m.impl("attention_varlen", &attention_varlen_autograd);
   m.impl("attention_varlen_backward", &attention_varlen_backward_autograd);

@@ -4,13 +4,17 @@
 //  - attention_weights_backward: the weights are already an (B, H, L, S) tensor when it
 //    runs, so plain ATen matmuls are the right tool;
 //  - attention_with_weights as `attention` then `attention_weights`, for every device but
-//    the CPU, which has a fused kernel.
+//    the CPU, which has a fused kernel;
+//  - attention_qkvpacked as `attention` on the three views of qkv, every device;
+//  - attention_qkvpacked_backward as `attention_backward` on those views, its three gradients
+//    then copied into one buffer, for every device but the CPU, whose kernel writes them there.
 // (The projection ops, whole attention layers, are in projection_ops.cpp.)
 #include "attention_common.h"
 #include "qkv/qkv.h"
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/SymFloat.h>
 #include <torch/library.h>
 
@@ -102,9 +106,62 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_then_weights(
   return {out, lse, weights};
 }
 
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> attention_qkvpacked_composite(
+    const at::Tensor& qkv, const OptTensor& bias, double dropout_p, bool is_causal, std::optional<double> scale,
+    const OptTensor& dropout_seed, int64_t window_left, int64_t window_right, double softcap,
+    const OptTensor& alibi_slopes) {
+  const char* op = "qkv.attention_qkvpacked";
+  check_qkvpacked(op, qkv);
+  const auto [q, k, v] = split_packed_qkv(qkv);
+  // Checked here so errors name this op.
+  check_attention_inputs(op, q, k, v, bias, dropout_p, scale, dropout_seed, window_left, window_right, softcap,
+                         alibi_slopes);
+  return qkv::attention(q, k, v, bias, dropout_p, is_causal, /*bottom_right=*/false, scale, dropout_seed, window_left,
+                        window_right, softcap, alibi_slopes);
+}
+
+// The CUDA (and Meta) kernel: the device's attention_backward, then one copy of its three
+// gradients into grad_qkv. The CUDA backward writing into grad_qkv's views in place, as the CPU
+// kernel does, is a follow-up for a session with a GPU (a CUDA path must pass tests/test_cuda.py
+// on one before it changes).
+std::tuple<at::Tensor, at::Tensor> attention_qkvpacked_backward_composite(
+    const at::Tensor& grad_out, const at::Tensor& qkv, const OptTensor& bias, const at::Tensor& out,
+    const at::Tensor& logsumexp, double dropout_p, bool is_causal, std::optional<double> scale,
+    const OptTensor& dropout_seed, bool bias_requires_grad, int64_t window_left, int64_t window_right,
+    double softcap, const OptTensor& alibi_slopes) {
+  const char* op = "qkv.attention_qkvpacked_backward";
+  check_qkvpacked(op, qkv);
+  const auto [q, k, v] = split_packed_qkv(qkv);
+  const auto s = check_attention_inputs(op, q, k, v, bias, dropout_p, scale, dropout_seed, window_left,
+                                        window_right, softcap, alibi_slopes);
+  check_backward_args(op, q, grad_out, out, logsumexp, s, dropout_p, dropout_seed);
+  static const auto backward_op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("qkv::attention_backward", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
+              const at::Tensor&, const at::Tensor&, double, bool, bool, std::optional<double>, const OptTensor&,
+              bool, int64_t, int64_t, double, const OptTensor&)>();
+  auto [dq, dk, dv, grad_bias] =
+      backward_op.call(grad_out, q, k, v, bias, out, logsumexp, dropout_p, is_causal, /*bottom_right=*/false, scale,
+                       dropout_seed, bias_requires_grad, window_left, window_right, softcap, alibi_slopes);
+  at::Tensor grad_qkv = empty_qkv_gradient(qkv);
+  const auto [gq, gk, gv] = split_packed_qkv(grad_qkv);
+  gq.copy_(dq);
+  gk.copy_(dk);
+  gv.copy_(dv);
+  return {grad_qkv, grad_bias};
+}
+
+}  // namespace
+
 TORCH_LIBRARY_IMPL(qkv, CompositeExplicitAutograd, m) {
   m.impl("attention_weights_backward", &attention_weights_backward_composite);
   m.impl("attention_with_weights", &attention_then_weights);
+  m.impl("attention_qkvpacked", &attention_qkvpacked_composite);
+  m.impl("attention_qkvpacked_backward", &attention_qkvpacked_backward_composite);
 }
 
 }  // namespace qkv

@@ -91,15 +91,19 @@ OptTensor rows_of(const OptTensor& packed, const c10::SymInt& start, const c10::
   return rows_of(*packed, start, length);
 }
 
-// Attention on projected heads, then heads merged (free: the output is stored token-major)
-// and projected back.
+// The attention output's heads merged (free: it is stored token-major) and projected back.
+at::Tensor merge_and_project(const at::Tensor& out, const at::Tensor& out_proj_weight, const OptTensor& out_proj_bias) {
+  return at::linear(out.transpose(1, 2).flatten(2), out_proj_weight, out_proj_bias);
+}
+
+// Attention on projected heads, then merged and projected back.
 at::Tensor attend_and_project(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               const at::Tensor& out_proj_weight, const OptTensor& out_proj_bias,
                               const OptTensor& attn_bias, bool is_causal, double dropout_p,
                               const OptTensor& dropout_seed, int64_t window_left = -1, int64_t window_right = -1) {
   auto [out, lse] = qkv::attention(q, k, v, attn_bias, dropout_p, is_causal, /*bottom_right=*/false,
                                    std::nullopt, dropout_seed, window_left, window_right);
-  return at::linear(out.transpose(1, 2).flatten(2), out_proj_weight, out_proj_bias);
+  return merge_and_project(out, out_proj_weight, out_proj_bias);
 }
 
 // multi_head_attention, and masked_self_attention through it; `op` names the op in errors. With
@@ -139,6 +143,14 @@ at::Tensor packed_projection_attention(const char* op, const at::Tensor& query, 
   if (query.is_same(key) && key.is_same(value)) {
     // Self-attention: one (E -> E + 2 kvE) GEMM; q, k, v are strided views of its output.
     const at::Tensor projected = at::linear(query, in_proj_weight, in_proj_bias);
+    if (Hk == num_heads) {
+      // As attention_qkvpacked's (N, T, 3, H, D): its backward writes the GEMM output's gradient as
+      // one buffer (three views' gradients would each be a zero-filled copy of it, then summed).
+      auto [out, lse] = qkv::attention_qkvpacked(projected.unflatten_symint(-1, {3, num_heads, D}), attn_bias,
+                                                 dropout_p, is_causal, std::nullopt, dropout_seed, window_left,
+                                                 window_right);
+      return merge_and_project(out, out_proj_weight, out_proj_bias);
+    }
     q = heads_of(projected, 0, num_heads, D);
     k = heads_of(projected, E, Hk, D);
     v = heads_of(projected, E + kvE, Hk, D);

@@ -55,6 +55,22 @@ TORCH_LIBRARY(qkv, m) {
       "Tensor? dropout_seed, bool bias_requires_grad, " SCORE_OPTIONS ") "
       "-> (Tensor grad_query, Tensor grad_key, Tensor grad_bias)");
 
+  // Self-attention on one packed tensor, flash-attn's qkvpacked layout: qkv (B, L, 3, H, D), any
+  // strides; query = qkv[:, :, 0].transpose(1, 2), key and value the same for 1 and 2. Out and
+  // logsumexp are exactly `attention`'s on those views (out (B, H, L, D)). L == S, so the causal
+  // alignment does not matter (no bottom_right). Why an op: the views' backward would stack three
+  // gradients into one (B, L, 3, H, D) buffer, a copy of it; the backward op writes dQ, dK and dV
+  // into one buffer in place (on the CPU; other devices copy).
+  m.def(
+      "attention_qkvpacked(Tensor qkv, Tensor? bias=None, float dropout_p=0.0, bool is_causal=False, "
+      "float? scale=None, Tensor? dropout_seed=None, " SCORE_OPTIONS ") -> (Tensor out, Tensor logsumexp)");
+  // grad_qkv has qkv's shape, and its strides when qkv is dense and non-overlapping (contiguous
+  // otherwise); grad_bias as attention_backward's.
+  m.def(
+      "attention_qkvpacked_backward(Tensor grad_out, Tensor qkv, Tensor? bias, Tensor out, Tensor logsumexp, "
+      "float dropout_p, bool is_causal, float? scale, Tensor? dropout_seed, bool bias_requires_grad, "
+      SCORE_OPTIONS ") -> (Tensor grad_qkv, Tensor grad_bias)");
+
   // Issue 17's doors into the same kernel (docs/flash-attn-api.md). Packed variable-length
   // sequences: query (total_q, H, D), key (total_k, Hk, D), value (total_k, Hk, Dv); sequence b
   // is rows cu_seqlens[b]..cu_seqlens[b + 1] (int32 or int64, batch + 1 offsets), no padding.

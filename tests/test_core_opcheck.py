@@ -103,10 +103,12 @@ def test_compile_fullgraph_through_each_op():
         out, lse = torch.ops.qkv.attention(q, k, v, b, 0.0, True)
         weights = torch.ops.qkv.attention_weights(q, k, b, lse)
         out2, _, weights2 = torch.ops.qkv.attention_with_weights(q, k, v, b, 0.0, False, False, None, None, True)
+        out3, _ = torch.ops.qkv.attention_qkvpacked(torch.stack([q, k[:, :, :10], k[:, :, 2:]], 2)
+                                                    .transpose(1, 3), b[:, :, :10], 0.0, True)
         y = torch.ops.qkv.multi_head_attention(x, x, x, 4, w_in, None, w_out, None)
         y = y + torch.ops.qkv.masked_self_attention(x, 4, w_in, None, w_out, None)
         y = y + torch.ops.qkv.cross_attention(x, mem, 4, wq, wk, wv, None, w_out, None)
-        return out.sum() + weights.sum() + y.sum() + out2.sum() + weights2.pow(2).sum()
+        return out.sum() + weights.sum() + y.sum() + out2.sum() + weights2.pow(2).sum() + out3.pow(2).sum()
 
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     args = (q, k, v, b, x, mem)

@@ -144,6 +144,58 @@ def test_gradgradcheck_multihead_attention(need_weights, config):
     assert gradgradcheck(fn, (query, key, value, params))
 
 
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_gradgradcheck_multihead_self_attention(batch_first):
+    """Self-attention without weights runs attention_qkvpacked (its second derivatives through the
+    composite on qkv's views), with a key padding mask and dropout."""
+    mha = qkv.MultiheadAttention(4, 2, dropout=0.3, batch_first=batch_first, dtype=F64)
+    x = torch.randn(*((2, 3, 4) if batch_first else (3, 2, 4)), dtype=F64, requires_grad=True)
+    kpm = torch.tensor([[False] * 3, [False, True, False]])  # (N, L)
+
+    def fn(x, _projection_weight):
+        torch.manual_seed(11)  # the same dropout mask at every evaluation
+        return mha(x, x, x, key_padding_mask=kpm, need_weights=False)[0]
+
+    with _OpRecorder() as recorder:
+        fn(x, mha.in_proj_weight)
+    assert "qkv.attention_qkvpacked" in recorder.ops
+    assert gradgradcheck(fn, (x, mha.in_proj_weight))
+
+
+@pytest.mark.parametrize("name", ["plain", "causal_top_left", "window", "softcap", "dropout", "bias_with_hidden_keys"])
+def test_qkvpacked_composite_first_derivatives_equal_the_kernels(name):
+    """attention_qkvpacked's differentiable path (create_graph=True: the composite on its views,
+    stacked) gives its backward kernel's gradient of qkv and of the bias."""
+    H, _, L, _, options = CASES[name]
+    (packed,) = leaves((2, L, 3, H, 3))
+    bias = None
+    if options.get("bias"):
+        bias = torch.randn(2, 1, L, L, dtype=F64)
+        bias[0, 0, 1, 2:] = float("-inf")
+        bias.requires_grad_()
+    dropout_p = options.get("dropout_p", 0.0)
+    seed = torch.tensor(1234) if dropout_p else None
+    window = options.get("window", (-1, -1))
+    inputs = [packed] + ([bias] if bias is not None else [])
+
+    def fn():
+        return torch.ops.qkv.attention_qkvpacked(packed * 2.0, bias, dropout_p, options.get("is_causal", False), None,
+                                                 seed, window[0], window[1], options.get("softcap", 0.0))[0]
+
+    out = fn()
+    grad_out = torch.randn_like(out)
+    kernel = torch.autograd.grad(out, inputs, grad_out)
+    with _OpRecorder() as recorder:
+        composite = torch.autograd.grad(fn(), inputs, grad_out, create_graph=True)
+    assert "qkv.attention_qkvpacked_backward" not in recorder.ops
+    assert all(g.requires_grad for g in composite)
+    for got, want in zip(composite, kernel):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+    assert gradgradcheck(lambda *ts: torch.ops.qkv.attention_qkvpacked(
+        ts[0] * 2.0, ts[1] if len(ts) > 1 else None, dropout_p, options.get("is_causal", False), None, seed,
+        window[0], window[1], options.get("softcap", 0.0))[0], inputs)
+
+
 @pytest.mark.parametrize("module", ["self_gqa_window", "causal", "cross"])
 def test_gradgradcheck_batch_first_modules(module):
     if module == "self_gqa_window":
@@ -187,13 +239,20 @@ def test_the_flash_backward_kernel_still_serves_first_order_gradients():
         with _OpRecorder() as recorder:
             torch.autograd.grad(out.sum(), (q, k, v), create_graph=create_graph)
         assert ("qkv.attention_backward" in recorder.ops) == (not create_graph), recorder.ops
-    # The module too: first-order training gradients never build the L x S composite.
+    (x,) = leaves((1, 4, 3, 2, 3))
+    for create_graph in (False, True):
+        out = torch.ops.qkv.attention_qkvpacked(x, None, 0.0, True)[0]
+        with _OpRecorder() as recorder:
+            torch.autograd.grad(out.sum(), x, create_graph=create_graph)
+        assert ("qkv.attention_qkvpacked_backward" in recorder.ops) == (not create_graph), recorder.ops
+    # The module too: first-order training gradients never build the L x S composite (its
+    # self-attention runs the packed op).
     mha = qkv.MultiheadAttention(4, 2, dtype=F64)
     x = torch.randn(3, 2, 4, dtype=F64, requires_grad=True)
     out, _ = mha(x, x, x, need_weights=False)
     with _OpRecorder() as recorder:
         out.sum().backward()
-    assert "qkv.attention_backward" in recorder.ops and "aten._softmax" not in recorder.ops
+    assert "qkv.attention_qkvpacked_backward" in recorder.ops and "aten._softmax" not in recorder.ops
 
 
 VARLEN_OPTIONS = {

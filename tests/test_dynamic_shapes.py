@@ -208,6 +208,27 @@ def test_core_ops(name):
     assert run_over_lengths(qkv_fn, torch_fn, core_inputs) == 1
 
 
+@pytest.mark.parametrize("layout", ["batch_first", "seq_first"])
+def test_attention_qkvpacked(layout):
+    """The packed op and its backward op (whose gradient takes qkv's strides) on symbolic lengths."""
+    def make_inputs(length):
+        if layout == "batch_first":
+            qkv = torch.randn(2, length, 3, 3, 8)
+        else:
+            qkv = torch.randn(length, 2, 3, 3, 8).permute(1, 0, 2, 3, 4)
+        return qkv.requires_grad_(), leaf(length, length)
+
+    def qkv_fn(qkv, bias):
+        return torch.ops.qkv.attention_qkvpacked(qkv, bias, 0.0, True)[0]
+
+    def torch_fn(qkv, bias):
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+        causal = torch.ones(q.size(2), q.size(2), dtype=torch.bool).tril()
+        return sdpa(q, k, v, bias.masked_fill(~causal, float("-inf")))
+
+    assert run_over_lengths(qkv_fn, torch_fn, make_inputs) == 1
+
+
 @pytest.mark.parametrize("op", ["multi_head_attention", "masked_self_attention", "cross_attention"])
 def test_projection_ops(op):
     reference = torch.nn.MultiheadAttention(E, H, batch_first=True)

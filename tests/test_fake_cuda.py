@@ -58,6 +58,8 @@ def op_cases(dtype):
     grad_w = torch.randn(2, 3, 5, 7, dtype=dtype)
     x, mem = torch.randn(2, 6, 16, dtype=dtype), torch.randn(2, 9, 12, dtype=dtype)
     w = lambda *s: torch.randn(*s, dtype=dtype) * 0.2
+    qkv = torch.randn(5, 2, 3, 3, 8, dtype=dtype).permute(1, 0, 2, 3, 4)  # sequence-first, as MHA's projection gives
+    packed_out, packed_lse = ops.attention_qkvpacked(qkv, bias[:, :, :5], 0.2, True, None, SEED)
     return {
         "attention": (ops.attention, (q, k, v, bias, 0.2, True, False, None, SEED)),
         "attention (no dropout)": (ops.attention, (q, k, v, None, 0.0, False, True, 0.5, None)),
@@ -68,6 +70,10 @@ def op_cases(dtype):
         "attention_with_weights": (ops.attention_with_weights, (q, k, v, bias, 0.2, True, False, None, SEED, True)),
         "attention_weights_backward": (ops.attention_weights_backward,
                                        (grad_w, q, k, bias, lse, 0.2, True, False, None, SEED, True)),
+        "attention_qkvpacked": (ops.attention_qkvpacked, (qkv, bias[:, :, :5], 0.2, True, None, SEED)),
+        "attention_qkvpacked_backward": (ops.attention_qkvpacked_backward,
+                                         (torch.randn_like(packed_out), qkv, bias[:, :, :5], packed_out, packed_lse,
+                                          0.2, True, None, SEED, True)),
         "multi_head_attention": (ops.multi_head_attention,
                                  (x, x, x, 4, w(48, 16), w(48), w(16, 16), w(16), None, False, 0.2, SEED)),
         "masked_self_attention": (ops.masked_self_attention, (x, 2, w(48, 16), None, w(16, 16), None, None, 0.2, SEED)),
@@ -89,7 +95,8 @@ def test_the_old_one_element_seed_is_the_contract_error_not_a_device_mismatch():
         run_fake(ops.attention, (q, k, v, bias, 0.2, True, False, None, torch.tensor([1234])))
 
 
-@pytest.mark.parametrize("name", ["attention", "attention_with_weights", "multi_head_attention", "cross_attention"])
+@pytest.mark.parametrize("name", ["attention", "attention_with_weights", "attention_qkvpacked", "multi_head_attention",
+                                  "cross_attention"])
 def test_a_seed_drawn_inside_the_call_propagates_too(name):
     # No seed given: the autograd layer (or the two-op path) draws one, a 0-dim CPU tensor too.
     # (Inputs that require grad cannot be faked on CUDA with a CPU-only torch: autograd asks

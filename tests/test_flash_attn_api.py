@@ -1,5 +1,5 @@
-"""The doors of issue 17: qkv.flash_attn_func / flash_attn_varlen_func / flash_attn_with_kvcache
-(flash-attn's layouts and semantics), enable_gqa in qkv.functional.scaled_dot_product_attention,
+"""The doors of issue 17: qkv.flash_attn_func / flash_attn_qkvpacked_func / flash_attn_kvpacked_func /
+flash_attn_varlen_func / flash_attn_with_kvcache (flash-attn's layouts and semantics), enable_gqa in qkv.functional.scaled_dot_product_attention,
 and num_kv_heads / window in the modules; each against the float64 reference."""
 
 import pytest
@@ -98,6 +98,91 @@ def test_flash_attn_func_errors():
         qkv.flash_attn_func(q, k[:, :, :2], v[:, :, :2], softcap=-1.0)
     with pytest.raises(RuntimeError, match=r"alibi_slopes must be a float32 tensor of shape \(6\) or \(2, 6\)"):
         qkv.flash_attn_func(q, k[:, :, :2], v[:, :, :2], alibi_slopes=torch.ones(4))
+
+
+# ---- flash_attn_qkvpacked_func / flash_attn_kvpacked_func ---------------------------------------
+
+PACKED_OPTIONS = [dict(), dict(causal=True), dict(causal=True, window_size=(3, 0), softcap=2.0),
+                  dict(window_size=(2, 5), alibi_slopes="per_batch", softmax_scale=0.3)]
+
+
+def packed_options(options, H, B=2):
+    options = dict(options)
+    if options.get("alibi_slopes") == "per_batch":
+        options["alibi_slopes"] = alibi_slopes(H, B)
+    return options
+
+
+@pytest.mark.parametrize("options", PACKED_OPTIONS, ids=lambda o: "-".join(sorted(o)) or "plain")
+@pytest.mark.parametrize("S", [1, 19])
+def test_flash_attn_qkvpacked_func_matches_reference(S, options):
+    options = packed_options(options, 4)
+    packed = torch.randn(2, S, 3, 4, 16, requires_grad=True)
+    with RecordQkvCalls() as recorder:
+        out = qkv.flash_attn_qkvpacked_func(packed, **options)
+    assert [name for name, _ in recorder.calls] == ["attention_qkvpacked"]
+    assert out.shape == (2, S, 4, 16) and out.is_contiguous()
+    q, k, v = packed.unbind(2)
+    want, _ = feature_reference(*heads_first(q, k, v), is_causal=options.get("causal", False), bottom_right=True,
+                                scale=options.get("softmax_scale"), window=options.get("window_size", (-1, -1)),
+                                softcap=options.get("softcap", 0.0), alibi_slopes=options.get("alibi_slopes"))
+    torch.testing.assert_close(out.double(), want.transpose(1, 2), **F32)
+    # The gradient of flash_attn_func on the views (same kernel), as one tensor of qkv's layout.
+    grad_out = torch.randn_like(out)
+    (got,) = torch.autograd.grad(out, packed, grad_out)
+    (want_grad,) = torch.autograd.grad(qkv.flash_attn_func(q, k, v, **options), packed, grad_out)
+    assert got.stride() == packed.stride()
+    torch.testing.assert_close(got, want_grad, rtol=0, atol=0)
+
+
+def test_flash_attn_qkvpacked_func_returns_lse_and_probabilities_and_replays_dropout():
+    packed = torch.randn(2, 9, 3, 4, 8, dtype=torch.float64)
+    out, lse, probs = qkv.flash_attn_qkvpacked_func(packed, causal=True, window_size=(3, 0), return_attn_probs=True)
+    want, want_lse, want_probs = qkv.flash_attn_func(*packed.unbind(2), causal=True, window_size=(3, 0),
+                                                     return_attn_probs=True)
+    assert lse.shape == (2, 4, 9) and probs.shape == (2, 4, 9, 9)
+    for got, ref in ((out, want), (lse, want_lse), (probs, want_probs)):
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    torch.manual_seed(3)
+    a, _, dropped = qkv.flash_attn_qkvpacked_func(packed, dropout_p=0.3, return_attn_probs=True)
+    torch.manual_seed(3)
+    b = qkv.flash_attn_func(*packed.unbind(2), dropout_p=0.3)
+    assert torch.equal(a, b) and not torch.equal(a, out)
+    torch.testing.assert_close(dropped @ packed[:, :, 2].transpose(1, 2), a.transpose(1, 2))
+
+
+@pytest.mark.parametrize("options", PACKED_OPTIONS, ids=lambda o: "-".join(sorted(o)) or "plain")
+def test_flash_attn_kvpacked_func_is_flash_attn_func_on_its_views(options):
+    options = packed_options(options, 6)
+    q = torch.randn(2, 7, 6, 16, requires_grad=True)
+    kv = torch.randn(2, 12, 2, 3, 16, requires_grad=True)  # GQA: 3 key/value heads
+    out = qkv.flash_attn_kvpacked_func(q, kv, **options)
+    want, _ = feature_reference(*heads_first(q, *kv.unbind(2)), is_causal=options.get("causal", False),
+                                bottom_right=True, scale=options.get("softmax_scale"),
+                                window=options.get("window_size", (-1, -1)), softcap=options.get("softcap", 0.0),
+                                alibi_slopes=options.get("alibi_slopes"))
+    assert out.shape == (2, 7, 6, 16)
+    torch.testing.assert_close(out.double(), want.transpose(1, 2), **F32)
+    grads = torch.autograd.grad(out.sum(), (q, kv))
+    assert [g.shape for g in grads] == [q.shape, kv.shape]
+
+
+def test_flash_attn_packed_errors():
+    with pytest.raises(ValueError, match=r"qkv.flash_attn_qkvpacked_func: qkv must be a 5-D tensor "
+                                         r"\(batch, seqlen, 3, nheads, headdim\); got shape \(2, 5, 3, 8\)"):
+        qkv.flash_attn_qkvpacked_func(torch.randn(2, 5, 3, 8))
+    with pytest.raises(TypeError, match=r"qkv.flash_attn_qkvpacked_func: qkv must be a tensor"):
+        qkv.flash_attn_qkvpacked_func([torch.randn(2, 5, 3, 2, 8)])
+    with pytest.raises(RuntimeError, match=r"qkv.attention_qkvpacked: qkv must have shape \(batch, seq, 3, heads"):
+        qkv.flash_attn_qkvpacked_func(torch.randn(2, 5, 2, 2, 8))
+    q = torch.randn(2, 5, 4, 8)
+    with pytest.raises(ValueError, match=r"qkv.flash_attn_kvpacked_func: kv must have shape "
+                                         r"\(batch, seqlen_k, 2, nheads_k, headdim\).*got shape \(2, 6, 3, 2, 8\)"):
+        qkv.flash_attn_kvpacked_func(q, torch.randn(2, 6, 3, 2, 8))
+    with pytest.raises(ValueError, match=r"qkv.flash_attn_kvpacked_func: kv must be a 5-D tensor"):
+        qkv.flash_attn_kvpacked_func(q, torch.randn(2, 6, 2, 8))
+    with pytest.raises(ValueError, match=r"qkv.flash_attn_kvpacked_func: q must be a 4-D tensor"):
+        qkv.flash_attn_kvpacked_func(q[0], torch.randn(2, 6, 2, 2, 8))
 
 
 # ---- flash_attn_varlen_func ---------------------------------------------------------------------

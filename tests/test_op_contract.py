@@ -16,6 +16,12 @@ def core_inputs():
     return q, k, v, out, lse
 
 
+def packed_inputs():
+    qkv = torch.randn(2, 5, 3, 3, 8)
+    out, lse = ops.attention_qkvpacked(qkv)
+    return qkv, out, lse
+
+
 def projection_inputs():
     x, mem = torch.randn(2, 4, 8), torch.randn(2, 6, 5)
     return x, mem, (lambda *s: torch.randn(*s) * 0.3)
@@ -26,6 +32,9 @@ SEED_CALLS = {
     "attention": lambda seed: ops.attention(*core_inputs()[:3], None, 0.3, False, False, None, seed),
     "attention_backward": lambda seed: (lambda q, k, v, out, lse: ops.attention_backward(
         torch.randn_like(out), q, k, v, None, out, lse, 0.3, False, False, None, seed, False))(*core_inputs()),
+    "attention_qkvpacked": lambda seed: ops.attention_qkvpacked(packed_inputs()[0], None, 0.3, False, None, seed),
+    "attention_qkvpacked_backward": lambda seed: (lambda qkv, out, lse: ops.attention_qkvpacked_backward(
+        torch.randn_like(out), qkv, None, out, lse, 0.3, False, None, seed, False))(*packed_inputs()),
     "attention_weights": lambda seed: (lambda q, k, v, out, lse: ops.attention_weights(
         q, k, None, lse, 0.3, False, False, None, seed))(*core_inputs()),
     "attention_with_weights": lambda seed: ops.attention_with_weights(*core_inputs()[:3], None, 0.3, False, False,
@@ -74,7 +83,7 @@ def test_meta_seed_is_accepted_with_meta_inputs():
     assert out.is_meta and out.shape == (2, 3, 5, 4)
 
 
-@pytest.mark.parametrize("op", ["attention_backward", "attention_weights_backward"])
+@pytest.mark.parametrize("op", ["attention_backward", "attention_weights_backward", "attention_qkvpacked_backward"])
 def test_backward_ops_with_dropout_need_the_forward_seed(op):
     # A fresh draw would give the gradient of another mask: silently wrong before.
     with pytest.raises(RuntimeError, match=rf"qkv.{op}: with dropout_p > 0 .*dropout_seed must be the seed of the "
@@ -96,6 +105,9 @@ def bad_argument_cases():
         go, q, k, v, bias, o, l, 0.0, False, False, None, None, False)
     weights = lambda l=lse, bias=None: ops.attention_weights(q, k, bias, l)
     wbwd = lambda gw=g, l=lse: ops.attention_weights_backward(gw, q, k, None, l, 0.0, False, False, None, None, False)
+    qkv, packed_out, packed_lse = packed_inputs()
+    packed_bwd = lambda go=torch.randn_like(packed_out), o=packed_out, l=packed_lse, bias=None: (
+        ops.attention_qkvpacked_backward(go, qkv, bias, o, l, 0.0, False, None, None, False))
     mha = lambda in_w=w(24, 8), in_b=None, out_w=w(8, 8), out_b=None, bias=None: ops.multi_head_attention(
         x, x, x, 2, in_w, in_b, out_w, out_b, bias)
     cross = lambda m=mem, wq=w(8, 8), bias=None: ops.cross_attention(x, m, 2, wq, w(8, 5), w(8, 5), None, w(8, 8),
@@ -108,6 +120,12 @@ def bad_argument_cases():
         ("backward out on meta", lambda: bwd(o=meta(out)), r"qkv.attention_backward: out must be a Float tensor .* on meta"),
         ("backward logsumexp on meta", lambda: bwd(l=meta(lse)), r"qkv.attention_backward: logsumexp must be a Float tensor of shape \[2, 3, 5\] on cpu"),
         ("backward bias on meta", lambda: bwd(bias=meta(torch.zeros(5, 7))), r"qkv.attention_backward: bias must be on the query's device"),
+        ("packed bias on meta", lambda: ops.attention_qkvpacked(qkv, meta(torch.zeros(5, 5))), r"qkv.attention_qkvpacked: bias must be on the query's device cpu"),
+        ("packed backward grad_out on meta", lambda: packed_bwd(go=meta(packed_out)), r"qkv.attention_qkvpacked_backward: grad_out must be a Float tensor of shape \[2, 3, 5, 8\] on cpu; got .* on meta"),
+        ("packed backward grad_out float64", lambda: packed_bwd(go=packed_out.double()), r"qkv.attention_qkvpacked_backward: grad_out must be a Float tensor .*Double"),
+        ("packed backward out on meta", lambda: packed_bwd(o=meta(packed_out)), r"qkv.attention_qkvpacked_backward: out must be a Float tensor .* on meta"),
+        ("packed backward logsumexp on meta", lambda: packed_bwd(l=meta(packed_lse)), r"qkv.attention_qkvpacked_backward: logsumexp must be a Float tensor of shape \[2, 3, 5\] on cpu"),
+        ("packed backward bias on meta", lambda: packed_bwd(bias=meta(torch.zeros(5, 5))), r"qkv.attention_qkvpacked_backward: bias must be on the query's device"),
         ("weights logsumexp on meta", lambda: weights(l=meta(lse)), r"qkv.attention_weights: logsumexp must be a Float tensor .* on meta"),
         ("weights logsumexp float16", lambda: weights(l=lse.half()), r"logsumexp must be a Float tensor .*Half"),
         ("weights backward grad_weights on meta", lambda: wbwd(gw=meta(g)), r"qkv.attention_weights_backward: grad_weights must be a Float tensor of shape \[2, 3, 5, 7\] on cpu; got .* on meta"),

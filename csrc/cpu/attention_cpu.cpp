@@ -845,6 +845,24 @@ void attention_backward_cpu_impl(const AttentionParams& p, const SequenceLayout&
   if (row_shift_grad.active) grad_bias.copy_(row_shift_grad.result(p, *bias));
 }
 
+// The backward of dense (batch, heads, seq, dim) tensors, checked, into gradients allocated by
+// the caller (any strides; every element is written).
+void dense_backward(const AttentionParams& p, const at::Tensor& grad_out, const at::Tensor& query,
+                    const at::Tensor& key, const at::Tensor& value, const std::optional<at::Tensor>& bias,
+                    const std::optional<at::Tensor>& alibi_slopes, const at::Tensor& out, const at::Tensor& logsumexp,
+                    at::Tensor& grad_q, at::Tensor& grad_k, at::Tensor& grad_v, bool bias_requires_grad,
+                    at::Tensor& grad_bias) {
+  if (p.q_len == 0 || p.kv_len == 0 || p.batch * p.heads == 0) {  // nothing attends: every gradient is zero
+    grad_q.zero_(), grad_k.zero_(), grad_v.zero_(), grad_bias.zero_();
+    return;
+  }
+  const SequenceLayout layout = SequenceLayout::dense(p);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "qkv_attention_backward_cpu", [&] {
+    attention_backward_cpu_impl<scalar_t>(p, layout, grad_out, query, key, value, bias, alibi_slopes, out, logsumexp,
+                                          grad_q, grad_k, grad_v, bias_requires_grad, grad_bias);
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& bias, const at::Tensor& out, const at::Tensor& logsumexp,
@@ -859,16 +877,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
   at::Tensor grad_k = empty_token_major(key, p.head_dim);
   at::Tensor grad_v = empty_token_major(value, p.v_head_dim);
   at::Tensor grad_bias = empty_grad_bias(bias, bias_requires_grad, query);
-  if (p.q_len == 0 || p.kv_len == 0 || p.batch * p.heads == 0) {  // nothing attends: every gradient is zero
-    grad_q.zero_(), grad_k.zero_(), grad_v.zero_(), grad_bias.zero_();
-    return {grad_q, grad_k, grad_v, grad_bias};
-  }
-  const SequenceLayout layout = SequenceLayout::dense(p);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "qkv_attention_backward_cpu", [&] {
-    attention_backward_cpu_impl<scalar_t>(p, layout, grad_out, query, key, value, bias, alibi_slopes, out, logsumexp,
-                                          grad_q, grad_k, grad_v, bias_requires_grad, grad_bias);
-  });
+  dense_backward(p, grad_out, query, key, value, bias, alibi_slopes, out, logsumexp, grad_q, grad_k, grad_v,
+                 bias_requires_grad, grad_bias);
   return {grad_q, grad_k, grad_v, grad_bias};
+}
+
+// Packed self-attention: dQ, dK and dV are written straight into the three views of one
+// grad_qkv buffer (the kernel writes through any row strides), so no stack of three gradients
+// follows. The checks name this op.
+std::tuple<at::Tensor, at::Tensor> attention_qkvpacked_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& qkv, const std::optional<at::Tensor>& bias, const at::Tensor& out,
+    const at::Tensor& logsumexp, double dropout_p, bool is_causal, std::optional<double> scale,
+    const std::optional<at::Tensor>& dropout_seed, bool bias_requires_grad, int64_t window_left,
+    int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+  const char* op = "qkv.attention_qkvpacked_backward";
+  check_qkvpacked(op, qkv);
+  const auto [query, key, value] = split_packed_qkv(qkv);
+  const auto p = check_attention_args(op, query, key, value, bias, dropout_p, is_causal, /*bottom_right=*/false,
+                                      scale, dropout_seed, window_left, window_right, softcap, alibi_slopes);
+  check_backward_args(op, query, grad_out, out, logsumexp, p, dropout_p, dropout_seed);
+  at::Tensor grad_qkv = empty_qkv_gradient(qkv);
+  auto [grad_q, grad_k, grad_v] = split_packed_qkv(grad_qkv);
+  at::Tensor grad_bias = empty_grad_bias(bias, bias_requires_grad, query);
+  dense_backward(p, grad_out, query, key, value, bias, alibi_slopes, out, logsumexp, grad_q, grad_k, grad_v,
+                 bias_requires_grad, grad_bias);
+  return {grad_qkv, grad_bias};
 }
 
 // ---- the packed (varlen) and KV-cache doors ------------------------------------------------
@@ -969,6 +1002,7 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_cpu(
 
 QKV_REGISTER_CPU_KERNEL(attention_cpu_kernel, attention_forward_cpu);
 QKV_REGISTER_CPU_KERNEL(attention_backward_cpu_kernel, attention_backward_cpu);
+QKV_REGISTER_CPU_KERNEL(attention_qkvpacked_backward_cpu_kernel, attention_qkvpacked_backward_cpu);
 QKV_REGISTER_CPU_KERNEL(attention_varlen_cpu_kernel, attention_varlen_cpu);
 QKV_REGISTER_CPU_KERNEL(attention_varlen_backward_cpu_kernel, attention_varlen_backward_cpu);
 QKV_REGISTER_CPU_KERNEL(attention_kvcache_cpu_kernel, attention_kvcache_cpu);

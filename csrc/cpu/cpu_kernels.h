@@ -25,6 +25,10 @@ using AttentionBackwardCpuFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at
     const std::optional<at::Tensor>& bias, const at::Tensor& out, const at::Tensor& logsumexp, double dropout_p,
     bool is_causal, bool bottom_right, std::optional<double> scale, const std::optional<at::Tensor>& dropout_seed,
     bool bias_requires_grad, QKV_CPU_SCORE_OPTIONS);
+using AttentionQkvpackedBackwardCpuFn = std::tuple<at::Tensor, at::Tensor>(
+    const at::Tensor& grad_out, const at::Tensor& qkv, const std::optional<at::Tensor>& bias, const at::Tensor& out,
+    const at::Tensor& logsumexp, double dropout_p, bool is_causal, std::optional<double> scale,
+    const std::optional<at::Tensor>& dropout_seed, bool bias_requires_grad, QKV_CPU_SCORE_OPTIONS);
 using AttentionWeightsCpuFn = at::Tensor(const at::Tensor& query, const at::Tensor& key,
                                          const std::optional<at::Tensor>& bias, const at::Tensor& logsumexp,
                                          double dropout_p, bool is_causal, bool bottom_right,
@@ -55,6 +59,7 @@ using AttentionKvcacheCpuFn = std::tuple<at::Tensor, at::Tensor>(
 
 extern CpuKernel<AttentionCpuFn> attention_cpu_kernel;
 extern CpuKernel<AttentionBackwardCpuFn> attention_backward_cpu_kernel;
+extern CpuKernel<AttentionQkvpackedBackwardCpuFn> attention_qkvpacked_backward_cpu_kernel;
 extern CpuKernel<AttentionWeightsCpuFn> attention_weights_cpu_kernel;
 extern CpuKernel<AttentionWithWeightsCpuFn> attention_with_weights_cpu_kernel;
 extern CpuKernel<AttentionVarlenCpuFn> attention_varlen_cpu_kernel;

@@ -10,6 +10,8 @@ namespace qkv {
 
 constinit CpuKernel<AttentionCpuFn> attention_cpu_kernel("qkv.attention");
 constinit CpuKernel<AttentionBackwardCpuFn> attention_backward_cpu_kernel("qkv.attention_backward");
+constinit CpuKernel<AttentionQkvpackedBackwardCpuFn> attention_qkvpacked_backward_cpu_kernel(
+    "qkv.attention_qkvpacked_backward");
 constinit CpuKernel<AttentionWeightsCpuFn> attention_weights_cpu_kernel("qkv.attention_weights");
 constinit CpuKernel<AttentionWithWeightsCpuFn> attention_with_weights_cpu_kernel("qkv.attention_with_weights");
 constinit CpuKernel<AttentionVarlenCpuFn> attention_varlen_cpu_kernel("qkv.attention_varlen");
@@ -36,6 +38,8 @@ struct CallActive<R(Args...)> {
 TORCH_LIBRARY_IMPL(qkv, CPU, m) {
   m.impl("attention", &CallActive<AttentionCpuFn>::call<&attention_cpu_kernel>);
   m.impl("attention_backward", &CallActive<AttentionBackwardCpuFn>::call<&attention_backward_cpu_kernel>);
+  m.impl("attention_qkvpacked_backward",
+         &CallActive<AttentionQkvpackedBackwardCpuFn>::call<&attention_qkvpacked_backward_cpu_kernel>);
   m.impl("attention_weights", &CallActive<AttentionWeightsCpuFn>::call<&attention_weights_cpu_kernel>);
   m.impl("attention_with_weights", &CallActive<AttentionWithWeightsCpuFn>::call<&attention_with_weights_cpu_kernel>);
   m.impl("attention_varlen", &CallActive<AttentionVarlenCpuFn>::call<&attention_varlen_cpu_kernel>);

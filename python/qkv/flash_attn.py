@@ -1,11 +1,13 @@
-"""flash-attn's Python API on the qkv kernels: ``flash_attn_func``, ``flash_attn_varlen_func`` and
-``flash_attn_with_kvcache`` with flash-attn's names, argument order, layouts and semantics
-(docs/flash-attn-api.md), on every device qkv runs on.
+"""flash-attn's Python API on the qkv kernels: ``flash_attn_func``, ``flash_attn_qkvpacked_func``,
+``flash_attn_kvpacked_func``, ``flash_attn_varlen_func`` and ``flash_attn_with_kvcache`` with
+flash-attn's names, argument order, layouts and semantics (docs/flash-attn-api.md), on every device
+qkv runs on.
 
 These are thin doors: layouts become strided views (flash-attn's ``(batch, seqlen, nheads, headdim)``
 is a transpose of qkv's ``(batch, nheads, seqlen, headdim)``), and the work happens in
-``torch.ops.qkv.attention``, ``attention_varlen`` and ``attention_kvcache``: grouped key/value heads,
-windows, ALiBi and softcap are options of the one kernel, not tensors built here.
+``torch.ops.qkv.attention``, ``attention_qkvpacked``, ``attention_varlen`` and ``attention_kvcache``:
+grouped key/value heads, windows, ALiBi and softcap are options of the one kernel, not tensors built
+here.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ from torch import Tensor
 from . import _C  # noqa: F401  (registers torch.ops.qkv.*)
 from ._attention_bias import draw_dropout_seed
 
-__all__ = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache"]
+__all__ = ["flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func", "flash_attn_varlen_func",
+           "flash_attn_with_kvcache"]
 
 
 def _window(window_size, name: str = "window_size") -> tuple[int, int]:
@@ -81,6 +84,82 @@ def flash_attn_func(
         q4.detach(), k4.detach(), None, lse, dropout_p, causal, True, softmax_scale, seed, False,
         left, right, softcap, alibi_slopes)
     return out, lse, probs
+
+
+def flash_attn_qkvpacked_func(
+    qkv: Tensor,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+):
+    """flash-attn's ``flash_attn_qkvpacked_func``: self-attention on query, key and value stacked in
+    one tensor. The same as :func:`flash_attn_func` on ``qkv.unbind(2)``, but the backward writes the
+    gradient of ``qkv`` as one tensor (``torch.ops.qkv.attention_qkvpacked``) instead of stacking
+    three gradients with a copy.
+
+    Args:
+        qkv: ``(batch, seqlen, 3, nheads, headdim)``, any strides.
+        The other arguments as :func:`flash_attn_func` (seqlen_q == seqlen_k: the causal alignment
+        does not matter).
+
+    Returns:
+        ``out`` ``(batch, seqlen, nheads, headdim)``; with ``return_attn_probs``,
+        ``(out, softmax_lse (batch, nheads, seqlen), probs (batch, nheads, seqlen, seqlen))``.
+    """
+    _check_tensor("flash_attn_qkvpacked_func", "qkv", qkv, 5, "(batch, seqlen, 3, nheads, headdim)")
+    left, right = _window(window_size)
+    seed = _seed(dropout_p)
+    out, lse = torch.ops.qkv.attention_qkvpacked(
+        qkv, None, dropout_p, causal, softmax_scale, seed, left, right, softcap, alibi_slopes)
+    out = out.transpose(1, 2)  # stored (batch, seqlen, nheads, headdim): contiguous
+    if not return_attn_probs:
+        return out
+    q4, k4 = qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2)
+    probs = torch.ops.qkv.attention_weights(
+        q4.detach(), k4.detach(), None, lse, dropout_p, causal, False, softmax_scale, seed, False,
+        left, right, softcap, alibi_slopes)
+    return out, lse, probs
+
+
+def flash_attn_kvpacked_func(
+    q: Tensor,
+    kv: Tensor,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+):
+    """flash-attn's ``flash_attn_kvpacked_func``: key and value stacked in one tensor.
+
+    This one goes through views of the core op: :func:`flash_attn_func` on ``kv.unbind(2)``, so its
+    backward stacks the key and value gradients into ``kv``'s with one copy (flash-attn writes them
+    in place; a kvpacked backward op would too, and is not written yet).
+
+    Args:
+        q: ``(batch, seqlen_q, nheads, headdim)``.
+        kv: ``(batch, seqlen_k, 2, nheads_k, headdim)``; ``nheads % nheads_k == 0`` (GQA/MQA).
+        The other arguments as :func:`flash_attn_func` (bottom-right aligned).
+
+    Returns:
+        As :func:`flash_attn_func`.
+    """
+    _check_tensor("flash_attn_kvpacked_func", "q", q, 4, "(batch, seqlen_q, nheads, headdim)")
+    _check_tensor("flash_attn_kvpacked_func", "kv", kv, 5, "(batch, seqlen_k, 2, nheads_k, headdim)")
+    if kv.size(2) != 2:
+        raise ValueError("qkv.flash_attn_kvpacked_func: kv must have shape (batch, seqlen_k, 2, nheads_k, headdim) "
+                         f"(key and value stacked in dimension 2); got shape {tuple(kv.shape)}")
+    k, v = kv.unbind(2)
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic, return_attn_probs)
 
 
 def flash_attn_varlen_func(
@@ -190,7 +269,11 @@ def _check_layout(fn: str, q: Tensor, k: Tensor, v: Tensor, dim: int, layout: st
                   names: tuple[str, str, str] = ("q", "k", "v")) -> None:
     """Rank errors in flash-attn's terms (the ops check everything else, in qkv's layout)."""
     for name, t in zip(names, (q, k, v)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"qkv.{fn}: {name} must be a tensor; got {type(t).__name__}")
-        if t.dim() != dim:
-            raise ValueError(f"qkv.{fn}: {name} must be a {dim}-D tensor {layout}; got shape {tuple(t.shape)}")
+        _check_tensor(fn, name, t, dim, layout)
+
+
+def _check_tensor(fn: str, name: str, t: Tensor, dim: int, layout: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"qkv.{fn}: {name} must be a tensor; got {type(t).__name__}")
+    if t.dim() != dim:
+        raise ValueError(f"qkv.{fn}: {name} must be a {dim}-D tensor {layout}; got shape {tuple(t.shape)}")

@@ -189,11 +189,22 @@ def _mha_forward(
         key_padding_mask, attn_mask, query.dtype, is_causal, need_weights)
     head_dim = _check_shapes(key, value, embed_dim, embed_dim_to_check, num_heads, use_separate_proj_weight, bdim)
 
+    # Self-attention whose keys are the projected inputs as they are (no static or appended keys)
+    # and whose weights are not asked for: one GEMM, viewed as (N, L, 3, H, D) and attended by
+    # attention_qkvpacked, whose backward writes that view's gradient as one buffer (q/k/v views
+    # of it would cost a stack of their three gradients, a copy of the whole projection's).
+    packed_self_attention = (
+        not use_separate_proj_weight and query is key and key is value and static_k is None and static_v is None
+        and bias_k is None and bias_v is None and not add_zero_attn and not need_weights)
+
     # In-projection (F.linear on the caller's layout; q/k/v may be views of one GEMM).
     if not use_separate_proj_weight:
         if in_proj_weight is None:
             raise AssertionError("use_separate_proj_weight is False but in_proj_weight is None")
-        q, k, v = _packed_in_projection(query, key, value, in_proj_weight, in_proj_bias)
+        if packed_self_attention:
+            qkv = _packed_self_projection(query, in_proj_weight, in_proj_bias, num_heads, head_dim, bdim)
+        else:
+            q, k, v = _packed_in_projection(query, key, value, in_proj_weight, in_proj_bias)
     else:
         if q_proj_weight is None:
             raise AssertionError("use_separate_proj_weight is True but q_proj_weight is None")
@@ -206,6 +217,14 @@ def _mha_forward(
         q, k, v = F._in_projection(query, key, value, q_proj_weight, k_proj_weight, v_proj_weight, b_q, b_k, b_v)
 
     _check_attn_mask_shape(attn_mask, tgt_len, src_len, bsz, num_heads)
+    if not training:
+        dropout_p = 0.0
+    if packed_self_attention:
+        bias = _masks_to_bias(attn_mask, key_padding_mask, bsz, num_heads, src_len, qkv.dtype)
+        seed = draw_dropout_seed() if dropout_p > 0.0 else None
+        out, _ = torch.ops.qkv.attention_qkvpacked(qkv, bias, dropout_p, use_causal_flag, None, seed)
+        return _finish(_merge_heads_and_project(out, out_proj_weight, out_proj_bias, bdim), None, is_batched)
+
     _check_bias_kv(bias_k, bias_v, static_k, static_v)
 
     # Heads: (N, H, T, D) strided views of the projections, no copies.
@@ -222,8 +241,6 @@ def _mha_forward(
         k, v, attn_mask, key_padding_mask, bias_k, bias_v, add_zero_attn)
 
     bias = _masks_to_bias(attn_mask, key_padding_mask, bsz, num_heads, k.size(2), q.dtype)
-    if not training:
-        dropout_p = 0.0
     seed = draw_dropout_seed() if dropout_p > 0.0 else None
 
     attn_weights = None
@@ -235,7 +252,11 @@ def _mha_forward(
     else:
         out, _ = torch.ops.qkv.attention(q, k, v, bias, dropout_p, use_causal_flag, False, None, seed)
 
-    attn_output = _merge_heads_and_project(out, out_proj_weight, out_proj_bias, bdim)
+    return _finish(_merge_heads_and_project(out, out_proj_weight, out_proj_bias, bdim), attn_weights, is_batched)
+
+
+def _finish(attn_output: Tensor, attn_weights: Tensor | None, is_batched: bool) -> tuple[Tensor, Tensor | None]:
+    """The caller's batching: unbatched inputs lose the batch of one added for the kernel."""
     if not is_batched:
         attn_output = attn_output.squeeze(0)
         if attn_weights is not None:
@@ -451,6 +472,16 @@ def _seq_first_shape(x: Tensor, bdim: int) -> torch.Size:
     return torch.Size((x.shape[1], x.shape[0], *x.shape[2:]))
 
 
+def _packed_self_projection(x: Tensor, w: Tensor, b: Tensor | None, num_heads: int, head_dim: int,
+                            bdim: int) -> Tensor:
+    """Self-attention's packed in-projection (torch's GEMM and errors) as attention_qkvpacked's
+    (N, L, 3, H, D) layout: a view of the GEMM output, permuted for a sequence-first (L, N, 3E)
+    one. Its gradient comes back with the view's strides, so it reaches the GEMM's backward as a
+    view too (no copy on the way)."""
+    qkv = torch.unflatten(F.linear(x, w, b), -1, (3, num_heads, head_dim))
+    return qkv.permute(1, 0, 2, 3, 4) if bdim == 1 else qkv
+
+
 def _packed_in_projection(
     query: Tensor, key: Tensor, value: Tensor, w: Tensor, b: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -459,7 +490,8 @@ def _packed_in_projection(
 
     The views come from ``unbind``: its backward stacks the three gradients into one buffer,
     where three indexing views would each allocate a zero-filled copy of the whole projection
-    and add them up (measured 1-4% of a training step at E=512)."""
+    and add them up (measured 1-4% of a training step at E=512). Self-attention without weights
+    avoids even the stack: see _packed_self_projection."""
     E = query.size(-1)
     if key is value:
         if query is key:

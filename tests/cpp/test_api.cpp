@@ -110,6 +110,27 @@ TEST(QkvApi, AttentionWithWeightsMatchesTheTwoOps) {
   EXPECT_TRUE(torch::allclose(weights, want_weights, 1e-10, 1e-10));
 }
 
+// Packed self-attention: the core op on qkv's views, and the gradient of qkv as one tensor of
+// qkv's strides (here a sequence-first projection viewed batch-first).
+TEST(QkvApi, QkvpackedIsAttentionOnItsViews) {
+  torch::manual_seed(6);
+  auto packed = randn({11, 2, 3, 2, 8}, false).permute({1, 0, 2, 3, 4}).requires_grad_();
+  auto bias = randn({2, 1, 11, 11});
+  auto view = [&](int64_t i) { return packed.select(2, i).transpose(1, 2); };
+  auto [out, lse] = qkv::attention_qkvpacked(packed, bias, 0.0, /*is_causal=*/true);
+  auto [want, want_lse] = qkv::attention(view(0), view(1), view(2), bias, 0.0, /*is_causal=*/true);
+  EXPECT_TRUE(torch::equal(out, want));
+  EXPECT_TRUE(torch::equal(lse, want_lse));
+  auto grad_out = torch::randn_like(out);
+  auto got = torch::autograd::grad({out}, {packed, bias}, {grad_out});
+  auto ref = torch::autograd::grad({reference_attention(view(0), view(1), view(2), bias, true)}, {packed, bias},
+                                   {grad_out});
+  EXPECT_EQ(got[0].strides(), packed.strides());
+  for (size_t i = 0; i < got.size(); ++i) {
+    EXPECT_TRUE(torch::allclose(got[i], ref[i], 1e-9, 1e-9)) << "gradient " << i;
+  }
+}
+
 TEST(QkvApi, FullyMaskedRowsGiveZerosAndZeroGradients) {
   auto q = randn({1, 1, 4, 8}), k = randn({1, 1, 5, 8}), v = randn({1, 1, 5, 8});
   auto bias = torch::zeros({1, 1, 4, 5}, torch::kDouble);
@@ -163,6 +184,14 @@ TEST(QkvApi, BadInputRaisesClearError) {
     EXPECT_NE(std::string(e.what()).find("query must be a 4-D tensor"), std::string::npos) << e.what();
   }
   EXPECT_THROW(qkv::attention(k, k, k.to(torch::kDouble)), c10::Error);
+  try {
+    qkv::attention_qkvpacked(torch::randn({2, 5, 2, 2, 8}));
+    FAIL() << "expected an error for a qkv of 2 tensors";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("qkv.attention_qkvpacked: qkv must have shape (batch, seq, 3, heads, head_dim)"),
+              std::string::npos)
+        << e.what();
+  }
   EXPECT_THROW(qkv::multi_head_attention(torch::randn({2, 3, 8}), torch::randn({2, 3, 8}), torch::randn({2, 3, 8}), 3,
                                          torch::randn({24, 8}), std::nullopt, torch::randn({8, 8}), std::nullopt),
                c10::Error);

@@ -37,6 +37,18 @@ std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& query, const at::
                                              double softcap = 0.0,
                                              const std::optional<at::Tensor>& alibi_slopes = std::nullopt);
 
+// Self-attention on one packed tensor (flash-attn's qkvpacked layout): qkv (B, L, 3, H, D), any
+// strides; query, key and value are qkv[:, :, i].transpose(1, 2). Returns `attention`'s
+// (out (B, H, L, D), logsumexp (B, H, L)) for those views, with the same options (L == S: no
+// causal alignment to choose). Its backward writes the gradient of qkv as one (B, L, 3, H, D)
+// tensor (with qkv's strides when qkv is dense), not three gradients stacked by a copy.
+// Differentiable, twice.
+std::tuple<at::Tensor, at::Tensor> attention_qkvpacked(
+    const at::Tensor& qkv, const std::optional<at::Tensor>& bias = std::nullopt, double dropout_p = 0.0,
+    bool is_causal = false, std::optional<double> scale = std::nullopt,
+    const std::optional<at::Tensor>& dropout_seed = std::nullopt, int64_t window_left = -1,
+    int64_t window_right = -1, double softcap = 0.0, const std::optional<at::Tensor>& alibi_slopes = std::nullopt);
+
 // Packed variable-length sequences (no padding): query (total_q, H, D), key (total_k, Hk, D),
 // value (total_k, Hk, Dv); sequence b is rows cu_seqlens[b]..cu_seqlens[b + 1] (int32 or int64,
 // batch + 1 offsets); max_seqlen_* bound the lengths. The options as `attention`, per sequence.
