@@ -11,9 +11,9 @@
 namespace {
 
 qkv::CpuCapability parse_capability(const char* name) {
-  const qkv::CpuCapabilityChoice choice = qkv::choose_cpu_capability(name, qkv::CpuCapability::Avx512);
+  const qkv::CpuCapabilityChoice choice = qkv::choose_cpu_capability(name, qkv::CpuCapability::Amx);
   TORCH_CHECK(choice.warning.empty() && *name != '\0', "qkv: '", name,
-              "' names no CPU capability; expected one of default, avx2, avx512");
+              "' names no CPU capability; expected one of default, avx2, avx512, amx");
   return choice.capability;
 }
 
@@ -58,11 +58,32 @@ PyObject* choose_cpu_capability(PyObject*, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
+// _set_amx_emulation(on) -> bool: tests only. While on, the amx capability is supported on any
+// AVX-512 CPU and its tile products run on a software register file (amx_tiles.h's
+// AmxEmulated); returns the previous setting.
+PyObject* set_amx_emulation(PyObject*, PyObject* arg) {
+  HANDLE_TH_ERRORS
+  const int on = PyObject_IsTrue(arg);
+  if (on < 0) return nullptr;
+  return PyBool_FromLong(qkv::set_amx_emulation(on != 0));
+  END_HANDLE_TH_ERRORS
+}
+
+// _amx_tile_mode() -> str: "off", "hardware" or "emulated" (cpu_capability.h's AmxTileMode).
+PyObject* amx_tile_mode(PyObject*, PyObject*) {
+  HANDLE_TH_ERRORS
+  constexpr const char* kModes[] = {"off", "hardware", "emulated"};
+  return PyUnicode_FromString(kModes[static_cast<int>(qkv::amx_tile_mode())]);
+  END_HANDLE_TH_ERRORS
+}
+
 PyMethodDef methods[] = {
     {"_cpu_capability", cpu_capability, METH_NOARGS, "The active copy of the CPU kernels."},
     {"_set_cpu_capability", set_cpu_capability, METH_O, "Switch the CPU kernels to another copy (tests)."},
     {"_supported_cpu_capabilities", supported_cpu_capabilities, METH_NOARGS, "The copies this CPU can run."},
     {"_choose_cpu_capability", choose_cpu_capability, METH_VARARGS, "What QKV_CPU_CAPABILITY would select."},
+    {"_set_amx_emulation", set_amx_emulation, METH_O, "Emulate the AMX tile products (tests)."},
+    {"_amx_tile_mode", amx_tile_mode, METH_NOARGS, "How bfloat16 tile products run now."},
     {nullptr, nullptr, 0, nullptr},
 };
 

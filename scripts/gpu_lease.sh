@@ -29,11 +29,15 @@
 #          where their warps wait (the fa2 backward issued in 20% of cycles on 2026-11-26)
 #   tune2  scripts/cuda_tune.py on D 96 and 256
 #   cpu    the CPU targets benchmark on the host's cores (issue 16)
+#   amx    the opt-in AMX bfloat16 forward (issue 16; about 3 minutes where the host has AMX):
+#          tests/test_cpu_amx.py (its hardware cases run only there), the core forward tests on
+#          every capability, then the bfloat16 targets benchmark with QKV_CPU_CAPABILITY=amx and
+#          unset (avx512), each into its own folder
 # Then benchmarks/results/ and the logs are packed into $OUT/lease.tgz, and the summaries printed
 # last (the device tool returns the end of the output).
 #
 #   QKV_LEASE_SECONDS  deadline for everything (default 540); a step gets min(its cap, time left)
-#   QKV_LEASE_STEPS    the steps to run, in order (default "check sm90 decode sass tune race ncu stalls tune2 cpu")
+#   QKV_LEASE_STEPS    the steps to run, in order (default "check sm90 decode sass tune race ncu stalls tune2 cpu amx")
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -136,7 +140,7 @@ export LOGS PY
 export -f race_case ncu_kernels decode_step sm90_step  # run under `timeout` through bash -c
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,temperature.gpu --format=csv,noheader >"$LOGS/gpu.txt" 2>&1
 git log --oneline -1 >"$LOGS/commit.txt" 2>&1
-for s in ${QKV_LEASE_STEPS:-check sm90 decode sass tune race ncu stalls tune2 cpu}; do
+for s in ${QKV_LEASE_STEPS:-check sm90 decode sass tune race ncu stalls tune2 cpu amx}; do
   case "$s" in
     check) step check 400 env NVCC_APPEND_FLAGS=-DQKV_FA2_TUNING QKV_GPU_CHECK_NCU=0 QKV_GPU_CHECK_TEST_TIMEOUT=240 \
              QKV_GPU_CHECK_BENCH_TIMEOUT=90 QKV_GPU_CHECK_OUT="$LOGS/gpu-check-files" PYTHON="$PY" scripts/gpu_check.sh ;;
@@ -154,6 +158,16 @@ for s in ${QKV_LEASE_STEPS:-check sm90 decode sass tune race ncu stalls tune2 cp
     tune2) step tune2 120 env PYTHONPATH=python "$PY" scripts/cuda_tune.py --dims 96,256 --no-mma \
              --json "$LOGS/cuda_tune_96_256.json" ;;
     cpu) step cpu 150 env PYTHONPATH=python "$PY" -m qkv.bench --device cpu --cases targets --no-progress ;;
+    amx) step amx 240 bash -c '
+           grep -o "amx_tile\|amx_bf16\|avx512_bf16" /proc/cpuinfo | sort | uniq -c
+           PYTHONPATH=python '"$PY"' -m pytest -p no:cacheprovider -q -rs tests/test_cpu_amx.py tests/test_core_forward.py 2>&1 | tail -n 25
+           grep -q amx_bf16 /proc/cpuinfo || { echo "no AMX on this host: no benchmark"; exit 0; }
+           for c in amx avx512; do
+             echo "== bfloat16 targets, QKV_CPU_CAPABILITY=$c"
+             QKV_CPU_CAPABILITY=$c PYTHONPATH=python '"$PY"' -m qkv.bench --device cpu --dtype bfloat16 \
+               --cases long2k-fwd,long2k-d128-fwd,long2k-fwdbwd,mid-fwd --no-memory --no-plots --no-progress \
+               --out "benchmarks/results/cpu-amx-host-bfloat16-$c" 2>&1 | grep -E "^\||capability"
+           done' ;;
     *) echo "unknown step $s" ;;
   esac
 done
@@ -177,4 +191,5 @@ echo "==== race"; cat "$LOGS/race.log" 2>/dev/null
 echo "==== ncu"; head -40 "$LOGS/ncu.log" 2>/dev/null
 echo "==== stalls"; grep -E 'fa2_|Stall|stall|Issued|Eligible|Active Warps' "$LOGS/stalls.log" 2>/dev/null | head -40
 echo "==== cpu"; grep -E '^\|' "$LOGS/cpu.log" 2>/dev/null | tail -25
+echo "==== amx"; tail -n 40 "$LOGS/amx.log" 2>/dev/null
 echo "[lease $(now)s] done"

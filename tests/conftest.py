@@ -65,7 +65,7 @@ def _seed():
     torch.manual_seed(0)
 
 
-CPU_CAPABILITIES = ("default", "avx2", "avx512")
+CPU_CAPABILITIES = ("default", "avx2", "avx512", "amx")
 
 
 @pytest.fixture(scope="module", params=CPU_CAPABILITIES)

@@ -10,6 +10,7 @@
 #include "../sequence_args.h"
 #include "backward_tasks.h"
 #include "cpu_kernels.h"
+#include "amx_tiles.h"
 #include "tile_context.h"
 
 #include <ATen/Dispatch.h>
@@ -125,28 +126,55 @@ struct ForwardOutputs {
   }
 };
 
+// The tile products of forward_tiled. `FmaProducts`: the AVX-512/AVX2/portable micro-kernels
+// on float32 panels (packed_gemm.h), for every dtype. `AmxProducts<Tiles>` (AVX-512 copy,
+// bfloat16, capability amx): the same two products on AMX tiles (amx_tiles.h), Q and P rounded to
+// bfloat16 as their operands; the scores, softmax, masks and dropout between them are the same
+// float32 code.
+struct FmaProducts {};
+#if defined(CPU_CAPABILITY_AVX512)
+template <typename Tiles>
+struct AmxProducts {
+  using T = Tiles;
+};
+#endif
+template <typename Products>
+constexpr bool kOnAmxTiles = !std::is_same_v<Products, FmaProducts>;
+
 // Query blocks of kForwardQueryBlock rows of one (sequence, key/value head): a task is a group
 // of them (interleaved, g, g + G, ..., so that under a causal mask groups cost the same) for
 // every query head that reads the key head. Its worker packs K and V tile by tile as first
 // needed, and every query block of every head of the group reuses them; key tiles outside a
 // block's band are never touched.
-template <typename scalar_t>
-void forward_tiled(const TileContext<scalar_t>& ctx, const SequenceLayout& layout, const ForwardOutputs<scalar_t>& out,
-                   const std::vector<std::array<int64_t, 4>>& tasks) {
+template <typename scalar_t, typename Products>
+void forward_tiled_with(const TileContext<scalar_t>& ctx, const SequenceLayout& layout,
+                        const ForwardOutputs<scalar_t>& out, const std::vector<std::array<int64_t, 4>>& tasks) {
   using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kAmx = kOnAmxTiles<Products>;
   const AttentionParams& p = ctx.p;
   const int64_t D = p.head_dim, Dv = p.v_head_dim;
   constexpr int64_t QB = kForwardQueryBlock;
   const int64_t BK = std::min(kForwardKeyBlock, std::max<int64_t>(p.kv_len, 1));
   const int64_t ld_s = padded_to_panels<acc_t>(BK), ld_acc = padded_to_panels<acc_t>(Dv);
   const int64_t key_tiles = (p.kv_len + BK - 1) / BK;
-  const int64_t k_tile_size = ld_s * D, v_tile_size = BK * ld_acc;  // one packed key tile of K^T, of V
+  int64_t k_tile_size = ld_s * D, v_tile_size = BK * ld_acc;  // one packed key tile of K^T, of V
+  // AMX operands (bfloat16, counted in acc_t): the queries' rows padded to whole tiles, and P.
+  int64_t ld_q16 = 0, amx_scratch = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (kAmx) {
+    static_assert(QB % (2 * amx::kTileRows) == 0 && sizeof(acc_t) == 4, "AMX blocks of 32 float32 rows");
+    ld_q16 = amx::round_up(D, amx::kTileDepth);
+    k_tile_size = amx::vnni_size(D, ld_s) / 2;  // two bfloat16 per float
+    v_tile_size = amx::vnni_size(ld_s, ld_acc) / 2;
+    amx_scratch = (QB * ld_q16 + QB * ld_s) / 2;
+  }
+#endif
   double flops = 0;
   for (int64_t b = 0; b < layout.count(); ++b) flops += 2.0 * p.heads * layout[b].q_len * layout[b].kv_len * (D + Dv);
 
   for_each_task(static_cast<int64_t>(tasks.size()), flops, [&](int64_t) {
     auto scratch = std::make_shared<std::vector<acc_t>>(QB * D + key_tiles * (k_tile_size + v_tile_size) + QB * ld_s +
-                                                        OnlineSoftmax<acc_t>::scratch_size(QB, ld_acc));
+                                                        OnlineSoftmax<acc_t>::scratch_size(QB, ld_acc) + amx_scratch);
     auto packed = std::make_shared<std::vector<char>>(key_tiles);
     return [&, scratch, packed](int64_t task) {
       acc_t* qs = scratch->data();
@@ -154,16 +182,31 @@ void forward_tiled(const TileContext<scalar_t>& ctx, const SequenceLayout& layou
       acc_t* v_packed = k_packed + key_tiles * k_tile_size;
       acc_t* st = v_packed + key_tiles * v_tile_size;
       OnlineSoftmax<acc_t> softmax(st + QB * ld_s, QB, ld_acc, Dv);
+      [[maybe_unused]] uint16_t* q16 = reinterpret_cast<uint16_t*>(st + QB * ld_s + OnlineSoftmax<acc_t>::scratch_size(QB, ld_acc));
+      [[maybe_unused]] uint16_t* p16 = q16 + QB * ld_q16;
       const auto [b, kh, group, groups] = tasks[task];
       const Sequence s = layout[b];
       const int64_t q_blocks = (s.q_len + QB - 1) / QB;
       std::fill(packed->begin(), packed->end(), char(0));
+#if defined(CPU_CAPABILITY_AVX512)
+      if constexpr (kAmx) Products::T::configure();  // the tile shapes, per thread
+#endif
 
       for (int64_t h = kh * ctx.group; h < (kh + 1) * ctx.group; ++h) {
         for (int64_t qb = group; qb < q_blocks; qb += groups) {
           const int64_t i0 = qb * QB, rows = std::min(QB, s.q_len - i0);
           // The queries times score_scale: the products come out as scores, no pass over them.
           scaled_rows(ctx.q, s.tb, h, s.q0 + i0, rows, D, ctx.score_scale, qs);
+#if defined(CPU_CAPABILITY_AVX512)
+          // AMX: those rows rounded to bfloat16 (as torch's math path rounds q * scale), the
+          // padding rows and columns zero.
+          const int64_t tile_rows = kAmx ? amx::round_up(rows, amx::kTileRows) : rows;
+          if constexpr (kAmx) {
+            for (int64_t r = 0; r < tile_rows; ++r) {
+              amx::bf16_row(qs + r * D, 0, r < rows ? D : 0, ld_q16, 1.0f, q16 + r * ld_q16);
+            }
+          }
+#endif
           if (qb + groups < q_blocks) {  // the next block's queries and output rows, while this one computes
             const int64_t next = i0 + groups * QB, next_rows = std::min(QB, s.q_len - next);
             prefetch_rows(ctx.q.at(s.tb, h, s.q0 + next), ctx.q.s2, next_rows, D, ctx.q.s3, false);
@@ -179,22 +222,58 @@ void forward_tiled(const TileContext<scalar_t>& ctx, const SequenceLayout& layou
             acc_t* k_space = k_packed + tile * k_tile_size;
             acc_t* v_space = v_packed + tile * v_tile_size;
             if (!(*packed)[tile]) {
-              ctx.pack_keys_transposed(k_space, s, h, j0, full);
-              ctx.pack_values(v_space, s, h, j0, full);
+              if constexpr (kAmx) {
+#if defined(CPU_CAPABILITY_AVX512)
+                // K^T (D x keys) and V (keys x Dv) as VNNI tiles, keys padded to ld_s.
+                amx::pack_vnni(ctx.k_row(s, h, j0), D, full, ctx.k.s3, ctx.k.s2, ld_q16, reinterpret_cast<uint16_t*>(k_space));
+                amx::pack_vnni(ctx.v_row(s, h, j0), full, Dv, ctx.v.s2, ctx.v.s3, ld_s, reinterpret_cast<uint16_t*>(v_space));
+#endif
+              } else {
+                ctx.pack_keys_transposed(k_space, s, h, j0, full);
+                ctx.pack_values(v_space, s, h, j0, full);
+              }
               (*packed)[tile] = 1;
             }
-            // Each row's pass covers its product block's keys only (row_span): under a narrow
-            // window most of a tile is outside every row of a block.
-            ctx.scores(st, ld_s, qs, D, Panels<acc_t>{k_space, D}, s, h, i0, rows, j0, cols, softmax.tile_max,
-                       /*whole_rows=*/false);
+            if constexpr (kAmx) {
+#if defined(CPU_CAPABILITY_AVX512)
+              // The products of each block of 32 rows over the keys it sees (block_keys), then the
+              // scores' pass (finish_scores: masks, softcap, ALiBi, bias, the row maxima).
+              const int64_t col_end = amx::round_up(cols, amx::kTileCols);
+              amx::gemm<typename Products::T>(tile_rows, col_end, ld_q16, q16, ld_q16,
+                                              reinterpret_cast<const uint16_t*>(k_space), st, ld_s, false,
+                                              [&](int64_t r0, int64_t mr) {
+                                                const auto [kb, ke] = ctx.block_keys(s, i0, j0, cols, r0, std::min(mr, rows - r0));
+                                                return amx::TileExtent{kb, ke, 0, INT64_MAX};
+                                              });
+              ctx.finish_scores(st, ld_s, s, h, i0, rows, j0, cols, softmax.tile_max, /*whole_rows=*/false);
+#endif
+            } else {
+              // Each row's pass covers its product block's keys only (row_span): under a narrow
+              // window most of a tile is outside every row of a block.
+              ctx.scores(st, ld_s, qs, D, Panels<acc_t>{k_space, D}, s, h, i0, rows, j0, cols, softmax.tile_max,
+                         /*whole_rows=*/false);
+            }
             for (int64_t r = 0; r < rows; ++r) {
               const auto [begin, end] = ctx.row_span(s, i0, rows, j0, cols, r, false);
               acc_t* row = st + r * ld_s;
               softmax.update_row(r, row, begin, end, ctx.log2_per_unit);
               if (p.dropout_p > 0) ctx.dropout_row(row + begin, s, h, i0 + r, j0 + begin, end - begin);
+#if defined(CPU_CAPABILITY_AVX512)
+              if constexpr (kAmx) amx::bf16_row(row, begin, end, ld_s, 1.0f, p16 + r * ld_s);  // P, 0 off its span
+#endif
             }
-            gemm_packed<acc_t>(rows, Dv, cols, st, ld_s, 1, Panels<acc_t>{v_space, full}, softmax.acc, ld_acc, true,
-                               ctx.visible_key_depth(s, i0, j0, cols));
+            if constexpr (kAmx) {
+#if defined(CPU_CAPABILITY_AVX512)
+              amx::gemm<typename Products::T>(tile_rows, amx::round_up(Dv, amx::kTileCols), ld_s, p16, ld_s, reinterpret_cast<const uint16_t*>(v_space),
+                                              softmax.acc, ld_acc, true, [&](int64_t r0, int64_t mr) {
+                                                const auto [kb, ke] = ctx.block_keys(s, i0, j0, cols, r0, std::min(mr, rows - r0));
+                                                return amx::TileExtent{0, INT64_MAX, kb, ke};
+                                              });
+#endif
+            } else {
+              gemm_packed<acc_t>(rows, Dv, cols, st, ld_s, 1, Panels<acc_t>{v_space, full}, softmax.acc, ld_acc, true,
+                                 ctx.visible_key_depth(s, i0, j0, cols));
+            }
             if (++tiles_done % kForwardTilesPerPartial == 0) softmax.add_partial(rows);
           }
           for (int64_t r = 0; r < rows; ++r) {
@@ -203,8 +282,29 @@ void forward_tiled(const TileContext<scalar_t>& ctx, const SequenceLayout& layou
           }
         }
       }
+#if defined(CPU_CAPABILITY_AVX512)
+      if constexpr (kAmx) Products::T::release();  // the tile state is 8 KiB of every context switch
+#endif
     };
   });
+}
+
+template <typename scalar_t>
+void forward_tiled(const TileContext<scalar_t>& ctx, const SequenceLayout& layout, const ForwardOutputs<scalar_t>& out,
+                   const std::vector<std::array<int64_t, 4>>& tasks) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    switch (amx_tile_mode()) {
+      case AmxTileMode::Hardware:
+        return forward_tiled_with<scalar_t, AmxProducts<amx::AmxHardware>>(ctx, layout, out, tasks);
+      case AmxTileMode::Emulated:
+        return forward_tiled_with<scalar_t, AmxProducts<amx::AmxEmulated>>(ctx, layout, out, tasks);
+      case AmxTileMode::Off:
+        break;
+    }
+  }
+#endif
+  forward_tiled_with<scalar_t, FmaProducts>(ctx, layout, out, tasks);
 }
 
 // Keys per task of the decode path: a sequence's keys split into chunks this long (fixed, so

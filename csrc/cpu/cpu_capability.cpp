@@ -5,10 +5,36 @@
 #include <cctype>
 #include <cstdlib>
 
+#if defined(__linux__) && (defined(__x86_64__) || defined(_M_X64))
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace qkv {
 namespace {
 
-constexpr const char* kNames[kCpuCapabilityCount] = {"default", "avx2", "avx512"};
+constexpr const char* kNames[kCpuCapabilityCount] = {"default", "avx2", "avx512", "amx"};
+
+std::atomic<bool> amx_emulation{false};
+
+// AMX-TILE and AMX-BF16 (CPUID leaf 7, EDX bits 24 and 22), and Linux's permission for this
+// process to use the tile data state (XFEATURE_XTILEDATA, 18), asked once: without it the first
+// tile instruction faults.
+bool amx_usable() {
+#if defined(__linux__) && (defined(__x86_64__) || defined(_M_X64))
+  static const bool usable = [] {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+    if (!(edx & (1u << 24)) || !(edx & (1u << 22))) return false;
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return usable;
+#else
+  return false;
+#endif
+}
 
 std::string lower(std::string_view s) {
   std::string out(s);
@@ -40,6 +66,7 @@ CpuCapability best_supported_cpu_capability() {
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+  if (avx512 && (amx_emulation.load(std::memory_order_relaxed) || amx_usable())) return CpuCapability::Amx;
   if (avx512) return CpuCapability::Avx512;
   if (avx2) return CpuCapability::Avx2;
 #endif
@@ -48,20 +75,28 @@ CpuCapability best_supported_cpu_capability() {
 
 CpuCapabilityChoice choose_cpu_capability(std::string_view requested, CpuCapability best) {
   const std::string value = lower(requested);
-  if (value.empty()) return {best, ""};
-  if (value == "amx") {  // named by ATen's variable too; qkv has no AMX kernels yet
-    return {best, "QKV_CPU_CAPABILITY=amx: this build of qkv has no AMX kernels; using " +
-                      std::string(cpu_capability_name(best))};
-  }
+  if (value.empty()) return {std::min(best, kAutomaticCpuCapabilityLimit), ""};
   const auto* it = std::find(std::begin(kNames), std::end(kNames), value);
   TORCH_CHECK(it != std::end(kNames), "QKV_CPU_CAPABILITY='", requested,
-              "' names no CPU capability; expected one of default, avx2, avx512 (or unset: the best this CPU supports)");
+              "' names no CPU capability; expected one of default, avx2, avx512, amx (or unset: the best this CPU supports)");
   const auto wanted = static_cast<CpuCapability>(it - std::begin(kNames));
   if (wanted > best) {
     return {best, "QKV_CPU_CAPABILITY=" + value + ": this CPU does not support " + value + "; using " +
                       std::string(cpu_capability_name(best))};
   }
   return {wanted, ""};
+}
+
+AmxTileMode amx_tile_mode() {
+  if (cpu_capability() != CpuCapability::Amx) return AmxTileMode::Off;
+  return amx_emulation.load(std::memory_order_relaxed) ? AmxTileMode::Emulated : AmxTileMode::Hardware;
+}
+
+bool set_amx_emulation(bool on) {
+  const bool previous = amx_emulation.exchange(on, std::memory_order_relaxed);
+  // Leaving emulation on a CPU without AMX: the amx capability is no longer supported.
+  if (!on && cpu_capability() > best_supported_cpu_capability()) set_cpu_capability(best_supported_cpu_capability());
+  return previous;
 }
 
 CpuCapability cpu_capability() { return static_cast<CpuCapability>(active().load(std::memory_order_relaxed)); }

@@ -6,7 +6,8 @@
 // of its code in the inline namespace qkv::<NAME> (and ATen's vector types in
 // at::vec::<NAME>), so no two copies share an inline function. Each copy registers its kernels
 // into a CpuKernel slot at load time; a call runs the copy of the active capability: the best
-// this CPU supports, unless QKV_CPU_CAPABILITY=default|avx2|avx512 asks for a lower one.
+// this CPU supports up to avx512, unless QKV_CPU_CAPABILITY=default|avx2|avx512|amx asks for
+// another (amx: the AVX-512 copy with AMX tile products for bfloat16; opt-in, see below).
 // Everything else is built for the baseline of the architecture (plain x86-64), so the
 // library loads on any CPU. See docs/cpu-kernels.md.
 //
@@ -22,14 +23,31 @@
 namespace qkv {
 
 // In increasing order: a copy may run wherever a higher one may.
-enum class CpuCapability : int { Default = 0, Avx2 = 1, Avx512 = 2 };
-constexpr int kCpuCapabilityCount = 3;
+// Amx has no copy of its own: it runs the AVX-512 copy (CpuKernel::get falls back to it), whose
+// kernels ask amx_tile_mode() whether to take AMX tile products.
+enum class CpuCapability : int { Default = 0, Avx2 = 1, Avx512 = 2, Amx = 3 };
+constexpr int kCpuCapabilityCount = 4;
 
-// "default", "avx2", "avx512": the values of QKV_CPU_CAPABILITY.
+// "default", "avx2", "avx512", "amx": the values of QKV_CPU_CAPABILITY.
 const char* cpu_capability_name(CpuCapability capability);
 
-// The best capability this CPU (and its operating system) supports. Default off x86-64.
+// The best capability this CPU (and its operating system) supports. Default off x86-64. Amx
+// needs AMX-TILE, AMX-BF16 and the kernel's permission to use the tile data (arch_prctl).
 CpuCapability best_supported_cpu_capability();
+
+// What an unset QKV_CPU_CAPABILITY may choose at most. The AMX path has never run on an AMX CPU
+// (it is tested through AmxEmulated only), so it stays opt-in until tests/test_cpu_amx.py and a
+// benchmark have passed on one.
+constexpr CpuCapability kAutomaticCpuCapabilityLimit = CpuCapability::Avx512;
+
+// How the AVX-512 copy's bfloat16 tile products run: Off (AVX-512 micro-kernels; the active
+// capability is not amx), Hardware (AMX instructions), or Emulated (the same code on a software
+// tile register file; tests on CPUs without AMX, through set_amx_emulation).
+enum class AmxTileMode : int { Off = 0, Hardware = 1, Emulated = 2 };
+AmxTileMode amx_tile_mode();
+// Tests: with `on`, amx is supported on any AVX-512 CPU and runs emulated. Returns the previous
+// setting.
+bool set_amx_emulation(bool on);
 
 // What QKV_CPU_CAPABILITY=`requested` selects on a CPU whose best capability is `best`, and
 // the warning to give when the request is refused (empty if none). "" means "the best".
@@ -80,6 +98,7 @@ class CpuKernel {
 }  // namespace qkv
 
 // In a kernel translation unit: the capability this copy is compiled for.
+// (The AVX-512 copy serves amx too.)
 #if defined(CPU_CAPABILITY_AVX512)
 #define QKV_COMPILED_CPU_CAPABILITY ::qkv::CpuCapability::Avx512
 #elif defined(CPU_CAPABILITY_AVX2)
