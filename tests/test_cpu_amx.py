@@ -1,4 +1,5 @@
-"""The amx capability: the AVX-512 copy's bfloat16 forward on AMX tiles (csrc/cpu/amx_tiles.h).
+"""The amx capability: the AVX-512 copy's bfloat16 forward and backward on AMX tiles
+(csrc/cpu/amx_tiles.h, amx_backward.h).
 
 Every case runs twice where it can: `emulated` (the kernel's own packing, blocking and padding,
 with the five tile instructions done in software: any AVX-512 CPU) and `hardware` (the AMX
@@ -129,16 +130,110 @@ def test_dropout_keeps_the_same_keys_as_the_float64_kernels(amx):
     torch.testing.assert_close(out.double(), want, **tolerance(BF16))
 
 
-def test_gradients_through_the_amx_forward(amx):
-    # The backward runs the AVX-512 float32 products from the AMX forward's output and logsumexp.
-    shape = Shape(1, 2, 80, 200, 64, 64)
-    q, k, v = (t.requires_grad_() for t in make_qkv(shape, BF16, seed=seed_of("amx-grad")))
-    grad_out = torch.randn(1, 2, 80, 64, dtype=BF16)
-    out, _ = attention(q, k, v, None, 0.0, True, False)
-    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+def _grads(q, k, v, bias=None, grad_out=None, **options):
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)] + ([bias.detach().requires_grad_()] if bias is not None
+                                                               and bias.dtype.is_floating_point else [])
+    b = leaves[3] if len(leaves) == 4 else bias
+    out, _ = attention(*leaves[:3], b, **options)
+    return out, torch.autograd.grad(out, leaves, grad_out)
+
+
+BACKWARD_SHAPES = [
+    Shape(1, 2, 80, 200, 64, 64),
+    Shape(2, 1, 17, 33, 13, 13),  # ragged everything, head dim not a multiple of 16
+    Shape(1, 2, 50, 20, 40, 24),  # D != Dv, L > S
+    Shape(1, 1, 200, 600, 128, 128),  # several query blocks and key blocks, partial last ones
+    Shape(1, 1, 33, 65, 256, 200),
+]
+
+
+@pytest.mark.parametrize("shape", BACKWARD_SHAPES, ids=str)
+@pytest.mark.parametrize("is_causal,bottom_right", CAUSAL)
+def test_backward_matches_the_float64_reference(amx, shape, is_causal, bottom_right):
+    q, k, v = make_qkv(shape, BF16, seed=seed_of("amx-bwd", str(shape), is_causal, bottom_right))
+    grad_out = torch.randn(shape.B, shape.H, shape.L, shape.Dv, dtype=BF16)
+    _, grads = _grads(q, k, v, None, grad_out, is_causal=is_causal, bottom_right=bottom_right)
+    want = reference_grads(q, k, v, None, grad_out, is_causal, bottom_right, torch.float64)
+    low = reference_grads(q, k, v, None, grad_out, is_causal, bottom_right, BF16)
+    for name, got, ref, ref_low in zip("qkv", grads, want, low):
+        assert_matches(f"{amx} {shape} d{name}", got, ref, ref_low, BF16)
+
+
+@pytest.mark.parametrize("layout", ["token_major", "strided", "expanded"])
+def test_backward_strided_and_expanded_inputs(amx, layout):
+    shape = Shape(2, 3, 70, 300, 64, 64)
+    q, k, v = make_qkv(shape, BF16, layout=layout, seed=seed_of("amx-bwd-layout", layout))
+    grad_out = torch.randn(2, 3, 70, 64, dtype=BF16)
+    _, grads = _grads(q, k, v, None, grad_out, is_causal=True)
     want = reference_grads(q, k, v, None, grad_out, True, False, torch.float64)
     for name, got, ref in zip("qkv", grads, want):
         torch.testing.assert_close(got.double(), ref, **grad_tolerance(BF16), msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("kind", ["full", "key_padding", "masked_row"])
+def test_backward_with_a_bias_and_its_gradient(amx, kind):
+    shape = Shape(2, 2, 60, 300, 64, 64)
+    q, k, v = make_qkv(shape, BF16, seed=seed_of("amx-bwd-bias", kind))
+    bias = make_bias(kind, shape, BF16)
+    grad_out = torch.randn(2, 2, 60, 64, dtype=BF16)
+    _, grads = _grads(q, k, v, bias, grad_out, is_causal=True, bottom_right=True)
+    want = reference_grads(q, k, v, bias, grad_out, True, True, torch.float64)
+    for name, got, ref in zip(["q", "k", "v", "bias"], grads, want):
+        torch.testing.assert_close(got.double(), ref, **grad_tolerance(BF16), msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("window,softcap,with_alibi", [((40, 0), 0.0, False), ((-1, -1), 5.0, True)])
+def test_backward_windows_softcap_and_alibi(amx, window, softcap, with_alibi):
+    q, k, v = (torch.randn(1, 2, 130, 64, dtype=BF16), torch.randn(1, 2, 600, 64, dtype=BF16),
+               torch.randn(1, 2, 600, 64, dtype=BF16))
+    slopes = alibi_slopes(2) if with_alibi else None
+    grad_out = torch.randn(1, 2, 130, 64, dtype=BF16)
+    _, grads = _grads(q, k, v, None, grad_out, window=window, softcap=softcap, slopes=slopes)
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    want, _ = feature_reference(*leaves, None, False, False, None, window, softcap, slopes)
+    want = torch.autograd.grad(want, leaves, grad_out.double())
+    for name, got, ref in zip("qkv", grads, want):
+        torch.testing.assert_close(got.double(), ref, **grad_tolerance(BF16), msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(8, 2), (4, 1)])
+def test_backward_grouped_query_heads(amx, heads, kv_heads):
+    q = torch.randn(2, heads, 100, 64, dtype=BF16)
+    k, v = (torch.randn(2, kv_heads, 300, 64, dtype=BF16) for _ in range(2))
+    grad_out = torch.randn(2, heads, 100, 64, dtype=BF16)
+    _, grads = _grads(q, k, v, None, grad_out, is_causal=True, bottom_right=True)
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    want, _ = feature_reference(*leaves, None, True, True)
+    want = torch.autograd.grad(want, leaves, grad_out.double())
+    for name, got, ref in zip("qkv", grads, want):
+        torch.testing.assert_close(got.double(), ref, **grad_tolerance(BF16), msg=lambda m: f"d{name}: {m}")
+
+
+def test_backward_with_dropout_keeps_the_float64_kernels_mask(amx):
+    q = torch.randn(2, 2, 90, 64, dtype=BF16)
+    k, v = (torch.randn(2, 2, 300, 64, dtype=BF16) for _ in range(2))
+    grad_out = torch.randn(2, 2, 90, 64, dtype=BF16)
+    seed = dropout_seed(9)
+    options = dict(dropout_p=0.25, is_causal=True, seed=seed)
+    _, grads = _grads(q, k, v, None, grad_out, **options)
+    _, want = _grads(q.double(), k.double(), v.double(), None, grad_out.double(), **options)
+    for name, got, ref in zip("qkv", grads, want):
+        torch.testing.assert_close(got.double(), ref, **grad_tolerance(BF16), msg=lambda m: f"d{name}: {m}")
+
+
+def test_backward_on_tiles_differs_from_the_avx512_products(amx):
+    q, k, v = (torch.randn(1, 2, 64, 64, dtype=BF16) for _ in range(3))
+    grad_out = torch.randn(1, 2, 64, 64, dtype=BF16)
+    out_amx = torch.ops.qkv.attention(q, k, v)
+    grads_amx = torch.ops.qkv.attention_backward(grad_out, q, k, v, None, *out_amx, 0.0, False, False, None, None, False)
+    previous = _C._set_cpu_capability("avx512")
+    try:
+        grads_avx512 = torch.ops.qkv.attention_backward(grad_out, q, k, v, None, *out_amx, 0.0, False, False, None, None, False)
+    finally:
+        _C._set_cpu_capability(previous)
+    for name, a, b in zip("qkv", grads_amx[:3], grads_avx512[:3]):
+        assert not torch.equal(a, b), f"d{name}: identical bits"
+        torch.testing.assert_close(a.double(), b.double(), **grad_tolerance(BF16), msg=lambda m: f"d{name}: {m}")
 
 
 def test_the_tiles_compute_the_product_the_micro_kernels_do_not(amx):

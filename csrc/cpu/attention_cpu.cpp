@@ -10,6 +10,7 @@
 #include "../sequence_args.h"
 #include "backward_tasks.h"
 #include "cpu_kernels.h"
+#include "amx_backward.h"
 #include "amx_tiles.h"
 #include "tile_context.h"
 
@@ -579,13 +580,14 @@ bool softmax_grad_in_product(int64_t rows, int64_t cols, int64_t Dv, const acc_t
 // the key and value gradients of its key blocks: it runs every query head that reads its key
 // head against them (grouped-query attention sums their contributions in one task, no copies).
 // A task per query head writes its dQ whole and hands its key blocks' dK and dV to kv_sums.
-template <typename scalar_t>
-void attention_backward_cpu_impl(const AttentionParams& p, const SequenceLayout& layout, const at::Tensor& grad_out,
-                                 const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-                                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& alibi_slopes,
-                                 const at::Tensor& out, const at::Tensor& lse, at::Tensor& grad_q, at::Tensor& grad_k,
-                                 at::Tensor& grad_v, bool bias_requires_grad, at::Tensor& grad_bias) {
+template <typename scalar_t, typename Products>
+void backward_with(const AttentionParams& p, const SequenceLayout& layout, const at::Tensor& grad_out,
+                   const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                   const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& alibi_slopes,
+                   const at::Tensor& out, const at::Tensor& lse, at::Tensor& grad_q, at::Tensor& grad_k,
+                   at::Tensor& grad_v, bool bias_requires_grad, at::Tensor& grad_bias) {
   using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kAmx = kOnAmxTiles<Products>;
   const TileContext<scalar_t> ctx(p, query, key, value, bias, alibi_slopes);
   const Strided4<scalar_t> dout(grad_out), o(out);
   const MutableStrided4<scalar_t> dq(grad_q), dk(grad_k), dv(grad_v);
@@ -685,12 +687,22 @@ void attention_backward_cpu_impl(const AttentionParams& p, const SequenceLayout&
   const int64_t kv_acc_rows = (kv_per_block ? 1 : blocks_per_chunk) * BK;
   const int64_t cap_grad_size = p.softcap > 0 ? QB * BK : 0;
 
+  // AMX (bfloat16 on tiles; AmxBackwardSpace): the five products' operands in bfloat16 and the
+  // transposed key and value gradients in float32.
+  [[maybe_unused]] const AmxBackwardSpace amx_space(kAmx ? D : 0, Dv, L_padded);
   for_each_task(tasks.count(), flops, [&](int64_t) {
+    auto amx16 = std::make_shared<std::vector<uint16_t>>(kAmx ? amx_space.bf16_size() : 0);
+    auto amx32 = std::make_shared<std::vector<float>>(kAmx ? amx_space.float_size(ld_dq) : 0);
     // Whole-slice panels (L rows): each (pair, head) packs Q and dO once, not once per key block.
     auto scratch = std::make_shared<std::vector<acc_t>>(
         QB * D + (dout_in_place ? 0 : L * Dv) + L_padded * (ld_dq + ld_dv) + BK * (D + ld_dq + Dv) + 2 * QB * BK +
         cap_grad_size + kv_acc_rows * (ld_dq + ld_dv) + D);
-    return [&, scratch](int64_t task) {
+    return [&, scratch, amx16, amx32](int64_t task) {
+      [[maybe_unused]] const AmxBackwardSpace::Views amx =
+          kAmx ? amx_space.views(amx16->data(), amx32->data(), ld_dq) : AmxBackwardSpace::Views{};
+#if defined(CPU_CAPABILITY_AVX512)
+      if constexpr (kAmx) Products::T::configure();  // the tile shapes, per thread
+#endif
       acc_t* qs = scratch->data();               // query rows (when not read in place), for S
       acc_t* do_rows = qs + QB * D;              // dO rows (when not read in place), for dP
       acc_t* q_space = do_rows + (dout_in_place ? 0 : L * Dv);  // Q, per query block (rows x D) panels, for dK
@@ -822,8 +834,12 @@ void attention_backward_cpu_impl(const AttentionParams& p, const SequenceLayout&
               prefetch_rows(dout.at(s.tb, h, s.q0 + next), dout.s2, next_rows, Dv, dout.s3, false);
             }
             const acc_t* qt = tile_rows<acc_t>(ctx.q, s.tb, h, s.q0 + i0, rows, D, qs, ldq);
-            pack_panels(qt, rows, D, ldq, int64_t(1), q_space + i0 * ld_dq);
-            pack_panels(dot_row(i0), rows, Dv, ldo, int64_t(1), do_space + i0 * ld_dv);
+            if constexpr (kAmx) {
+              amx_space.pack_query_block(amx, i0, rows, qt, ldq, dot_row(i0), ldo, ctx.score_scale);
+            } else {
+              pack_panels(qt, rows, D, ldq, int64_t(1), q_space + i0 * ld_dq);
+              pack_panels(dot_row(i0), rows, Dv, ldo, int64_t(1), do_space + i0 * ld_dv);
+            }
           }
 
           // Without a window the chunks take folded key blocks (ChunkBlocks): under a causal mask
@@ -842,10 +858,18 @@ void attention_backward_cpu_impl(const AttentionParams& p, const SequenceLayout&
             acc_t* dk_acc = kv_per_block ? dk_all : dk_all + blocks.index(kb) * BK * ld_dq;
             acc_t* dv_acc = kv_per_block ? dv_all : dv_all + blocks.index(kb) * BK * ld_dv;
             // K^T times score_scale: the products with Q are the scores themselves.
-            const Panels<acc_t> kt_panels = ctx.pack_keys_transposed(kt_space, s, h, j0, cols);
-            scale_row(kt_space, padded_to_panels<acc_t>(cols) * D, ctx.score_scale);
-            const Panels<acc_t> k_panels = pack_panels(ctx.k_row(s, h, j0), cols, D, ctx.k.s2, ctx.k.s3, k_space);
-            const Panels<acc_t> vt_panels = pack_panels(ctx.v_row(s, h, j0), Dv, cols, ctx.v.s3, ctx.v.s2, vt_space);
+            Panels<acc_t> kt_panels{kt_space, D}, k_panels{k_space, cols}, vt_panels{vt_space, Dv};
+            if constexpr (kAmx) {
+#if defined(CPU_CAPABILITY_AVX512)
+              amx_space.pack_key_block(amx, ctx.k_row(s, h, j0), ctx.k.s2, ctx.k.s3, ctx.v_row(s, h, j0), ctx.v.s2,
+                                       ctx.v.s3, cols);
+#endif
+            } else {
+              kt_panels = ctx.pack_keys_transposed(kt_space, s, h, j0, cols);
+              scale_row(kt_space, padded_to_panels<acc_t>(cols) * D, ctx.score_scale);
+              k_panels = pack_panels(ctx.k_row(s, h, j0), cols, D, ctx.k.s2, ctx.k.s3, k_space);
+              vt_panels = pack_panels(ctx.v_row(s, h, j0), Dv, cols, ctx.v.s3, ctx.v.s2, vt_space);
+            }
             if (kv_per_block) {
               std::fill(dk_acc, dk_acc + cols * ld_dq, acc_t(0));
               std::fill(dv_acc, dv_acc + cols * ld_dv, acc_t(0));
@@ -853,15 +877,23 @@ void attention_backward_cpu_impl(const AttentionParams& p, const SequenceLayout&
             const int64_t block_q_end = s.query_end(j0 + cols - 1);
             for (int64_t i0 = s.query_begin(j0) / QB * QB; i0 < block_q_end; i0 += QB) {
               const int64_t rows = std::min(QB, s.q_len - i0);
-              const acc_t* qt = tile_rows<acc_t>(ctx.q, s.tb, h, s.q0 + i0, rows, D, qs, ldq);
+              const acc_t* qt = kAmx ? nullptr : tile_rows<acc_t>(ctx.q, s.tb, h, s.q0 + i0, rows, D, qs, ldq);
               const acc_t* dot = dot_row(i0);
               const Panels<acc_t> q_panels{q_space + i0 * ld_dq, rows}, do_panels{do_space + i0 * ld_dv, rows};
               // P, in the scores' product where it can (plain scores, float32), else scores then a
               // pass per row.
-              const bool p_in_product = normalizer_row == nullptr &&
+              const auto visible_keys = ctx.visible_key_columns(s, i0, j0, cols);
+              const bool p_in_product = !kAmx && normalizer_row == nullptr &&
                                         ctx.probabilities_in_product(st, BK, qt, ldq, kt_panels, s, i0, rows, j0,
                                                                      cols, lse_row + i0);
-              if (!p_in_product) {
+              if constexpr (kAmx) {
+#if defined(CPU_CAPABILITY_AVX512)
+                // S = (Q scale) K^T on tiles (the forward's bfloat16 scores, bit for bit), then its pass.
+                amx_space.products<typename Products::T>(amx, AmxBackwardSpace::kScores, i0, rows, cols, st, BK, false,
+                                                         visible_keys);
+                ctx.finish_scores(st, BK, s, h, i0, rows, j0, cols, nullptr, /*whole_rows=*/true, cap_grad);
+#endif
+              } else if (!p_in_product) {
                 ctx.scores(st, BK, qt, ldq, kt_panels, s, h, i0, rows, j0, cols, nullptr, /*whole_rows=*/true,
                            cap_grad);
               }
@@ -878,11 +910,15 @@ void attention_backward_cpu_impl(const AttentionParams& p, const SequenceLayout&
               // The products below skip what the band hides; the dP columns they leave unwritten
               // are zeroed per row. dS = P * (dP - delta) goes in dP's product too where no
               // dropout mask or row sums come between.
-              const auto visible_keys = ctx.visible_key_columns(s, i0, j0, cols);
               const bool ds_in_product = p_in_product && p.dropout_p == 0 && row_shift_sums == nullptr &&
                                          softmax_grad_in_product(rows, cols, Dv, dot, ldo, vt_panels, dpt, BK, st,
                                                                  delta_row + i0, visible_keys);
-              if (!ds_in_product) {
+              if constexpr (kAmx) {
+#if defined(CPU_CAPABILITY_AVX512)
+                amx_space.products<typename Products::T>(amx, AmxBackwardSpace::kProbabilityGrad, i0, rows, cols, dpt,
+                                                         BK, false, visible_keys);  // dP = dO V^T
+#endif
+              } else if (!ds_in_product) {
                 gemm_packed<acc_t>(rows, cols, Dv, dot, ldo, 1, vt_panels, dpt, BK, false, visible_keys);  // dP = dO V^T
               }
               for (int64_t r = 0; r < rows; ++r) {
@@ -909,12 +945,28 @@ void attention_backward_cpu_impl(const AttentionParams& p, const SequenceLayout&
                   multiply_row(dpt + r * BK, cap_grad + r * BK, begin, end);
                 }
               }
-              const auto seeing = ctx.seeing_extent(s, i0, j0);
-              gemm_packed<acc_t>(cols, Dv, rows, st, 1, BK, do_panels, dv_acc, ld_dv, true, seeing);  // dV += P'^T dO
-              gemm_packed<acc_t>(cols, D, rows, dpt, 1, BK, q_panels, dk_acc, ld_dq, true, seeing);   // dK += dS^T Q
-              gemm_packed<acc_t>(rows, D, cols, dpt, BK, 1, k_panels, dq_acc + i0 * ld_dq_acc, ld_dq_acc,
-                                 kb != blocks.first(), ctx.visible_key_depth(s, i0, j0, cols));  // dQ (+)= dS K
+              if constexpr (kAmx) {
+#if defined(CPU_CAPABILITY_AVX512)
+                // dV^T += dO^T P', dK^T += Q^T dS (their transposes go into dv_acc and dk_acc with the
+                // key block), dQ (+)= dS K through a tile of its own (the tiles write whole 16-row blocks).
+                amx_space.gradient_products<typename Products::T>(amx, i0, rows, cols, st, dpt, BK,
+                                                                  [&](int64_t r0, int64_t mr) {
+                                                                    const auto [kb0, ke0] = ctx.block_keys(s, i0, j0, cols, r0, std::min(mr, rows - r0));
+                                                                    return amx::TileExtent{0, INT64_MAX, kb0, ke0};
+                                                                  });
+                for (int64_t r = 0; r < rows; ++r) {
+                  sum_into(dq_acc + (i0 + r) * ld_dq_acc, amx.dq_tile + r * ld_dq, D, kb == blocks.first());
+                }
+#endif
+              } else {
+                const auto seeing = ctx.seeing_extent(s, i0, j0);
+                gemm_packed<acc_t>(cols, Dv, rows, st, 1, BK, do_panels, dv_acc, ld_dv, true, seeing);  // dV += P'^T dO
+                gemm_packed<acc_t>(cols, D, rows, dpt, 1, BK, q_panels, dk_acc, ld_dq, true, seeing);   // dK += dS^T Q
+                gemm_packed<acc_t>(rows, D, cols, dpt, BK, 1, k_panels, dq_acc + i0 * ld_dq_acc, ld_dq_acc,
+                                   kb != blocks.first(), ctx.visible_key_depth(s, i0, j0, cols));  // dQ (+)= dS K
+              }
             }
+            if constexpr (kAmx) amx_space.add_transposed_key_grads(amx, cols, dk_acc, ld_dq, dv_acc, ld_dv);
             if (G == 1) {
               for (int64_t c = 0; c < cols; ++c) {
                 store_row(dk.at(s.tb, kh, s.k0 + j0 + c), dk.s3, dk_acc + c * ld_dq, D, acc_t(p.scale));
@@ -938,11 +990,41 @@ void attention_backward_cpu_impl(const AttentionParams& p, const SequenceLayout&
           }
         }
       }
+#if defined(CPU_CAPABILITY_AVX512)
+      if constexpr (kAmx) Products::T::release();
+#endif
     };
   });
 
   if (bias_grad.active) grad_bias.copy_(bias_grad.result(*bias));
   if (row_shift_grad.active) grad_bias.copy_(row_shift_grad.result(p, *bias));
+}
+
+// The backward on AMX tiles for bfloat16 where the active capability is amx (as forward_tiled).
+template <typename scalar_t>
+void attention_backward_cpu_impl(const AttentionParams& p, const SequenceLayout& layout, const at::Tensor& grad_out,
+                                 const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& alibi_slopes,
+                                 const at::Tensor& out, const at::Tensor& lse, at::Tensor& grad_q, at::Tensor& grad_k,
+                                 at::Tensor& grad_v, bool bias_requires_grad, at::Tensor& grad_bias) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    switch (amx_tile_mode()) {
+      case AmxTileMode::Hardware:
+        return backward_with<scalar_t, AmxProducts<amx::AmxHardware>>(p, layout, grad_out, query, key, value, bias,
+                                                                     alibi_slopes, out, lse, grad_q, grad_k, grad_v,
+                                                                     bias_requires_grad, grad_bias);
+      case AmxTileMode::Emulated:
+        return backward_with<scalar_t, AmxProducts<amx::AmxEmulated>>(p, layout, grad_out, query, key, value, bias,
+                                                                     alibi_slopes, out, lse, grad_q, grad_k, grad_v,
+                                                                     bias_requires_grad, grad_bias);
+      case AmxTileMode::Off:
+        break;
+    }
+  }
+#endif
+  backward_with<scalar_t, FmaProducts>(p, layout, grad_out, query, key, value, bias, alibi_slopes, out, lse, grad_q,
+                                       grad_k, grad_v, bias_requires_grad, grad_bias);
 }
 
 // The backward of dense (batch, heads, seq, dim) tensors, checked, into gradients allocated by

@@ -1,0 +1,161 @@
+#pragma once
+// The backward's five tile products on AMX (bfloat16 in, float32 out; amx_tiles.h), for the
+// backward loop of attention_cpu.cpp when the active capability is amx:
+//
+//   S   = (Q scale) K^T    A: Q rows, scaled and rounded as the forward rounds them, so S and
+//                          P are the forward's bit for bit
+//   dP  = dO V^T           A: dO rows
+//   dV^T += dO^T P'        A: dO^T per query block; B: P' (after dropout) rows paired
+//   dK^T += Q^T dS         A: Q^T per query block; B: dS rows paired
+//   dQ  (+)= dS K          A: dS rows; B: K paired, into a tile of its own (the tiles write whole
+//                          16-row blocks; the caller adds its rows to dQ)
+//
+// An A operand must have the reduction contiguous in its rows, so P^T and dS^T would need a
+// transpose per tile; the transposed products instead transpose dO and Q once per query block
+// (reused by every key block) and their results once per key block (add_transposed_key_grads).
+// The scores' pass, the softmax gradient, masks and dropout between them are the float32 code.
+//
+// Built in every copy (the backward loop names it in branches only the AVX-512 copy takes);
+// the products themselves are AVX-512 only.
+#include "amx_tiles.h"
+#include "tile_context.h"
+
+#include <c10/util/BFloat16.h>
+
+#include <cstdint>
+
+namespace qkv {
+inline namespace CPU_CAPABILITY {
+
+struct AmxBackwardSpace {
+  static constexpr int64_t QB = kQueryBlock, BK = kBackwardKeyBlock;
+  static constexpr int64_t kRows = 16, kDepth = 32;  // amx::kTileRows, amx::kTileDepth (all copies)
+  static constexpr int64_t up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+  static constexpr int64_t vnni(int64_t k, int64_t n) { return up(std::max<int64_t>(k, 1), kDepth) * up(std::max<int64_t>(n, 1), kRows); }
+  static uint16_t bf16(float x) { return c10::BFloat16(x).x; }  // round to nearest even, as amx::to_bf16
+
+  int64_t D, Dv, L_padded, ld_q16, ld_do16, D16, Dv16;
+  AmxBackwardSpace(int64_t D_, int64_t Dv_, int64_t L_padded_)
+      : D(D_), Dv(Dv_), L_padded(L_padded_), ld_q16(up(D, kDepth)), ld_do16(up(Dv, kDepth)), D16(up(D, kRows)),
+        Dv16(up(Dv, kRows)) {}
+
+  struct Views {
+    uint16_t *q16, *do16, *qt16, *dot16;      // per slice (L_padded rows)
+    uint16_t *kt_vnni, *vt_vnni, *k_vnni;     // per key block
+    uint16_t *p16, *ds16, *p_vnni, *ds_vnni;  // per tile
+    float *dkt, *dvt, *dq_tile;
+    int64_t ld_dq;  // dq_tile's row stride
+  };
+  int64_t bf16_size() const {
+    return L_padded * (ld_q16 + ld_do16 + D16 + Dv16) + vnni(D, BK) + vnni(Dv, BK) + vnni(BK, D) + 2 * QB * BK +
+           2 * vnni(QB, BK);
+  }
+  int64_t float_size(int64_t ld_dq) const { return (D16 + Dv16) * BK + QB * ld_dq; }
+  Views views(uint16_t* h, float* f, int64_t ld_dq) const {
+    Views v{};
+    v.ld_dq = ld_dq;
+    v.q16 = h;
+    v.do16 = v.q16 + L_padded * ld_q16;
+    v.qt16 = v.do16 + L_padded * ld_do16;
+    v.dot16 = v.qt16 + L_padded * D16;
+    v.kt_vnni = v.dot16 + L_padded * Dv16;
+    v.vt_vnni = v.kt_vnni + vnni(D, BK);
+    v.k_vnni = v.vt_vnni + vnni(Dv, BK);
+    v.p16 = v.k_vnni + vnni(BK, D);
+    v.ds16 = v.p16 + QB * BK;
+    v.p_vnni = v.ds16 + QB * BK;
+    v.ds_vnni = v.p_vnni + vnni(QB, BK);
+    v.dkt = f;
+    v.dvt = v.dkt + D16 * BK;
+    v.dq_tile = v.dvt + Dv16 * BK;
+    return v;
+  }
+
+  // Query block [i0, i0 + rows) of the slice: Q times `scale` and dO as bfloat16 rows (for S and
+  // dP; rows to the next 16 and columns to the next 32 zero), and Q^T and dO^T (D x QB, Dv x QB:
+  // for dK^T and dV^T; columns past `rows` and rows past D zero).
+  template <typename acc_t>
+  void pack_query_block(const Views& v, int64_t i0, int64_t rows, const acc_t* q, int64_t ldq, const acc_t* dout,
+                        int64_t ldo, acc_t scale) const {
+    const int64_t rows16 = up(rows, kRows);
+    for (int64_t r = 0; r < rows16; ++r) {
+      uint16_t* qr = v.q16 + (i0 + r) * ld_q16;
+      uint16_t* dr = v.do16 + (i0 + r) * ld_do16;
+      for (int64_t d = 0; d < ld_q16; ++d) qr[d] = r < rows && d < D ? bf16(static_cast<float>(q[r * ldq + d] * scale)) : 0;
+      for (int64_t d = 0; d < ld_do16; ++d) dr[d] = r < rows && d < Dv ? bf16(static_cast<float>(dout[r * ldo + d])) : 0;
+    }
+    uint16_t* qt = v.qt16 + (i0 / QB) * D16 * QB;
+    uint16_t* dot = v.dot16 + (i0 / QB) * Dv16 * QB;
+    for (int64_t d = 0; d < D16; ++d) {
+      for (int64_t r = 0; r < QB; ++r) qt[d * QB + r] = r < rows && d < D ? bf16(static_cast<float>(q[r * ldq + d])) : 0;
+    }
+    for (int64_t d = 0; d < Dv16; ++d) {
+      for (int64_t r = 0; r < QB; ++r) {
+        dot[d * QB + r] = r < rows && d < Dv ? bf16(static_cast<float>(dout[r * ldo + d])) : 0;
+      }
+    }
+  }
+
+  // dk_acc[c][d] += dK^T[d][c], dv_acc likewise, for the key block's `cols` keys.
+  template <typename acc_t>
+  void add_transposed_key_grads(const Views& v, int64_t cols, acc_t* dk_acc, int64_t ld_dk, acc_t* dv_acc,
+                                int64_t ld_dv) const {
+    for (int64_t c = 0; c < cols; ++c) {
+      for (int64_t d = 0; d < D; ++d) dk_acc[c * ld_dk + d] += v.dkt[d * BK + c];
+      for (int64_t d = 0; d < Dv; ++d) dv_acc[c * ld_dv + d] += v.dvt[d * BK + c];
+    }
+  }
+
+#if defined(CPU_CAPABILITY_AVX512)
+  static_assert(QB % (2 * amx::kTileRows) == 0 && BK % amx::kTileDepth == 0, "AMX blocks of whole tiles");
+
+  // Key block [j0, j0 + cols): K^T and V^T as the B of S and dP, K as the B of dQ; dK^T and dV^T
+  // zeroed.
+  void pack_key_block(const Views& v, const at::BFloat16* k, int64_t ks_key, int64_t ks_dim, const at::BFloat16* val,
+                      int64_t vs_key, int64_t vs_dim, int64_t cols) const {
+    amx::pack_vnni(k, D, cols, ks_dim, ks_key, ld_q16, v.kt_vnni);
+    amx::pack_vnni(val, Dv, cols, vs_dim, vs_key, ld_do16, v.vt_vnni);
+    amx::pack_vnni(k, cols, D, ks_key, ks_dim, BK, v.k_vnni);
+    std::fill(v.dkt, v.dkt + (D16 + Dv16) * BK, 0.0f);
+  }
+
+  enum Product { kScores, kProbabilityGrad };
+  // S or dP of the tile (rows x cols at c, row stride ldc), over the keys each 32-row block sees
+  // (`visible_keys`: tile_context.h's visible_key_columns).
+  template <typename Tiles, typename VisibleKeys>
+  void products(const Views& v, Product which, int64_t i0, int64_t rows, int64_t cols, float* c, int64_t ldc,
+                bool accumulate, const VisibleKeys& visible_keys) const {
+    const bool scores = which == kScores;
+    const int64_t k = scores ? ld_q16 : ld_do16;
+    const uint16_t* a = scores ? v.q16 + i0 * ld_q16 : v.do16 + i0 * ld_do16;
+    amx::gemm<Tiles>(up(rows, kRows), up(cols, kRows), k, a, k, scores ? v.kt_vnni : v.vt_vnni, c, ldc, accumulate,
+                     [&](int64_t r0, int64_t mr) {
+                       const RowBlockExtent e = visible_keys(r0, std::min(mr, rows - r0));
+                       return amx::TileExtent{e.cols_begin, e.cols, 0, INT64_MAX};
+                     });
+  }
+
+  // From P' (st) and dS (dpt), rows x cols with row stride ld: dV^T += dO^T P', dK^T += Q^T dS,
+  // and dS K into dq_tile (its rows; `dq_extent` limits each 32-row block's keys).
+  template <typename Tiles, typename DqExtent>
+  void gradient_products(const Views& v, int64_t i0, int64_t rows, int64_t cols, const float* st, const float* dpt,
+                         int64_t ld, const DqExtent& dq_extent) const {
+    const int64_t rows32 = up(rows, 2 * kRows), cols16 = up(cols, kRows);
+    for (int64_t r = 0; r < rows32; ++r) {
+      amx::bf16_row(st + r * ld, 0, r < rows ? cols : 0, BK, 1.0f, v.p16 + r * BK);
+      amx::bf16_row(dpt + r * ld, 0, r < rows ? cols : 0, BK, 1.0f, v.ds16 + r * BK);
+    }
+    const auto* p16 = reinterpret_cast<const at::BFloat16*>(v.p16);
+    const auto* ds16 = reinterpret_cast<const at::BFloat16*>(v.ds16);
+    amx::pack_vnni(p16, rows32, cols, BK, 1, rows32, v.p_vnni);
+    amx::pack_vnni(ds16, rows32, cols, BK, 1, rows32, v.ds_vnni);
+    const int64_t block = i0 / QB;
+    amx::gemm<Tiles>(Dv16, cols16, rows32, v.dot16 + block * Dv16 * QB, QB, v.p_vnni, v.dvt, BK, true);
+    amx::gemm<Tiles>(D16, cols16, rows32, v.qt16 + block * D16 * QB, QB, v.ds_vnni, v.dkt, BK, true);
+    amx::gemm<Tiles>(up(rows, kRows), D16, BK, v.ds16, BK, v.k_vnni, v.dq_tile, v.ld_dq, false, dq_extent);
+  }
+#endif
+};
+
+}  // namespace CPU_CAPABILITY
+}  // namespace qkv
