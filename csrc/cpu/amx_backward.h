@@ -43,14 +43,17 @@ struct AmxBackwardSpace {
     uint16_t *q16, *do16, *qt16, *dot16;      // per slice (L_padded rows)
     uint16_t *kt_vnni, *vt_vnni, *k_vnni;     // per key block
     uint16_t *p16, *ds16, *p_vnni, *ds_vnni;  // per tile
-    float *dkt, *dvt, *dq_tile;
+    float *dkt, *dvt, *dq_tile, *transpose_scratch;
     int64_t ld_dq;  // dq_tile's row stride
   };
   int64_t bf16_size() const {
     return L_padded * (ld_q16 + ld_do16 + D16 + Dv16) + vnni(D, BK) + vnni(Dv, BK) + vnni(BK, D) + 2 * QB * BK +
            2 * vnni(QB, BK);
   }
-  int64_t float_size(int64_t ld_dq) const { return (D16 + Dv16) * BK + QB * ld_dq; }
+  // The transposes' float32 scratch: Q^T or dO^T of a query block (up to wide16() x QB), or a
+  // key block's dK or dV (BK x wide16()).
+  int64_t wide16() const { return std::max(D16, Dv16); }
+  int64_t float_size(int64_t ld_dq) const { return (D16 + Dv16) * BK + QB * ld_dq + wide16() * std::max(QB, BK); }
   Views views(uint16_t* h, float* f, int64_t ld_dq) const {
     Views v{};
     v.ld_dq = ld_dq;
@@ -68,46 +71,60 @@ struct AmxBackwardSpace {
     v.dkt = f;
     v.dvt = v.dkt + D16 * BK;
     v.dq_tile = v.dvt + Dv16 * BK;
+    v.transpose_scratch = v.dq_tile + QB * ld_dq;
     return v;
-  }
-
-  // Query block [i0, i0 + rows) of the slice: Q times `scale` and dO as bfloat16 rows (for S and
-  // dP; rows to the next 16 and columns to the next 32 zero), and Q^T and dO^T (D x QB, Dv x QB:
-  // for dK^T and dV^T; columns past `rows` and rows past D zero).
-  template <typename acc_t>
-  void pack_query_block(const Views& v, int64_t i0, int64_t rows, const acc_t* q, int64_t ldq, const acc_t* dout,
-                        int64_t ldo, acc_t scale) const {
-    const int64_t rows16 = up(rows, kRows);
-    for (int64_t r = 0; r < rows16; ++r) {
-      uint16_t* qr = v.q16 + (i0 + r) * ld_q16;
-      uint16_t* dr = v.do16 + (i0 + r) * ld_do16;
-      for (int64_t d = 0; d < ld_q16; ++d) qr[d] = r < rows && d < D ? bf16(static_cast<float>(q[r * ldq + d] * scale)) : 0;
-      for (int64_t d = 0; d < ld_do16; ++d) dr[d] = r < rows && d < Dv ? bf16(static_cast<float>(dout[r * ldo + d])) : 0;
-    }
-    uint16_t* qt = v.qt16 + (i0 / QB) * D16 * QB;
-    uint16_t* dot = v.dot16 + (i0 / QB) * Dv16 * QB;
-    for (int64_t d = 0; d < D16; ++d) {
-      for (int64_t r = 0; r < QB; ++r) qt[d * QB + r] = r < rows && d < D ? bf16(static_cast<float>(q[r * ldq + d])) : 0;
-    }
-    for (int64_t d = 0; d < Dv16; ++d) {
-      for (int64_t r = 0; r < QB; ++r) {
-        dot[d * QB + r] = r < rows && d < Dv ? bf16(static_cast<float>(dout[r * ldo + d])) : 0;
-      }
-    }
-  }
-
-  // dk_acc[c][d] += dK^T[d][c], dv_acc likewise, for the key block's `cols` keys.
-  template <typename acc_t>
-  void add_transposed_key_grads(const Views& v, int64_t cols, acc_t* dk_acc, int64_t ld_dk, acc_t* dv_acc,
-                                int64_t ld_dv) const {
-    for (int64_t c = 0; c < cols; ++c) {
-      for (int64_t d = 0; d < D; ++d) dk_acc[c * ld_dk + d] += v.dkt[d * BK + c];
-      for (int64_t d = 0; d < Dv; ++d) dv_acc[c * ld_dv + d] += v.dvt[d * BK + c];
-    }
   }
 
 #if defined(CPU_CAPABILITY_AVX512)
   static_assert(QB % (2 * amx::kTileRows) == 0 && BK % amx::kTileDepth == 0, "AMX blocks of whole tiles");
+
+  // dst (cols x rows, row stride ldd) = src^T (rows x cols, row stride lds; float32), in 8 x 8
+  // blocks in registers, the edges element by element.
+  static void transpose(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd) {
+    const int64_t r8 = rows / 8 * 8, c8 = cols / 8 * 8;
+    for (int64_t r = 0; r < r8; r += 8) {
+      for (int64_t c = 0; c < c8; c += 8) detail::transpose_8x8(src + r * lds + c, lds, dst + c * ldd + r, ldd);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t c = r < r8 ? c8 : 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
+    }
+  }
+
+  // Query block [i0, i0 + rows) of the slice: Q times `scale` and dO as bfloat16 rows (for S and
+  // dP; rows to the next 16 and columns to the next 32 zero), and Q^T and dO^T (D x QB, Dv x QB:
+  // for dK^T and dV^T; columns past `rows` and rows past D zero). `t` is D16 x QB float32 scratch
+  // (the transposes go through float32: the 8 x 8 register transpose, then vector rounding).
+  void pack_query_block(const Views& v, int64_t i0, int64_t rows, const float* q, int64_t ldq, const float* dout,
+                        int64_t ldo, float scale) const {
+    const int64_t rows16 = up(rows, kRows);
+    for (int64_t r = 0; r < rows16; ++r) {
+      amx::bf16_row(q + r * ldq, 0, r < rows ? D : 0, ld_q16, scale, v.q16 + (i0 + r) * ld_q16);
+      amx::bf16_row(dout + r * ldo, 0, r < rows ? Dv : 0, ld_do16, 1.0f, v.do16 + (i0 + r) * ld_do16);
+    }
+    const auto transposed = [&](const float* src, int64_t ld, int64_t width, int64_t width16, uint16_t* dst) {
+      transpose(src, ld, rows, width, v.transpose_scratch, QB);
+      for (int64_t d = 0; d < width16; ++d) {
+        amx::bf16_row(v.transpose_scratch + d * QB, 0, d < width ? rows : 0, QB, 1.0f, dst + d * QB);
+      }
+    };
+    transposed(q, ldq, D, D16, v.qt16 + (i0 / QB) * D16 * QB);
+    transposed(dout, ldo, Dv, Dv16, v.dot16 + (i0 / QB) * Dv16 * QB);
+  }
+
+  // dk_acc[c][d] += dK^T[d][c], dv_acc likewise, for the key block's `cols` keys.
+  void add_transposed_key_grads(const Views& v, int64_t cols, float* dk_acc, int64_t ld_dk, float* dv_acc,
+                                int64_t ld_dv) const {
+    const auto add = [&](const float* grad_t, int64_t width, float* acc, int64_t ld) {
+      transpose(grad_t, BK, width, cols, v.transpose_scratch, wide16());
+      for (int64_t c = 0; c < cols; ++c) {
+        float* row = acc + c * ld;
+        const float* t = v.transpose_scratch + c * wide16();
+        for (int64_t d = 0; d < width; ++d) row[d] += t[d];
+      }
+    };
+    add(v.dkt, D, dk_acc, ld_dk);
+    add(v.dvt, Dv, dv_acc, ld_dv);
+  }
 
   // Key block [j0, j0 + cols): K^T and V^T as the B of S and dP, K as the B of dQ; dK^T and dV^T
   // zeroed.
