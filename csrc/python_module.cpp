@@ -77,6 +77,22 @@ PyObject* amx_tile_mode(PyObject*, PyObject*) {
   END_HANDLE_TH_ERRORS
 }
 
+// _set_bf16_native_rounding(on) -> bool: tests only (cpu_capability.h's set_bf16_native_rounding);
+// _bf16_native_rounding() -> bool: whether the AMX path rounds with VCVTNEPS2BF16 now.
+PyObject* set_bf16_native_rounding(PyObject*, PyObject* arg) {
+  HANDLE_TH_ERRORS
+  const int on = PyObject_IsTrue(arg);
+  if (on < 0) return nullptr;
+  return PyBool_FromLong(qkv::set_bf16_native_rounding(on != 0));
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* bf16_native_rounding(PyObject*, PyObject*) {
+  HANDLE_TH_ERRORS
+  return PyBool_FromLong(qkv::bf16_native_rounding());
+  END_HANDLE_TH_ERRORS
+}
+
 PyMethodDef methods[] = {
     {"_cpu_capability", cpu_capability, METH_NOARGS, "The active copy of the CPU kernels."},
     {"_set_cpu_capability", set_cpu_capability, METH_O, "Switch the CPU kernels to another copy (tests)."},
@@ -84,6 +100,8 @@ PyMethodDef methods[] = {
     {"_choose_cpu_capability", choose_cpu_capability, METH_VARARGS, "What QKV_CPU_CAPABILITY would select."},
     {"_set_amx_emulation", set_amx_emulation, METH_O, "Emulate the AMX tile products (tests)."},
     {"_amx_tile_mode", amx_tile_mode, METH_NOARGS, "How bfloat16 tile products run now."},
+    {"_set_bf16_native_rounding", set_bf16_native_rounding, METH_O, "Round with VCVTNEPS2BF16 where supported (tests)."},
+    {"_bf16_native_rounding", bf16_native_rounding, METH_NOARGS, "Whether the AMX path rounds with VCVTNEPS2BF16."},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -313,3 +313,86 @@ def test_each_packing_path(amx, case):
     out, _ = attention(q, k, v, None, 0.0, True, True)
     want, _ = feature_reference(q, k, v, None, True, True)
     torch.testing.assert_close(out.double(), want, **tolerance(BF16))
+
+
+# ---- rounding to bfloat16 ------------------------------------------------------------------
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def test_native_rounding_is_on_exactly_where_the_cpu_has_avx512_bf16():
+    flags = _cpu_flags()
+    if not flags:
+        pytest.skip("no /proc/cpuinfo flags to compare with")
+    assert _C._bf16_native_rounding() == ("avx512_bf16" in flags and "avx512f" in flags)
+    previous = _C._set_bf16_native_rounding(True)  # cannot switch it on where the CPU lacks it
+    try:
+        assert _C._bf16_native_rounding() == ("avx512_bf16" in flags)
+    finally:
+        _C._set_bf16_native_rounding(previous)
+
+
+@pytest.fixture
+def both_roundings():
+    """Runs a callable with VCVTNEPS2BF16 and with the AVX-512F rounding; returns both results."""
+    if not _C._bf16_native_rounding():
+        pytest.skip("this CPU has no AVX512-BF16: only the AVX-512F rounding runs here")
+
+    def run(fn):
+        results = []
+        for native in (True, False):
+            previous = _C._set_bf16_native_rounding(native)
+            try:
+                results.append(fn())
+            finally:
+                _C._set_bf16_native_rounding(previous)
+        return results
+
+    return run
+
+
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3], SHAPES[4], SHAPES[7]], ids=str)
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_both_roundings_give_the_same_bits(amx, both_roundings, shape, is_causal):
+    # VCVTNEPS2BF16 and the integer rounding agree on everything but float32 denormals (none
+    # here), so the forward and backward must not differ in one bit.
+    seed = seed_of("both roundings", shape, is_causal)
+    q, k, v = make_qkv(shape, BF16, seed=seed)
+    grad_out = torch.randn(shape.B, shape.H, shape.L, shape.Dv, generator=torch.Generator().manual_seed(seed)).to(BF16)
+
+    def forward_backward():
+        out, lse = attention(q, k, v, is_causal=is_causal)
+        grads = torch.ops.qkv.attention_backward(grad_out, q, k, v, None, out, lse, 0.0, is_causal, False, None, None,
+                                                 False)
+        return out, lse, *grads[:3]
+
+    native, integer = both_roundings(forward_backward)
+    for name, a, b in zip(["out", "lse", "dq", "dk", "dv"], native, integer):
+        assert torch.equal(a, b), f"{name}: the two roundings differ"
+
+
+# ---- NaN ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_nan_reaches_exactly_the_rows_that_see_it(amx, is_causal):
+    # Every AMX tile takes its row maxima in a pass of its own (mask_row_max), which drops a NaN
+    # beside a finite maximum and finds it where there is none: a NaN query row and a NaN key
+    # must both reach the outputs they touch, and nothing else.
+    L = 150
+    q, k, v = (torch.randn(1, 1, L, 64, dtype=BF16) for _ in range(3))
+    q[0, 0, 7, 5] = float("nan")
+    k[0, 0, 100, 3] = float("nan")
+    out, _ = attention(q, k, v, is_causal=is_causal)
+    rows = out[0, 0].isnan().any(-1)
+    expected = torch.zeros(L, dtype=torch.bool)
+    expected[7] = True
+    expected[100 if is_causal else 0:] = True
+    assert torch.equal(rows, expected)

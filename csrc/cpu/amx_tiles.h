@@ -15,7 +15,9 @@
 // on an in-memory register file. The emulation runs this file's packing, blocking and padding,
 // and the forward around it, on any AVX-512 CPU (tests/test_cpu_amx.py), so that CI machines
 // without AMX check everything but the five instructions.
+#include "cpu_capability.h"
 #include "simd.h"
+#include "tile_math.h"
 
 #if defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
@@ -49,21 +51,82 @@ inline __m256i to_bf16(__m512 x) {
   return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
 }
 
-// dst[c] = bf16(src[c] * mul) for c in [begin, end), 0 elsewhere in [0, width): a row of an A
-// operand, zero where the product must see nothing (masked keys, padding).
-inline void bf16_row(const float* src, int64_t begin, int64_t end, int64_t width, float mul, uint16_t* dst) {
+// The same rounding in one instruction, VCVTNEPS2BF16 (AVX512-BF16; flushes float32 denormals to
+// zero). Inline assembly, so that it inlines into code built without -mavx512bf16: only CPUs
+// with AVX512-BF16 run it (bf16_native_rounding()).
+inline __m256i to_bf16_native(__m512 x) {
+  __m256i r;
+  asm("vcvtneps2bf16 %1, %0" : "=v"(r) : "v"(x));
+  return r;
+}
+
+template <bool kNative>
+QKV_ALWAYS_INLINE __m256i round_bf16(__m512 x) {
+  if constexpr (kNative) {
+    return to_bf16_native(x);
+  } else {
+    return to_bf16(x);
+  }
+}
+
+namespace detail {
+template <bool kNative>
+inline void bf16_row_with(const float* src, int64_t begin, int64_t end, int64_t width, float mul, uint16_t* dst) {
   const __m512 m = _mm512_set1_ps(mul);
   std::fill(dst, dst + std::min(begin, width), uint16_t(0));
   int64_t c = begin;
   for (; c + 16 <= end; c += 16) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c), to_bf16(_mm512_mul_ps(_mm512_loadu_ps(src + c), m)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c),
+                        round_bf16<kNative>(_mm512_mul_ps(_mm512_loadu_ps(src + c), m)));
   }
   if (c < end) {
     const __mmask16 k = static_cast<__mmask16>((1u << (end - c)) - 1);
-    _mm256_mask_storeu_epi16(dst + c, k, to_bf16(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, src + c), m)));
+    _mm256_mask_storeu_epi16(dst + c, k, round_bf16<kNative>(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, src + c), m)));
     c = end;
   }
   std::fill(dst + std::max<int64_t>(c, begin), dst + width, uint16_t(0));
+}
+
+template <bool kNative>
+struct RoundedStore {  // a sink of exp2_and_sum_into: the results rounded to bfloat16 at dst
+  uint16_t* dst;
+  QKV_ALWAYS_INLINE void operator()(int64_t i, __m512 e) const {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), round_bf16<kNative>(e));
+  }
+  QKV_ALWAYS_INLINE void operator()(int64_t i, int64_t n, __m512 e) const {
+    _mm256_mask_storeu_epi16(dst + i, static_cast<__mmask16>((1u << n) - 1), round_bf16<kNative>(e));
+  }
+};
+
+template <bool kNative>
+inline float exp2_sum_bf16_row_with(const float* x, int64_t begin, int64_t end, int64_t width, float shift, float mul,
+                                    uint16_t* dst) {
+  std::fill(dst, dst + std::min(begin, width), uint16_t(0));
+  const float sum =
+      begin < end ? qkv::CPU_CAPABILITY::detail::exp2_and_sum_into(x + begin, end - begin, shift, mul, RoundedStore<kNative>{dst + begin}) : 0.f;
+  std::fill(dst + std::max(end, begin), dst + width, uint16_t(0));
+  return sum;
+}
+}  // namespace detail
+
+// dst[c] = bf16(src[c] * mul) for c in [begin, end), 0 elsewhere in [0, width): a row of an A
+// operand, zero where the product must see nothing (masked keys, padding).
+inline void bf16_row(const float* src, int64_t begin, int64_t end, int64_t width, float mul, uint16_t* dst) {
+  if (bf16_native_rounding()) {
+    detail::bf16_row_with<true>(src, begin, end, width, mul, dst);
+  } else {
+    detail::bf16_row_with<false>(src, begin, end, width, mul, dst);
+  }
+}
+
+// dst[c] = bf16(2^((x[c] - shift) * mul)) for c in [begin, end), 0 elsewhere in [0, width);
+// returns the float32 sum of the unrounded values. The forward's probabilities as P V's A
+// operand in one pass: exp2_and_sum's arithmetic and sum (the same bits), then bf16_row's
+// rounding, without the float32 row between them.
+inline float exp2_sum_bf16_row(const float* x, int64_t begin, int64_t end, int64_t width, float shift, float mul,
+                               uint16_t* dst) {
+  return bf16_native_rounding() ? detail::exp2_sum_bf16_row_with<true>(x, begin, end, width, shift, mul, dst)
+                                : detail::exp2_sum_bf16_row_with<false>(x, begin, end, width, shift, mul, dst);
 }
 
 namespace detail {

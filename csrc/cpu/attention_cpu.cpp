@@ -17,6 +17,7 @@
 #include <ATen/Dispatch.h>
 
 #include <array>
+#include <optional>
 
 namespace qkv {
 inline namespace CPU_CAPABILITY {  // this copy's instruction set (cpu_capability.h)
@@ -62,13 +63,22 @@ struct OnlineSoftmax {
   // Row r's scores over [begin, end) of a tile become its unnormalised probabilities, against the
   // running maximum (raised to the tile's, tile_max[r], rescaling what was summed before).
   void update_row(int64_t r, acc_t* s, int64_t begin, int64_t end, acc_t log2_per_unit) const {
-    const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-    // A NaN score (from a NaN or inf input) must reach the output, never read as "nothing visible".
-    const acc_t new_max = std::isnan(tile_max[r]) ? tile_max[r] : std::max(row_max[r], tile_max[r]);
-    if (new_max == neg_inf) {  // nothing visible to this row yet
+    const std::optional<acc_t> shift = raise_max(r, log2_per_unit);
+    if (!shift) {  // nothing visible to this row yet
       std::fill(s + begin, s + end, acc_t(0));
       return;
     }
+    add_to_sum(r, exp2_and_sum(s + begin, end - begin, *shift, log2_per_unit));
+  }
+
+  // The first half of update_row: raises row r's running maximum to the tile's, rescaling what
+  // was summed before, and returns it (what its scores' exp2 subtracts), or nothing while the row
+  // has seen no key. The caller then adds the tile's probabilities' sum (add_to_sum).
+  std::optional<acc_t> raise_max(int64_t r, acc_t log2_per_unit) const {
+    const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+    // A NaN score (from a NaN or inf input) must reach the output, never read as "nothing visible".
+    const acc_t new_max = std::isnan(tile_max[r]) ? tile_max[r] : std::max(row_max[r], tile_max[r]);
+    if (new_max == neg_inf) return std::nullopt;
     if (new_max != row_max[r]) {  // rescale only when the running maximum moves
       const acc_t correction = std::exp2((row_max[r] - new_max) * log2_per_unit);
       row_sum[r] *= correction;
@@ -80,8 +90,9 @@ struct OnlineSoftmax {
       }
       row_max[r] = new_max;
     }
-    add_compensated(row_sum[r], row_sum_err[r], exp2_and_sum(s + begin, end - begin, new_max, log2_per_unit));
+    return new_max;
   }
+  void add_to_sum(int64_t r, acc_t tile_sum) const { add_compensated(row_sum[r], row_sum_err[r], tile_sum); }
 
   // Called every kForwardTilesPerPartial key tiles: acc goes into the compensated sum.
   void add_partial(int64_t rows) {
@@ -257,6 +268,20 @@ void forward_tiled_with(const TileContext<scalar_t>& ctx, const SequenceLayout& 
             for (int64_t r = 0; r < rows; ++r) {
               const auto [begin, end] = ctx.row_span(s, i0, rows, j0, cols, r, false);
               acc_t* row = st + r * ld_s;
+#if defined(CPU_CAPABILITY_AVX512)
+              if constexpr (kAmx) {
+                if (p.dropout_p == 0) {  // P straight into bfloat16, 0 off its span: one pass, not three
+                  const std::optional<acc_t> shift = softmax.raise_max(r, ctx.log2_per_unit);
+                  if (shift) {
+                    softmax.add_to_sum(r, amx::exp2_sum_bf16_row(row, begin, end, ld_s, *shift, ctx.log2_per_unit,
+                                                                 p16 + r * ld_s));
+                  } else {
+                    std::fill(p16 + r * ld_s, p16 + (r + 1) * ld_s, uint16_t(0));
+                  }
+                  continue;
+                }
+              }
+#endif
               softmax.update_row(r, row, begin, end, ctx.log2_per_unit);
               if (p.dropout_p > 0) ctx.dropout_row(row + begin, s, h, i0 + r, j0 + begin, end - begin);
 #if defined(CPU_CAPABILITY_AVX512)

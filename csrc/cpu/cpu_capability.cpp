@@ -36,6 +36,31 @@ bool amx_usable() {
 #endif
 }
 
+// AVX512-BF16 (CPUID leaf 7 subleaf 1, EAX bit 5) beside AVX-512F (whose register state the
+// operating system then saves).
+bool avx512_bf16_supported() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool supported = [] {
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("avx512f")) return false;
+#if defined(__linux__)
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    return __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) && (eax & (1u << 5));
+#else
+    return false;
+#endif
+  }();
+  return supported;
+#else
+  return false;
+#endif
+}
+
+std::atomic<bool>& native_bf16_rounding() {
+  static std::atomic<bool> on{avx512_bf16_supported()};
+  return on;
+}
+
 std::string lower(std::string_view s) {
   std::string out(s);
   std::transform(out.begin(), out.end(), out.begin(), [](unsigned char c) { return std::tolower(c); });
@@ -97,6 +122,12 @@ bool set_amx_emulation(bool on) {
   // Leaving emulation on a CPU without AMX: the amx capability is no longer supported.
   if (!on && cpu_capability() > best_supported_cpu_capability()) set_cpu_capability(best_supported_cpu_capability());
   return previous;
+}
+
+bool bf16_native_rounding() { return native_bf16_rounding().load(std::memory_order_relaxed); }
+
+bool set_bf16_native_rounding(bool on) {
+  return native_bf16_rounding().exchange(on && avx512_bf16_supported(), std::memory_order_relaxed);
 }
 
 CpuCapability cpu_capability() { return static_cast<CpuCapability>(active().load(std::memory_order_relaxed)); }

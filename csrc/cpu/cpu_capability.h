@@ -49,6 +49,16 @@ AmxTileMode amx_tile_mode();
 // setting.
 bool set_amx_emulation(bool on);
 
+// How the AMX path rounds float32 to bfloat16: with VCVTNEPS2BF16 (AVX512-BF16, which every AMX
+// CPU has: one instruction where AVX-512F takes eight) or with AVX-512F integer arithmetic. Both
+// round to nearest even and keep NaN a quiet NaN; they differ only on float32 denormals, which
+// the instruction flushes to zero (as AMX's products flush bfloat16 denormals). On where the CPU
+// has AVX512-BF16.
+bool bf16_native_rounding();
+// Tests: switch it off, or back on where the CPU has it (else it stays off). Returns the previous
+// setting.
+bool set_bf16_native_rounding(bool on);
+
 // What QKV_CPU_CAPABILITY=`requested` selects on a CPU whose best capability is `best`, and
 // the warning to give when the request is refused (empty if none). "" means "the best".
 // Throws c10::Error (a RuntimeError in Python) for a value that names no capability.

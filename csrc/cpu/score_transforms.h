@@ -2,6 +2,8 @@
 // The score options of issue 17 applied to one row of a score tile, in natural units (the
 // products already carry the softmax scale): softcap, then ALiBi, then the additive bias, then
 // the band mask. Softcap keeps tanh's derivative for the backward.
+#include "simd.h"
+
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
@@ -86,25 +88,39 @@ acc_t transform_scores_row(acc_t* s, int64_t n, int64_t begin, int64_t end, cons
 }
 
 // s[c] = -inf for c in [span_begin, span_end) outside [begin, end); returns the max over
-// [begin, end) (NaN propagates), -inf when it is empty.
+// [begin, end), -inf when it is empty (and -inf without reading the row unless `want_max`).
+// A NaN in the row gives NaN where nothing else is above -inf; beside a finite maximum it is
+// dropped here, as in gemm_packed_row_max, and surfaces through 2^(NaN - max) instead.
 template <typename acc_t>
-acc_t mask_row_max(acc_t* s, int64_t span_begin, int64_t span_end, int64_t begin, int64_t end) {
+acc_t mask_row_max(acc_t* s, int64_t span_begin, int64_t span_end, int64_t begin, int64_t end, bool want_max = true) {
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   begin = std::clamp(begin, span_begin, span_end);
   end = std::clamp(end, begin, span_end);
   std::fill(s + span_begin, s + begin, neg_inf);
   std::fill(s + end, s + span_end, neg_inf);
+  if (!want_max) return neg_inf;
   acc_t m = neg_inf;
   int64_t c = begin;
   if constexpr (std::is_same_v<acc_t, float>) {
-    using Vec = at::vec::Vectorized<float>;
-    Vec vmax(neg_inf);
-    for (; c + Vec::size() <= end; c += Vec::size()) vmax = at::vec::maximum(vmax, Vec::loadu(s + c));
+    // Four chains: one chain of max was latency-bound, and the hottest pass of the AMX forward.
+    using R = Simd<float>;
+    constexpr int64_t V = R::width;
+    typename R::reg m0 = R::set1(neg_inf), m1 = m0, m2 = m0, m3 = m0;
+    for (; c + 4 * V <= end; c += 4 * V) {
+      m0 = R::max(R::load(s + c), m0);
+      m1 = R::max(R::load(s + c + V), m1);
+      m2 = R::max(R::load(s + c + 2 * V), m2);
+      m3 = R::max(R::load(s + c + 3 * V), m3);
+    }
+    for (; c + V <= end; c += V) m0 = R::max(R::load(s + c), m0);
     if (c < end) {  // the tail as one vector, its missing lanes -inf
-      vmax = at::vec::maximum(vmax, Vec::set(Vec(neg_inf), Vec::loadu(s + c, end - c), end - c));
+      m1 = R::max(R::load_partial(s + c, end - c, neg_inf), m1);
       c = end;
     }
-    m = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
+    m = R::reduce_max(R::max(R::max(m0, m1), R::max(m2, m3)));
+    if (m == neg_inf) {  // nothing above -inf: a NaN, if any, is the answer
+      for (int64_t j = begin; j < end; ++j) m = std::isnan(s[j]) ? s[j] : m;
+    }
   }
   for (; c < end; ++c) m = std::isnan(s[c]) ? s[c] : std::max(m, s[c]);
   return m;

@@ -365,7 +365,7 @@ struct TileContext {
       acc_t m;
       if (!transforms_scores()) {
         // The products are the scores (they carry the scale): -inf where hidden, and the max.
-        m = mask_row_max(row, span_begin, span_end, begin, end);
+        m = mask_row_max(row, span_begin, span_end, begin, end, /*want_max=*/row_max != nullptr);
       } else {
         RowScoreOptions<acc_t, bias_t> o;
         o.softcap = softcap;

@@ -38,9 +38,24 @@ acc_t exp2_and_sum(acc_t* x, int64_t n, acc_t shift, acc_t mul = acc_t(1)) {
 }
 
 namespace detail {
-// exp2_and_sum for float32; kScaled: mul != 1 (scores in natural units), else the multiply is skipped.
-template <bool kScaled>
-inline float exp2_and_sum_simd(float* x, int64_t n, float shift, float mul) {
+// Writes 2^x where exp2_and_sum_simd wants it: `sink(i, e)` takes lanes [i, i + width), `sink(i,
+// n, e)` the first n of them.
+struct StoreInPlace {
+  float* x;
+  template <typename reg>
+  QKV_ALWAYS_INLINE void operator()(int64_t i, reg e) const {
+    Simd<float>::store(x + i, e);
+  }
+  template <typename reg>
+  QKV_ALWAYS_INLINE void operator()(int64_t i, int64_t n, reg e) const {
+    Simd<float>::store_partial(x + i, n, e);
+  }
+};
+
+// exp2_and_sum for float32, each vector of results given to `sink`; kScaled: mul != 1 (scores
+// in natural units), else the multiply is skipped.
+template <bool kScaled, typename Sink>
+inline float exp2_and_sum_simd(const float* x, int64_t n, float shift, float mul, const Sink& sink) {
   using R = Simd<float>;
   constexpr int64_t V = R::width;
   const typename R::reg vshift = R::set1(shift), vmul = R::set1(mul);
@@ -53,14 +68,14 @@ inline float exp2_and_sum_simd(float* x, int64_t n, float shift, float mul) {
   for (; i + 2 * V <= n; i += 2 * V) {
     const typename R::reg e0 = R::exp2_nonpositive(exponent(x + i));
     const typename R::reg e1 = R::exp2_nonpositive(exponent(x + i + V));
-    R::store(x + i, e0);
-    R::store(x + i + V, e1);
+    sink(i, e0);
+    sink(i + V, e1);
     sum0 = R::add(sum0, e0);
     sum1 = R::add(sum1, e1);
   }
   for (; i + V <= n; i += V) {
     const typename R::reg e = R::exp2_nonpositive(exponent(x + i));
-    R::store(x + i, e);
+    sink(i, e);
     sum0 = R::add(sum0, e);
   }
   if (i < n) {
@@ -68,17 +83,22 @@ inline float exp2_and_sum_simd(float* x, int64_t n, float shift, float mul) {
     // loop here cost as much as the vector body on the short spans of a window's band.
     const typename R::reg d = R::sub(R::load_partial(x + i, n - i, -std::numeric_limits<float>::infinity()), vshift);
     const typename R::reg e = R::exp2_nonpositive(kScaled ? R::mul(d, vmul) : d);
-    R::store_partial(x + i, n - i, e);
+    sink(i, n - i, e);
     sum1 = R::add(sum1, e);
   }
   return R::reduce_add(R::add(sum0, sum1));
+}
+
+// exp2_and_sum<float> with the results given to `sink` instead of written in place.
+template <typename Sink>
+inline float exp2_and_sum_into(const float* x, int64_t n, float shift, float mul, const Sink& sink) {
+  return mul == 1.f ? exp2_and_sum_simd<false>(x, n, shift, mul, sink) : exp2_and_sum_simd<true>(x, n, shift, mul, sink);
 }
 }  // namespace detail
 
 template <>
 inline float exp2_and_sum<float>(float* x, int64_t n, float shift, float mul) {
-  return mul == 1.f ? detail::exp2_and_sum_simd<false>(x, n, shift, mul)
-                    : detail::exp2_and_sum_simd<true>(x, n, shift, mul);
+  return detail::exp2_and_sum_into(x, n, shift, mul, detail::StoreInPlace{x});
 }
 
 // dst = 2^((x - shift) * mul) (accumulate: dst += ...): a row of probabilities written or added
