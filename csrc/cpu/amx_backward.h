@@ -22,7 +22,9 @@
 
 #include <c10/util/BFloat16.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <tuple>
 
 namespace qkv {
 inline namespace CPU_CAPABILITY {
@@ -152,12 +154,12 @@ struct AmxBackwardSpace {
                      });
   }
 
-  // From P' (st) and dS (dpt), rows x cols with row stride ld: dV^T += dO^T P', dK^T += Q^T dS,
-  // and dS K into dq_tile (its rows; `dq_extent` limits each 32-row block's keys).
-  template <typename Tiles, typename DqExtent>
-  void gradient_products(const Views& v, int64_t i0, int64_t rows, int64_t cols, const float* st, const float* dpt,
-                         int64_t ld, const DqExtent& dq_extent) const {
-    const int64_t rows32 = up(rows, 2 * kRows), cols16 = up(cols, kRows);
+  // P' and dS rounded to bfloat16 as the gradient products' operands (any case): dS rows (the A
+  // of dQ), then P' and dS paired by pack_vnni (the B of dV^T and dK^T). st and dpt hold P' and
+  // dS (rows x cols, row stride ld; zero at each row's hidden keys).
+  void pack_gradient_operands(const Views& v, int64_t rows, int64_t cols, const float* st, const float* dpt,
+                              int64_t ld) const {
+    const int64_t rows32 = up(rows, 2 * kRows);
     for (int64_t r = 0; r < rows32; ++r) {
       amx::bf16_row(st + r * ld, 0, r < rows ? cols : 0, BK, 1.0f, v.p16 + r * BK);
       amx::bf16_row(dpt + r * ld, 0, r < rows ? cols : 0, BK, 1.0f, v.ds16 + r * BK);
@@ -166,6 +168,65 @@ struct AmxBackwardSpace {
     const auto* ds16 = reinterpret_cast<const at::BFloat16*>(v.ds16);
     amx::pack_vnni(p16, rows32, cols, BK, 1, rows32, v.p_vnni);
     amx::pack_vnni(ds16, rows32, cols, BK, 1, rows32, v.ds_vnni);
+  }
+
+  // The common case (no dropout, no bias or softcap gradient, no row sums: P' = P, and dS goes
+  // to nothing but the products) in one pass instead of softmax_grad_row and
+  // pack_gradient_operands: per pair of rows (r, r + 1) and 16 columns, dS = P * (dP - delta)
+  // in registers (softmax_grad_row's operations), then P and dS rounded (amx::to_bf16) straight
+  // into dS's rows and the two rows' interleaved pair row of p_vnni and ds_vnni. The float32 dS,
+  // two bf16_row passes and two pack_vnni passes per tile were the row passes' largest part.
+  // `prob` holds P (zero at hidden keys), `dp` dP, rows x cols with row stride ld; span(r) is row
+  // r's visible keys [begin, end). Everything outside the spans is zero: hidden keys, columns
+  // past cols, rows past `rows` (to the next 32), dS's columns to BK.
+  template <typename Span>
+  void round_gradient_operands(const Views& v, int64_t rows, int64_t cols, const float* prob, const float* dp,
+                               int64_t ld, const float* delta, const Span& span) const {
+    const int64_t rows32 = up(rows, 2 * kRows), cols16 = up(cols, kRows), depth_tiles = rows32 / kDepth;
+    const auto lanes = [](int64_t begin, int64_t end) {  // lanes [begin, end) of 16, clamped
+      const int64_t b = std::clamp<int64_t>(begin, 0, 16), e = std::clamp<int64_t>(end, 0, 16);
+      return static_cast<__mmask16>(e > b ? ((1u << e) - 1) & ~((1u << b) - 1) : 0);
+    };
+    for (int64_t r = 0; r < rows32; r += 2) {
+      int64_t begin[2] = {0, 0}, end[2] = {0, 0};
+      __m512 d[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+      for (int t = 0; t < 2; ++t) {
+        if (r + t < rows) {
+          std::tie(begin[t], end[t]) = span(r + t);
+          d[t] = _mm512_set1_ps(delta[r + t]);
+        }
+      }
+      uint16_t* pair_p = v.p_vnni + (r / kDepth) * amx::kTileElems + (r % kDepth) / 2 * (2 * amx::kTileCols);
+      uint16_t* pair_ds = v.ds_vnni + (r / kDepth) * amx::kTileElems + (r % kDepth) / 2 * (2 * amx::kTileCols);
+      for (int64_t c0 = 0; c0 < cols16; c0 += kRows) {
+        __m256i p16[2], ds16[2];
+        for (int t = 0; t < 2; ++t) {
+          const __mmask16 m = lanes(begin[t] - c0, end[t] - c0);
+          const __m512 p = _mm512_maskz_loadu_ps(m, prob + (r + t) * ld + c0);
+          const __m512 ds = _mm512_maskz_mul_ps(m, p, _mm512_sub_ps(_mm512_maskz_loadu_ps(m, dp + (r + t) * ld + c0), d[t]));
+          p16[t] = amx::to_bf16(p);
+          ds16[t] = amx::to_bf16(ds);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(v.ds16 + (r + t) * BK + c0), ds16[t]);
+        }
+        const int64_t tile = (c0 / kRows) * depth_tiles * amx::kTileElems;
+        interleave(p16[0], p16[1], pair_p + tile);
+        interleave(ds16[0], ds16[1], pair_ds + tile);
+      }
+      for (int t = 0; t < 2; ++t) std::fill(v.ds16 + (r + t) * BK + cols16, v.ds16 + (r + t) * BK + BK, uint16_t(0));
+    }
+  }
+  // A VNNI pair row from two rows of 16 bfloat16: even[c], odd[c] side by side.
+  static void interleave(__m256i even, __m256i odd, uint16_t* dst) {
+    const __m256i lo = _mm256_unpacklo_epi16(even, odd), hi = _mm256_unpackhi_epi16(even, odd);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_permute2x128_si256(lo, hi, 0x20));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 16), _mm256_permute2x128_si256(lo, hi, 0x31));
+  }
+
+  // From the packed operands (pack_gradient_operands or round_gradient_operands): dV^T += dO^T P',
+  // dK^T += Q^T dS, and dS K into dq_tile (its rows; `dq_extent` limits each 32-row block's keys).
+  template <typename Tiles, typename DqExtent>
+  void gradient_products(const Views& v, int64_t i0, int64_t rows, int64_t cols, const DqExtent& dq_extent) const {
+    const int64_t rows32 = up(rows, 2 * kRows), cols16 = up(cols, kRows);
     const int64_t block = i0 / QB;
     amx::gemm<Tiles>(Dv16, cols16, rows32, v.dot16 + block * Dv16 * QB, QB, v.p_vnni, v.dvt, BK, true);
     amx::gemm<Tiles>(D16, cols16, rows32, v.qt16 + block * D16 * QB, QB, v.ds_vnni, v.dkt, BK, true);

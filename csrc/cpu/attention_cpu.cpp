@@ -952,7 +952,11 @@ void backward_with(const AttentionParams& p, const SequenceLayout& layout, const
               } else if (!ds_in_product) {
                 gemm_packed<acc_t>(rows, cols, Dv, dot, ldo, 1, vt_panels, dpt, BK, false, visible_keys);  // dP = dO V^T
               }
-              for (int64_t r = 0; r < rows; ++r) {
+              // On tiles in the common case (dS for the products alone, P' = P), dS is taken in the
+              // pass that rounds the products' operands (AmxBackwardSpace::round_gradient_operands).
+              const bool amx_fused_grad = kAmx && p.dropout_p == 0 && row_shift_sums == nullptr &&
+                                          !bias_grad.active && cap_grad == nullptr;
+              for (int64_t r = 0; r < (amx_fused_grad ? 0 : rows); ++r) {
                 acc_t* prob = st + r * BK;
                 acc_t* dp = dpt + r * BK;
                 const auto [begin, end] = s.visible(i0 + r, j0, cols);
@@ -980,7 +984,13 @@ void backward_with(const AttentionParams& p, const SequenceLayout& layout, const
 #if defined(CPU_CAPABILITY_AVX512)
                 // dV^T += dO^T P', dK^T += Q^T dS (their transposes go into dv_acc and dk_acc with the
                 // key block), dQ (+)= dS K through a tile of its own (the tiles write whole 16-row blocks).
-                amx_space.gradient_products<typename Products::T>(amx, i0, rows, cols, st, dpt, BK,
+                if (amx_fused_grad) {
+                  amx_space.round_gradient_operands(amx, rows, cols, st, dpt, BK, delta_row + i0,
+                                                    [&](int64_t r) { return s.visible(i0 + r, j0, cols); });
+                } else {
+                  amx_space.pack_gradient_operands(amx, rows, cols, st, dpt, BK);
+                }
+                amx_space.gradient_products<typename Products::T>(amx, i0, rows, cols,
                                                                   [&](int64_t r0, int64_t mr) {
                                                                     const auto [kb0, ke0] = ctx.block_keys(s, i0, j0, cols, r0, std::min(mr, rows - r0));
                                                                     return amx::TileExtent{0, INT64_MAX, kb0, ke0};
