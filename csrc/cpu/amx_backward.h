@@ -17,6 +17,7 @@
 //
 // Built in every copy (the backward loop names it in branches only the AVX-512 copy takes);
 // the products themselves are AVX-512 only.
+#include "amx_layout.h"
 #include "amx_tiles.h"
 #include "tile_context.h"
 
@@ -31,10 +32,9 @@ inline namespace CPU_CAPABILITY {
 
 struct AmxBackwardSpace {
   static constexpr int64_t QB = kQueryBlock, BK = kBackwardKeyBlock;
-  static constexpr int64_t kRows = 16, kDepth = 32;  // amx::kTileRows, amx::kTileDepth (all copies)
-  static constexpr int64_t up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
-  static constexpr int64_t vnni(int64_t k, int64_t n) { return up(std::max<int64_t>(k, 1), kDepth) * up(std::max<int64_t>(n, 1), kRows); }
-  static uint16_t bf16(float x) { return c10::BFloat16(x).x; }  // round to nearest even, as amx::to_bf16
+  static constexpr int64_t kRows = amx::kTileRows, kDepth = amx::kTileDepth;
+  static constexpr int64_t up(int64_t n, int64_t m) { return amx::round_up(n, m); }
+  static constexpr int64_t vnni(int64_t k, int64_t n) { return amx::vnni_size(k, n); }
 
   int64_t D, Dv, L_padded, ld_q16, ld_do16, D16, Dv16;
   AmxBackwardSpace(int64_t D_, int64_t Dv_, int64_t L_padded_)

@@ -15,6 +15,7 @@
 // on an in-memory register file. The emulation runs this file's packing, blocking and padding,
 // and the forward around it, on any AVX-512 CPU (tests/test_cpu_amx.py), so that CI machines
 // without AMX check everything but the five instructions.
+#include "amx_layout.h"
 #include "simd.h"
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -31,12 +32,7 @@ namespace qkv {
 inline namespace CPU_CAPABILITY {
 namespace amx {
 
-constexpr int64_t kTileRows = 16;   // rows of every tile (of A and C; pair rows of B)
-constexpr int64_t kTileDepth = 32;  // bfloat16 per row of A: the reduction of one tile product
-constexpr int64_t kTileCols = 16;   // float32 per row of C: the columns of one tile product
-constexpr int64_t kTileElems = kTileRows * kTileDepth;  // bfloat16 per packed B tile (1 KiB)
-
-constexpr int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+// The tile shapes, round_up and vnni_size: amx_layout.h.
 
 // float32 -> bfloat16, round to nearest even (what vcvtneps2bf16 does), NaN kept a quiet NaN.
 // AVX-512F/BW only, so the emulation runs on any AVX-512 CPU.
@@ -140,11 +136,6 @@ inline void pack_vnni(const at::BFloat16* source, int64_t k, int64_t n, int64_t 
       }
     }
   }
-}
-
-// Elements of the packed tiles of a k x n operand.
-constexpr int64_t vnni_size(int64_t k, int64_t n) {
-  return round_up(std::max<int64_t>(k, 1), kTileDepth) * round_up(std::max<int64_t>(n, 1), kTileCols);
 }
 
 // Every tile 16 rows x 64 bytes (palette 1).
