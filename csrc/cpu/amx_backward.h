@@ -170,47 +170,66 @@ struct AmxBackwardSpace {
     amx::pack_vnni(ds16, rows32, cols, BK, 1, rows32, v.ds_vnni);
   }
 
+  // How round_gradient_operands makes row r's P from its scores: probabilities_row's operations,
+  // 2^((s - shift) * mul) times `normalizer`, or zero (`none`: the row's logsumexp is -inf).
+  struct ProbabilityRow {
+    float shift = 0, normalizer = 1;
+    bool none = true;
+  };
+
   // The common case (no dropout, no bias or softcap gradient, no row sums: P' = P, and dS goes
-  // to nothing but the products) in one pass instead of softmax_grad_row and
-  // pack_gradient_operands: per pair of rows (r, r + 1) and 16 columns, dS = P * (dP - delta)
-  // in registers (softmax_grad_row's operations), then P and dS rounded (amx::to_bf16) straight
-  // into dS's rows and the two rows' interleaved pair row of p_vnni and ds_vnni. The float32 dS,
-  // two bf16_row passes and two pack_vnni passes per tile were the row passes' largest part.
-  // `prob` holds P (zero at hidden keys), `dp` dP, rows x cols with row stride ld; span(r) is row
-  // r's visible keys [begin, end). Everything outside the spans is zero: hidden keys, columns
-  // past cols, rows past `rows` (to the next 32), dS's columns to BK.
+  // to nothing but the products) in one pass over the scores and dP instead of four per tile
+  // (probabilities_row, softmax_grad_row, and pack_gradient_operands' rounding and packing): per
+  // pair of rows (r, r + 1) and 16 columns, P = 2^((S - shift) * mul) (times the normalizer)
+  // and dS = P * (dP - delta) in registers, in the operations of probabilities_row and
+  // softmax_grad_row, then P and dS rounded (amx::to_bf16) straight into dS's rows and the two
+  // rows' interleaved pair row of p_vnni and ds_vnni. `scores` and `dp` are rows x cols, row
+  // stride ld; span(r) is row r's visible keys [begin, end). Everything outside the spans is
+  // zero: hidden keys, columns past cols, rows past `rows` (to the next 32), dS's columns to BK.
   template <typename Span>
-  void round_gradient_operands(const Views& v, int64_t rows, int64_t cols, const float* prob, const float* dp,
-                               int64_t ld, const float* delta, const Span& span) const {
+  void round_gradient_operands(const Views& v, int64_t rows, int64_t cols, const float* scores, const float* dp,
+                               int64_t ld, const ProbabilityRow* prob_rows, float mul, const float* delta,
+                               const Span& span) const {
+    using R = Simd<float>;
     const int64_t rows32 = up(rows, 2 * kRows), cols16 = up(cols, kRows), depth_tiles = rows32 / kDepth;
+    const bool scaled = mul != 1.0f;  // as exp2_and_sum: natural units only
+    const __m512 vmul = _mm512_set1_ps(mul);
     const auto lanes = [](int64_t begin, int64_t end) {  // lanes [begin, end) of 16, clamped
       const int64_t b = std::clamp<int64_t>(begin, 0, 16), e = std::clamp<int64_t>(end, 0, 16);
       return static_cast<__mmask16>(e > b ? ((1u << e) - 1) & ~((1u << b) - 1) : 0);
     };
     for (int64_t r = 0; r < rows32; r += 2) {
       int64_t begin[2] = {0, 0}, end[2] = {0, 0};
+      ProbabilityRow row[2];
       __m512 d[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
       for (int t = 0; t < 2; ++t) {
         if (r + t < rows) {
           std::tie(begin[t], end[t]) = span(r + t);
+          row[t] = prob_rows[r + t];
           d[t] = _mm512_set1_ps(delta[r + t]);
         }
       }
-      uint16_t* pair_p = v.p_vnni + (r / kDepth) * amx::kTileElems + (r % kDepth) / 2 * (2 * amx::kTileCols);
-      uint16_t* pair_ds = v.ds_vnni + (r / kDepth) * amx::kTileElems + (r % kDepth) / 2 * (2 * amx::kTileCols);
+      const size_t pair_row = (r / kDepth) * amx::kTileElems + (r % kDepth) / 2 * (2 * amx::kTileCols);
       for (int64_t c0 = 0; c0 < cols16; c0 += kRows) {
         __m256i p16[2], ds16[2];
         for (int t = 0; t < 2; ++t) {
           const __mmask16 m = lanes(begin[t] - c0, end[t] - c0);
-          const __m512 p = _mm512_maskz_loadu_ps(m, prob + (r + t) * ld + c0);
+          __m512 p = _mm512_setzero_ps();
+          if (m != 0 && !row[t].none) {
+            __m512 x = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + (r + t) * ld + c0), _mm512_set1_ps(row[t].shift));
+            if (scaled) x = _mm512_mul_ps(x, vmul);
+            p = R::exp2_nonpositive(x);
+            if (row[t].normalizer != 1.0f) p = _mm512_mul_ps(p, _mm512_set1_ps(row[t].normalizer));
+            p = _mm512_maskz_mov_ps(m, p);
+          }
           const __m512 ds = _mm512_maskz_mul_ps(m, p, _mm512_sub_ps(_mm512_maskz_loadu_ps(m, dp + (r + t) * ld + c0), d[t]));
           p16[t] = amx::to_bf16(p);
           ds16[t] = amx::to_bf16(ds);
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(v.ds16 + (r + t) * BK + c0), ds16[t]);
         }
         const int64_t tile = (c0 / kRows) * depth_tiles * amx::kTileElems;
-        interleave(p16[0], p16[1], pair_p + tile);
-        interleave(ds16[0], ds16[1], pair_ds + tile);
+        interleave(p16[0], p16[1], v.p_vnni + tile + pair_row);
+        interleave(ds16[0], ds16[1], v.ds_vnni + tile + pair_row);
       }
       for (int t = 0; t < 2; ++t) std::fill(v.ds16 + (r + t) * BK + cols16, v.ds16 + (r + t) * BK + BK, uint16_t(0));
     }

@@ -928,7 +928,11 @@ void backward_with(const AttentionParams& p, const SequenceLayout& layout, const
                 ctx.scores(st, BK, qt, ldq, kt_panels, s, h, i0, rows, j0, cols, nullptr, /*whole_rows=*/true,
                            cap_grad);
               }
-              for (int64_t r = 0; r < rows; ++r) {
+              // On tiles in the common case (dS for the products alone, P' = P), P and dS are taken
+              // in the pass that rounds the products' operands (AmxBackwardSpace::round_gradient_operands).
+              const bool amx_fused_grad = kAmx && p.dropout_p == 0 && row_shift_sums == nullptr &&
+                                          !bias_grad.active && cap_grad == nullptr;
+              for (int64_t r = 0; r < (amx_fused_grad ? 0 : rows); ++r) {
                 const auto [begin, end] = s.visible(i0 + r, j0, cols);
                 acc_t* prob = st + r * BK;
                 std::fill(prob, prob + begin, acc_t(0));  // hidden keys: probability 0, no exp2 spent
@@ -952,10 +956,6 @@ void backward_with(const AttentionParams& p, const SequenceLayout& layout, const
               } else if (!ds_in_product) {
                 gemm_packed<acc_t>(rows, cols, Dv, dot, ldo, 1, vt_panels, dpt, BK, false, visible_keys);  // dP = dO V^T
               }
-              // On tiles in the common case (dS for the products alone, P' = P), dS is taken in the
-              // pass that rounds the products' operands (AmxBackwardSpace::round_gradient_operands).
-              const bool amx_fused_grad = kAmx && p.dropout_p == 0 && row_shift_sums == nullptr &&
-                                          !bias_grad.active && cap_grad == nullptr;
               for (int64_t r = 0; r < (amx_fused_grad ? 0 : rows); ++r) {
                 acc_t* prob = st + r * BK;
                 acc_t* dp = dpt + r * BK;
@@ -985,7 +985,14 @@ void backward_with(const AttentionParams& p, const SequenceLayout& layout, const
                 // dV^T += dO^T P', dK^T += Q^T dS (their transposes go into dv_acc and dk_acc with the
                 // key block), dQ (+)= dS K through a tile of its own (the tiles write whole 16-row blocks).
                 if (amx_fused_grad) {
-                  amx_space.round_gradient_operands(amx, rows, cols, st, dpt, BK, delta_row + i0,
+                  std::array<AmxBackwardSpace::ProbabilityRow, QB> prob_rows;
+                  for (int64_t r = 0; r < rows; ++r) {  // probabilities_row's shift, normalizer, empty rows
+                    const acc_t lse = lse_row[i0 + r];
+                    prob_rows[r] = {ctx.lse_shift(lse), normalizer_row == nullptr ? acc_t(1) : normalizer_row[i0 + r],
+                                    lse == -std::numeric_limits<acc_t>::infinity()};
+                  }
+                  amx_space.round_gradient_operands(amx, rows, cols, st, dpt, BK, prob_rows.data(), ctx.log2_per_unit,
+                                                    delta_row + i0,
                                                     [&](int64_t r) { return s.visible(i0 + r, j0, cols); });
                 } else {
                   amx_space.pack_gradient_operands(amx, rows, cols, st, dpt, BK);
