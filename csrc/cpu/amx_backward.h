@@ -182,8 +182,8 @@ struct AmxBackwardSpace {
   // (probabilities_row, softmax_grad_row, and pack_gradient_operands' rounding and packing): per
   // pair of rows (r, r + 1) and 16 columns, P = 2^((S - shift) * mul) (times the normalizer)
   // and dS = P * (dP - delta) in registers, in the operations of probabilities_row and
-  // softmax_grad_row, then P and dS rounded (amx::to_bf16) straight into dS's rows and the two
-  // rows' interleaved pair row of p_vnni and ds_vnni. `scores` and `dp` are rows x cols, row
+  // softmax_grad_row, then P and dS rounded (amx::to_bf16_high) straight into the two rows'
+  // pair row of p_vnni and ds_vnni (one blend each) and dS's rows. `scores` and `dp` are rows x cols, row
   // stride ld; span(r) is row r's visible keys [begin, end). Everything outside the spans is
   // zero: hidden keys, columns past cols, rows past `rows` (to the next 32), dS's columns to BK.
   template <typename Span>
@@ -209,36 +209,40 @@ struct AmxBackwardSpace {
           d[t] = _mm512_set1_ps(delta[r + t]);
         }
       }
-      const size_t pair_row = (r / kDepth) * amx::kTileElems + (r % kDepth) / 2 * (2 * amx::kTileCols);
+      const int64_t pair_row = (r / kDepth) * amx::kTileElems + (r % kDepth) / 2 * (2 * amx::kTileCols);
       for (int64_t c0 = 0; c0 < cols16; c0 += kRows) {
-        __m256i p16[2], ds16[2];
+        __m512i p_high[2], ds_high[2];  // bfloat16 in the high half of each lane (amx::to_bf16_high)
         for (int t = 0; t < 2; ++t) {
-          const __mmask16 m = lanes(begin[t] - c0, end[t] - c0);
+          const bool whole = begin[t] <= c0 && c0 + kRows <= end[t];
+          const __mmask16 m = whole ? __mmask16(0xffff) : lanes(begin[t] - c0, end[t] - c0);
           __m512 p = _mm512_setzero_ps();
           if (m != 0 && !row[t].none) {
-            __m512 x = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + (r + t) * ld + c0), _mm512_set1_ps(row[t].shift));
+            const __m512 s = _mm512_maskz_loadu_ps(m, scores + (r + t) * ld + c0);
+            __m512 x = _mm512_sub_ps(s, _mm512_set1_ps(row[t].shift));
             if (scaled) x = _mm512_mul_ps(x, vmul);
             p = R::exp2_nonpositive(x);
             if (row[t].normalizer != 1.0f) p = _mm512_mul_ps(p, _mm512_set1_ps(row[t].normalizer));
             p = _mm512_maskz_mov_ps(m, p);
           }
-          const __m512 ds = _mm512_maskz_mul_ps(m, p, _mm512_sub_ps(_mm512_maskz_loadu_ps(m, dp + (r + t) * ld + c0), d[t]));
-          p16[t] = amx::to_bf16(p);
-          ds16[t] = amx::to_bf16(ds);
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(v.ds16 + (r + t) * BK + c0), ds16[t]);
+          const __m512 dp_c = _mm512_maskz_loadu_ps(m, dp + (r + t) * ld + c0);
+          const __m512 ds = _mm512_maskz_mul_ps(m, p, _mm512_sub_ps(dp_c, d[t]));
+          p_high[t] = amx::to_bf16_high(p);
+          ds_high[t] = amx::to_bf16_high(ds);
         }
-        const int64_t tile = (c0 / kRows) * depth_tiles * amx::kTileElems;
-        interleave(p16[0], p16[1], v.p_vnni + tile + pair_row);
-        interleave(ds16[0], ds16[1], v.ds_vnni + tile + pair_row);
+        // The pair words: row r's bfloat16 in the low half, row r + 1's in the high half.
+        const auto pair = [](__m512i even_high, __m512i odd_high) {
+          return _mm512_mask_blend_epi16(0xAAAAAAAA, _mm512_srli_epi32(even_high, 16), odd_high);
+        };
+        const int64_t tile = (c0 / kRows) * depth_tiles * amx::kTileElems + pair_row;
+        const __m512i ds_pairs = pair(ds_high[0], ds_high[1]);
+        _mm512_storeu_si512(v.p_vnni + tile, pair(p_high[0], p_high[1]));
+        _mm512_storeu_si512(v.ds_vnni + tile, ds_pairs);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(v.ds16 + r * BK + c0), _mm512_cvtepi32_epi16(ds_pairs));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(v.ds16 + (r + 1) * BK + c0),
+                            _mm512_cvtepi32_epi16(_mm512_srli_epi32(ds_pairs, 16)));
       }
       for (int t = 0; t < 2; ++t) std::fill(v.ds16 + (r + t) * BK + cols16, v.ds16 + (r + t) * BK + BK, uint16_t(0));
     }
-  }
-  // A VNNI pair row from two rows of 16 bfloat16: even[c], odd[c] side by side.
-  static void interleave(__m256i even, __m256i odd, uint16_t* dst) {
-    const __m256i lo = _mm256_unpacklo_epi16(even, odd), hi = _mm256_unpackhi_epi16(even, odd);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_permute2x128_si256(lo, hi, 0x20));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 16), _mm256_permute2x128_si256(lo, hi, 0x31));
   }
 
   // From the packed operands (pack_gradient_operands or round_gradient_operands): dV^T += dO^T P',

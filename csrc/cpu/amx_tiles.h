@@ -35,15 +35,17 @@ namespace amx {
 // The tile shapes, round_up and vnni_size: amx_layout.h.
 
 // float32 -> bfloat16, round to nearest even (what vcvtneps2bf16 does), NaN kept a quiet NaN.
-// AVX-512F/BW only, so the emulation runs on any AVX-512 CPU.
-inline __m256i to_bf16(__m512 x) {
+// AVX-512F/BW only, so the emulation runs on any AVX-512 CPU. to_bf16_high leaves each bfloat16
+// in the high half of its 32-bit lane (the low half is garbage): two rows of them pair up into
+// VNNI words with one blend.
+inline __m512i to_bf16_high(__m512 x) {
   const __m512i bits = _mm512_castps_si512(x);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
   const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-  rounded = _mm512_mask_or_epi32(rounded, nan, bits, _mm512_set1_epi32(0x00400000));
-  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+  return _mm512_mask_or_epi32(rounded, nan, bits, _mm512_set1_epi32(0x00400000));
 }
+inline __m256i to_bf16(__m512 x) { return _mm512_cvtepi32_epi16(_mm512_srli_epi32(to_bf16_high(x), 16)); }
 
 // dst[c] = bf16(src[c] * mul) for c in [begin, end), 0 elsewhere in [0, width): a row of an A
 // operand, zero where the product must see nothing (masked keys, padding).
