@@ -911,6 +911,10 @@ void backward_with(const AttentionParams& p, const SequenceLayout& layout, const
               // P, in the scores' product where it can (plain scores, float32), else scores then a
               // pass per row.
               const auto visible_keys = ctx.visible_key_columns(s, i0, j0, cols);
+              // On tiles in the common case (dS for the products alone, P' = P), P and dS are taken
+              // in the pass that rounds the products' operands (AmxBackwardSpace::round_gradient_operands).
+              const bool amx_fused_grad = kAmx && p.dropout_p == 0 && row_shift_sums == nullptr &&
+                                          !bias_grad.active && cap_grad == nullptr;
               const bool p_in_product = !kAmx && normalizer_row == nullptr &&
                                         ctx.probabilities_in_product(st, BK, qt, ldq, kt_panels, s, i0, rows, j0,
                                                                      cols, lse_row + i0);
@@ -919,8 +923,9 @@ void backward_with(const AttentionParams& p, const SequenceLayout& layout, const
                 // S = (Q scale) K^T on tiles (the forward's bfloat16 scores, bit for bit), then its pass.
                 amx_space.products<typename Products::T>(amx, AmxBackwardSpace::kScores, i0, rows, cols, st, BK, false,
                                                          visible_keys);
-                // (Nothing to add or hide, no maximum wanted: the products are the scores.)
-                if (ctx.transforms_scores() || !s.sees_all(i0, i0 + rows, j0, j0 + cols)) {
+                // (Nothing to add or hide, no maximum wanted: the products are the scores. The fused
+                // pass reads only the keys each row sees, so it needs no -inf at the hidden ones.)
+                if (ctx.transforms_scores() || (!amx_fused_grad && !s.sees_all(i0, i0 + rows, j0, j0 + cols))) {
                   ctx.finish_scores(st, BK, s, h, i0, rows, j0, cols, nullptr, /*whole_rows=*/true, cap_grad);
                 }
 #endif
@@ -928,10 +933,6 @@ void backward_with(const AttentionParams& p, const SequenceLayout& layout, const
                 ctx.scores(st, BK, qt, ldq, kt_panels, s, h, i0, rows, j0, cols, nullptr, /*whole_rows=*/true,
                            cap_grad);
               }
-              // On tiles in the common case (dS for the products alone, P' = P), P and dS are taken
-              // in the pass that rounds the products' operands (AmxBackwardSpace::round_gradient_operands).
-              const bool amx_fused_grad = kAmx && p.dropout_p == 0 && row_shift_sums == nullptr &&
-                                          !bias_grad.active && cap_grad == nullptr;
               for (int64_t r = 0; r < (amx_fused_grad ? 0 : rows); ++r) {
                 const auto [begin, end] = s.visible(i0 + r, j0, cols);
                 acc_t* prob = st + r * BK;
