@@ -396,3 +396,30 @@ def test_nan_reaches_exactly_the_rows_that_see_it(amx, is_causal):
     expected[7] = True
     expected[100 if is_causal else 0:] = True
     assert torch.equal(rows, expected)
+
+
+def test_backward_keeps_a_sequences_nan_out_of_the_next(amx):
+    # Sequence 0 (a whole 256-key block) has an infinite value, so its dS rows are NaN at every
+    # key; sequence 1 (200 keys) runs next in the same thread's scratch. Its dQ product reads dS up
+    # to the next 32 keys (224), past the 208 its rows are written to: those columns must be zeros,
+    # not sequence 0's NaN, although K's padding rows are zero (NaN * 0 is NaN).
+    cu_q = torch.tensor([0, 64, 128], dtype=torch.int32)
+    cu_k = torch.tensor([0, 256, 456], dtype=torch.int32)
+    q, go = torch.randn(128, 1, 64, dtype=BF16), torch.randn(128, 1, 64, dtype=BF16)
+    k, v = torch.randn(456, 1, 64, dtype=BF16), torch.randn(456, 1, 64, dtype=BF16)
+    v[210] = float("inf")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out, lse = torch.ops.qkv.attention_varlen(q, k, v, cu_q, cu_k, 64, 256)
+        grads = torch.ops.qkv.attention_varlen_backward(go, q, k, v, out, lse, cu_q, cu_k, 64, 256, 0.0, False, False,
+                                                        None, None)
+    finally:
+        torch.set_num_threads(threads)
+    assert not torch.isfinite(grads[0][:64].float()).all()  # sequence 0's own gradients are not finite
+    rows = (slice(64, 128), slice(256, 456), slice(256, 456))  # sequence 1's
+    leaves = [t[r].double().requires_grad_() for t, r in zip((q, k, v), rows)]
+    want, _ = feature_reference(*(t.transpose(0, 1)[None] for t in leaves), None, False, False)
+    want = torch.autograd.grad(want, leaves, go[64:].double().transpose(0, 1)[None])
+    for name, got, ref in zip("qkv", (g[r] for g, r in zip(grads, rows)), want):
+        torch.testing.assert_close(got.double(), ref, **grad_tolerance(BF16), msg=lambda m: f"d{name}: {m}")

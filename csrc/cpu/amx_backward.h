@@ -17,22 +17,24 @@
 //
 // Built in every copy (the backward loop names it in branches only the AVX-512 copy takes);
 // the products themselves are AVX-512 only.
+#include "amx_layout.h"
 #include "amx_tiles.h"
 #include "tile_context.h"
 
 #include <c10/util/BFloat16.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <tuple>
 
 namespace qkv {
 inline namespace CPU_CAPABILITY {
 
 struct AmxBackwardSpace {
   static constexpr int64_t QB = kQueryBlock, BK = kBackwardKeyBlock;
-  static constexpr int64_t kRows = 16, kDepth = 32;  // amx::kTileRows, amx::kTileDepth (all copies)
-  static constexpr int64_t up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
-  static constexpr int64_t vnni(int64_t k, int64_t n) { return up(std::max<int64_t>(k, 1), kDepth) * up(std::max<int64_t>(n, 1), kRows); }
-  static uint16_t bf16(float x) { return c10::BFloat16(x).x; }  // round to nearest even, as amx::to_bf16
+  static constexpr int64_t kRows = amx::kTileRows, kDepth = amx::kTileDepth;
+  static constexpr int64_t up(int64_t n, int64_t m) { return amx::round_up(n, m); }
+  static constexpr int64_t vnni(int64_t k, int64_t n) { return amx::vnni_size(k, n); }
 
   int64_t D, Dv, L_padded, ld_q16, ld_do16, D16, Dv16;
   AmxBackwardSpace(int64_t D_, int64_t Dv_, int64_t L_padded_)
@@ -152,12 +154,12 @@ struct AmxBackwardSpace {
                      });
   }
 
-  // From P' (st) and dS (dpt), rows x cols with row stride ld: dV^T += dO^T P', dK^T += Q^T dS,
-  // and dS K into dq_tile (its rows; `dq_extent` limits each 32-row block's keys).
-  template <typename Tiles, typename DqExtent>
-  void gradient_products(const Views& v, int64_t i0, int64_t rows, int64_t cols, const float* st, const float* dpt,
-                         int64_t ld, const DqExtent& dq_extent) const {
-    const int64_t rows32 = up(rows, 2 * kRows), cols16 = up(cols, kRows);
+  // P' and dS rounded to bfloat16 as the gradient products' operands (any case): dS rows (the A
+  // of dQ), then P' and dS paired by pack_vnni (the B of dV^T and dK^T). st and dpt hold P' and
+  // dS (rows x cols, row stride ld; zero at each row's hidden keys).
+  void pack_gradient_operands(const Views& v, int64_t rows, int64_t cols, const float* st, const float* dpt,
+                              int64_t ld) const {
+    const int64_t rows32 = up(rows, 2 * kRows);
     for (int64_t r = 0; r < rows32; ++r) {
       amx::bf16_row(st + r * ld, 0, r < rows ? cols : 0, BK, 1.0f, v.p16 + r * BK);
       amx::bf16_row(dpt + r * ld, 0, r < rows ? cols : 0, BK, 1.0f, v.ds16 + r * BK);
@@ -166,6 +168,98 @@ struct AmxBackwardSpace {
     const auto* ds16 = reinterpret_cast<const at::BFloat16*>(v.ds16);
     amx::pack_vnni(p16, rows32, cols, BK, 1, rows32, v.p_vnni);
     amx::pack_vnni(ds16, rows32, cols, BK, 1, rows32, v.ds_vnni);
+  }
+
+  // How round_gradient_operands makes row r's P from its scores: probabilities_row's operations,
+  // 2^((s - shift) * mul) times `normalizer`, or zero (`none`: the row's logsumexp is -inf).
+  struct ProbabilityRow {
+    float shift = 0, normalizer = 1;
+    bool none = true;
+  };
+
+  // The common case (no dropout, no bias or softcap gradient, no row sums: P' = P, and dS goes
+  // to nothing but the products) in one pass over the scores and dP instead of four per tile
+  // (probabilities_row, softmax_grad_row, and pack_gradient_operands' rounding and packing): per
+  // pair of rows (r, r + 1) and 16 columns, P = 2^((S - shift) * mul) (times the normalizer)
+  // and dS = P * (dP - delta) in registers, in the operations of probabilities_row and
+  // softmax_grad_row, then P and dS rounded (amx::round_bf16_high) straight into the two rows'
+  // pair row of p_vnni and ds_vnni (one blend each) and dS's rows. `scores` and `dp` are rows x cols, row
+  // stride ld; span(r) is row r's visible keys [begin, end). Everything outside the spans is
+  // zero: hidden keys, columns past cols, rows past `rows` (to the next 32), dS's columns to BK.
+  template <typename Span>
+  void round_gradient_operands(const Views& v, int64_t rows, int64_t cols, const float* scores, const float* dp,
+                               int64_t ld, const ProbabilityRow* prob_rows, float mul, const float* delta,
+                               const Span& span) const {
+    if (bf16_native_rounding()) {  // VCVTNEPS2BF16 (amx_tiles.h's round_bf16)
+      round_gradient_operands_with<true>(v, rows, cols, scores, dp, ld, prob_rows, mul, delta, span);
+    } else {
+      round_gradient_operands_with<false>(v, rows, cols, scores, dp, ld, prob_rows, mul, delta, span);
+    }
+  }
+  template <bool kNative, typename Span>
+  void round_gradient_operands_with(const Views& v, int64_t rows, int64_t cols, const float* scores,
+                                    const float* dp, int64_t ld, const ProbabilityRow* prob_rows, float mul,
+                                    const float* delta, const Span& span) const {
+    using R = Simd<float>;
+    const int64_t rows32 = up(rows, 2 * kRows), cols16 = up(cols, kRows), depth_tiles = rows32 / kDepth;
+    const bool scaled = mul != 1.0f;  // as exp2_and_sum: natural units only
+    const __m512 vmul = _mm512_set1_ps(mul);
+    const auto lanes = [](int64_t begin, int64_t end) {  // lanes [begin, end) of 16, clamped
+      const int64_t b = std::clamp<int64_t>(begin, 0, 16), e = std::clamp<int64_t>(end, 0, 16);
+      return static_cast<__mmask16>(e > b ? ((1u << e) - 1) & ~((1u << b) - 1) : 0);
+    };
+    for (int64_t r = 0; r < rows32; r += 2) {
+      int64_t begin[2] = {0, 0}, end[2] = {0, 0};
+      ProbabilityRow row[2];
+      __m512 d[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+      for (int t = 0; t < 2; ++t) {
+        if (r + t < rows) {
+          std::tie(begin[t], end[t]) = span(r + t);
+          row[t] = prob_rows[r + t];
+          d[t] = _mm512_set1_ps(delta[r + t]);
+        }
+      }
+      const int64_t pair_row = (r / kDepth) * amx::kTileElems + (r % kDepth) / 2 * (2 * amx::kTileCols);
+      for (int64_t c0 = 0; c0 < cols16; c0 += kRows) {
+        __m512i p_high[2], ds_high[2];  // bfloat16 in the high half of each lane (amx::round_bf16_high)
+        for (int t = 0; t < 2; ++t) {
+          const bool whole = begin[t] <= c0 && c0 + kRows <= end[t];
+          const __mmask16 m = whole ? __mmask16(0xffff) : lanes(begin[t] - c0, end[t] - c0);
+          __m512 p = _mm512_setzero_ps();
+          if (m != 0 && !row[t].none) {
+            const __m512 s = _mm512_maskz_loadu_ps(m, scores + (r + t) * ld + c0);
+            __m512 x = _mm512_sub_ps(s, _mm512_set1_ps(row[t].shift));
+            if (scaled) x = _mm512_mul_ps(x, vmul);
+            p = R::exp2_nonpositive(x);
+            if (row[t].normalizer != 1.0f) p = _mm512_mul_ps(p, _mm512_set1_ps(row[t].normalizer));
+            p = _mm512_maskz_mov_ps(m, p);
+          }
+          const __m512 dp_c = _mm512_maskz_loadu_ps(m, dp + (r + t) * ld + c0);
+          const __m512 ds = _mm512_maskz_mul_ps(m, p, _mm512_sub_ps(dp_c, d[t]));
+          p_high[t] = amx::round_bf16_high<kNative>(p);
+          ds_high[t] = amx::round_bf16_high<kNative>(ds);
+        }
+        // The pair words: row r's bfloat16 in the low half, row r + 1's in the high half.
+        const auto pair = [](__m512i even_high, __m512i odd_high) {
+          return _mm512_mask_blend_epi16(0xAAAAAAAA, _mm512_srli_epi32(even_high, 16), odd_high);
+        };
+        const int64_t tile = (c0 / kRows) * depth_tiles * amx::kTileElems + pair_row;
+        const __m512i ds_pairs = pair(ds_high[0], ds_high[1]);
+        _mm512_storeu_si512(v.p_vnni + tile, pair(p_high[0], p_high[1]));
+        _mm512_storeu_si512(v.ds_vnni + tile, ds_pairs);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(v.ds16 + r * BK + c0), _mm512_cvtepi32_epi16(ds_pairs));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(v.ds16 + (r + 1) * BK + c0),
+                            _mm512_cvtepi32_epi16(_mm512_srli_epi32(ds_pairs, 16)));
+      }
+      for (int t = 0; t < 2; ++t) std::fill(v.ds16 + (r + t) * BK + cols16, v.ds16 + (r + t) * BK + BK, uint16_t(0));
+    }
+  }
+
+  // From the packed operands (pack_gradient_operands or round_gradient_operands): dV^T += dO^T P',
+  // dK^T += Q^T dS, and dS K into dq_tile (its rows; `dq_extent` limits each 32-row block's keys).
+  template <typename Tiles, typename DqExtent>
+  void gradient_products(const Views& v, int64_t i0, int64_t rows, int64_t cols, const DqExtent& dq_extent) const {
+    const int64_t rows32 = up(rows, 2 * kRows), cols16 = up(cols, kRows);
     const int64_t block = i0 / QB;
     amx::gemm<Tiles>(Dv16, cols16, rows32, v.dot16 + block * Dv16 * QB, QB, v.p_vnni, v.dvt, BK, true);
     amx::gemm<Tiles>(D16, cols16, rows32, v.qt16 + block * D16 * QB, QB, v.ds_vnni, v.dkt, BK, true);

@@ -15,6 +15,7 @@
 // on an in-memory register file. The emulation runs this file's packing, blocking and padding,
 // and the forward around it, on any AVX-512 CPU (tests/test_cpu_amx.py), so that CI machines
 // without AMX check everything but the five instructions.
+#include "amx_layout.h"
 #include "cpu_capability.h"
 #include "simd.h"
 #include "tile_math.h"
@@ -33,23 +34,20 @@ namespace qkv {
 inline namespace CPU_CAPABILITY {
 namespace amx {
 
-constexpr int64_t kTileRows = 16;   // rows of every tile (of A and C; pair rows of B)
-constexpr int64_t kTileDepth = 32;  // bfloat16 per row of A: the reduction of one tile product
-constexpr int64_t kTileCols = 16;   // float32 per row of C: the columns of one tile product
-constexpr int64_t kTileElems = kTileRows * kTileDepth;  // bfloat16 per packed B tile (1 KiB)
-
-constexpr int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+// The tile shapes, round_up and vnni_size: amx_layout.h.
 
 // float32 -> bfloat16, round to nearest even (what vcvtneps2bf16 does), NaN kept a quiet NaN.
-// AVX-512F/BW only, so the emulation runs on any AVX-512 CPU.
-inline __m256i to_bf16(__m512 x) {
+// AVX-512F/BW only, so the emulation runs on any AVX-512 CPU. to_bf16_high leaves each bfloat16
+// in the high half of its 32-bit lane (the low half is garbage): two rows of them pair up into
+// VNNI words with one blend.
+inline __m512i to_bf16_high(__m512 x) {
   const __m512i bits = _mm512_castps_si512(x);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
   const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-  rounded = _mm512_mask_or_epi32(rounded, nan, bits, _mm512_set1_epi32(0x00400000));
-  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+  return _mm512_mask_or_epi32(rounded, nan, bits, _mm512_set1_epi32(0x00400000));
 }
+inline __m256i to_bf16(__m512 x) { return _mm512_cvtepi32_epi16(_mm512_srli_epi32(to_bf16_high(x), 16)); }
 
 // The same rounding in one instruction, VCVTNEPS2BF16 (AVX512-BF16; flushes float32 denormals to
 // zero). Inline assembly, so that it inlines into code built without -mavx512bf16: only CPUs
@@ -66,6 +64,17 @@ QKV_ALWAYS_INLINE __m256i round_bf16(__m512 x) {
     return to_bf16_native(x);
   } else {
     return to_bf16(x);
+  }
+}
+
+// round_bf16 with each bfloat16 in the high half of its 32-bit lane (to_bf16_high's layout; the
+// low half zero or garbage).
+template <bool kNative>
+QKV_ALWAYS_INLINE __m512i round_bf16_high(__m512 x) {
+  if constexpr (kNative) {
+    return _mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16_native(x)), 16);
+  } else {
+    return to_bf16_high(x);
   }
 }
 
@@ -203,11 +212,6 @@ inline void pack_vnni(const at::BFloat16* source, int64_t k, int64_t n, int64_t 
       }
     }
   }
-}
-
-// Elements of the packed tiles of a k x n operand.
-constexpr int64_t vnni_size(int64_t k, int64_t n) {
-  return round_up(std::max<int64_t>(k, 1), kTileDepth) * round_up(std::max<int64_t>(n, 1), kTileCols);
 }
 
 // Every tile 16 rows x 64 bytes (palette 1).

@@ -936,6 +936,10 @@ void backward_with(const AttentionParams& p, const SequenceLayout& layout, const
               // P, in the scores' product where it can (plain scores, float32), else scores then a
               // pass per row.
               const auto visible_keys = ctx.visible_key_columns(s, i0, j0, cols);
+              // On tiles in the common case (dS for the products alone, P' = P), P and dS are taken
+              // in the pass that rounds the products' operands (AmxBackwardSpace::round_gradient_operands).
+              const bool amx_fused_grad = kAmx && p.dropout_p == 0 && row_shift_sums == nullptr &&
+                                          !bias_grad.active && cap_grad == nullptr;
               const bool p_in_product = !kAmx && normalizer_row == nullptr &&
                                         ctx.probabilities_in_product(st, BK, qt, ldq, kt_panels, s, i0, rows, j0,
                                                                      cols, lse_row + i0);
@@ -944,8 +948,9 @@ void backward_with(const AttentionParams& p, const SequenceLayout& layout, const
                 // S = (Q scale) K^T on tiles (the forward's bfloat16 scores, bit for bit), then its pass.
                 amx_space.products<typename Products::T>(amx, AmxBackwardSpace::kScores, i0, rows, cols, st, BK, false,
                                                          visible_keys);
-                // (Nothing to add or hide, no maximum wanted: the products are the scores.)
-                if (ctx.transforms_scores() || !s.sees_all(i0, i0 + rows, j0, j0 + cols)) {
+                // (Nothing to add or hide, no maximum wanted: the products are the scores. The fused
+                // pass reads only the keys each row sees, so it needs no -inf at the hidden ones.)
+                if (ctx.transforms_scores() || (!amx_fused_grad && !s.sees_all(i0, i0 + rows, j0, j0 + cols))) {
                   ctx.finish_scores(st, BK, s, h, i0, rows, j0, cols, nullptr, /*whole_rows=*/true, cap_grad);
                 }
 #endif
@@ -953,7 +958,7 @@ void backward_with(const AttentionParams& p, const SequenceLayout& layout, const
                 ctx.scores(st, BK, qt, ldq, kt_panels, s, h, i0, rows, j0, cols, nullptr, /*whole_rows=*/true,
                            cap_grad);
               }
-              for (int64_t r = 0; r < rows; ++r) {
+              for (int64_t r = 0; r < (amx_fused_grad ? 0 : rows); ++r) {
                 const auto [begin, end] = s.visible(i0 + r, j0, cols);
                 acc_t* prob = st + r * BK;
                 std::fill(prob, prob + begin, acc_t(0));  // hidden keys: probability 0, no exp2 spent
@@ -977,7 +982,7 @@ void backward_with(const AttentionParams& p, const SequenceLayout& layout, const
               } else if (!ds_in_product) {
                 gemm_packed<acc_t>(rows, cols, Dv, dot, ldo, 1, vt_panels, dpt, BK, false, visible_keys);  // dP = dO V^T
               }
-              for (int64_t r = 0; r < rows; ++r) {
+              for (int64_t r = 0; r < (amx_fused_grad ? 0 : rows); ++r) {
                 acc_t* prob = st + r * BK;
                 acc_t* dp = dpt + r * BK;
                 const auto [begin, end] = s.visible(i0 + r, j0, cols);
@@ -1005,7 +1010,20 @@ void backward_with(const AttentionParams& p, const SequenceLayout& layout, const
 #if defined(CPU_CAPABILITY_AVX512)
                 // dV^T += dO^T P', dK^T += Q^T dS (their transposes go into dv_acc and dk_acc with the
                 // key block), dQ (+)= dS K through a tile of its own (the tiles write whole 16-row blocks).
-                amx_space.gradient_products<typename Products::T>(amx, i0, rows, cols, st, dpt, BK,
+                if (amx_fused_grad) {
+                  std::array<AmxBackwardSpace::ProbabilityRow, QB> prob_rows;
+                  for (int64_t r = 0; r < rows; ++r) {  // probabilities_row's shift, normalizer, empty rows
+                    const acc_t lse = lse_row[i0 + r];
+                    prob_rows[r] = {ctx.lse_shift(lse), normalizer_row == nullptr ? acc_t(1) : normalizer_row[i0 + r],
+                                    lse == -std::numeric_limits<acc_t>::infinity()};
+                  }
+                  amx_space.round_gradient_operands(amx, rows, cols, st, dpt, BK, prob_rows.data(), ctx.log2_per_unit,
+                                                    delta_row + i0,
+                                                    [&](int64_t r) { return s.visible(i0 + r, j0, cols); });
+                } else {
+                  amx_space.pack_gradient_operands(amx, rows, cols, st, dpt, BK);
+                }
+                amx_space.gradient_products<typename Products::T>(amx, i0, rows, cols,
                                                                   [&](int64_t r0, int64_t mr) {
                                                                     const auto [kb0, ke0] = ctx.block_keys(s, i0, j0, cols, r0, std::min(mr, rows - r0));
                                                                     return amx::TileExtent{0, INT64_MAX, kb0, ke0};
