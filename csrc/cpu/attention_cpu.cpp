@@ -185,9 +185,9 @@ void forward_tiled_with(const TileContext<scalar_t>& ctx, const SequenceLayout& 
   for (int64_t b = 0; b < layout.count(); ++b) flops += 2.0 * p.heads * layout[b].q_len * layout[b].kv_len * (D + Dv);
 
   for_each_task(static_cast<int64_t>(tasks.size()), flops, [&](int64_t) {
-    auto scratch = std::make_shared<std::vector<acc_t>>(QB * D + key_tiles * (k_tile_size + v_tile_size) + QB * ld_s +
+    auto scratch = worker_scratch<acc_t>(QB * D + key_tiles * (k_tile_size + v_tile_size) + QB * ld_s +
                                                         OnlineSoftmax<acc_t>::scratch_size(QB, ld_acc) + amx_scratch);
-    auto packed = std::make_shared<std::vector<char>>(key_tiles);
+    auto packed = worker_scratch<char>(key_tiles);
     return [&, scratch, packed](int64_t task) {
       acc_t* qs = scratch->data();
       acc_t* k_packed = qs + QB * D;
@@ -380,7 +380,7 @@ void forward_decode(const TileContext<scalar_t>& ctx, const SequenceLayout& layo
   std::vector<acc_t> partials(partial_rows * partial_size);
 
   for_each_task(static_cast<int64_t>(tasks.size()), flops, [&](int64_t) {
-    auto scratch = std::make_shared<std::vector<acc_t>>(max_rows * D + BK * (D + Dv) + max_rows * ld_s +
+    auto scratch = worker_scratch<acc_t>(max_rows * D + BK * (D + Dv) + max_rows * ld_s +
                                                         OnlineSoftmax<acc_t>::scratch_size(max_rows, ld_acc));
     return [&, scratch](int64_t t) {
       const Task& task = tasks[t];
@@ -742,10 +742,10 @@ void backward_with(const AttentionParams& p, const SequenceLayout& layout, const
   // transposed key and value gradients in float32.
   [[maybe_unused]] const AmxBackwardSpace amx_space(kAmx ? D : 0, Dv, L_padded);
   for_each_task(tasks.count(), flops, [&](int64_t) {
-    auto amx16 = std::make_shared<std::vector<uint16_t>>(kAmx ? amx_space.bf16_size() : 0);
-    auto amx32 = std::make_shared<std::vector<float>>(kAmx ? amx_space.float_size(ld_dq) : 0);
+    auto amx16 = worker_scratch<uint16_t>(kAmx ? amx_space.bf16_size() : 0);
+    auto amx32 = worker_scratch<float>(kAmx ? amx_space.float_size(ld_dq) : 0);
     // Whole-slice panels (L rows): each (pair, head) packs Q and dO once, not once per key block.
-    auto scratch = std::make_shared<std::vector<acc_t>>(
+    auto scratch = worker_scratch<acc_t>(
         QB * D + (dout_in_place ? 0 : L * Dv) + L_padded * (ld_dq + ld_dv) + BK * (D + ld_dq + Dv) + 2 * QB * BK +
         cap_grad_size + kv_acc_rows * (ld_dq + ld_dv) + D);
     return [&, scratch, amx16, amx32](int64_t task) {

@@ -117,7 +117,7 @@ void attention_weights_cpu_impl(const AttentionParams& p, const at::Tensor& quer
   const acc_t* normalizer_data = normalizers.defined() ? normalizers.const_data_ptr<acc_t>() : nullptr;
 
   for_each_task(groups * q_blocks, 2.0 * BH * p.q_len * S * D, [&](int64_t) {
-    auto scratch = std::make_shared<std::vector<acc_t>>(QB * D + QB * ld_s + WeightsRows<scalar_t>::buffer_size(QB, S));
+    auto scratch = worker_scratch<acc_t>(QB * D + QB * ld_s + WeightsRows<scalar_t>::buffer_size(QB, S));
     return [&, scratch](int64_t task) {
       acc_t* qs = scratch->data();
       acc_t* st = qs + QB * D;
@@ -205,7 +205,7 @@ void attention_with_weights_cpu_impl(const AttentionParams& p, const at::Tensor&
   const PackedKeyTiles<scalar_t> packed(ctx, BK, /*with_values=*/true);
 
   for_each_task(groups * q_blocks, 2.0 * BH * p.q_len * S * (D + Dv), [&](int64_t) {
-    auto scratch = std::make_shared<std::vector<acc_t>>(QB * D + QB * ld_p + 3 * QB * ld_acc + 4 * QB +
+    auto scratch = worker_scratch<acc_t>(QB * D + QB * ld_p + 3 * QB * ld_acc + 4 * QB +
                                                         WeightsRows<scalar_t>::buffer_size(QB, S));
     return [&, scratch](int64_t task) {
       acc_t* qs = scratch->data();

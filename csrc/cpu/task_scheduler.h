@@ -8,6 +8,8 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <memory>
+#include <vector>
 
 namespace qkv {
 inline namespace CPU_CAPABILITY {
@@ -36,6 +38,20 @@ inline int64_t worker_count(int64_t n, double flops) {
   const double best = std::sqrt(flops / (kWorkerFlopsPerSecond * kWorkerSeconds));
   const int64_t by_work = best >= 1.0 ? static_cast<int64_t>(std::min(best, 1e9)) : 1;
   return std::min<int64_t>({n, static_cast<int64_t>(at::get_num_threads()), by_work});
+}
+
+// A worker's scratch: n value-initialised T, held by the callable make_worker returns (below).
+// A type of this copy's namespace, so that the shared_ptr code around it (std:: template
+// instances, which the linker keeps once for the whole library) is a different symbol in every
+// copy: std::make_shared<std::vector<float>> emitted by the AVX-512 copy alone was kept for all,
+// AVX instructions in a function outside the copies (test_only_the_kernel_copies_use_avx).
+template <typename T>
+struct WorkerScratch : std::vector<T> {
+  explicit WorkerScratch(int64_t n) : std::vector<T>(static_cast<size_t>(n)) {}
+};
+template <typename T>
+std::shared_ptr<WorkerScratch<T>> worker_scratch(int64_t n) {
+  return std::make_shared<WorkerScratch<T>>(n);
 }
 
 // Runs tasks [0, n) on worker_count(n, flops) workers, each taking the next task not yet
