@@ -58,16 +58,20 @@ PyObject* choose_cpu_capability(PyObject*, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
-// _set_amx_emulation(on) -> bool: tests only. While on, the amx capability is supported on any
-// AVX-512 CPU and its tile products run on a software register file (amx_tiles.h's
-// AmxEmulated); returns the previous setting.
-PyObject* set_amx_emulation(PyObject*, PyObject* arg) {
+// A test switch taking any object Python can read as true or false: `set(on)`, and its previous
+// setting as a bool.
+PyObject* switch_setting(PyObject* arg, bool (*set)(bool)) {
   HANDLE_TH_ERRORS
   const int on = PyObject_IsTrue(arg);
   if (on < 0) return nullptr;
-  return PyBool_FromLong(qkv::set_amx_emulation(on != 0));
+  return PyBool_FromLong(set(on != 0));
   END_HANDLE_TH_ERRORS
 }
+
+// _set_amx_emulation(on) -> bool: tests only. While on, the amx capability is supported on any
+// AVX-512 CPU and its tile products run on a software register file (amx_tiles.h's
+// AmxEmulated); returns the previous setting.
+PyObject* set_amx_emulation(PyObject*, PyObject* arg) { return switch_setting(arg, qkv::set_amx_emulation); }
 
 // _amx_tile_mode() -> str: "off", "hardware" or "emulated" (cpu_capability.h's AmxTileMode).
 PyObject* amx_tile_mode(PyObject*, PyObject*) {
@@ -80,11 +84,7 @@ PyObject* amx_tile_mode(PyObject*, PyObject*) {
 // _set_bf16_native_rounding(on) -> bool: tests only (cpu_capability.h's set_bf16_native_rounding);
 // _bf16_native_rounding() -> bool: whether the AMX path rounds with VCVTNEPS2BF16 now.
 PyObject* set_bf16_native_rounding(PyObject*, PyObject* arg) {
-  HANDLE_TH_ERRORS
-  const int on = PyObject_IsTrue(arg);
-  if (on < 0) return nullptr;
-  return PyBool_FromLong(qkv::set_bf16_native_rounding(on != 0));
-  END_HANDLE_TH_ERRORS
+  return switch_setting(arg, qkv::set_bf16_native_rounding);
 }
 
 PyObject* bf16_native_rounding(PyObject*, PyObject*) {
