@@ -940,6 +940,8 @@ void backward_with(const AttentionParams& p, const SequenceLayout& layout, const
               // in the pass that rounds the products' operands (AmxBackwardSpace::round_gradient_operands).
               const bool amx_fused_grad = kAmx && p.dropout_p == 0 && row_shift_sums == nullptr &&
                                           !bias_grad.active && cap_grad == nullptr;
+              // The float32 row passes for P and dS below; the fused pass does their work for every row.
+              const int64_t row_pass_rows = amx_fused_grad ? 0 : rows;
               const bool p_in_product = !kAmx && normalizer_row == nullptr &&
                                         ctx.probabilities_in_product(st, BK, qt, ldq, kt_panels, s, i0, rows, j0,
                                                                      cols, lse_row + i0);
@@ -958,7 +960,7 @@ void backward_with(const AttentionParams& p, const SequenceLayout& layout, const
                 ctx.scores(st, BK, qt, ldq, kt_panels, s, h, i0, rows, j0, cols, nullptr, /*whole_rows=*/true,
                            cap_grad);
               }
-              for (int64_t r = 0; r < (amx_fused_grad ? 0 : rows); ++r) {
+              for (int64_t r = 0; r < row_pass_rows; ++r) {
                 const auto [begin, end] = s.visible(i0 + r, j0, cols);
                 acc_t* prob = st + r * BK;
                 std::fill(prob, prob + begin, acc_t(0));  // hidden keys: probability 0, no exp2 spent
@@ -982,7 +984,7 @@ void backward_with(const AttentionParams& p, const SequenceLayout& layout, const
               } else if (!ds_in_product) {
                 gemm_packed<acc_t>(rows, cols, Dv, dot, ldo, 1, vt_panels, dpt, BK, false, visible_keys);  // dP = dO V^T
               }
-              for (int64_t r = 0; r < (amx_fused_grad ? 0 : rows); ++r) {
+              for (int64_t r = 0; r < row_pass_rows; ++r) {
                 acc_t* prob = st + r * BK;
                 acc_t* dp = dpt + r * BK;
                 const auto [begin, end] = s.visible(i0 + r, j0, cols);
